@@ -1,0 +1,62 @@
+"""Wire settings to engines and the server; the body of ``run_server.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+from .config import Settings, load_settings
+from .engines.csm import CsmEngine
+from .model_source import ModelSourceError, download, resolve_local
+from .scheduler import EngineSlot
+from .server import TTSServer
+
+log = logging.getLogger("tts_server")
+
+
+def csm_slot(settings: Settings) -> EngineSlot:
+    """The CSM engine for ``settings``; a bad ``--model-path`` raises ``ModelSourceError`` now, not later."""
+    if settings.mode == "reuse":
+        if not settings.model_path:
+            raise ModelSourceError("--mode reuse needs --model-path (or TTS_MODEL_PATH)")
+        folder = resolve_local(settings.model_path)
+        locate, label = (lambda: folder), str(folder)
+    else:
+        cache = str(Path(settings.hf_home) / "hub") if settings.hf_home else None
+        locate = partial(download, settings.model_id, settings.hf_token, cache)
+        label = settings.model_id
+    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label))
+
+
+def build_server(settings: Settings) -> TTSServer:
+    return TTSServer(csm_slot(settings), host=settings.host, port=settings.port,
+                     max_queue=settings.max_queue, max_text_chars=settings.max_text_chars)
+
+
+async def serve(settings: Settings) -> None:
+    server = build_server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("Shutting down")
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except ModelSourceError as exc:
+        log.error("Cannot start: %s", exc)
+        return 2
+    return 0

@@ -1,0 +1,122 @@
+"""Settings from the command line, the environment and ``.env``.
+
+Precedence: command-line flag > environment variable > ``.env`` file > default.
+Every option ``--some-option`` has the variable ``TTS_SOME_OPTION``; the hub's
+own ``HF_TOKEN`` and ``HF_HOME`` are read as they are.  ``.env.template``
+lists them all.  ``HF_TOKEN`` is kept out of ``repr`` so it never reaches a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent / "references"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "TTS_" + self.name.upper()
+
+
+OPTIONS = [
+    Option("host", "0.0.0.0", "address to listen on"),
+    Option("port", 8765, "port for WebSocket and HTTP (0 picks a free one)", _port),
+    Option("mode", "download", "download: fetch --model-id from the hub; reuse: load --model-path",
+           choices=["download", "reuse"]),
+    Option("model_path", None, "model folder (with config.json) or hub cache folder models--org--name"),
+    Option("model_id", "sesame/csm-1b", "hub repository to download in download mode"),
+    Option("device", "auto", "auto = cuda, then mps, then cpu", choices=["auto", "cuda", "mps", "cpu"]),
+    Option("dtype", "auto", "auto = bfloat16 on CUDA when supported, else float32",
+           choices=["auto", "float32", "bfloat16", "float16"]),
+    Option("references", str(DEFAULT_REFERENCES), "folder with emotion_map.json and reference clips"),
+    Option("log_level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    Option("max_text_chars", 4000, "longest accepted text, in characters", _positive),
+    Option("max_queue", 32, "most requests waiting at once; beyond it requests get 'busy'", _positive),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8765
+    mode: str = "download"
+    model_path: str | None = None
+    model_id: str = "sesame/csm-1b"
+    device: str = "auto"
+    dtype: str = "auto"
+    references: str = str(DEFAULT_REFERENCES)
+    log_level: str = "INFO"
+    max_text_chars: int = 4000
+    max_queue: int = 32
+    hf_token: str | None = field(default=None, repr=False)
+    hf_home: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_server.py", description="WebSocket text-to-speech server for Sesame CSM-1B.",
+        epilog="Every option can also be set as TTS_<OPTION> in the environment or .env "
+               "(e.g. TTS_PORT=9000); flags win over the environment.")
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices,
+                            type=opt.type, help=f"{opt.help} (env {opt.env}; default {opt.default})")
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None,
+                  dotenv_path: str | os.PathLike | None = ".env") -> Settings:
+    """Merge flags, environment and ``.env`` (read without overriding the real environment)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        from dotenv import dotenv_values
+
+        for key, value in dotenv_values(dotenv_path).items():
+            if value is not None:
+                env.setdefault(key, value)
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        value = getattr(args, opt.name)
+        if value is None and env.get(opt.env, "") != "":
+            raw = env[opt.env]
+            try:
+                value = opt.type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{opt.env}={raw!r}: {exc}")
+            if opt.choices and value not in opt.choices:
+                parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
+        values[opt.name] = opt.default if value is None else value
+    known = {f.name for f in fields(Settings)}
+    values = {k: v for k, v in values.items() if k in known}
+    return Settings(**values, hf_token=env.get("HF_TOKEN") or None, hf_home=env.get("HF_HOME") or None)

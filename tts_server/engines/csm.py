@@ -1,0 +1,159 @@
+"""The CSM-1B engine: loading, prompt building and sentence-by-sentence generation.
+
+Prompts follow CSM's chat format (role = speaker id as a string of digits;
+context turns carry text + audio, the last turn text only).  Context audio is
+held as Mimi codes, not samples: earlier sentences of a request are fed back as
+the codes the model produced, so nothing is re-encoded and no codec round trip
+blurs the voice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..protocol import SynthesisRequest
+from ..text import estimate_ms, frames_for_ms, split_sentences
+from .base import Engine, EngineError
+from .csm_decode import CsmDecoder, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One context turn: who said what, and the Mimi codes ``(frames, codebooks)`` of how."""
+
+    speaker: int
+    text: str
+    codes: torch.Tensor
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class CsmEngine(Engine):
+    name = "csm"
+    sample_rate = 24000
+
+    def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm") -> None:
+        """``locate`` is a callable returning the model folder (it may download: it runs in the loader)."""
+        self._locate = locate
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.label = label
+        self.folder: Path | None = None
+        self.processor = None
+        self.model = None
+        self.decoder: CsmDecoder | None = None
+
+    def load(self) -> None:
+        from transformers import AutoProcessor, CsmForConditionalGeneration
+
+        self.folder = Path(self._locate())
+        log.info("Loading CSM from %s onto %s (%s)", self.folder, self.device, str(self.dtype).split(".")[-1])
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.folder)
+            model = CsmForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype)
+        except Exception as exc:  # a broken folder is a load failure, never a crash
+            raise RuntimeError(f"cannot load CSM from {self.folder}: {exc.__class__.__name__}: {exc}") from exc
+        model.codec_model.float()  # the codec stays float32: it is small and bf16 audio is audibly worse
+        self.model = model.to(self.device).eval()
+        self.decoder = CsmDecoder(self.model)
+        self.max_positions = int(self.model.config.max_position_embeddings)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.label, "device": self.device, "dtype": str(self.dtype).split(".")[-1],
+                "sample_rate": self.sample_rate}
+
+    # -- prompts ------------------------------------------------------------------
+    def prompt_ids(self, turns: list[Turn], text: str, speaker: int) -> torch.Tensor:
+        """Token ids of the CSM prompt: ``turns`` as context, then ``text`` to speak.
+
+        The chat template renders one ``<|AUDIO|>`` per audio turn; it is expanded
+        to one per frame, exactly as the processor does for raw audio.
+        """
+        conversation = [
+            {"role": str(t.speaker), "content": [{"type": "text", "text": t.text}, {"type": "audio", "path": ""}]}
+            for t in turns
+        ]
+        conversation.append({"role": str(speaker), "content": [{"type": "text", "text": text}]})
+        rendered = self.processor.apply_chat_template(conversation, tokenize=False)
+        token = self.processor.audio_token
+        pieces = rendered.split(token)
+        if len(pieces) != len(turns) + 1:
+            raise EngineError("internal_error", "chat template did not render one audio slot per context turn")
+        expanded = pieces[0] + "".join(token * t.codes.shape[0] + rest for t, rest in zip(turns, pieces[1:]))
+        ids = self.processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return ids[0]
+
+    def fit_context(self, turns: list[Turn], text: str, speaker: int, frames: int) -> tuple[torch.Tensor, list[Turn]]:
+        """Drop the oldest whole turns until prompt + ``frames`` fit CSM's positions."""
+        turns = list(turns)
+        while True:
+            ids = self.prompt_ids(turns, text, speaker)
+            if ids.shape[0] + frames <= self.max_positions:
+                return ids, turns
+            if not turns:
+                raise EngineError("text_too_long",
+                                  f"the text needs {ids.shape[0]} prompt positions plus {frames} audio frames; "
+                                  f"CSM has {self.max_positions}")
+            turns.pop(0)
+
+    # -- generation ---------------------------------------------------------------
+    def synthesize(self, request: SynthesisRequest, cancel: threading.Event) -> Iterator[np.ndarray]:
+        assert self.decoder is not None, "load() first"
+        sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
+        rng = torch.Generator(device=self.device)
+        if request.seed is None:
+            rng.seed()
+        else:
+            rng.manual_seed(request.seed)
+        sentences = split_sentences(request.text)
+        estimates = [estimate_ms(s) for s in sentences]
+        remaining_ms = request.max_audio_length_ms or min(90_000, sum(estimates))
+        turns: list[Turn] = []
+        for sentence, estimate in zip(sentences, estimates):
+            if remaining_ms < 80 or cancel.is_set():
+                return
+            budget = frames_for_ms(min(estimate, remaining_ms))
+            ids, turns = self.fit_context(turns, sentence, request.speaker, budget)
+            embeds = self.decoder.embed_prompt(ids, [t.codes for t in turns])
+            frames = []
+            for frame in self.decoder.frames(embeds, sampling, budget, rng):
+                if cancel.is_set():
+                    return
+                frames.append(frame)
+            if not frames:
+                raise EngineError("generation_failed",
+                                  f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
+            codes = torch.stack(frames)
+            remaining_ms -= 80 * len(frames)
+            turns.append(Turn(request.speaker, sentence, codes))
+            yield self.decoder.decode_audio(codes).numpy()
+
+    def close(self) -> None:
+        self.model = self.decoder = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

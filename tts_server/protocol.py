@@ -1,0 +1,264 @@
+"""Protocol v1: parse and validate client messages, build server replies.
+
+Pure functions and dataclasses only -- no sockets, no model -- so every rule of
+the wire format lives here and is testable on its own.  ``docs/protocol.md``
+is the prose version of this module.
+
+Text frames carry JSON objects; audio travels in binary frames.  Every error
+reply has a stable ``code`` (the ``ErrorCode`` values); clients branch on the
+code, humans read the ``message``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+FORMATS = ("wav", "pcm", "flac", "ogg")
+STREAM_FORMATS = ("pcm", "wav")
+MAX_AUDIO_MS = 90_000
+MIN_AUDIO_MS = 80  # one CSM frame
+MAX_SPEAKER = 1_000_000
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_TEMPERATURE = 0.9
+DEFAULT_TOP_K = 50
+
+
+class ErrorCode(str, Enum):
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    TEXT_TOO_LONG = "text_too_long"
+    UNKNOWN_EMOTION = "unknown_emotion"
+    UNKNOWN_REQUEST = "unknown_request"
+    BUSY = "busy"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    GENERATION_FAILED = "generation_failed"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ProtocolError(Exception):
+    """A message the server must answer with an error reply (the connection lives on)."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def reply(self) -> dict[str, Any]:
+        return error_reply(self.code, self.message, self.request_id)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds a request is validated against."""
+
+    max_text_chars: int = 4000
+    emotions: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ("csm",)
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """A validated ``synthesize`` request; field names and defaults are the wire's."""
+
+    text: str
+    request_id: str
+    speaker: int = 0
+    seed: int | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    max_audio_length_ms: float | None = None
+    format: str = "wav"
+    stream: bool = False
+    context: bool = True
+    emotion: str | None = None
+    engine: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ResetRequest:
+    pass
+
+
+Message = SynthesisRequest | CancelRequest | ResetRequest
+
+
+@dataclass
+class _Fields:
+    """Reads typed fields out of a JSON object, raising ``invalid_request`` with the field's name."""
+
+    data: dict[str, Any]
+    request_id: str | None = None
+    seen: set[str] = field(default_factory=set)
+
+    def fail(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id)
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+        value = self.data.get(name, default)
+        if value is None or value is default:
+            return default
+        if isinstance(value, str) and value.isdigit() and name == "speaker":
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(f"'{name}' must be an integer from {low} to {high}")
+        return value
+
+    def number(self, name: str, default: float | None, low: float, high: float,
+               low_open: bool = False) -> float | None:
+        value = self.data.get(name, default)
+        if value is None or value is default:
+            return default
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bound = "above" if low_open else "at least"
+            raise self.fail(f"'{name}' must be a number {bound} {low:g} and at most {high:g}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"'{name}' must be true or false")
+        return value
+
+    def choice(self, name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
+        value = self.data.get(name, default)
+        if value is None or value is default:
+            return default
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(f"'{name}' must be one of: {', '.join(choices)}")
+        return value
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def parse_message(raw: str | bytes, limits: Limits) -> Message:
+    """Turn one WebSocket frame into a validated message, or raise ``ProtocolError``."""
+    if isinstance(raw, bytes):
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
+            "send requests as JSON text frames")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Message must be a JSON object")
+    request_id = data.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id)
+                                   <= MAX_REQUEST_ID_CHARS):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                            f"'request_id' must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters")
+    kind = data.get("type", "synthesize")
+    if kind == "synthesize":
+        return _parse_synthesis(_Fields(data, request_id), limits)
+    if kind == "cancel":
+        if request_id is None:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "'cancel' needs the 'request_id' to cancel")
+        return CancelRequest(request_id)
+    if kind == "reset":
+        return ResetRequest()
+    raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                        "'type' must be one of: synthesize, cancel, reset", request_id)
+
+
+def _parse_synthesis(f: _Fields, limits: Limits) -> SynthesisRequest:
+    text = f.data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise f.fail("'text' is required and must be a non-empty string")
+    text = text.strip()
+    if len(text) > limits.max_text_chars:
+        raise f.fail(f"'text' has {len(text)} characters; the limit is {limits.max_text_chars}",
+                     ErrorCode.TEXT_TOO_LONG)
+    stream = f.boolean("stream", False)
+    fmt = f.choice("format", "pcm" if stream else "wav", FORMATS)
+    if stream and fmt not in STREAM_FORMATS:
+        raise f.fail(f"'format' {fmt!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
+    emotion = f.data.get("emotion")
+    if emotion is not None:
+        if not isinstance(emotion, str):
+            raise f.fail("'emotion' must be a string")
+        if emotion not in limits.emotions:
+            known = ", ".join(limits.emotions) or "none are configured"
+            raise f.fail(f"Unknown emotion {emotion!r}; available: {known}", ErrorCode.UNKNOWN_EMOTION)
+    return SynthesisRequest(
+        text=text,
+        request_id=f.request_id or new_request_id(),
+        speaker=f.integer("speaker", 0, 0, MAX_SPEAKER),
+        seed=f.integer("seed", None, 0, 2**63 - 1),
+        temperature=f.number("temperature", DEFAULT_TEMPERATURE, 0.0, 2.0, low_open=True),
+        top_k=f.integer("top_k", DEFAULT_TOP_K, 1, 1_000_000),
+        max_audio_length_ms=f.number("max_audio_length_ms", None, MIN_AUDIO_MS, MAX_AUDIO_MS),
+        format=fmt,
+        stream=stream,
+        context=f.boolean("context", True),
+        emotion=emotion,
+        engine=f.choice("engine", None, limits.engines),
+    )
+
+
+# -- replies --------------------------------------------------------------------
+
+def error_reply(code: ErrorCode, message: str, request_id: str | None = None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"status": "error", "code": ErrorCode(code).value, "message": message}
+    if request_id is not None:
+        reply["request_id"] = request_id
+    return reply
+
+
+def loading_reply(message: str, request_id: str | None = None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"status": "loading", "message": message}
+    if request_id is not None:
+        reply["request_id"] = request_id
+    return reply
+
+
+def success_reply(request: SynthesisRequest, *, sample_rate: int, length_bytes: int,
+                  duration_s: float, engine: str, **extra: Any) -> dict[str, Any]:
+    """Metadata sent before (or, when streaming, after) the audio bytes."""
+    reply = {
+        "status": "success",
+        "message": "Audio generated successfully",
+        "format": request.format,
+        "sample_rate": sample_rate,
+        "length_bytes": length_bytes,
+        "request_id": request.request_id,
+        "duration_s": round(duration_s, 4),
+        "engine": engine,
+        "channels": 1,
+        "speaker": request.speaker,
+    }
+    reply.update(extra)
+    return reply
+
+
+def start_reply(request: SynthesisRequest, *, sample_rate: int, engine: str, **extra: Any) -> dict[str, Any]:
+    reply = {
+        "status": "start", "request_id": request.request_id, "format": request.format,
+        "sample_rate": sample_rate, "channels": 1, "sample_width": 2, "engine": engine,
+    }
+    reply.update(extra)
+    return reply
+
+
+def cancelled_reply(request_id: str) -> dict[str, Any]:
+    return {"status": "cancelled", "request_id": request_id}
+
+
+def encode(reply: dict[str, Any]) -> str:
+    return json.dumps(reply, separators=(",", ":"))

@@ -1,0 +1,314 @@
+"""The request queue, the engines' lifecycle, and the one worker thread that runs models.
+
+Connections hand validated requests to ``Scheduler.submit`` and read replies
+from each ``Job.outbox``.  The scheduler owns:
+
+- the bounded FIFO queue (beyond ``max_queue`` waiting jobs a request gets
+  ``busy`` at once; cancelled jobs free their place at once);
+- engine routing: a request without ``engine`` goes to the primary engine,
+  waits while it loads (so a conversation never changes voice), and goes to the
+  fallback only once the primary has failed to load; a primary that fails a
+  request *before any audio was sent* is retried on the fallback;
+- the worker thread: model compute, resampling and encoding never run on the
+  event loop, so handshakes, pings and errors keep flowing while CSM generates.
+
+Every accepted job ends with exactly one terminal reply: success, error or
+cancelled (``Job.finish`` enforces "exactly one").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from . import protocol as p
+from .audio import Resampler, encode_file, pcm_bytes, streaming_wav_header
+from .engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+END = None  # outbox sentinel: the job's last reply has been posted
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Job:
+    """One accepted synthesis request and the replies it produces, in order."""
+
+    def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.cancel_event = threading.Event()
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.started = False  # a worker picked it up
+        self.finished = False  # the terminal reply is posted
+        self.audio_sent = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    # called on the event loop
+    def post(self, *frames: Any) -> None:
+        if not self.finished:
+            self.outbox.put_nowait(tuple(p.encode(f) if isinstance(f, dict) else f for f in frames))
+
+    def finish(self, *frames: Any) -> None:
+        if not self.finished:
+            self.post(*frames)
+            self.finished = True
+            self.outbox.put_nowait(END)
+
+    def cancel(self) -> bool:
+        """Ask the job to stop; a job not yet started answers ``cancelled`` at once."""
+        if self.finished:
+            return False
+        self.cancel_event.set()
+        if not self.started:
+            self.finish(p.cancelled_reply(self.request_id))
+        return True
+
+    # called from the worker thread
+    def post_threadsafe(self, *frames: Any) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.post(*frames))
+
+    def finish_threadsafe(self, *frames: Any) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.finish(*frames))
+
+
+class EngineSlot:
+    """An engine plus its load state: ``loading`` -> ``ready`` | ``failed``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.state = "loading"
+        self.reason = "loading"
+        self.loaded = asyncio.Event()
+        self.load_seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    async def load(self) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.engine.load)
+        except Exception as exc:  # any failure leaves the server up and says why
+            self.state, self.reason = "failed", str(exc) or exc.__class__.__name__
+            log.error("%s unavailable: %s", self.name, self.reason)
+        else:
+            self.state, self.reason = "ready", "ready"
+            self.load_seconds = time.perf_counter() - started
+            log.info("%s ready in %.1f s", self.name, self.load_seconds)
+        finally:
+            self.loaded.set()
+
+    def fail(self, reason: str) -> None:
+        """Mark unavailable without loading (e.g. the model source cannot be resolved)."""
+        self.state, self.reason = "failed", reason
+        self.loaded.set()
+
+
+class Scheduler:
+    def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
+                 max_queue: int = 32, sample_rate: int = 24000,
+                 on_done: Callable[[Job, str, str, float], None] | None = None) -> None:
+        self.primary, self.fallback = primary, fallback
+        self.slots = {s.name: s for s in (primary, fallback) if s is not None}
+        self.max_queue = max_queue
+        self.sample_rate = sample_rate
+        self.on_done = on_done or (lambda job, engine, status, seconds: None)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
+        self.active: Job | None = None
+
+    # -- admission ------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return sum(1 for job in self._queue if not job.finished)
+
+    def submit(self, job: Job) -> str | None:
+        """Queue ``job``; raise ``Busy`` when full.  Returns a loading notice when it must wait."""
+        if self.depth >= self.max_queue:
+            raise Busy(f"The server is busy: {self.max_queue} requests are already queued; retry shortly")
+        slot = self._route(job.request)
+        if isinstance(slot, p.ProtocolError):
+            raise slot
+        self._queue.append(job)
+        self._wakeup.set()
+        if slot.state == "loading":
+            return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
+        return None
+
+    def _route(self, request: p.SynthesisRequest) -> EngineSlot | p.ProtocolError:
+        """The slot that should serve ``request`` now (possibly still loading)."""
+        if request.engine is not None:
+            slot = self.slots.get(request.engine)
+            if slot is None or slot.state == "failed":
+                why = slot.reason if slot else "not configured on this server"
+                return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE,
+                                       f"Engine {request.engine!r} is unavailable: {why}", request.request_id)
+            return slot
+        if self.primary.state != "failed" or self.fallback is None:
+            if self.primary.state == "failed":
+                return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE,
+                                       f"Model unavailable: {self.primary.reason}", request.request_id)
+            return self.primary
+        if self.fallback.state == "failed":
+            return p.ProtocolError(
+                p.ErrorCode.MODEL_UNAVAILABLE,
+                f"No engine can serve: {self.primary.name}: {self.primary.reason}; "
+                f"{self.fallback.name}: {self.fallback.reason}", request.request_id)
+        return self.fallback
+
+    # -- the worker loop --------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve queued jobs one at a time until cancelled."""
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            job = self._queue[0]
+            if job.finished:  # cancelled while queued
+                self._queue.popleft()
+                continue
+            slot = self._route(job.request)
+            if isinstance(slot, p.ProtocolError):
+                self._queue.popleft()
+                job.finish(slot.reply())
+                continue
+            if slot.state == "loading":
+                await slot.loaded.wait()
+                continue  # route again: it may have failed
+            self._queue.popleft()
+            job.started = True
+            self.active = job
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._work, job, slot)
+            finally:
+                self.active = None
+
+    def _work(self, job: Job, slot: EngineSlot) -> None:
+        """Run one job on the worker thread, with one retry on the fallback before any audio."""
+        started = time.perf_counter()
+        status = "error"
+        try:
+            status = self._generate(job, slot.engine, started)
+        except EngineError as exc:
+            if self._retry_on_fallback(job, slot, exc):
+                return self._work(job, self.fallback)
+            job.finish_threadsafe(p.error_reply(_code(exc.code), exc.message, job.request_id))
+        except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
+            log.exception("internal error on request %s", job.request_id)
+            job.finish_threadsafe(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error",
+                                                job.request_id))
+        finally:
+            self.on_done(job, slot.name, status, time.perf_counter() - started)
+
+    def _retry_on_fallback(self, job: Job, slot: EngineSlot, exc: Exception) -> bool:
+        fb = self.fallback
+        ok = (not job.audio_sent and job.request.engine is None and slot is self.primary
+              and fb is not None and fb.state == "ready" and not job.cancel_event.is_set())
+        if ok:
+            log.warning("%s failed before any audio of %s (%s); retrying on %s",
+                        slot.name, job.request_id, exc, fb.name)
+        return ok
+
+    def _generate(self, job: Job, engine: Engine, started: float) -> str:
+        request = job.request
+        resample = Resampler(engine.sample_rate, self.sample_rate)
+        pieces: list = []
+        samples = 0
+        first_audio: float | None = None
+        meta = {"engine": engine.name, **_voice(engine)}
+
+        def emit(chunk) -> None:
+            nonlocal samples, first_audio
+            if not len(chunk):
+                return
+            samples += len(chunk)
+            if first_audio is None:
+                first_audio = time.perf_counter()
+            if not request.stream:
+                pieces.append(chunk)
+                return
+            data = pcm_bytes(chunk)
+            if not job.audio_sent:
+                job.audio_sent = True
+                job.post_threadsafe(p.start_reply(request, sample_rate=self.sample_rate, **meta))
+                if request.format == "wav":
+                    data = streaming_wav_header(self.sample_rate) + data
+            pieces.append(len(data))
+            job.post_threadsafe(data)
+
+        for chunk in _engine_chunks(engine, request, job.cancel_event):
+            if job.cancel_event.is_set():
+                break
+            emit(resample(chunk))
+        if job.cancel_event.is_set():
+            job.finish_threadsafe(p.cancelled_reply(request.request_id))
+            return "cancelled"
+        emit(resample(_empty(), last=True))
+        if samples == 0:
+            raise EngineError("generation_failed", f"{engine.name} produced no audio")
+        timing = {
+            "generation_s": round(time.perf_counter() - started, 4),
+            "ttfa_ms": round(1000 * ((first_audio or started) - started), 1),
+        }
+        duration = samples / self.sample_rate
+        if request.stream:
+            job.finish_threadsafe(p.success_reply(
+                request, sample_rate=self.sample_rate, length_bytes=sum(pieces), duration_s=duration,
+                chunks=len(pieces), **meta, **timing))
+        else:
+            data = encode_file(np.concatenate(pieces), self.sample_rate, request.format)
+            job.audio_sent = True
+            job.finish_threadsafe(p.success_reply(
+                request, sample_rate=self.sample_rate, length_bytes=len(data), duration_s=duration,
+                **meta, **timing), data)
+        return "success"
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _engine_chunks(engine: Engine, request: p.SynthesisRequest, cancel: threading.Event):
+    """The engine's chunks, with any exception it raises turned into ``generation_failed``."""
+    chunks = engine.synthesize(request, cancel)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except EngineError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed on request %s", engine.name, request.request_id)
+            raise EngineError("generation_failed", f"{engine.name} failed: {exc.__class__.__name__}: {exc}") from exc
+        yield chunk
+
+
+def _voice(engine: Engine) -> dict[str, Any]:
+    voice = engine.describe().get("voice")
+    return {"voice": voice} if voice else {}
+
+
+def _code(code: str) -> p.ErrorCode:
+    try:
+        return p.ErrorCode(code)
+    except ValueError:
+        return p.ErrorCode.GENERATION_FAILED
+
+
+def _empty() -> np.ndarray:
+    return np.zeros(0, dtype=np.float32)

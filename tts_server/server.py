@@ -1,0 +1,183 @@
+"""The asyncio server: WebSocket connections and plain HTTP GETs on one port.
+
+Each connection runs two tasks, in the manner of wyoming-piper's handler:
+
+- the *reader* parses every frame (``protocol``), answers bad input at once
+  with a JSON error, and hands synthesis requests to the ``Scheduler``;
+- the *writer* sends each accepted job's replies in the order the requests
+  arrived, so answers on one connection never overtake each other.
+
+Rejections (validation errors, ``busy``, ``loading`` notices) are sent at once
+rather than queued behind audio; they carry the ``request_id`` they answer.
+Closing a connection cancels all of its queued and running jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol as p
+from .scheduler import END, Busy, EngineSlot, Job, Scheduler
+
+log = logging.getLogger(__name__)
+WEBSOCKET_PATHS = ("/", "/ws")
+
+
+class Connection:
+    """State of one WebSocket client: its jobs in arrival order and a send lock."""
+
+    def __init__(self, server: "TTSServer", ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.jobs: asyncio.Queue[Job] = asyncio.Queue()
+        self.live: dict[str, Job] = {}
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, *frames: Any) -> None:
+        """Send frames back to back (metadata + audio must not be split by another reply)."""
+        async with self._send_lock:
+            for frame in frames:
+                await self.ws.send(p.encode(frame) if isinstance(frame, dict) else frame)
+
+    async def run(self) -> None:
+        notice = self.server.loading_notice()
+        if notice:
+            await self.send(p.loading_reply(notice))
+        writer = asyncio.create_task(self._write_replies())
+        try:
+            async for raw in self.ws:
+                await self._handle(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            for job in list(self.live.values()):
+                job.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _handle(self, raw: str | bytes) -> None:
+        try:
+            message = p.parse_message(raw, self.server.limits())
+            if isinstance(message, p.SynthesisRequest):
+                await self._synthesize(message)
+            elif isinstance(message, p.CancelRequest):
+                await self._cancel(message.request_id)
+            else:
+                await self.send({"status": "reset"})
+        except p.ProtocolError as exc:
+            await self.send(exc.reply())
+        except ConnectionClosed:
+            raise
+        except Exception:  # a bug must cost one reply, not the connection
+            log.exception("internal error while handling a message")
+            await self.send(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    async def _synthesize(self, request: p.SynthesisRequest) -> None:
+        if request.request_id in self.live:
+            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
+                                  f"request_id {request.request_id!r} is already in use on this connection",
+                                  request.request_id)
+        job = Job(request, asyncio.get_running_loop())
+        try:
+            notice = self.server.scheduler.submit(job)
+        except Busy as exc:
+            raise p.ProtocolError(p.ErrorCode.BUSY, str(exc), request.request_id) from None
+        self.live[request.request_id] = job
+        self.jobs.put_nowait(job)
+        if notice:
+            await self.send(p.loading_reply(notice, request.request_id))
+
+    async def _cancel(self, request_id: str) -> None:
+        job = self.live.get(request_id)
+        if job is None or not job.cancel():
+            raise p.ProtocolError(p.ErrorCode.UNKNOWN_REQUEST,
+                                  f"No queued or running request {request_id!r} on this connection", request_id)
+
+    async def _write_replies(self) -> None:
+        while True:
+            job = await self.jobs.get()
+            try:
+                while (item := await job.outbox.get()) is not END:
+                    await self.send(*item)
+            finally:
+                self.live.pop(job.request_id, None)
+
+
+class TTSServer:
+    """Listens at once, loads engines in the background, serves until ``stop``."""
+
+    def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
+                 host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
+                 max_text_chars: int = 4000, sample_rate: int = 24000) -> None:
+        self.host, self.port = host, port
+        self.max_text_chars = max_text_chars
+        self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate)
+        self._server: Server | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def limits(self) -> p.Limits:
+        return p.Limits(max_text_chars=self.max_text_chars, engines=tuple(self.scheduler.slots))
+
+    def loading_notice(self) -> str | None:
+        primary = self.scheduler.primary
+        if primary.state == "loading":
+            return f"The {primary.name} model is loading; requests are queued until it is ready"
+        return None
+
+    async def start(self) -> None:
+        self._server = await serve(self._handle, self.host, self.port,
+                                   process_request=self._process_request, max_size=2**20)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("Listening on ws://%s:%d", self.host, self.port)
+        self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
+        for slot in self.scheduler.slots.values():
+            if slot.state == "loading":
+                self._tasks.append(asyncio.create_task(slot.load(), name=f"load-{slot.name}"))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.scheduler.close()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await Connection(self, ws).run()
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        path = request.path.split("?", 1)[0]
+        if upgrade and path in WEBSOCKET_PATHS:
+            return None
+        if path == "/health":
+            return json_response(http.HTTPStatus.OK, {"status": "ok"})
+        if path in WEBSOCKET_PATHS:
+            return text_response(http.HTTPStatus.UPGRADE_REQUIRED,
+                                 "This is a WebSocket endpoint: connect with a WebSocket client.\n")
+        return text_response(http.HTTPStatus.NOT_FOUND, f"Not found: {path}\n")
+
+
+def json_response(status: http.HTTPStatus, body: dict[str, Any]) -> Response:
+    import json
+
+    return _response(status, json.dumps(body).encode(), "application/json")
+
+
+def text_response(status: http.HTTPStatus, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    return _response(status, text.encode(), content_type)
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Connection", "close")])
+    return Response(status.value, status.phrase, headers, body)
