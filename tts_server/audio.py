@@ -32,8 +32,7 @@ def encode_file(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
         return pcm_bytes(samples)
     container, subtype = _SUBTYPES[fmt]
     buffer = io.BytesIO()
-    data = np.clip(samples, -1.0, 1.0).astype(np.float32)
-    sf.write(buffer, data, sample_rate, format=container, subtype=subtype)
+    sf.write(buffer, to_int16(samples), sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
 
 

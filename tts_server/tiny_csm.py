@@ -99,6 +99,23 @@ def build_config(tokenizer, size: str = "tiny"):
     )
 
 
+def randomize_codebooks(codec) -> None:
+    """Give Mimi's codebooks random centroids.
+
+    A freshly built Mimi has all-zero codebooks, so every code decodes to the
+    same audio and no test could tell one token sequence from another.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, buffer in codec.named_buffers():
+            if name.endswith("codebook.embed_sum"):
+                buffer.normal_()
+    for module in codec.modules():
+        if hasattr(module, "_embed"):
+            module._embed = None
+
+
 def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write model + processor into ``out_dir``; loadable fully offline."""
     import torch
@@ -111,6 +128,7 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(build_config(tokenizer, size))
+    randomize_codebooks(model.codec_model)
     model.generation_config.max_new_tokens = 64
     model.save_pretrained(out)
     extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000)

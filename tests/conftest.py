@@ -1,0 +1,112 @@
+"""Shared fixtures: random-weight CSM checkpoints on disk and a real server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tts_server.engines.csm import CsmEngine  # noqa: E402
+from tts_server.scheduler import EngineSlot  # noqa: E402
+from tts_server.server import TTSServer  # noqa: E402
+from tts_server.tiny_csm import build_checkpoint  # noqa: E402
+
+TERMINAL = {"success", "error", "cancelled"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A ~1 MB random CSM with processor, saved like a real checkpoint."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-csm"))
+
+
+@pytest.fixture(scope="session")
+def silent_model_dir(tmp_path_factory) -> Path:
+    """A tiny CSM whose greedy first frame is the end-of-audio frame (all codebooks 0)."""
+    import torch
+    from transformers import CsmForConditionalGeneration
+
+    folder = build_checkpoint(tmp_path_factory.mktemp("silent-csm"))
+    model = CsmForConditionalGeneration.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # equal logits: argmax picks id 0 = end of audio
+        model.depth_decoder.codebooks_head.weight.zero_()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def broken_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("broken-csm")
+    (folder / "config.json").write_text("{ this is not a model config")
+    return folder
+
+
+def csm_slot(folder: Path, delay: float = 0.0) -> EngineSlot:
+    """A real CSM engine; ``delay`` stretches loading so tests can act while it loads."""
+
+    def locate():
+        if delay:
+            import time
+
+            time.sleep(delay)
+        return folder
+
+    return EngineSlot(CsmEngine(locate, device="cpu"))
+
+
+@contextlib.asynccontextmanager
+async def running_server(primary: EngineSlot, fallback: EngineSlot | None = None, *, wait_loaded: bool = True,
+                         **options):
+    """A started server; by default the test begins once every engine finished loading (or failing)."""
+    server = TTSServer(primary, fallback, host="127.0.0.1", port=0, **options)
+    await server.start()
+    if wait_loaded:
+        for slot in server.scheduler.slots.values():
+            await asyncio.wait_for(slot.loaded.wait(), 120)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def url(server: TTSServer) -> str:
+    return f"ws://127.0.0.1:{server.port}"
+
+
+async def recv_json(ws, timeout: float = 60) -> dict:
+    frame = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(frame, str), f"expected a JSON text frame, got {len(frame)} bytes"
+    return json.loads(frame)
+
+
+async def collect(ws, request_id: str | None = None, timeout: float = 120) -> tuple[dict, bytes, list[dict]]:
+    """Read one request's replies up to its terminal one: (terminal reply, audio bytes, other JSON)."""
+    audio = bytearray()
+    others: list[dict] = []
+    while True:
+        frame = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(frame, bytes):
+            audio += frame
+            continue
+        reply = json.loads(frame)
+        if reply.get("status") in TERMINAL and (request_id is None or reply.get("request_id") == request_id):
+            if reply["status"] == "success" and not reply.get("chunks"):
+                audio += await asyncio.wait_for(ws.recv(), timeout)  # non-streamed: one binary frame follows
+            return reply, bytes(audio), others
+        others.append(reply)
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    samples, rate = sf.read(io.BytesIO(data), dtype="int16")
+    return samples, rate

@@ -1,0 +1,159 @@
+"""``run_server.py`` as a user runs it: flags, environment, model paths, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+
+from conftest import ROOT, collect
+from tts_server.config import load_settings
+from tts_server.model_source import ModelSourceError, resolve_local
+
+SECRET = "hf_TopSecretTokenValue1234567890"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python run_server.py ...`` in a subprocess, logging to a file."""
+
+    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / "server.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TTS_", "HF_"))}
+        full_env.update(env or {})
+        if "--port" not in args and "TTS_PORT" not in full_env:
+            args = [*args, "--port", str(self.port)]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run_server.py"), "--host", "127.0.0.1", *args],
+                                     cwd=tmp_path, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_for_log(self, needle: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_path.read_text():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.log_path.read_text()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not logged: {self.log_path.read_text()}")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.log.close()
+        return self.log_path.read_text()
+
+
+async def speak(port: int, payload: dict) -> tuple[dict, bytes]:
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        await ws.send(json.dumps(payload))
+        reply, audio, _ = await collect(ws)
+    return reply, audio
+
+
+def hub_cache_copy(model_dir: Path, root: Path) -> Path:
+    """Lay ``model_dir`` out as the hub cache does: models--org--name/snapshots/<rev> + refs/main."""
+    repo = root / "hub" / "models--sesame--csm-1b"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return repo
+
+
+async def test_reuse_mode_accepts_a_hub_cache_folder(tiny_model_dir, tmp_path):
+    repo = hub_cache_copy(tiny_model_dir, tmp_path)
+    server = ServerProcess(tmp_path, ["--mode", "reuse", "--model-path", str(repo)])
+    try:
+        server.wait_for_log("csm ready")
+        reply, audio = await speak(server.port, {"text": "From the cache", "max_audio_length_ms": 240})
+        assert reply["status"] == "success" and audio[:4] == b"RIFF"
+    finally:
+        log = server.stop()
+    assert str(repo / "snapshots" / "0123abcd") in log
+    assert server.proc.returncode == 0
+
+
+def test_resolve_local_picks_the_snapshot_named_by_refs_main(tiny_model_dir, tmp_path):
+    repo = hub_cache_copy(tiny_model_dir, tmp_path)
+    (repo / "snapshots" / "older").mkdir()
+    assert resolve_local(repo) == repo / "snapshots" / "0123abcd"
+    assert resolve_local(tiny_model_dir) == tiny_model_dir
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_bad_model_path_is_a_startup_error_naming_the_path(tmp_path, make):
+    path = tmp_path / "model"
+    if make == "empty":
+        path.mkdir()
+    elif make == "file":
+        path.write_text("not a folder")
+    with pytest.raises(ModelSourceError, match=str(path)):
+        resolve_local(path)
+    proc = subprocess.run([sys.executable, str(ROOT / "run_server.py"), "--mode", "reuse", "--model-path", str(path),
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flags_win_over_environment_which_wins_over_dotenv(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("TTS_PORT=1111\nTTS_MAX_QUEUE=7\nTTS_DEVICE=cpu\nHF_TOKEN=from-dotenv\n")
+    env = {"TTS_PORT": "2222", "TTS_MODE": "reuse"}
+    settings = load_settings(["--port", "3333"], environ=env, dotenv_path=dotenv)
+    assert settings.port == 3333 and settings.mode == "reuse"
+    settings = load_settings([], environ=env, dotenv_path=dotenv)
+    assert settings.port == 2222 and settings.max_queue == 7 and settings.device == "cpu"
+    assert settings.hf_token == "from-dotenv" and "from-dotenv" not in repr(settings)
+    settings = load_settings([], environ={}, dotenv_path=None)
+    assert (settings.port, settings.mode, settings.model_id, settings.max_queue) == (8765, "download", "sesame/csm-1b", 32)
+
+
+def test_bad_environment_value_is_a_clear_usage_error(tmp_path):
+    with pytest.raises(SystemExit):
+        load_settings([], environ={"TTS_PORT": "eighty"}, dotenv_path=None)
+    with pytest.raises(SystemExit):
+        load_settings([], environ={"TTS_DEVICE": "tpu"}, dotenv_path=None)
+
+
+async def test_environment_configures_the_process_and_a_flag_overrides_it(tiny_model_dir, tmp_path):
+    port = free_port()
+    env = {"TTS_MODE": "reuse", "TTS_MODEL_PATH": str(tiny_model_dir), "TTS_PORT": "1", "TTS_MAX_TEXT_CHARS": "10"}
+    server = ServerProcess(tmp_path, ["--port", str(port)], env)
+    try:
+        server.wait_for_log("csm ready")
+        reply, _ = await speak(port, {"text": "this is longer than ten"})
+        assert reply["code"] == "text_too_long"
+    finally:
+        server.stop()
+
+
+async def test_download_without_network_reports_unavailable_and_never_logs_the_token(tmp_path):
+    env = {"HF_TOKEN": SECRET, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    server = ServerProcess(tmp_path, ["--mode", "download", "--log-level", "DEBUG"], env)
+    try:
+        server.wait_for_log("csm unavailable")
+        reply, _ = await speak(server.port, {"text": "Anyone there?"})
+        assert reply["code"] == "model_unavailable"
+        assert "no network" in reply["message"] and SECRET not in json.dumps(reply)
+    finally:
+        log = server.stop()
+    assert "no network to download sesame/csm-1b" in log
+    assert SECRET not in log
