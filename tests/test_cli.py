@@ -147,7 +147,7 @@ async def test_environment_configures_the_process_and_a_flag_overrides_it(tiny_m
 async def test_download_without_network_reports_unavailable_and_never_logs_the_token(tmp_path):
     env = {"HF_TOKEN": SECRET, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
-    server = ServerProcess(tmp_path, ["--mode", "download", "--log-level", "DEBUG"], env)
+    server = ServerProcess(tmp_path, ["--mode", "download", "--engine", "csm", "--log-level", "DEBUG"], env)
     try:
         server.wait_for_log("csm unavailable")
         reply, _ = await speak(server.port, {"text": "Anyone there?"})

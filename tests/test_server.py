@@ -165,7 +165,8 @@ async def test_bad_input_gets_json_errors_and_the_connection_stays_usable(tiny_m
                 (json.dumps({"speaker": 0}), "invalid_request"),
                 (json.dumps({"text": "x" * 21, "request_id": "long"}), "text_too_long"),
                 (json.dumps({"text": "hi", "emotion": "happy"}), "unknown_emotion"),
-                (json.dumps({"text": "hi", "engine": "piper"}), "invalid_request"),
+                (json.dumps({"text": "hi", "engine": "kokoro"}), "invalid_request"),
+                (json.dumps({"text": "hi", "engine": "piper"}), "model_unavailable"),
                 (json.dumps({"type": "cancel", "request_id": "nope"}), "unknown_request"),
             ]
             for raw, code in cases:

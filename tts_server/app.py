@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .config import Settings, load_settings
 from .engines.csm import CsmEngine
+from .engines.piper import PiperEngine
 from .model_source import ModelSourceError, download, resolve_local
 from .scheduler import EngineSlot
 from .server import TTSServer
@@ -34,8 +35,15 @@ def csm_slot(settings: Settings) -> EngineSlot:
 
 
 def build_server(settings: Settings) -> TTSServer:
-    return TTSServer(csm_slot(settings), host=settings.host, port=settings.port,
-                     max_queue=settings.max_queue, max_text_chars=settings.max_text_chars)
+    """Primary and fallback engines per ``--engine`` / ``--fallback`` (see the README's table)."""
+    piper = lambda: EngineSlot(PiperEngine(settings.piper_voice))  # noqa: E731
+    if settings.engine == "piper":
+        primary, fallback = piper(), None
+    else:
+        primary = csm_slot(settings)
+        fallback = piper() if settings.engine == "auto" and settings.fallback == "piper" else None
+    return TTSServer(primary, fallback, host=settings.host, port=settings.port, max_queue=settings.max_queue,
+                     max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate)
 
 
 async def serve(settings: Settings) -> None:

@@ -62,6 +62,12 @@ OPTIONS = [
     Option("log_level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
     Option("max_text_chars", 4000, "longest accepted text, in characters", _positive),
     Option("max_queue", 32, "most requests waiting at once; beyond it requests get 'busy'", _positive),
+    Option("engine", "auto", "auto: CSM, with --fallback while it cannot serve; csm or piper: that engine only",
+           choices=["auto", "csm", "piper"]),
+    Option("fallback", "piper", "engine that serves in auto mode when CSM fails to load or fails a request",
+           choices=["piper", "none"]),
+    Option("sample_rate", 24000, "output sample rate in Hz; every engine is resampled to it", _positive),
+    Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
 
@@ -78,6 +84,10 @@ class Settings:
     log_level: str = "INFO"
     max_text_chars: int = 4000
     max_queue: int = 32
+    engine: str = "auto"
+    fallback: str = "piper"
+    sample_rate: int = 24000
+    piper_voice: str | None = None
     hf_token: str | None = field(default=None, repr=False)
     hf_home: str | None = None
 

@@ -60,7 +60,7 @@ class Limits:
 
     max_text_chars: int = 4000
     emotions: tuple[str, ...] = ()
-    engines: tuple[str, ...] = ("csm",)
+    engines: tuple[str, ...] = ("csm", "piper")
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import protocol as p
 from .audio import Resampler, encode_file, pcm_bytes, streaming_wav_header
 from .engines.base import Engine, EngineError
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 END = None  # outbox sentinel: the job's last reply has been posted
@@ -120,13 +121,12 @@ class EngineSlot:
 
 class Scheduler:
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
-                 max_queue: int = 32, sample_rate: int = 24000,
-                 on_done: Callable[[Job, str, str, float], None] | None = None) -> None:
+                 max_queue: int = 32, sample_rate: int = 24000, metrics: Metrics | None = None) -> None:
         self.primary, self.fallback = primary, fallback
         self.slots = {s.name: s for s in (primary, fallback) if s is not None}
         self.max_queue = max_queue
         self.sample_rate = sample_rate
-        self.on_done = on_done or (lambda job, engine, status, seconds: None)
+        self.metrics = metrics or Metrics()
         self._queue: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
@@ -201,19 +201,24 @@ class Scheduler:
     def _work(self, job: Job, slot: EngineSlot) -> None:
         """Run one job on the worker thread, with one retry on the fallback before any audio."""
         started = time.perf_counter()
-        status = "error"
+        outcome = ("error", 0.0, None)
         try:
-            status = self._generate(job, slot.engine, started)
+            outcome = self._generate(job, slot.engine, started)
         except EngineError as exc:
             if self._retry_on_fallback(job, slot, exc):
+                self._count(job, slot, outcome, started)
                 return self._work(job, self.fallback)
             job.finish_threadsafe(p.error_reply(_code(exc.code), exc.message, job.request_id))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
             job.finish_threadsafe(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error",
                                                 job.request_id))
-        finally:
-            self.on_done(job, slot.name, status, time.perf_counter() - started)
+        self._count(job, slot, outcome, started)
+
+    def _count(self, job: Job, slot: EngineSlot, outcome: tuple, started: float) -> None:
+        status, audio_seconds, ttfa = outcome
+        self.metrics.observe(slot.name, status, len(job.request.text), time.perf_counter() - started,
+                             audio_seconds, ttfa)
 
     def _retry_on_fallback(self, job: Job, slot: EngineSlot, exc: Exception) -> bool:
         fb = self.fallback
@@ -224,21 +229,25 @@ class Scheduler:
                         slot.name, job.request_id, exc, fb.name)
         return ok
 
-    def _generate(self, job: Job, engine: Engine, started: float) -> str:
+    def _generate(self, job: Job, engine: Engine, started: float) -> tuple[str, float, float | None]:
+        """Stream or collect the engine's audio; returns (status, audio seconds, time to first audio)."""
         request = job.request
         resample = Resampler(engine.sample_rate, self.sample_rate)
+        limit = int(request.max_audio_length_ms * self.sample_rate / 1000) if request.max_audio_length_ms else None
         pieces: list = []
         samples = 0
         first_audio: float | None = None
         meta = {"engine": engine.name, **_voice(engine)}
 
-        def emit(chunk) -> None:
+        def emit(chunk: np.ndarray) -> None:
             nonlocal samples, first_audio
+            if limit is not None:
+                chunk = chunk[: max(0, limit - samples)]
             if not len(chunk):
                 return
             samples += len(chunk)
             if first_audio is None:
-                first_audio = time.perf_counter()
+                first_audio = time.perf_counter() - started
             if not request.stream:
                 pieces.append(chunk)
                 return
@@ -252,20 +261,17 @@ class Scheduler:
             job.post_threadsafe(data)
 
         for chunk in _engine_chunks(engine, request, job.cancel_event):
-            if job.cancel_event.is_set():
+            if job.cancel_event.is_set() or (limit is not None and samples >= limit):
                 break
             emit(resample(chunk))
         if job.cancel_event.is_set():
             job.finish_threadsafe(p.cancelled_reply(request.request_id))
-            return "cancelled"
+            return "cancelled", samples / self.sample_rate, first_audio
         emit(resample(_empty(), last=True))
         if samples == 0:
             raise EngineError("generation_failed", f"{engine.name} produced no audio")
-        timing = {
-            "generation_s": round(time.perf_counter() - started, 4),
-            "ttfa_ms": round(1000 * ((first_audio or started) - started), 1),
-        }
         duration = samples / self.sample_rate
+        timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1)}
         if request.stream:
             job.finish_threadsafe(p.success_reply(
                 request, sample_rate=self.sample_rate, length_bytes=sum(pieces), duration_s=duration,
@@ -276,7 +282,7 @@ class Scheduler:
             job.finish_threadsafe(p.success_reply(
                 request, sample_rate=self.sample_rate, length_bytes=len(data), duration_s=duration,
                 **meta, **timing), data)
-        return "success"
+        return "success", duration, first_audio
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

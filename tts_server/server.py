@@ -20,11 +20,12 @@ import logging
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from . import http_api
 from . import protocol as p
+from .metrics import Metrics
 from .scheduler import END, Busy, EngineSlot, Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,19 @@ class TTSServer:
 
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
                  host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
-                 max_text_chars: int = 4000, sample_rate: int = 24000) -> None:
+                 max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 2**20) -> None:
         self.host, self.port = host, port
         self.max_text_chars = max_text_chars
-        self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate)
+        self.max_frame_bytes = max_frame_bytes
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate,
+                                   metrics=self.metrics)
+        self.connections: set[Connection] = set()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task] = []
 
     def limits(self) -> p.Limits:
-        return p.Limits(max_text_chars=self.max_text_chars, engines=tuple(self.scheduler.slots))
+        return p.Limits(max_text_chars=self.max_text_chars)
 
     def loading_notice(self) -> str | None:
         primary = self.scheduler.primary
@@ -132,15 +137,39 @@ class TTSServer:
             return f"The {primary.name} model is loading; requests are queued until it is ready"
         return None
 
+    def serving(self) -> tuple[str | None, str]:
+        """Which engine answers a request without ``engine`` now, and why, in one sentence."""
+        primary, fallback = self.scheduler.primary, self.scheduler.fallback
+        if primary.state == "ready":
+            return primary.name, f"serving with {_label(primary)}"
+        if primary.state == "loading":
+            return None, f"{_label(primary)} is loading; requests wait for it"
+        why = f"{_label(primary)} unavailable: {primary.reason}"
+        if fallback is None:
+            return None, why
+        if fallback.state == "ready":
+            return fallback.name, f"{why}; serving with {_label(fallback)}"
+        return None, f"{why}; {_label(fallback)} {fallback.state}: {fallback.reason}"
+
+    def refresh_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        self.metrics.connections.set(len(self.connections))
+        for name, slot in self.scheduler.slots.items():
+            self.metrics.set_engine_state(name, slot.state)
+
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port,
-                                   process_request=self._process_request, max_size=2**20)
+                                   process_request=self._process_request, max_size=self.max_frame_bytes)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Listening on ws://%s:%d", self.host, self.port)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         for slot in self.scheduler.slots.values():
             if slot.state == "loading":
-                self._tasks.append(asyncio.create_task(slot.load(), name=f"load-{slot.name}"))
+                self._tasks.append(asyncio.create_task(self._load(slot), name=f"load-{slot.name}"))
+
+    async def _load(self, slot: EngineSlot) -> None:
+        await slot.load()
+        log.info("Engines: %s", self.serving()[1])
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -152,32 +181,26 @@ class TTSServer:
         self.scheduler.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
-        await Connection(self, ws).run()
+        connection = Connection(self, ws)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         path = request.path.split("?", 1)[0]
         if upgrade and path in WEBSOCKET_PATHS:
             return None
-        if path == "/health":
-            return json_response(http.HTTPStatus.OK, {"status": "ok"})
         if path in WEBSOCKET_PATHS:
-            return text_response(http.HTTPStatus.UPGRADE_REQUIRED,
-                                 "This is a WebSocket endpoint: connect with a WebSocket client.\n")
-        return text_response(http.HTTPStatus.NOT_FOUND, f"Not found: {path}\n")
+            return http_api.text_response(http.HTTPStatus.UPGRADE_REQUIRED,
+                                          "This is a WebSocket endpoint: connect with a WebSocket client.\n")
+        return http_api.respond(self, path)
 
 
-def json_response(status: http.HTTPStatus, body: dict[str, Any]) -> Response:
-    import json
-
-    return _response(status, json.dumps(body).encode(), "application/json")
-
-
-def text_response(status: http.HTTPStatus, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
-    return _response(status, text.encode(), content_type)
-
-
-def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Connection", "close")])
-    return Response(status.value, status.phrase, headers, body)
+def _label(slot: EngineSlot) -> str:
+    described = slot.engine.describe()
+    name = {"csm": "CSM-1B"}.get(slot.name, slot.name)
+    voice = described.get("voice")
+    return f"{name} {voice}" if voice else name

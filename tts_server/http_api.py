@@ -1,0 +1,83 @@
+"""Plain HTTP GET endpoints served on the WebSocket port (via ``process_request``).
+
+``/health`` says the process is alive; ``/ready`` says whether a request without
+an ``engine`` field would be answered now (load balancers route on it);
+``/metrics`` is Prometheus text; ``/v1/info`` describes engines, formats and
+limits for clients and the browser page.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+from typing import TYPE_CHECKING, Any
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from . import protocol as p
+
+if TYPE_CHECKING:
+    from .server import TTSServer
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def respond(server: "TTSServer", path: str) -> Response:
+    if path == "/health":
+        return json_response(http.HTTPStatus.OK, {"status": "ok"})
+    if path == "/ready":
+        engine, reason = server.serving()
+        if engine is None:
+            state = "loading" if server.scheduler.primary.state == "loading" else "failed"
+            return json_response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                 {"status": "unavailable", "state": state, "reason": reason})
+        return json_response(http.HTTPStatus.OK, {"status": "ready", "engine": engine, "reason": reason})
+    if path == "/metrics":
+        server.refresh_gauges()
+        return _response(http.HTTPStatus.OK, server.metrics.render(), PROMETHEUS_TYPE)
+    if path == "/v1/info":
+        return json_response(http.HTTPStatus.OK, info(server))
+    return text_response(http.HTTPStatus.NOT_FOUND, f"Not found: {path}\n")
+
+
+def info(server: "TTSServer") -> dict[str, Any]:
+    scheduler = server.scheduler
+    engine, reason = server.serving()
+    engines = {}
+    for name, slot in scheduler.slots.items():
+        role = "primary" if slot is scheduler.primary else "fallback"
+        stats = server.metrics.stats.get(name)
+        engines[name] = {
+            "role": role, "state": slot.state, "reason": slot.reason, **slot.engine.describe(),
+            "stats": stats.summary() if stats else {"requests": 0, "failures": 0, "characters": 0,
+                                                    "audio_seconds": 0.0, "mean_latency_s": None},
+        }
+    return {
+        "protocol": p.PROTOCOL_VERSION,
+        "serving": {"engine": engine, "reason": reason},
+        "engines": engines,
+        "sample_rate": scheduler.sample_rate,
+        "formats": list(p.FORMATS),
+        "stream_formats": list(p.STREAM_FORMATS),
+        "speakers": {"min": 0, "max": p.MAX_SPEAKER},
+        "emotions": {},
+        "limits": {"max_text_chars": server.max_text_chars, "max_queue": scheduler.max_queue,
+                   "max_audio_length_ms": p.MAX_AUDIO_MS, "max_frame_bytes": server.max_frame_bytes},
+        "queue_depth": scheduler.depth,
+        "active_connections": len(server.connections),
+    }
+
+
+def json_response(status: http.HTTPStatus, body: dict[str, Any]) -> Response:
+    return _response(status, json.dumps(body).encode(), "application/json")
+
+
+def text_response(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, body)
