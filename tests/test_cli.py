@@ -157,3 +157,22 @@ async def test_download_without_network_reports_unavailable_and_never_logs_the_t
         log = server.stop()
     assert "no network to download sesame/csm-1b" in log
     assert SECRET not in log
+
+
+async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavailable(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    server = ServerProcess(tmp_path, [], env)
+    try:
+        server.wait_for_log("serving with piper")
+        reply, audio = await speak(server.port, {"text": "Hello from a fresh machine."})
+        info = json.loads(await asyncio.to_thread(
+            lambda: __import__("urllib.request").request.urlopen(
+                f"http://127.0.0.1:{server.port}/v1/info", timeout=10).read()))
+    finally:
+        log = server.stop()
+    assert reply["status"] == "success" and reply["engine"] == "piper" and len(audio) > 24000
+    reason = info["serving"]["reason"]
+    assert reason.startswith("CSM-1B unavailable: no network to download sesame/csm-1b")
+    assert reason.endswith("serving with piper en_US-joe-medium")
+    assert "CSM-1B unavailable: no network" in log
