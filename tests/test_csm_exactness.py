@@ -126,4 +126,5 @@ async def test_server_audio_equals_generate_tokens_decoded_by_the_codec(referenc
     assert reply["status"] == "success", reply
     samples, rate = read_wav(audio)
     assert rate == 24000 and len(samples) == frames * 1920
-    np.testing.assert_array_equal(samples, to_int16(expected))
+    # The streaming decoder sums the same terms in another order: equal up to float rounding (1 LSB).
+    assert np.abs(samples.astype(np.int32) - to_int16(expected).astype(np.int32)).max() <= 1

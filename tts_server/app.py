@@ -31,7 +31,8 @@ def csm_slot(settings: Settings) -> EngineSlot:
         cache = str(Path(settings.hf_home) / "hub") if settings.hf_home else None
         locate = partial(download, settings.model_id, settings.hf_token, cache)
         label = settings.model_id
-    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label))
+    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label,
+                                first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames))
 
 
 def build_server(settings: Settings) -> TTSServer:
@@ -43,7 +44,8 @@ def build_server(settings: Settings) -> TTSServer:
         primary = csm_slot(settings)
         fallback = piper() if settings.engine == "auto" and settings.fallback == "piper" else None
     return TTSServer(primary, fallback, host=settings.host, port=settings.port, max_queue=settings.max_queue,
-                     max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate)
+                     max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate,
+                     stream_buffer_seconds=settings.stream_buffer_seconds)
 
 
 async def serve(settings: Settings) -> None:

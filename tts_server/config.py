@@ -67,6 +67,10 @@ OPTIONS = [
     Option("fallback", "piper", "engine that serves in auto mode when CSM fails to load or fails a request",
            choices=["piper", "none"]),
     Option("sample_rate", 24000, "output sample rate in Hz; every engine is resampled to it", _positive),
+    Option("first_chunk_frames", 2, "CSM frames (80 ms each) in a request's first audio chunk", _positive),
+    Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
+    Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
+           "is stopped with 'client_too_slow'", _positive),
     Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
@@ -88,6 +92,9 @@ class Settings:
     fallback: str = "piper"
     sample_rate: int = 24000
     piper_voice: str | None = None
+    first_chunk_frames: int = 2
+    chunk_frames: int = 6
+    stream_buffer_seconds: int = 30
     hf_token: str | None = field(default=None, repr=False)
     hf_home: str | None = None
 

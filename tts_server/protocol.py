@@ -36,6 +36,7 @@ class ErrorCode(str, Enum):
     UNKNOWN_EMOTION = "unknown_emotion"
     UNKNOWN_REQUEST = "unknown_request"
     BUSY = "busy"
+    CLIENT_TOO_SLOW = "client_too_slow"
     MODEL_UNAVAILABLE = "model_unavailable"
     GENERATION_FAILED = "generation_failed"
     INTERNAL_ERROR = "internal_error"

@@ -41,6 +41,12 @@ class Busy(Exception):
     """The queue is full."""
 
 
+class ClientTooSlow(EngineError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__("client_too_slow", f"The client left more than {seconds:g} s of streamed audio unread; "
+                                            "the stream was stopped")
+
+
 class Job:
     """One accepted synthesis request and the replies it produces, in order."""
 
@@ -52,6 +58,14 @@ class Job:
         self.started = False  # a worker picked it up
         self.finished = False  # the terminal reply is posted
         self.audio_sent = False
+        self._unsent = 0  # audio bytes posted but not yet written to the socket
+        self._unsent_lock = threading.Lock()
+
+    def unsent_bytes(self, change: int = 0) -> int:
+        """Audio bytes the client has not taken yet; the writer subtracts what it sent."""
+        with self._unsent_lock:
+            self._unsent += change
+            return self._unsent
 
     @property
     def request_id(self) -> str:
@@ -121,12 +135,14 @@ class EngineSlot:
 
 class Scheduler:
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
-                 max_queue: int = 32, sample_rate: int = 24000, metrics: Metrics | None = None) -> None:
+                 max_queue: int = 32, sample_rate: int = 24000, metrics: Metrics | None = None,
+                 stream_buffer_seconds: float = 30) -> None:
         self.primary, self.fallback = primary, fallback
         self.slots = {s.name: s for s in (primary, fallback) if s is not None}
         self.max_queue = max_queue
         self.sample_rate = sample_rate
         self.metrics = metrics or Metrics()
+        self.stream_buffer_seconds = stream_buffer_seconds
         self._queue: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
@@ -257,6 +273,8 @@ class Scheduler:
                 job.post_threadsafe(p.start_reply(request, sample_rate=self.sample_rate, **meta))
                 if request.format == "wav":
                     data = streaming_wav_header(self.sample_rate) + data
+            if job.unsent_bytes(len(data)) > self.stream_buffer_seconds * self.sample_rate * 2:
+                raise ClientTooSlow(self.stream_buffer_seconds)
             pieces.append(len(data))
             job.post_threadsafe(data)
 
@@ -278,6 +296,7 @@ class Scheduler:
                 chunks=len(pieces), **meta, **timing))
         else:
             data = encode_file(np.concatenate(pieces), self.sample_rate, request.format)
+            job.unsent_bytes(len(data))
             job.audio_sent = True
             job.finish_threadsafe(p.success_reply(
                 request, sample_rate=self.sample_rate, length_bytes=len(data), duration_s=duration,

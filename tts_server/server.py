@@ -108,6 +108,7 @@ class Connection:
             try:
                 while (item := await job.outbox.get()) is not END:
                     await self.send(*item)
+                    job.unsent_bytes(-sum(len(f) for f in item if isinstance(f, bytes)))
             finally:
                 self.live.pop(job.request_id, None)
 
@@ -117,13 +118,14 @@ class TTSServer:
 
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
                  host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
-                 max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 2**20) -> None:
+                 max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 2**20,
+                 stream_buffer_seconds: float = 30) -> None:
         self.host, self.port = host, port
         self.max_text_chars = max_text_chars
         self.max_frame_bytes = max_frame_bytes
         self.metrics = Metrics()
         self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, stream_buffer_seconds=stream_buffer_seconds)
         self.connections: set[Connection] = set()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task] = []

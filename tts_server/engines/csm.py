@@ -22,6 +22,7 @@ from ..protocol import SynthesisRequest
 from ..text import estimate_ms, frames_for_ms, split_sentences
 from .base import Engine, EngineError
 from .csm_decode import CsmDecoder, Sampling
+from .mimi_stream import MimiStreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ class CsmEngine(Engine):
     name = "csm"
     sample_rate = 24000
 
-    def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm") -> None:
+    def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm",
+                 first_chunk_frames: int = 2, chunk_frames: int = 6) -> None:
         """``locate`` is a callable returning the model folder (it may download: it runs in the loader)."""
         self._locate = locate
+        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.label = label
@@ -123,6 +126,11 @@ class CsmEngine(Engine):
 
     # -- generation ---------------------------------------------------------------
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event) -> Iterator[np.ndarray]:
+        """Yield audio as it is generated: after ``first_chunk_frames`` frames, then every ``chunk_frames``.
+
+        One streaming Mimi decoder runs across all sentences of the request, so
+        sentence boundaries have no seams; each frame is decoded exactly once.
+        """
         assert self.decoder is not None, "load() first"
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
         rng = torch.Generator(device=self.device)
@@ -130,28 +138,37 @@ class CsmEngine(Engine):
             rng.seed()
         else:
             rng.manual_seed(request.seed)
+        audio = MimiStreamDecoder(self.model.codec_model)
         sentences = split_sentences(request.text)
         estimates = [estimate_ms(s) for s in sentences]
         remaining_ms = request.max_audio_length_ms or min(90_000, sum(estimates))
         turns: list[Turn] = []
+        emitted = 0
         for sentence, estimate in zip(sentences, estimates):
             if remaining_ms < 80 or cancel.is_set():
                 return
             budget = frames_for_ms(min(estimate, remaining_ms))
             ids, turns = self.fit_context(turns, sentence, request.speaker, budget)
             embeds = self.decoder.embed_prompt(ids, [t.codes for t in turns])
-            frames = []
+            frames: list[torch.Tensor] = []
+            pending = 0
             for frame in self.decoder.frames(embeds, sampling, budget, rng):
                 if cancel.is_set():
                     return
                 frames.append(frame)
+                pending += 1
+                if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
+                    yield audio.decode(torch.stack(frames[-pending:])).numpy()
+                    emitted += pending
+                    pending = 0
             if not frames:
                 raise EngineError("generation_failed",
                                   f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
-            codes = torch.stack(frames)
+            if pending:
+                yield audio.decode(torch.stack(frames[-pending:])).numpy()
+                emitted += pending
             remaining_ms -= 80 * len(frames)
-            turns.append(Turn(request.speaker, sentence, codes))
-            yield self.decoder.decode_audio(codes).numpy()
+            turns.append(Turn(request.speaker, sentence, torch.stack(frames)))
 
     def close(self) -> None:
         self.model = self.decoder = None

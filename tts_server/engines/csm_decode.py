@@ -143,9 +143,3 @@ class CsmDecoder:
                 return
             yield frame[0]
             x = backbone.embed_tokens(frame[:, None, :])
-
-    @torch.inference_mode()
-    def decode_audio(self, codes: torch.Tensor) -> torch.Tensor:
-        """Whole-clip Mimi decode of ``(frames, num_codebooks)`` codes to 24 kHz float samples."""
-        values = self.model.codec_model.decode(codes.transpose(0, 1)[None].to(self.device)).audio_values
-        return values[0, 0].float().cpu()
