@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import socket
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,6 +31,7 @@ from .scheduler import END, Busy, EngineSlot, Job, Scheduler
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATHS = ("/", "/ws")
+SEND_BUFFER_BYTES = 256 * 1024  # ~2.7 s of 24 kHz s16 audio; plenty for any link that keeps up
 
 
 class Connection:
@@ -183,6 +185,9 @@ class TTSServer:
         self.scheduler.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:  # bound kernel buffering so a stalled reader is noticed (client_too_slow)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         connection = Connection(self, ws)
         self.connections.add(connection)
         try:

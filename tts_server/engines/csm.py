@@ -81,7 +81,12 @@ class CsmEngine(Engine):
             model = CsmForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype)
         except Exception as exc:  # a broken folder is a load failure, never a crash
             raise RuntimeError(f"cannot load CSM from {self.folder}: {exc.__class__.__name__}: {exc}") from exc
+        self.use_model(self.processor, model)
+
+    def use_model(self, processor, model) -> None:
+        """Adopt an already built processor and model (``load`` ends here; benchmarks start here)."""
         model.codec_model.float()  # the codec stays float32: it is small and bf16 audio is audibly worse
+        self.processor = processor
         self.model = model.to(self.device).eval()
         self.decoder = CsmDecoder(self.model)
         self.max_positions = int(self.model.config.max_position_embeddings)
