@@ -18,13 +18,13 @@ decoder state do).  Prints medians and ratios against the whole-file baseline.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
 
 from _common import machine, median, table
 from models import full_engine, tiny_engine
+from tts_server.engines.base import SynthesisTask
 from tts_server.engines.csm_decode import Sampling
 from tts_server.engines.mimi_stream import MimiStreamDecoder
 from tts_server.protocol import SynthesisRequest
@@ -36,7 +36,7 @@ def streamed(engine, frames: int) -> tuple[float, float]:
     request = SynthesisRequest(text=TEXT, request_id="bench", seed=1, max_audio_length_ms=frames * 80)
     started = time.perf_counter()
     first = None
-    for _ in engine.synthesize(request, threading.Event()):
+    for _ in engine.synthesize(SynthesisTask(request)):
         first = first or time.perf_counter() - started
     return first, time.perf_counter() - started
 

@@ -16,7 +16,8 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from conftest import collect, csm_slot, read_wav, running_server, url
 from tts_server.audio import to_int16
-from tts_server.engines.csm import CsmEngine, Turn
+from tts_server.engines.base import ContextTurn
+from tts_server.engines.csm import CsmEngine
 from tts_server.engines.csm_decode import CsmDecoder, Sampling
 
 
@@ -58,7 +59,7 @@ def test_prompt_ids_and_embeddings_equal_the_processor_path(reference, engine):
     inputs = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
     decoder = engine.decoder
     codes = [decoder.encode_audio(torch.from_numpy(c)) for c in clips]
-    turns = [Turn(0, "Hi there.", codes[0]), Turn(1, "Oh, hello!", codes[1])]
+    turns = [ContextTurn(0, "Hi there.", cache={"csm": codes[0]}), ContextTurn(1, "Oh, hello!", cache={"csm": codes[1]})]
     ids = engine.prompt_ids(turns, "How are you today?", 0)
     assert torch.equal(ids, inputs["input_ids"][0])
     ours = decoder.embed_prompt(ids, codes)
@@ -69,7 +70,7 @@ def test_prompt_ids_and_embeddings_equal_the_processor_path(reference, engine):
 
 def test_prompt_layout_is_bos_speaker_text_eos_then_audio_slots(engine):
     tok = engine.processor.tokenizer
-    turns = [Turn(3, "Yes.", torch.zeros(2, 32, dtype=torch.long))]
+    turns = [ContextTurn(3, "Yes.", cache={"csm": torch.zeros(2, 32, dtype=torch.long)})]
     ids = engine.prompt_ids(turns, "No.", 5)
     text = tok.decode(ids)
     assert text == ("<|begin_of_text|>[3]Yes.<|end_of_text|><|AUDIO|><|AUDIO|><|audio_eos|>"

@@ -112,9 +112,9 @@ class FailingCsm(CsmEngine):
         super().__init__(lambda: folder, device="cpu")
         self.after_chunks = after_chunks
 
-    def synthesize(self, request, cancel):
+    def synthesize(self, task):
         produced = 0
-        for chunk in super().synthesize(request, cancel):
+        for chunk in super().synthesize(task):
             if produced == self.after_chunks:
                 break
             produced += 1
@@ -181,7 +181,7 @@ async def test_metrics_and_info_count_requests_per_engine(tiny_model_dir):
     assert piper["voice"] == "en_US-joe-medium" and info["engines"]["csm"]["device"] == "cpu"
     assert info["sample_rate"] == 24000 and "flac" in info["formats"]
     assert info["limits"] == {"max_text_chars": 4000, "max_queue": 32, "max_audio_length_ms": 90000,
-                              "max_frame_bytes": 2**20}
+                              "max_frame_bytes": 16 * 2**20}
     assert info["active_connections"] == 1
 
 
@@ -195,8 +195,8 @@ async def test_ready_is_503_with_the_reason_when_no_engine_can_serve(broken_mode
 
 
 def test_piper_engine_refuses_to_speak_before_loading():
+    from tts_server.engines.base import SynthesisTask
     from tts_server.protocol import SynthesisRequest
-    import threading
 
     with pytest.raises(EngineError):
-        list(PiperEngine().synthesize(SynthesisRequest(text="x", request_id="r"), threading.Event()))
+        list(PiperEngine().synthesize(SynthesisTask(SynthesisRequest(text="x", request_id="r"))))

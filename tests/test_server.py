@@ -136,12 +136,12 @@ class GarbageOnceEngine(CsmEngine):
         super().__init__(*args, **kwargs)
         self.fired = threading.Event()
 
-    def synthesize(self, request, cancel):
+    def synthesize(self, task):
         if not self.fired.is_set():
             self.fired.set()
             yield "garbage"
             return
-        yield from super().synthesize(request, cancel)
+        yield from super().synthesize(task)
 
 
 async def test_garbage_from_an_engine_is_internal_error_for_that_request_only(tiny_model_dir):
@@ -181,7 +181,7 @@ async def test_bad_input_gets_json_errors_and_the_connection_stays_usable(tiny_m
 async def test_oversized_frame_closes_only_that_connection_with_1009(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir)) as server:
         async with websockets.connect(url(server), max_size=None) as victim:
-            await victim.send("x" * (2**20 + 10))
+            await victim.send(b"x" * (16 * 2**20 + 10))
             with pytest.raises(ConnectionClosedError) as info:
                 await asyncio.wait_for(victim.recv(), 10)
             assert info.value.rcvd.code == 1009

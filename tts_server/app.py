@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, load_settings
+from .context import ReferenceLibrary
 from .engines.csm import CsmEngine
 from .engines.piper import PiperEngine
 from .model_source import ModelSourceError, download, resolve_local
@@ -45,7 +46,9 @@ def build_server(settings: Settings) -> TTSServer:
         fallback = piper() if settings.engine == "auto" and settings.fallback == "piper" else None
     return TTSServer(primary, fallback, host=settings.host, port=settings.port, max_queue=settings.max_queue,
                      max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate,
-                     stream_buffer_seconds=settings.stream_buffer_seconds)
+                     stream_buffer_seconds=settings.stream_buffer_seconds,
+                     library=ReferenceLibrary(settings.references, settings.pin_voices == "on"),
+                     max_context_turns=settings.max_context_turns)
 
 
 async def serve(settings: Settings) -> None:

@@ -71,6 +71,9 @@ OPTIONS = [
     Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
     Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
            "is stopped with 'client_too_slow'", _positive),
+    Option("pin_voices", "on", "on: a speaker's first CSM generation of 2 s or more becomes its default voice",
+           choices=["on", "off"]),
+    Option("max_context_turns", 8, "turns of conversation history kept per connection", _positive),
     Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
@@ -92,6 +95,8 @@ class Settings:
     fallback: str = "piper"
     sample_rate: int = 24000
     piper_voice: str | None = None
+    pin_voices: str = "on"
+    max_context_turns: int = 8
     first_chunk_frames: int = 2
     chunk_frames: int = 6
     stream_buffer_seconds: int = 30

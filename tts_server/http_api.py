@@ -61,7 +61,7 @@ def info(server: "TTSServer") -> dict[str, Any]:
         "formats": list(p.FORMATS),
         "stream_formats": list(p.STREAM_FORMATS),
         "speakers": {"min": 0, "max": p.MAX_SPEAKER},
-        "emotions": {},
+        **server.library.describe(),
         "limits": {"max_text_chars": server.max_text_chars, "max_queue": scheduler.max_queue,
                    "max_audio_length_ms": p.MAX_AUDIO_MS, "max_frame_bytes": server.max_frame_bytes},
         "queue_depth": scheduler.depth,

@@ -25,6 +25,8 @@ MAX_AUDIO_MS = 90_000
 MIN_AUDIO_MS = 80  # one CSM frame
 MAX_SPEAKER = 1_000_000
 MAX_REQUEST_ID_CHARS = 128
+MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may be larger: voice uploads)
+MAX_TRANSCRIPT_CHARS = 2000
 DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOP_K = 50
 
@@ -35,6 +37,7 @@ class ErrorCode(str, Enum):
     TEXT_TOO_LONG = "text_too_long"
     UNKNOWN_EMOTION = "unknown_emotion"
     UNKNOWN_REQUEST = "unknown_request"
+    INVALID_VOICE = "invalid_voice"
     BUSY = "busy"
     CLIENT_TOO_SLOW = "client_too_slow"
     MODEL_UNAVAILABLE = "model_unavailable"
@@ -92,7 +95,16 @@ class ResetRequest:
     pass
 
 
-Message = SynthesisRequest | CancelRequest | ResetRequest
+@dataclass(frozen=True)
+class VoiceRequest:
+    """Set (followed by one binary frame holding the audio file) or clear a speaker's voice prompt."""
+
+    speaker: int
+    text: str | None = None
+    clear: bool = False
+
+
+Message = SynthesisRequest | CancelRequest | ResetRequest | VoiceRequest
 
 
 @dataclass
@@ -107,8 +119,8 @@ class _Fields:
         return ProtocolError(code, message, self.request_id)
 
     def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
-        value = self.data.get(name, default)
-        if value is None or value is default:
+        value = self.data.get(name)
+        if value is None:
             return default
         if isinstance(value, str) and value.isdigit() and name == "speaker":
             value = int(value)
@@ -118,8 +130,8 @@ class _Fields:
 
     def number(self, name: str, default: float | None, low: float, high: float,
                low_open: bool = False) -> float | None:
-        value = self.data.get(name, default)
-        if value is None or value is default:
+        value = self.data.get(name)
+        if value is None:
             return default
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if ok:
@@ -136,8 +148,8 @@ class _Fields:
         return value
 
     def choice(self, name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
-        value = self.data.get(name, default)
-        if value is None or value is default:
+        value = self.data.get(name)
+        if value is None:
             return default
         if not isinstance(value, str) or value not in choices:
             raise self.fail(f"'{name}' must be one of: {', '.join(choices)}")
@@ -154,6 +166,9 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         raise ProtocolError(
             ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
             "send requests as JSON text frames")
+    if len(raw) > MAX_TEXT_FRAME:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                            f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {len(raw)} characters")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -174,8 +189,23 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         return CancelRequest(request_id)
     if kind == "reset":
         return ResetRequest()
+    if kind == "voice":
+        return _parse_voice(_Fields(data, request_id))
     raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                        "'type' must be one of: synthesize, cancel, reset", request_id)
+                        "'type' must be one of: synthesize, cancel, reset, voice", request_id)
+
+
+def _parse_voice(f: _Fields) -> VoiceRequest:
+    speaker = f.integer("speaker", None, 0, MAX_SPEAKER)
+    if speaker is None:
+        raise f.fail("'voice' needs the 'speaker' whose voice it sets")
+    if f.boolean("clear", False):
+        return VoiceRequest(speaker=speaker, clear=True)
+    text = f.data.get("text")
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_TRANSCRIPT_CHARS:
+        raise f.fail(f"'voice' needs 'text': the exact transcript of the clip (1 to {MAX_TRANSCRIPT_CHARS} "
+                     "characters); then send the audio file as one binary frame")
+    return VoiceRequest(speaker=speaker, text=text.strip())
 
 
 def _parse_synthesis(f: _Fields, limits: Limits) -> SynthesisRequest:

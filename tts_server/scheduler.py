@@ -24,13 +24,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from . import protocol as p
 from .audio import Resampler, encode_file, pcm_bytes, streaming_wav_header
-from .engines.base import Engine, EngineError
+from .engines.base import Engine, EngineError, SynthesisTask
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,16 @@ class ClientTooSlow(EngineError):
 class Job:
     """One accepted synthesis request and the replies it produces, in order."""
 
-    def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop,
+                 prepare: Callable[["Job"], None] | None = None,
+                 on_success: Callable[["Job"], None] | None = None) -> None:
         self.request = request
         self.loop = loop
-        self.cancel_event = threading.Event()
+        self.task = SynthesisTask(request)
+        self.cancel_event = self.task.cancel
+        self.prepare = prepare  # on the loop, right before work starts: fill task.context
+        self.on_success = on_success  # on the loop, right after success: remember task.produced
+        self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.started = False  # a worker picked it up
         self.finished = False  # the terminal reply is posted
@@ -210,7 +216,14 @@ class Scheduler:
             job.started = True
             self.active = job
             try:
+                if job.prepare:
+                    job.prepare(job)
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._work, job, slot)
+                if job.status == "success" and job.on_success:
+                    job.on_success(job)
+            except Exception:  # a hook failed: answer the job, keep serving
+                log.exception("request %s failed around the worker", job.request_id)
+                job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
             finally:
                 self.active = None
 
@@ -223,6 +236,7 @@ class Scheduler:
         except EngineError as exc:
             if self._retry_on_fallback(job, slot, exc):
                 self._count(job, slot, outcome, started)
+                job.task.produced.clear()
                 return self._work(job, self.fallback)
             job.finish_threadsafe(p.error_reply(_code(exc.code), exc.message, job.request_id))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
@@ -233,6 +247,7 @@ class Scheduler:
 
     def _count(self, job: Job, slot: EngineSlot, outcome: tuple, started: float) -> None:
         status, audio_seconds, ttfa = outcome
+        job.status = status
         self.metrics.observe(slot.name, status, len(job.request.text), time.perf_counter() - started,
                              audio_seconds, ttfa)
 
@@ -278,7 +293,7 @@ class Scheduler:
             pieces.append(len(data))
             job.post_threadsafe(data)
 
-        for chunk in _engine_chunks(engine, request, job.cancel_event):
+        for chunk in _engine_chunks(engine, job.task):
             if job.cancel_event.is_set() or (limit is not None and samples >= limit):
                 break
             emit(resample(chunk))
@@ -307,9 +322,9 @@ class Scheduler:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _engine_chunks(engine: Engine, request: p.SynthesisRequest, cancel: threading.Event):
+def _engine_chunks(engine: Engine, task: SynthesisTask):
     """The engine's chunks, with any exception it raises turned into ``generation_failed``."""
-    chunks = engine.synthesize(request, cancel)
+    chunks = engine.synthesize(task)
     while True:
         try:
             chunk = next(chunks)
@@ -318,7 +333,7 @@ def _engine_chunks(engine: Engine, request: p.SynthesisRequest, cancel: threadin
         except EngineError:
             raise
         except Exception as exc:
-            log.exception("%s failed on request %s", engine.name, request.request_id)
+            log.exception("%s failed on request %s", engine.name, task.request.request_id)
             raise EngineError("generation_failed", f"{engine.name} failed: {exc.__class__.__name__}: {exc}") from exc
         yield chunk
 

@@ -26,7 +26,10 @@ from websockets.http11 import Request, Response
 
 from . import http_api
 from . import protocol as p
+from .context import Conversation, ReferenceLibrary
 from .metrics import Metrics
+from .references import ReferenceError
+from .references.quality import check_voice_prompt
 from .scheduler import END, Busy, EngineSlot, Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -35,13 +38,15 @@ SEND_BUFFER_BYTES = 256 * 1024  # ~2.7 s of 24 kHz s16 audio; plenty for any lin
 
 
 class Connection:
-    """State of one WebSocket client: its jobs in arrival order and a send lock."""
+    """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
 
     def __init__(self, server: "TTSServer", ws: ServerConnection) -> None:
         self.server = server
         self.ws = ws
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
+        self.conversation = Conversation(server.library, server.max_context_turns)
+        self._voice: p.VoiceRequest | None = None  # a voice message waiting for its binary frame
         self._send_lock = asyncio.Lock()
 
     async def send(self, *frames: Any) -> None:
@@ -68,12 +73,22 @@ class Connection:
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
+            voice, self._voice = self._voice, None
+            if voice is not None:
+                if isinstance(raw, bytes):
+                    return await self._save_voice(voice, raw)
+                await self.send(p.error_reply(p.ErrorCode.INVALID_REQUEST,
+                                              "Voice upload abandoned: the voice message must be followed by one "
+                                              "binary frame holding the audio file"))
             message = p.parse_message(raw, self.server.limits())
             if isinstance(message, p.SynthesisRequest):
                 await self._synthesize(message)
             elif isinstance(message, p.CancelRequest):
                 await self._cancel(message.request_id)
+            elif isinstance(message, p.VoiceRequest):
+                await self._voice_message(message)
             else:
+                self.conversation.reset()
                 await self.send({"status": "reset"})
         except p.ProtocolError as exc:
             await self.send(exc.reply())
@@ -88,7 +103,8 @@ class Connection:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
                                   f"request_id {request.request_id!r} is already in use on this connection",
                                   request.request_id)
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
+                  on_success=self._remember)
         try:
             notice = self.server.scheduler.submit(job)
         except Busy as exc:
@@ -97,6 +113,29 @@ class Connection:
         self.jobs.put_nowait(job)
         if notice:
             await self.send(p.loading_reply(notice, request.request_id))
+
+    def _remember(self, job: Job) -> None:
+        """After a success: extend the history, and pin the speaker's voice if it has none yet."""
+        self.conversation.remember(job.task)
+        speaker, produced = job.request.speaker, list(job.task.produced)
+        library = self.server.library
+        if job.request.context and speaker not in self.conversation.voices and library.wants_pin(speaker, produced):
+            self.server.background(asyncio.to_thread(library.pin, speaker, produced))
+
+    async def _voice_message(self, message: p.VoiceRequest) -> None:
+        if message.clear:
+            cleared = self.conversation.clear_voice(message.speaker)
+            await self.send({"status": "voice_cleared", "speaker": message.speaker, "cleared": cleared})
+        else:
+            self._voice = message
+
+    async def _save_voice(self, message: p.VoiceRequest, data: bytes) -> None:
+        try:
+            audio = await asyncio.to_thread(check_voice_prompt, data)
+        except ReferenceError as exc:
+            raise p.ProtocolError(p.ErrorCode.INVALID_VOICE, f"Voice prompt rejected: {exc}") from None
+        turn = self.conversation.set_voice(message.speaker, message.text or "", audio)
+        await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
 
     async def _cancel(self, request_id: str) -> None:
         job = self.live.get(request_id)
@@ -120,9 +159,13 @@ class TTSServer:
 
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
                  host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
-                 max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 2**20,
-                 stream_buffer_seconds: float = 30) -> None:
+                 max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 16 * 2**20,
+                 stream_buffer_seconds: float = 30, library: ReferenceLibrary | None = None,
+                 max_context_turns: int = 8) -> None:
         self.host, self.port = host, port
+        self.library = library or ReferenceLibrary(None)
+        self.max_context_turns = max_context_turns
+        self._background: set[asyncio.Task] = set()
         self.max_text_chars = max_text_chars
         self.max_frame_bytes = max_frame_bytes
         self.metrics = Metrics()
@@ -133,7 +176,13 @@ class TTSServer:
         self._tasks: list[asyncio.Task] = []
 
     def limits(self) -> p.Limits:
-        return p.Limits(max_text_chars=self.max_text_chars)
+        return p.Limits(max_text_chars=self.max_text_chars, emotions=tuple(sorted(self.library.emotions)))
+
+    def background(self, work) -> None:
+        """Run ``work`` (a coroutine) without awaiting it, keeping a reference until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def loading_notice(self) -> str | None:
         primary = self.scheduler.primary
@@ -162,6 +211,7 @@ class TTSServer:
             self.metrics.set_engine_state(name, slot.state)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.library.load)
         self._server = await serve(self._handle, self.host, self.port,
                                    process_request=self._process_request, max_size=self.max_frame_bytes)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -181,7 +231,7 @@ class TTSServer:
             await self._server.wait_closed()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self.scheduler.close()
 
     async def _handle(self, ws: ServerConnection) -> None:

@@ -3,14 +3,15 @@
 An engine knows nothing about sockets or the queue: it loads its model
 (blocking, in a loader thread), describes itself, and turns one validated
 request into float32 mono audio chunks at its native ``sample_rate``.  It runs
-in the scheduler's worker thread and checks ``cancel`` between chunks (CSM:
-between frames) so that a cancelled request stops within one step's compute.
+in the scheduler's worker thread and checks ``task.cancel`` between chunks
+(CSM: between frames) so that a cancelled request stops within one step's compute.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,6 +26,42 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclass(eq=False)
+class ContextTurn:
+    """Something said before the text to speak: who, what, and how it sounded.
+
+    ``cache`` is shared by every turn made from the same clip, so an engine can
+    keep derived data there once (CSM keeps the clip's Mimi codes under "csm").
+    ``pinned`` turns (voice prompts, emotion references) are never dropped to fit.
+    """
+
+    speaker: int
+    text: str
+    audio: np.ndarray | None = None  # 24 kHz mono float32
+    cache: dict[str, Any] = field(default_factory=dict)
+    pinned: bool = False
+
+    @property
+    def duration_s(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / 24000
+
+
+@dataclass(eq=False)
+class SynthesisTask:
+    """One request as an engine sees it: the request, its prompt context, a cancel flag, and an out-list.
+
+    ``context`` comes before the text (voice prompt, then conversation history,
+    oldest first); ``reference`` (an emotion clip) goes right before the text.
+    The engine appends the turns it speaks to ``produced`` (conversation memory).
+    """
+
+    request: SynthesisRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    context: list[ContextTurn] = field(default_factory=list)
+    reference: ContextTurn | None = None
+    produced: list[ContextTurn] = field(default_factory=list)
 
 
 class Engine(ABC):
@@ -42,8 +79,8 @@ class Engine(ABC):
         """Static facts for ``/v1/info`` and logs (voice, device, dtype, ...)."""
 
     @abstractmethod
-    def synthesize(self, request: SynthesisRequest, cancel: threading.Event) -> Iterator[np.ndarray]:
-        """Yield audio chunks (float32, mono, ``sample_rate``) for ``request``."""
+    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
+        """Yield audio chunks (float32, mono, ``sample_rate``) for ``task.request``."""
 
     def close(self) -> None:
         """Release what ``load`` took; the default has nothing to release."""

@@ -2,38 +2,27 @@
 
 Prompts follow CSM's chat format (role = speaker id as a string of digits;
 context turns carry text + audio, the last turn text only).  Context audio is
-held as Mimi codes, not samples: earlier sentences of a request are fed back as
-the codes the model produced, so nothing is re-encoded and no codec round trip
-blurs the voice.
+held as Mimi codes: a reference clip is encoded once and its codes cached
+(transformers re-encodes context audio on every call), and turns CSM spoke
+itself are fed back as the codes it produced, so nothing is re-encoded and no
+codec round trip blurs the voice.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ..protocol import SynthesisRequest
 from ..text import estimate_ms, frames_for_ms, split_sentences
-from .base import Engine, EngineError
+from .base import ContextTurn, Engine, EngineError, SynthesisTask
 from .csm_decode import CsmDecoder, Sampling
 from .mimi_stream import MimiStreamDecoder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One context turn: who said what, and the Mimi codes ``(frames, codebooks)`` of how."""
-
-    speaker: int
-    text: str
-    codes: torch.Tensor
 
 
 def pick_device(requested: str) -> str:
@@ -96,7 +85,17 @@ class CsmEngine(Engine):
                 "sample_rate": self.sample_rate}
 
     # -- prompts ------------------------------------------------------------------
-    def prompt_ids(self, turns: list[Turn], text: str, speaker: int) -> torch.Tensor:
+    def codes_for(self, turn: ContextTurn) -> torch.Tensor:
+        """Mimi codes of a context turn, encoded once and kept in the turn's shared cache."""
+        codes = turn.cache.get("csm")
+        if codes is None:
+            if turn.audio is None:
+                raise EngineError("internal_error", "a context turn has neither audio nor codes")
+            codes = self.decoder.encode_audio(torch.from_numpy(np.ascontiguousarray(turn.audio)))
+            turn.cache["csm"] = codes
+        return codes
+
+    def prompt_ids(self, turns: list[ContextTurn], text: str, speaker: int) -> torch.Tensor:
         """Token ids of the CSM prompt: ``turns`` as context, then ``text`` to speak.
 
         The chat template renders one ``<|AUDIO|>`` per audio turn; it is expanded
@@ -112,31 +111,37 @@ class CsmEngine(Engine):
         pieces = rendered.split(token)
         if len(pieces) != len(turns) + 1:
             raise EngineError("internal_error", "chat template did not render one audio slot per context turn")
-        expanded = pieces[0] + "".join(token * t.codes.shape[0] + rest for t, rest in zip(turns, pieces[1:]))
+        expanded = pieces[0] + "".join(token * self.codes_for(t).shape[0] + rest
+                                       for t, rest in zip(turns, pieces[1:]))
         ids = self.processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids[0]
 
-    def fit_context(self, turns: list[Turn], text: str, speaker: int, frames: int) -> tuple[torch.Tensor, list[Turn]]:
-        """Drop the oldest whole turns until prompt + ``frames`` fit CSM's positions."""
+    def fit_context(self, turns: list[ContextTurn], text: str, speaker: int,
+                    frames: int) -> tuple[torch.Tensor, list[ContextTurn]]:
+        """Drop the oldest unpinned whole turns until prompt + ``frames`` fit CSM's positions."""
         turns = list(turns)
         while True:
             ids = self.prompt_ids(turns, text, speaker)
             if ids.shape[0] + frames <= self.max_positions:
                 return ids, turns
-            if not turns:
+            droppable = next((i for i, t in enumerate(turns) if not t.pinned), None)
+            if droppable is None:
                 raise EngineError("text_too_long",
-                                  f"the text needs {ids.shape[0]} prompt positions plus {frames} audio frames; "
-                                  f"CSM has {self.max_positions}")
-            turns.pop(0)
+                                  f"the text needs {ids.shape[0]} prompt positions (with its voice and emotion "
+                                  f"references) plus {frames} audio frames; CSM has {self.max_positions}")
+            turns.pop(droppable)
 
     # -- generation ---------------------------------------------------------------
-    def synthesize(self, request: SynthesisRequest, cancel: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
         """Yield audio as it is generated: after ``first_chunk_frames`` frames, then every ``chunk_frames``.
 
-        One streaming Mimi decoder runs across all sentences of the request, so
-        sentence boundaries have no seams; each frame is decoded exactly once.
+        Each sentence is prompted with the task's context, the request's earlier
+        sentences (as the codes the model produced) and the emotion reference
+        last.  One streaming Mimi decoder runs across all sentences, so sentence
+        boundaries have no seams; each frame is decoded exactly once.
         """
         assert self.decoder is not None, "load() first"
+        request, cancel = task.request, task.cancel
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
         rng = torch.Generator(device=self.device)
         if request.seed is None:
@@ -147,15 +152,17 @@ class CsmEngine(Engine):
         sentences = split_sentences(request.text)
         estimates = [estimate_ms(s) for s in sentences]
         remaining_ms = request.max_audio_length_ms or min(90_000, sum(estimates))
-        turns: list[Turn] = []
+        spoken: list[ContextTurn] = []
         emitted = 0
         for sentence, estimate in zip(sentences, estimates):
             if remaining_ms < 80 or cancel.is_set():
                 return
             budget = frames_for_ms(min(estimate, remaining_ms))
-            ids, turns = self.fit_context(turns, sentence, request.speaker, budget)
-            embeds = self.decoder.embed_prompt(ids, [t.codes for t in turns])
+            candidates = task.context + spoken + ([task.reference] if task.reference else [])
+            ids, turns = self.fit_context(candidates, sentence, request.speaker, budget)
+            embeds = self.decoder.embed_prompt(ids, [self.codes_for(t) for t in turns])
             frames: list[torch.Tensor] = []
+            chunks: list[np.ndarray] = []
             pending = 0
             for frame in self.decoder.frames(embeds, sampling, budget, rng):
                 if cancel.is_set():
@@ -163,17 +170,21 @@ class CsmEngine(Engine):
                 frames.append(frame)
                 pending += 1
                 if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
-                    yield audio.decode(torch.stack(frames[-pending:])).numpy()
+                    chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
                     emitted += pending
                     pending = 0
+                    yield chunks[-1]
             if not frames:
                 raise EngineError("generation_failed",
                                   f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
             if pending:
-                yield audio.decode(torch.stack(frames[-pending:])).numpy()
+                chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
                 emitted += pending
+                yield chunks[-1]
             remaining_ms -= 80 * len(frames)
-            turns.append(Turn(request.speaker, sentence, torch.stack(frames)))
+            turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
+            spoken.append(turn)
+            task.produced.append(turn)
 
     def close(self) -> None:
         self.model = self.decoder = None

@@ -11,14 +11,12 @@ every id.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..protocol import SynthesisRequest
-from .base import Engine, EngineError
+from .base import Engine, EngineError, SynthesisTask
 
 
 def default_voice() -> Path:
@@ -54,13 +52,15 @@ class PiperEngine(Engine):
         return {"voice": self.voice_name, "speakers": self.num_speakers, "device": "cpu",
                 "sample_rate": self.sample_rate}
 
-    def synthesize(self, request: SynthesisRequest, cancel: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
+        """Piper ignores context turns: it has one fixed voice per speaker."""
         from piper import SynthesisConfig
 
+        request = task.request
         if self.voice is None:
             raise EngineError("model_unavailable", "Piper voice is not loaded")
         speaker = request.speaker % self.num_speakers if self.num_speakers > 1 else None
         for chunk in self.voice.synthesize(request.text, SynthesisConfig(speaker_id=speaker)):
-            if cancel.is_set():
+            if task.cancel.is_set():
                 return
             yield chunk.audio_float_array.astype(np.float32, copy=False)

@@ -1,0 +1,133 @@
+"""What goes into CSM's prompt besides the text: voices, conversation memory, emotion references.
+
+CSM-1B is a base model: a bare speaker id does not fix a voice, and the mood of
+its output follows the audio in its context.  The server steers both:
+
+- ``ReferenceLibrary`` (one per server): emotion clips from ``emotion_map.json``
+  and a default voice per speaker from ``voices.json``; with pinning on, a
+  speaker's first long-enough CSM generation becomes its default voice.
+- ``Conversation`` (one per connection): recent turns, bounded, and voice
+  prompts the client uploaded.
+
+``Conversation.prompt_for`` fills a task's context right before it runs:
+voice prompt first (uploaded, else default), then history, oldest first; the
+emotion reference goes right before the text.  ``context: false`` uses the
+emotion reference alone and reads or writes nothing else.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .engines.base import ContextTurn, SynthesisTask
+from .references import Clip, load_emotions, load_voices, save_voice
+
+log = logging.getLogger(__name__)
+PIN_MIN_SECONDS = 2.0
+
+
+def clip_turn(clip: Clip, speaker: int, cache: dict) -> ContextTurn:
+    return ContextTurn(clip.speaker if clip.speaker is not None else speaker, clip.text, clip.audio, cache,
+                       pinned=True)
+
+
+class ReferenceLibrary:
+    """Emotion clips and default voices of one references folder."""
+
+    def __init__(self, root: str | Path | None, pin_voices: bool = True) -> None:
+        """``root=None``: no references and no pinning (an engine-only server, as in some tests)."""
+        self.root = Path(root) if root is not None else None
+        self.pin_voices = pin_voices
+        self.emotions: dict[str, list[Clip]] = {}
+        self.voices: dict[int, ContextTurn] = {}
+        self._caches: dict[int, dict] = {}  # id(clip) -> shared engine cache (CSM codes)
+        self._pinning: set[int] = set()
+        self._lock = threading.Lock()
+
+    def load(self) -> list[str]:
+        """Read both maps; returns one warning per skipped entry (already logged)."""
+        if self.root is None:
+            return []
+        self.emotions, warnings = load_emotions(self.root)
+        voices, voice_warnings = load_voices(self.root)
+        self.voices = {speaker: clip_turn(clip, speaker, {}) for speaker, clip in voices.items()}
+        for warning in warnings + voice_warnings:
+            log.warning("references: %s", warning)
+        log.info("references: %d emotions (%d clips), %d default voices from %s", len(self.emotions),
+                 sum(len(c) for c in self.emotions.values()), len(self.voices), self.root)
+        return warnings + voice_warnings
+
+    def emotion_turn(self, emotion: str, speaker: int, seed: int | None) -> ContextTurn:
+        """One of the emotion's clips: chosen by ``seed`` when given, else at random."""
+        clips = self.emotions[emotion]
+        clip = clips[seed % len(clips)] if seed is not None else random.choice(clips)
+        return clip_turn(clip, speaker, self._caches.setdefault(id(clip), {}))
+
+    def wants_pin(self, speaker: int, turns: list[ContextTurn]) -> bool:
+        return (self.pin_voices and self.root is not None and speaker not in self.voices and speaker not in self._pinning
+                and sum(t.duration_s for t in turns) >= PIN_MIN_SECONDS)
+
+    def pin(self, speaker: int, turns: list[ContextTurn]) -> bool:
+        """Make ``turns`` (one request's CSM speech) the speaker's default voice if it has none yet.
+
+        Runs in a worker thread (it writes files); returns whether it pinned.
+        """
+        with self._lock:
+            if not self.wants_pin(speaker, turns):
+                return False
+            self._pinning.add(speaker)
+        try:
+            audio = np.concatenate([t.audio for t in turns])
+            text = " ".join(t.text for t in turns)
+            path = save_voice(self.root, speaker, audio, text)
+            self.voices[speaker] = ContextTurn(speaker, text, audio, {}, pinned=True)
+            log.info("pinned %.1f s of CSM speech as the default voice of speaker %d (%s)",
+                     len(audio) / 24000, speaker, path)
+            return True
+        finally:
+            self._pinning.discard(speaker)
+
+    def describe(self) -> dict:
+        return {
+            "emotions": {name: len(clips) for name, clips in sorted(self.emotions.items())},
+            "voices": sorted(self.voices),
+            "pin_voices": self.pin_voices,
+        }
+
+
+class Conversation:
+    """One connection's memory: its recent turns and the voices it uploaded."""
+
+    def __init__(self, library: ReferenceLibrary, max_turns: int = 8) -> None:
+        self.library = library
+        self.history: collections.deque[ContextTurn] = collections.deque(maxlen=max_turns)
+        self.voices: dict[int, ContextTurn] = {}
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def set_voice(self, speaker: int, text: str, audio: np.ndarray) -> ContextTurn:
+        self.voices[speaker] = ContextTurn(speaker, text, audio, {}, pinned=True)
+        return self.voices[speaker]
+
+    def clear_voice(self, speaker: int) -> bool:
+        return self.voices.pop(speaker, None) is not None
+
+    def prompt_for(self, task: SynthesisTask) -> None:
+        request = task.request
+        if request.emotion is not None:
+            task.reference = self.library.emotion_turn(request.emotion, request.speaker, request.seed)
+        if not request.context:
+            return
+        voice = self.voices.get(request.speaker) or self.library.voices.get(request.speaker)
+        task.context = ([voice] if voice else []) + list(self.history)
+
+    def remember(self, task: SynthesisTask) -> None:
+        if task.request.context:
+            self.history.extend(task.produced)
