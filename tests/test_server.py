@@ -229,6 +229,11 @@ async def test_plain_http_gets_health_404_and_upgrade_required(tiny_model_dir):
         health = await asyncio.to_thread(_get, server.port, "/health")
         missing = await asyncio.to_thread(_get, server.port, "/nope")
         plain = await asyncio.to_thread(_get, server.port, "/ws")
+        page = await asyncio.to_thread(_get, server.port, "/")
+        script = await asyncio.to_thread(_get, server.port, "/static/app.js")
+        escape = await asyncio.to_thread(_get, server.port, "/static/../server.py")
     assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
+    assert page[0] == 200 and "<title>CSM voice chat</title>" in page[1]
+    assert script[0] == 200 and "__tts" in script[1] and escape[0] == 404
     assert missing[0] == 404
     assert plain[0] == 426 and "WebSocket" in plain[1]

@@ -3,13 +3,14 @@
 ``/health`` says the process is alive; ``/ready`` says whether a request without
 an ``engine`` field would be answered now (load balancers route on it);
 ``/metrics`` is Prometheus text; ``/v1/info`` describes engines, formats and
-limits for clients and the browser page.
+limits for clients and the browser page; ``/`` and ``/static/*`` serve that page.
 """
 
 from __future__ import annotations
 
 import http
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -21,9 +22,17 @@ if TYPE_CHECKING:
     from .server import TTSServer
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATIC = Path(__file__).resolve().parent / "static"
+_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+          ".js": "text/javascript; charset=utf-8"}
+# The page's files, read by name from a fixed list: no request path ever reaches the file system.
+PAGES = {f"/static/{p.name}": p for p in STATIC.iterdir() if p.suffix in _TYPES} | {"/": STATIC / "index.html"}
 
 
 def respond(server: "TTSServer", path: str) -> Response:
+    if path in PAGES:
+        file = PAGES[path]
+        return _response(http.HTTPStatus.OK, file.read_bytes(), _TYPES[file.suffix])
     if path == "/health":
         return json_response(http.HTTPStatus.OK, {"status": "ok"})
     if path == "/ready":

@@ -250,7 +250,7 @@ class TTSServer:
         path = request.path.split("?", 1)[0]
         if upgrade and path in WEBSOCKET_PATHS:
             return None
-        if path in WEBSOCKET_PATHS:
+        if path == "/ws":
             return http_api.text_response(http.HTTPStatus.UPGRADE_REQUIRED,
                                           "This is a WebSocket endpoint: connect with a WebSocket client.\n")
         return http_api.respond(self, path)
