@@ -16,6 +16,7 @@ from .engines.csm import CsmEngine
 from .engines.piper import PiperEngine
 from .model_source import ModelSourceError, download, resolve_local
 from .scheduler import EngineSlot
+from .security import Gate
 from .server import TTSServer
 
 log = logging.getLogger("tts_server")
@@ -48,7 +49,17 @@ def build_server(settings: Settings) -> TTSServer:
                      max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate,
                      stream_buffer_seconds=settings.stream_buffer_seconds,
                      library=ReferenceLibrary(settings.references, settings.pin_voices == "on"),
-                     max_context_turns=settings.max_context_turns)
+                     max_context_turns=settings.max_context_turns,
+                     gate=Gate(_split(settings.api_key), _split(settings.allowed_origins)),
+                     max_connections=settings.max_connections,
+                     max_connections_per_address=settings.max_connections_per_address,
+                     rate_limit=settings.rate_limit, max_queued_per_connection=settings.max_queued_per_connection,
+                     max_frame_bytes=settings.max_frame_bytes, max_voice_bytes=settings.max_voice_bytes,
+                     max_voice_seconds=settings.max_voice_seconds, generation_timeout=settings.generation_timeout)
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
 async def serve(settings: Settings) -> None:
@@ -59,8 +70,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("Shutting down")
-    await server.stop()
+    await server.shutdown(settings.shutdown_grace)
+    log.info("Stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

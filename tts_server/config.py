@@ -74,6 +74,19 @@ OPTIONS = [
     Option("pin_voices", "on", "on: a speaker's first CSM generation of 2 s or more becomes its default voice",
            choices=["on", "off"]),
     Option("max_context_turns", 8, "turns of conversation history kept per connection", _positive),
+    Option("api_key", None, "comma-separated API keys; when set, WebSocket and HTTP (except /health) need one"),
+    Option("allowed_origins", None, "comma-separated browser origins allowed besides the server's own; * = any"),
+    Option("max_connections", 256, "most open WebSocket connections", _positive),
+    Option("max_connections_per_address", 16, "most open connections from one client address", _positive),
+    Option("rate_limit", 120, "most synthesis and voice requests a minute per connection", _positive),
+    Option("max_queued_per_connection", 8, "most requests one connection may have waiting or running", _positive),
+    Option("max_frame_bytes", 16 * 2**20, "largest WebSocket frame; larger ones close that connection (1009)",
+           _positive),
+    Option("max_voice_bytes", 10 * 2**20, "largest voice-prompt upload in bytes", _positive),
+    Option("max_voice_seconds", 30, "longest voice-prompt upload in seconds", _positive),
+    Option("generation_timeout", 120, "seconds an engine may go without producing audio before the request "
+           "is abandoned ('generation_timeout') and a fresh worker takes over", _positive),
+    Option("shutdown_grace", 30, "on SIGTERM/Ctrl-C, seconds the running request may take to finish", _positive),
     Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
@@ -100,6 +113,17 @@ class Settings:
     first_chunk_frames: int = 2
     chunk_frames: int = 6
     stream_buffer_seconds: int = 30
+    api_key: str | None = field(default=None, repr=False)
+    allowed_origins: str | None = None
+    max_connections: int = 256
+    max_connections_per_address: int = 16
+    rate_limit: int = 120
+    max_queued_per_connection: int = 8
+    max_frame_bytes: int = 16 * 2**20
+    max_voice_bytes: int = 10 * 2**20
+    max_voice_seconds: int = 30
+    generation_timeout: int = 120
+    shutdown_grace: int = 30
     hf_token: str | None = field(default=None, repr=False)
     hf_home: str | None = None
 

@@ -61,6 +61,7 @@ class Job:
         self.on_success = on_success  # on the loop, right after success: remember task.produced
         self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)
         self.started = False  # a worker picked it up
         self.finished = False  # the terminal reply is posted
         self.audio_sent = False
@@ -142,13 +143,14 @@ class EngineSlot:
 class Scheduler:
     def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
                  max_queue: int = 32, sample_rate: int = 24000, metrics: Metrics | None = None,
-                 stream_buffer_seconds: float = 30) -> None:
+                 stream_buffer_seconds: float = 30, generation_timeout: float = 120) -> None:
         self.primary, self.fallback = primary, fallback
         self.slots = {s.name: s for s in (primary, fallback) if s is not None}
         self.max_queue = max_queue
         self.sample_rate = sample_rate
         self.metrics = metrics or Metrics()
         self.stream_buffer_seconds = stream_buffer_seconds
+        self.generation_timeout = generation_timeout
         self._queue: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
@@ -218,7 +220,7 @@ class Scheduler:
             try:
                 if job.prepare:
                     job.prepare(job)
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._work, job, slot)
+                await self._run_watched(job, slot)
                 if job.status == "success" and job.on_success:
                     job.on_success(job)
             except Exception:  # a hook failed: answer the job, keep serving
@@ -226,6 +228,41 @@ class Scheduler:
                 job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
             finally:
                 self.active = None
+
+    async def _run_watched(self, job: Job, slot: EngineSlot) -> None:
+        """Run the job on the worker; if it makes no progress for ``generation_timeout`` s, abandon it.
+
+        A stuck thread cannot be killed: it is left to finish (its output is
+        discarded, the job already has its error) and a fresh worker takes over.
+        """
+        job.progress_at = time.monotonic()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._work, job, slot)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=min(1.0, self.generation_timeout))
+            if done:
+                return future.result()
+            if time.monotonic() - job.progress_at > self.generation_timeout:
+                break
+        log.error("%s made no progress on %s for %g s; abandoning its worker thread", slot.name,
+                  job.request_id, self.generation_timeout)
+        job.cancel_event.set()
+        job.finish(p.error_reply(p.ErrorCode.GENERATION_TIMEOUT,
+                                 f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
+                                 job.request_id))
+        job.status = "error"
+        self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout)
+        stuck, self._executor = self._executor, ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
+        stuck.shutdown(wait=False)
+
+    def refuse_queued(self, code: p.ErrorCode, message: str) -> int:
+        """Answer every job still waiting with an error (shutdown); returns how many."""
+        refused = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.finished:
+                job.finish(p.error_reply(code, message, job.request_id))
+                refused += 1
+        return refused
 
     def _work(self, job: Job, slot: EngineSlot) -> None:
         """Run one job on the worker thread, with one retry on the fallback before any audio."""
@@ -296,6 +333,7 @@ class Scheduler:
         for chunk in _engine_chunks(engine, job.task):
             if job.cancel_event.is_set() or (limit is not None and samples >= limit):
                 break
+            job.progress_at = time.monotonic()
             emit(resample(chunk))
         if job.cancel_event.is_set():
             job.finish_threadsafe(p.cancelled_reply(request.request_id))
@@ -332,10 +370,29 @@ def _engine_chunks(engine: Engine, task: SynthesisTask):
             return
         except EngineError:
             raise
+        except torch_oom() as exc:
+            log.error("%s ran out of memory on request %s: %s", engine.name, task.request.request_id, exc)
+            _free_accelerator_memory()
+            raise EngineError("generation_failed", f"{engine.name} ran out of memory for this request; "
+                                                   "try shorter text or retry later") from exc
         except Exception as exc:
             log.exception("%s failed on request %s", engine.name, task.request.request_id)
             raise EngineError("generation_failed", f"{engine.name} failed: {exc.__class__.__name__}: {exc}") from exc
         yield chunk
+
+
+def torch_oom() -> type[BaseException]:
+    """torch's out-of-memory error type (CUDA, MPS and CPU allocators raise it)."""
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _voice(engine: Engine) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .references import ReferenceError
 from .references.quality import check_voice_prompt
 from .scheduler import END, Busy, EngineSlot, Job, Scheduler
+from .security import ConnectionLimits, Gate, RateLimiter, RedactingLogger
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATHS = ("/", "/ws")
@@ -47,6 +48,7 @@ class Connection:
         self.live: dict[str, Job] = {}
         self.conversation = Conversation(server.library, server.max_context_turns)
         self._voice: p.VoiceRequest | None = None  # a voice message waiting for its binary frame
+        self._rate = RateLimiter(server.rate_limit)
         self._send_lock = asyncio.Lock()
 
     async def send(self, *frames: Any) -> None:
@@ -81,6 +83,10 @@ class Connection:
                                               "Voice upload abandoned: the voice message must be followed by one "
                                               "binary frame holding the audio file"))
             message = p.parse_message(raw, self.server.limits())
+            if isinstance(message, (p.SynthesisRequest, p.VoiceRequest)) and not self._rate.allow():
+                raise p.ProtocolError(p.ErrorCode.RATE_LIMITED,
+                                      f"More than {self.server.rate_limit} requests a minute on this connection; "
+                                      "slow down", getattr(message, "request_id", None))
             if isinstance(message, p.SynthesisRequest):
                 await self._synthesize(message)
             elif isinstance(message, p.CancelRequest):
@@ -99,10 +105,17 @@ class Connection:
             await self.send(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
     async def _synthesize(self, request: p.SynthesisRequest) -> None:
+        if self.server.draining:
+            raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly",
+                                  request.request_id)
         if request.request_id in self.live:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
                                   f"request_id {request.request_id!r} is already in use on this connection",
                                   request.request_id)
+        if sum(not job.finished for job in self.live.values()) >= self.server.max_queued_per_connection:
+            raise p.ProtocolError(p.ErrorCode.TOO_MANY_QUEUED,
+                                  f"This connection already has {self.server.max_queued_per_connection} requests "
+                                  "waiting or running; wait for one to finish", request.request_id)
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
         try:
@@ -131,7 +144,8 @@ class Connection:
 
     async def _save_voice(self, message: p.VoiceRequest, data: bytes) -> None:
         try:
-            audio = await asyncio.to_thread(check_voice_prompt, data)
+            audio = await asyncio.to_thread(check_voice_prompt, data, self.server.max_voice_bytes,
+                                            self.server.max_voice_seconds)
         except ReferenceError as exc:
             raise p.ProtocolError(p.ErrorCode.INVALID_VOICE, f"Voice prompt rejected: {exc}") from None
         turn = self.conversation.set_voice(message.speaker, message.text or "", audio)
@@ -161,8 +175,17 @@ class TTSServer:
                  host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
                  max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 16 * 2**20,
                  stream_buffer_seconds: float = 30, library: ReferenceLibrary | None = None,
-                 max_context_turns: int = 8) -> None:
+                 max_context_turns: int = 8, gate: Gate | None = None, max_connections: int = 256,
+                 max_connections_per_address: int = 16, rate_limit: int = 120, max_queued_per_connection: int = 8,
+                 max_voice_bytes: int = 10 * 1024 * 1024, max_voice_seconds: float = 30,
+                 generation_timeout: float = 120) -> None:
         self.host, self.port = host, port
+        self.gate = gate or Gate()
+        self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
+        self.rate_limit = rate_limit
+        self.max_queued_per_connection = max_queued_per_connection
+        self.max_voice_bytes, self.max_voice_seconds = max_voice_bytes, max_voice_seconds
+        self.draining = False
         self.library = library or ReferenceLibrary(None)
         self.max_context_turns = max_context_turns
         self._background: set[asyncio.Task] = set()
@@ -170,7 +193,8 @@ class TTSServer:
         self.max_frame_bytes = max_frame_bytes
         self.metrics = Metrics()
         self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate,
-                                   metrics=self.metrics, stream_buffer_seconds=stream_buffer_seconds)
+                                   metrics=self.metrics, stream_buffer_seconds=stream_buffer_seconds,
+                                   generation_timeout=generation_timeout)
         self.connections: set[Connection] = set()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -212,10 +236,14 @@ class TTSServer:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.library.load)
-        self._server = await serve(self._handle, self.host, self.port,
-                                   process_request=self._process_request, max_size=self.max_frame_bytes)
+        self._server = await serve(self._handle, self.host, self.port, process_request=self._process_request,
+                                   max_size=self.max_frame_bytes,
+                                   logger=RedactingLogger(logging.getLogger("websockets.server"), self.gate.secrets))
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Listening on ws://%s:%d", self.host, self.port)
+        if not self.gate.requires_key and not _is_loopback(self.host):
+            log.warning("Listening on %s without an API key: anyone who can reach this port can use it "
+                        "(set --api-key / TTS_API_KEY)", self.host)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         for slot in self.scheduler.slots.values():
             if slot.state == "loading":
@@ -224,6 +252,24 @@ class TTSServer:
     async def _load(self, slot: EngineSlot) -> None:
         await slot.load()
         log.info("Engines: %s", self.serving()[1])
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let the running request finish for up to ``grace`` s, refuse the queue, close."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        refused = self.scheduler.refuse_queued(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+        log.info("Shutting down: %d queued requests refused, waiting up to %g s for the running one", refused, grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.scheduler.active is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.scheduler.active is not None:
+            self.scheduler.active.cancel()
+        while any(c.live for c in self.connections) and asyncio.get_running_loop().time() < deadline + 2:
+            await asyncio.sleep(0.05)  # let the writers deliver the last replies
+        await asyncio.gather(*(c.ws.close(1001, "server shutting down") for c in list(self.connections)),
+                             return_exceptions=True)
+        await self.stop()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -235,6 +281,15 @@ class TTSServer:
         self.scheduler.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
+        address = (ws.remote_address or ("?",))[0]
+        refusal = self.connection_limits.admit(address)
+        if refusal is not None or self.draining:
+            code = p.ErrorCode.TOO_MANY_CONNECTIONS if refusal else p.ErrorCode.SHUTTING_DOWN
+            await ws.send(p.encode(p.error_reply(code, refusal or "The server is shutting down")))
+            await ws.close(1013, "try again later")
+            if refusal is None:
+                self.connection_limits.release(address)
+            return
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # bound kernel buffering so a stalled reader is noticed (client_too_slow)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
@@ -244,9 +299,13 @@ class TTSServer:
             await connection.run()
         finally:
             self.connections.discard(connection)
+            self.connection_limits.release(address)
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        verdict = self.gate.check(request.headers, request.path, upgrade)
+        if verdict is not None:
+            return http_api.text_response(http.HTTPStatus(verdict.status), verdict.reason)
         path = request.path.split("?", 1)[0]
         if upgrade and path in WEBSOCKET_PATHS:
             return None
@@ -254,6 +313,10 @@ class TTSServer:
             return http_api.text_response(http.HTTPStatus.UPGRADE_REQUIRED,
                                           "This is a WebSocket endpoint: connect with a WebSocket client.\n")
         return http_api.respond(self, path)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _label(slot: EngineSlot) -> str:

@@ -38,11 +38,11 @@ def estimate_snr_db(audio: np.ndarray, rate: int = RATE) -> float:
     return 10.0 * np.log10(max(signal, 1e-12) / noise)
 
 
-def check_voice_prompt(data: bytes) -> np.ndarray:
+def check_voice_prompt(data: bytes, max_bytes: int = MAX_BYTES, max_seconds: float = SECONDS[1]) -> np.ndarray:
     """24 kHz mono samples of an uploaded WAV/FLAC/OGG, or ``ReferenceError`` saying what to fix."""
-    if len(data) > MAX_BYTES:
-        raise ReferenceError(f"the voice file is {len(data) / 1e6:.1f} MB; the limit is {MAX_BYTES / 1e6:.0f} MB")
-    audio = read_audio(io.BytesIO(data), "the voice file", SECONDS)
+    if len(data) > max_bytes:
+        raise ReferenceError(f"the voice file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+    audio = read_audio(io.BytesIO(data), "the voice file", (SECONDS[0], max_seconds))
     rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
     if rms < SILENCE_RMS:
         raise ReferenceError("the voice file is silent: record closer to the microphone")

@@ -12,6 +12,11 @@ const state = {
 const stats = { chunks: 0, scheduled: [], completed: [], cancelled: [], errors: [], underruns: 0 };
 window.__tts = { stats, state };
 
+const keyInAddress = new URLSearchParams(location.search).get("api_key");
+if (keyInAddress) {  // opened as /?api_key=...: keep the key, take it out of the address bar
+  localStorage.setItem("tts.apiKey", keyInAddress);
+  history.replaceState(null, "", location.pathname);
+}
 const apiKey = () => localStorage.getItem("tts.apiKey") || "";
 function withKey(path) {
   const key = apiKey();

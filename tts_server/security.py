@@ -1,0 +1,150 @@
+"""Who may connect and how much they may ask: API keys, origins, connection and rate limits.
+
+- API keys are compared in constant time (``hmac.compare_digest`` against every
+  configured key, no early exit).  Clients send ``Authorization: Bearer <key>``;
+  browsers, which cannot set headers on a WebSocket, send ``?api_key=<key>``.
+  ``/health`` and the page's static script and style never need a key.  Keys never appear in logs, replies or metrics.
+- Browsers send an ``Origin`` header; one that is not the server's own origin
+  (``http(s)://<Host header>``) or listed in ``--allowed-origins`` is refused with
+  403.  Clients that send no ``Origin`` (non-browser programs) are not affected.
+- Connection limits (total, per client address) and a per-connection request
+  rate (a token bucket) answer breaches with a stable error code and touch no
+  one else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: int  # 401 or 403
+    reason: str
+
+
+class Gate:
+    """Decides, per HTTP request or WebSocket handshake, whether the caller may proceed."""
+
+    def __init__(self, api_keys: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> None:
+        self._keys = tuple(k.encode() for k in api_keys if k)
+        self.allowed_origins = {o.rstrip("/") for o in allowed_origins if o}
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(k.decode() for k in self._keys)
+
+    @property
+    def requires_key(self) -> bool:
+        return bool(self._keys)
+
+    def key_ok(self, headers, path: str) -> bool:
+        if not self._keys:
+            return True
+        offered = ""
+        auth = headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            offered = auth[7:].strip()
+        if not offered:
+            offered = (parse_qs(urlsplit(path).query).get("api_key") or [""])[0]
+        candidate = offered.encode()
+        matched = False
+        for key in self._keys:  # no early exit: time does not depend on which key matched
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def origin_ok(self, headers, secure: bool = False) -> bool:
+        origin = headers.get("Origin")
+        if origin is None or "*" in self.allowed_origins:
+            return True
+        origin = origin.rstrip("/")
+        host = headers.get("Host", "")
+        own = {f"http://{host}", f"https://{host}"} if host else set()
+        return origin in own or origin in self.allowed_origins
+
+    def check(self, headers, path: str, websocket: bool) -> Verdict | None:
+        """``None`` to let the request through, else the status and a short reason."""
+        bare = path.split("?", 1)[0]
+        if bare == "/health" or bare.startswith("/static/"):  # the page's script and style hold no data
+            return None
+        if not self.key_ok(headers, path):
+            return Verdict(401, "A valid API key is required: send 'Authorization: Bearer <key>', or add "
+                                "?api_key=<key> to the address (the browser page: open /?api_key=<key>)\n")
+        if websocket and not self.origin_ok(headers):
+            return Verdict(403, "This Origin may not connect; see --allowed-origins\n")
+        return None
+
+
+class ConnectionLimits:
+    """Counts open connections, in total and per client address."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total, self.per_address = total, per_address
+        self._open: Counter[str] = Counter()
+
+    def admit(self, address: str) -> str | None:
+        """Register a connection, or return why it is refused."""
+        if sum(self._open.values()) >= self.total:
+            return f"The server has its maximum of {self.total} connections; retry shortly"
+        if self._open[address] >= self.per_address:
+            return f"Your address already has {self.per_address} connections open; close one first"
+        self._open[address] += 1
+        return None
+
+    def release(self, address: str) -> None:
+        self._open[address] -= 1
+        if self._open[address] <= 0:
+            del self._open[address]
+
+
+class RateLimiter:
+    """A token bucket: ``per_minute`` requests a minute on average, bursts up to the same number."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._tokens = self.capacity
+        self._clock = clock
+        self._last = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+_CREDENTIALS = re.compile(r"(?i)(authorization:\s*\w+\s+|api_key=)[^&\s'\"]+")
+
+
+class RedactingLogger(logging.LoggerAdapter):
+    """Hands websockets a logger that strips credentials from what it logs.
+
+    At DEBUG level websockets logs request lines and headers, i.e. the
+    ``Authorization`` header and ``?api_key=``; those and every configured
+    secret are replaced by ``***`` before the record exists.
+    """
+
+    def __init__(self, logger: logging.Logger, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__(logger, {})
+        self.secrets = tuple(s for s in secrets if s)
+
+    def redact(self, text: str) -> str:
+        text = _CREDENTIALS.sub(lambda m: m.group(1) + "***", text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def log(self, level, msg, *args, **kwargs):
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", self.redact(text), **kwargs)
