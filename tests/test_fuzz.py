@@ -1,0 +1,141 @@
+"""Hostile input: >= 10,000 generated frames; every one answered in JSON or by a clean close.
+
+Seed and count are recorded in docs/reliability.md.  The server runs in its own
+thread and event loop (as in production); the fuzzer is a plain synchronous
+websockets client driven by hypothesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import csm_slot
+from tts_server.server import TTSServer
+
+FUZZ_SEED = 20261122
+EXAMPLES = 800  # x ~15 frames each: over 10,000 frames (asserted below)
+TERMINAL = {"success", "error", "cancelled"}
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
+json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                          max_size=4), max_leaves=12)
+fields = {
+    "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance"]) | json_values,
+    "text": st.text(max_size=5) | json_values,
+    "speaker": st.integers(-3, 2**40) | json_values, "seed": st.integers(-5, 2**70) | json_values,
+    "temperature": st.floats(allow_nan=True) | json_values, "top_k": st.integers(-2, 10**9) | json_values,
+    "max_audio_length_ms": st.floats(-1, 10**6) | json_values,
+    "format": st.sampled_from(["wav", "pcm", "flac", "ogg", "mp3"]) | json_values,
+    "stream": st.booleans() | json_values, "context": st.booleans() | json_values,
+    "request_id": st.text(max_size=200) | json_values, "emotion": json_values,
+    "engine": st.sampled_from(["csm", "piper", "x"]) | json_values, "clear": json_values,
+}
+messages = st.fixed_dictionaries({}, optional=fields)
+frames = st.one_of(
+    messages.map(json.dumps),
+    json_values.map(json.dumps),
+    st.text(max_size=30),  # not JSON at all
+    st.binary(max_size=64),  # binary where a request is expected
+    st.binary(min_size=1, max_size=16).map(lambda b: ("raw-text", b"\xff" + b)),  # invalid UTF-8 in a text frame
+    st.integers(1, 60_000).map(lambda n: "[" * n + "]" * n),  # deep nesting
+    st.just(json.dumps({"type": "voice", "speaker": 1, "text": "hi"})),  # then a frame that is not audio
+)
+
+
+class Fuzzer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent = self.replies = self.closes = 0
+        self.ws = None
+
+    def open(self):
+        if self.ws is None:
+            self.ws = connect(f"ws://127.0.0.1:{self.port}", max_size=None, close_timeout=2)
+        return self.ws
+
+    def one(self, frame) -> None:
+        """Send a frame, then a reset, and read to the reset's reply: the frame must get a reply or a close."""
+        ws = self.open()
+        self.sent += 1
+        got = 0
+        try:
+            if isinstance(frame, tuple):
+                ws.send(frame[1], text=True)
+            else:
+                ws.send(frame)
+            ws.send(json.dumps({"type": "reset"}))
+            while True:
+                reply = ws.recv(timeout=60)
+                if isinstance(reply, bytes):
+                    continue
+                data = json.loads(reply)
+                assert isinstance(data, dict) and "status" in data, data
+                if data == {"status": "reset"} and got:
+                    break
+                if data == {"status": "reset"}:  # an accepted request: its reply is still to come
+                    got = -1
+                    continue
+                got = 1 if got >= 0 else got
+                if got < 0 and data["status"] in TERMINAL:
+                    break
+        except ConnectionClosed as closed:
+            assert closed.rcvd is None or closed.rcvd.code in (1000, 1007, 1009, 1013), closed
+            self.closes += 1
+            self.ws = None
+            return
+        self.replies += 1
+
+
+@pytest.fixture(scope="module")
+def threaded_server(tiny_model_dir):
+    loop = asyncio.new_event_loop()
+    server = TTSServer(csm_slot(tiny_model_dir), host="127.0.0.1", port=0, max_text_chars=5, rate_limit=10**6,
+                       max_queued_per_connection=4)
+    started = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        loop.run_until_complete(server.scheduler.primary.loaded.wait())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(120)
+    yield server
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+
+
+def test_ten_thousand_hostile_frames_get_json_or_a_clean_close(threaded_server):
+    fuzzer = Fuzzer(threaded_server.port)
+
+    @seed(FUZZ_SEED)
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.lists(frames, min_size=10, max_size=20))
+    def batch(items):
+        for item in items:
+            fuzzer.one(item)
+
+    batch()
+    assert fuzzer.sent >= 10_000, fuzzer.sent  # each one answered (Fuzzer.one fails on a missing reply)
+    assert fuzzer.closes > 0  # the invalid-UTF-8 frames were sent and closed cleanly (1007)
+    ws = fuzzer.open()  # the server lives and serves normally afterwards
+    ws.send(json.dumps({"text": "Fine", "max_audio_length_ms": 160}))
+    while isinstance(reply := ws.recv(timeout=60), bytes) or json.loads(reply)["status"] not in TERMINAL:
+        pass
+    assert json.loads(reply)["status"] == "success"
+    ws.close()
+    print(f"fuzz: seed {FUZZ_SEED}, {fuzzer.sent} frames, {fuzzer.replies} answered, {fuzzer.closes} clean closes")
