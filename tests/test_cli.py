@@ -153,6 +153,9 @@ async def test_download_without_network_reports_unavailable_and_never_logs_the_t
         reply, _ = await speak(server.port, {"text": "Anyone there?"})
         assert reply["code"] == "model_unavailable"
         assert "no network" in reply["message"] and SECRET not in json.dumps(reply)
+        for path in ("/v1/info", "/metrics", "/ready"):
+            body = await asyncio.to_thread(_read, server.port, path)
+            assert SECRET not in body and len(body) > 20, path
     finally:
         log = server.stop()
     assert "no network to download sesame/csm-1b" in log
@@ -176,3 +179,14 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
     assert reason.startswith("CSM-1B unavailable: no network to download sesame/csm-1b")
     assert reason.endswith("serving with piper en_US-joe-medium")
     assert "CSM-1B unavailable: no network" in log
+
+
+def _read(port: int, path: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.read().decode()

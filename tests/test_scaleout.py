@@ -1,0 +1,92 @@
+"""Two server processes behind a real nginx (Debian's package) on loopback, using deploy/nginx.conf."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+from conftest import ROOT, collect
+from test_cli import ServerProcess, free_port
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+if not os.path.exists(NGINX):
+    pytestmark = pytest.mark.skip(reason="Debian's nginx is not installed (.ci/run installs it)")
+
+
+def nginx_config(template: str, listen: int, backends: list[int], prefix) -> str:
+    config = template.replace("pid /tmp/tts-nginx.pid;", f"pid {prefix}/nginx.pid;")
+    config = config.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    upstreams = iter(backends)
+    config = re.sub(r"server 127\.0\.0\.1:\d+ ", lambda m: f"server 127.0.0.1:{next(upstreams)} ", config)
+    return config
+
+
+def served(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as resp:
+        return json.loads(resp.read())["engines"]["csm"]["stats"]["requests"]
+
+
+async def speak(port: int, text: str) -> dict:
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        await ws.send(json.dumps({"text": text, "max_audio_length_ms": 240}))
+        return (await collect(ws, timeout=60))[0]
+
+
+async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir, tmp_path):
+    backends = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        backends.append(ServerProcess(folder, ["--mode", "reuse", "--model-path", str(tiny_model_dir),
+                                               "--engine", "csm", "--shutdown-grace", "20"]))
+    listen = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen,
+                                 [b.port for b in backends], tmp_path))
+    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for backend in backends:
+            backend.wait_for_log("csm ready")
+        time.sleep(0.5)
+        assert proxy.poll() is None, proxy.stderr.read().decode()
+
+        replies = await asyncio.gather(*(speak(listen, f"Through nginx {i}") for i in range(8)))
+        assert all(r["status"] == "success" for r in replies)
+        counts = [await asyncio.to_thread(served, b.port) for b in backends]
+        assert sum(counts) == 8 and min(counts) > 0, counts  # both backends served
+
+        # In-flight streams, then backend a drains on SIGTERM.
+        streams = [await websockets.connect(f"ws://127.0.0.1:{listen}/ws") for _ in range(4)]
+        for i, ws in enumerate(streams):
+            await ws.send(json.dumps({"text": "A longer streamed answer. " * 4, "stream": True,
+                                      "max_audio_length_ms": 4000, "request_id": f"s{i}"}))
+        backends[0].proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for i, ws in enumerate(streams):
+            try:
+                reply, _, _ = await collect(ws, f"s{i}", timeout=60)  # never a hang: bounded wait
+                outcomes.append(reply["status"] if reply["status"] != "error" else reply["code"])
+            except websockets.ConnectionClosed as closed:
+                outcomes.append(f"closed {closed.rcvd.code if closed.rcvd else None}")
+            await ws.close()
+        assert all(o in ("success", "shutting_down") or o.startswith("closed 100") for o in outcomes), outcomes
+        assert await asyncio.to_thread(backends[0].proc.wait, 60) == 0
+
+        after = await asyncio.gather(*(speak(listen, f"After the drain {i}") for i in range(4)))
+        assert all(r["status"] == "success" for r in after)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        for backend in backends:
+            backend.stop()
