@@ -75,7 +75,7 @@ async def run_load(port: int, connections: int, requests: int, timeout: float = 
 async def main(engine: str, connections: int, requests: int) -> None:
     from tts_server.engines.csm import CsmEngine
     from tts_server.engines.piper import PiperEngine
-    from tts_server.scheduler import EngineSlot
+    from tts_server.jobs import EngineSlot
     from tts_server.server import TTSServer
     from tts_server.tiny_csm import build_checkpoint
 

@@ -41,7 +41,7 @@ async def server_rtf(port: int) -> float:
 
 async def main(runs: int) -> None:
     from tts_server.engines.piper import PiperEngine
-    from tts_server.scheduler import EngineSlot
+    from tts_server.jobs import EngineSlot
     from tts_server.server import TTSServer
 
     engine = PiperEngine()

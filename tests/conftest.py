@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tts_server.engines.csm import CsmEngine  # noqa: E402
-from tts_server.scheduler import EngineSlot  # noqa: E402
+from tts_server.jobs import EngineSlot  # noqa: E402
 from tts_server.server import TTSServer  # noqa: E402
 from tts_server.tiny_csm import build_checkpoint  # noqa: E402
 

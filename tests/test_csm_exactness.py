@@ -18,7 +18,7 @@ from conftest import collect, csm_slot, read_wav, running_server, url
 from tts_server.audio import to_int16
 from tts_server.engines.base import ContextTurn
 from tts_server.engines.csm import CsmEngine
-from tts_server.engines.csm_decode import CsmDecoder, Sampling
+from tts_server.engines.csm_decode import Sampling
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from conftest import collect, csm_slot, recv_json, running_server, url
 from tts_server.engines.base import EngineError
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
-from tts_server.scheduler import EngineSlot
+from tts_server.jobs import EngineSlot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 

@@ -15,7 +15,7 @@ import websockets
 from conftest import collect, csm_slot, recv_json, running_server, url
 from test_cli import ServerProcess
 from tts_server.engines.csm import CsmEngine
-from tts_server.scheduler import EngineSlot
+from tts_server.jobs import EngineSlot
 
 LONG = {"text": "A long answer that keeps going. " * 10, "stream": True, "max_audio_length_ms": 60_000}
 

@@ -15,7 +15,7 @@ from .context import ReferenceLibrary
 from .engines.csm import CsmEngine
 from .engines.piper import PiperEngine
 from .model_source import ModelSourceError, download, resolve_local
-from .scheduler import EngineSlot
+from .jobs import EngineSlot
 from .security import Gate
 from .server import TTSServer
 

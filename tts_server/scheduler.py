@@ -21,123 +21,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import protocol as p
 from .audio import Resampler, encode_file, pcm_bytes, streaming_wav_header
 from .engines.base import Engine, EngineError, SynthesisTask
+from .jobs import Busy, ClientTooSlow, EngineSlot, Job
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
-END = None  # outbox sentinel: the job's last reply has been posted
-
-
-class Busy(Exception):
-    """The queue is full."""
-
-
-class ClientTooSlow(EngineError):
-    def __init__(self, seconds: float) -> None:
-        super().__init__("client_too_slow", f"The client left more than {seconds:g} s of streamed audio unread; "
-                                            "the stream was stopped")
-
-
-class Job:
-    """One accepted synthesis request and the replies it produces, in order."""
-
-    def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop,
-                 prepare: Callable[["Job"], None] | None = None,
-                 on_success: Callable[["Job"], None] | None = None) -> None:
-        self.request = request
-        self.loop = loop
-        self.task = SynthesisTask(request)
-        self.cancel_event = self.task.cancel
-        self.prepare = prepare  # on the loop, right before work starts: fill task.context
-        self.on_success = on_success  # on the loop, right after success: remember task.produced
-        self.status: str | None = None
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)
-        self.started = False  # a worker picked it up
-        self.finished = False  # the terminal reply is posted
-        self.audio_sent = False
-        self._unsent = 0  # audio bytes posted but not yet written to the socket
-        self._unsent_lock = threading.Lock()
-
-    def unsent_bytes(self, change: int = 0) -> int:
-        """Audio bytes the client has not taken yet; the writer subtracts what it sent."""
-        with self._unsent_lock:
-            self._unsent += change
-            return self._unsent
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    # called on the event loop
-    def post(self, *frames: Any) -> None:
-        if not self.finished:
-            self.outbox.put_nowait(tuple(p.encode(f) if isinstance(f, dict) else f for f in frames))
-
-    def finish(self, *frames: Any) -> None:
-        if not self.finished:
-            self.post(*frames)
-            self.finished = True
-            self.outbox.put_nowait(END)
-
-    def cancel(self) -> bool:
-        """Ask the job to stop; a job not yet started answers ``cancelled`` at once."""
-        if self.finished:
-            return False
-        self.cancel_event.set()
-        if not self.started:
-            self.finish(p.cancelled_reply(self.request_id))
-        return True
-
-    # called from the worker thread
-    def post_threadsafe(self, *frames: Any) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.post(*frames))
-
-    def finish_threadsafe(self, *frames: Any) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.finish(*frames))
-
-
-class EngineSlot:
-    """An engine plus its load state: ``loading`` -> ``ready`` | ``failed``."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.state = "loading"
-        self.reason = "loading"
-        self.loaded = asyncio.Event()
-        self.load_seconds: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.engine.name
-
-    async def load(self) -> None:
-        started = time.perf_counter()
-        try:
-            await asyncio.to_thread(self.engine.load)
-        except Exception as exc:  # any failure leaves the server up and says why
-            self.state, self.reason = "failed", str(exc) or exc.__class__.__name__
-            log.error("%s unavailable: %s", self.name, self.reason)
-        else:
-            self.state, self.reason = "ready", "ready"
-            self.load_seconds = time.perf_counter() - started
-            log.info("%s ready in %.1f s", self.name, self.load_seconds)
-        finally:
-            self.loaded.set()
-
-    def fail(self, reason: str) -> None:
-        """Mark unavailable without loading (e.g. the model source cannot be resolved)."""
-        self.state, self.reason = "failed", reason
-        self.loaded.set()
 
 
 class Scheduler:

@@ -30,7 +30,8 @@ from .context import Conversation, ReferenceLibrary
 from .metrics import Metrics
 from .references import ReferenceError
 from .references.quality import check_voice_prompt
-from .scheduler import END, Busy, EngineSlot, Job, Scheduler
+from .jobs import END, Busy, EngineSlot, Job
+from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, RateLimiter, RedactingLogger
 
 log = logging.getLogger(__name__)
