@@ -5,7 +5,7 @@ the last two must be 0), time to first audio percentiles, throughput, and the
 process's resident memory before and after (after a warm-up round; growth
 should stay under 5 %).  Bounded in count and time; stops by itself.
 
-    python bench/load.py [--engine csm|piper] [--connections 64] [--requests 20]
+    python bench/load.py [--engine csm|piper] [--connections 64] [--requests 20] [--extra-rounds 0]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def run_load(port: int, connections: int, requests: int, timeout: float = 
             "ttfa_p50_ms": 1000 * q[49], "ttfa_p95_ms": 1000 * q[94], "ttfa_p99_ms": 1000 * q[98]}
 
 
-async def main(engine: str, connections: int, requests: int) -> None:
+async def main(engine: str, connections: int, requests: int, extra_rounds: int) -> None:
     from tts_server.engines.csm import CsmEngine
     from tts_server.engines.piper import PiperEngine
     from tts_server.jobs import EngineSlot
@@ -92,12 +92,19 @@ async def main(engine: str, connections: int, requests: int) -> None:
     before = rss_mb()
     result = await run_load(server.port, connections, requests)
     after = rss_mb()
+    rounds = [after]
+    for _ in range(extra_rounds):  # does memory keep growing, or has it settled?
+        await run_load(server.port, connections, requests)
+        rounds.append(rss_mb())
     await server.stop()
     print(f"{engine}: {connections} connections x {requests} requests in {result['elapsed_s']:.1f} s")
     print(f"outcomes: {result['outcomes']}")
     print(f"successes/s: {result['requests_per_s']:.1f}; time to first audio p50 {result['ttfa_p50_ms']:.0f} ms, "
           f"p95 {result['ttfa_p95_ms']:.0f} ms, p99 {result['ttfa_p99_ms']:.0f} ms")
     print(f"RSS after warm-up {before:.0f} MB, after the run {after:.0f} MB ({100 * (after / before - 1):+.1f}%)")
+    if extra_rounds:
+        print("RSS after each further round: " + ", ".join(f"{r:.0f} MB" for r in rounds[1:])
+              + f" ({100 * (rounds[-1] / rounds[0] - 1):+.1f}% over {extra_rounds} rounds)")
 
 
 if __name__ == "__main__":
@@ -105,5 +112,6 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=["csm", "piper"], default="csm")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--extra-rounds", type=int, default=0, help="repeat the run to see whether memory settles")
     args = parser.parse_args()
-    asyncio.run(main(args.engine, args.connections, args.requests))
+    asyncio.run(main(args.engine, args.connections, args.requests, args.extra_rounds))

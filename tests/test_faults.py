@@ -23,7 +23,7 @@ LONG = {"text": "A long answer that keeps going. " * 10, "stream": True, "max_au
 async def settle(server, timeout: float = 20) -> None:
     """Wait until the worker is idle and no connection holds a job."""
     deadline = time.monotonic() + timeout
-    while server.scheduler.active is not None or server.scheduler.depth or any(c.live for c in server.connections):
+    while server.scheduler.running or server.scheduler.depth or any(c.live for c in server.connections):
         assert time.monotonic() < deadline, "server did not settle"
         await asyncio.sleep(0.02)
 
@@ -46,7 +46,7 @@ async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_mod
         short = {"stream": True, "max_audio_length_ms": 480} if phase == "after-last-chunk" else {}
         await ws.send(json.dumps({**LONG, **short, "request_id": "leaver"}))
         if phase == "prefill":
-            while server.scheduler.active is None:
+            while not server.scheduler.running:
                 await asyncio.sleep(0)
         elif phase == "mid-stream":
             assert (await recv_json(ws))["status"] == "start"

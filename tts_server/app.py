@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .config import Settings, load_settings
 from .context import ReferenceLibrary
-from .engines.csm import CsmEngine
+from .engines.csm import CsmEngine, pick_device
 from .engines.piper import PiperEngine
 from .model_source import ModelSourceError, download, resolve_local
 from .jobs import EngineSlot
@@ -33,7 +33,8 @@ def csm_slot(settings: Settings) -> EngineSlot:
         cache = str(Path(settings.hf_home) / "hub") if settings.hf_home else None
         locate = partial(download, settings.model_id, settings.hf_token, cache)
         label = settings.model_id
-    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label,
+    max_batch = settings.max_batch or (8 if pick_device(settings.device) == "cuda" else 1)
+    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
                                 first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames))
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from . import protocol as p
@@ -46,6 +47,8 @@ class Job:
         self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)
+        self.owner: object = self  # the connection it came from (one running job per owner)
+        self.slot: EngineSlot | None = None
         self.started = False  # a worker picked it up
         self.finished = False  # the terminal reply is posted
         self.audio_sent = False
@@ -95,6 +98,7 @@ class EngineSlot:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.executor = self._new_executor()
         self.state = "loading"
         self.reason = "loading"
         self.loaded = asyncio.Event()
@@ -117,6 +121,14 @@ class EngineSlot:
             log.info("%s ready in %.1f s", self.name, self.load_seconds)
         finally:
             self.loaded.set()
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.engine.concurrency, thread_name_prefix=f"{self.engine.name}-worker")
+
+    def replace_executor(self) -> None:
+        """Give up on a stuck worker thread: later jobs run on fresh threads (the stuck one finishes alone)."""
+        stuck, self.executor = self.executor, self._new_executor()
+        stuck.shutdown(wait=False)
 
     def fail(self, reason: str) -> None:
         """Mark unavailable without loading (e.g. the model source cannot be resolved)."""

@@ -22,7 +22,6 @@ import asyncio
 import collections
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,8 +48,9 @@ class Scheduler:
         self.generation_timeout = generation_timeout
         self._queue: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
-        self.active: Job | None = None
+        self.running: set[Job] = set()
+        self._owners: set[object] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     # -- admission ------------------------------------------------------------------
     @property
@@ -65,7 +65,7 @@ class Scheduler:
         if isinstance(slot, p.ProtocolError):
             raise slot
         self._queue.append(job)
-        self._wakeup.set()
+        self.wake()
         if slot.state == "loading":
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
@@ -93,37 +93,56 @@ class Scheduler:
 
     # -- the worker loop --------------------------------------------------------------
     async def run(self) -> None:
-        """Serve queued jobs one at a time until cancelled."""
+        """Start queued jobs as engines have room, oldest first, until cancelled.
+
+        An engine runs up to ``engine.concurrency`` jobs at once (CSM: its batch
+        rows; Piper: one).  A connection has at most one job running, so its
+        replies, which go out in order, never wait behind its own later work.
+        """
         while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            job = self._queue[0]
+            self._wakeup.clear()
+            self._start_runnable()
+            await self._wakeup.wait()
+
+    def _start_runnable(self) -> None:
+        for job in list(self._queue):
             if job.finished:  # cancelled while queued
-                self._queue.popleft()
+                self._queue.remove(job)
                 continue
             slot = self._route(job.request)
             if isinstance(slot, p.ProtocolError):
-                self._queue.popleft()
+                self._queue.remove(job)
                 job.finish(slot.reply())
                 continue
-            if slot.state == "loading":
-                await slot.loaded.wait()
-                continue  # route again: it may have failed
-            self._queue.popleft()
-            job.started = True
-            self.active = job
-            try:
-                if job.prepare:
-                    job.prepare(job)
-                await self._run_watched(job, slot)
-                if job.status == "success" and job.on_success:
-                    job.on_success(job)
-            except Exception:  # a hook failed: answer the job, keep serving
-                log.exception("request %s failed around the worker", job.request_id)
-                job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
-            finally:
-                self.active = None
+            busy = slot.state == "loading" or job.owner in self._owners
+            if busy or sum(j.slot is slot for j in self.running) >= slot.engine.concurrency:
+                continue
+            self._queue.remove(job)
+            job.started, job.slot = True, slot
+            self.running.add(job)
+            self._owners.add(job.owner)
+            task = asyncio.create_task(self._serve(job, slot), name=f"job-{job.request_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, job: Job, slot: EngineSlot) -> None:
+        try:
+            if job.prepare:
+                job.prepare(job)
+            await self._run_watched(job, slot)
+            if job.status == "success" and job.on_success:
+                job.on_success(job)
+        except Exception:  # a hook failed: answer the job, keep serving
+            log.exception("request %s failed around the worker", job.request_id)
+            job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
+        finally:
+            self.running.discard(job)
+            self._owners.discard(job.owner)
+            self.wake()
+
+    def wake(self) -> None:
+        """Look at the queue again (a job ended, an engine finished loading, ...)."""
+        self._wakeup.set()
 
     async def _run_watched(self, job: Job, slot: EngineSlot) -> None:
         """Run the job on the worker; if it makes no progress for ``generation_timeout`` s, abandon it.
@@ -132,7 +151,7 @@ class Scheduler:
         discarded, the job already has its error) and a fresh worker takes over.
         """
         job.progress_at = time.monotonic()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._work, job, slot)
+        future = asyncio.get_running_loop().run_in_executor(slot.executor, self._work, job, slot)
         while True:
             done, _ = await asyncio.wait({future}, timeout=min(1.0, self.generation_timeout))
             if done:
@@ -147,8 +166,7 @@ class Scheduler:
                                  job.request_id))
         job.status = "error"
         self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout)
-        stuck, self._executor = self._executor, ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-worker")
-        stuck.shutdown(wait=False)
+        slot.replace_executor()
 
     def refuse_queued(self, code: p.ErrorCode, message: str) -> int:
         """Answer every job still waiting with an error (shutdown); returns how many."""
@@ -253,7 +271,10 @@ class Scheduler:
         return "success", duration, first_audio
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for task in self._tasks:
+            task.cancel()
+        for slot in self.slots.values():
+            slot.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _engine_chunks(engine: Engine, task: SynthesisTask):

@@ -119,6 +119,7 @@ class Connection:
                                   "waiting or running; wait for one to finish", request.request_id)
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
+        job.owner = self
         try:
             notice = self.server.scheduler.submit(job)
         except Busy as exc:
@@ -252,6 +253,7 @@ class TTSServer:
 
     async def _load(self, slot: EngineSlot) -> None:
         await slot.load()
+        self.scheduler.wake()
         log.info("Engines: %s", self.serving()[1])
 
     async def shutdown(self, grace: float) -> None:
@@ -262,10 +264,10 @@ class TTSServer:
         refused = self.scheduler.refuse_queued(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
         log.info("Shutting down: %d queued requests refused, waiting up to %g s for the running one", refused, grace)
         deadline = asyncio.get_running_loop().time() + grace
-        while self.scheduler.active is not None and asyncio.get_running_loop().time() < deadline:
+        while self.scheduler.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        if self.scheduler.active is not None:
-            self.scheduler.active.cancel()
+        for job in list(self.scheduler.running):
+            job.cancel()
         while any(c.live for c in self.connections) and asyncio.get_running_loop().time() < deadline + 2:
             await asyncio.sleep(0.05)  # let the writers deliver the last replies
         await asyncio.gather(*(c.ws.close(1001, "server shutting down") for c in list(self.connections)),

@@ -69,6 +69,7 @@ class Engine(ABC):
 
     name: str = "engine"
     sample_rate: int = 24000
+    concurrency: int = 1  # requests it may run at once (CSM: its batch rows)
 
     @abstractmethod
     def load(self) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from ..text import estimate_ms, frames_for_ms, split_sentences
 from .base import ContextTurn, Engine, EngineError, SynthesisTask
+from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
 from .mimi_stream import MimiStreamDecoder
 
@@ -48,10 +49,12 @@ class CsmEngine(Engine):
     sample_rate = 24000
 
     def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm",
-                 first_chunk_frames: int = 2, chunk_frames: int = 6) -> None:
+                 first_chunk_frames: int = 2, chunk_frames: int = 6, max_batch: int = 1) -> None:
         """``locate`` is a callable returning the model folder (it may download: it runs in the loader)."""
         self._locate = locate
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        self.concurrency = max_batch  # requests the scheduler may run at once: they share the batch
+        self.batcher: Batcher | None = None
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.label = label
@@ -78,11 +81,12 @@ class CsmEngine(Engine):
         self.processor = processor
         self.model = model.to(self.device).eval()
         self.decoder = CsmDecoder(self.model)
+        self.batcher = Batcher(self.decoder, self.concurrency) if self.concurrency > 1 else None
         self.max_positions = int(self.model.config.max_position_embeddings)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.label, "device": self.device, "dtype": str(self.dtype).split(".")[-1],
-                "sample_rate": self.sample_rate}
+                "sample_rate": self.sample_rate, "max_batch": self.concurrency}
 
     # -- prompts ------------------------------------------------------------------
     def codes_for(self, turn: ContextTurn) -> torch.Tensor:
@@ -164,7 +168,11 @@ class CsmEngine(Engine):
             frames: list[torch.Tensor] = []
             chunks: list[np.ndarray] = []
             pending = 0
-            for frame in self.decoder.frames(embeds, sampling, budget, rng):
+            if self.batcher is not None:
+                frames_iter = self.batcher.frames(embeds, sampling, budget, rng, cancel)
+            else:
+                frames_iter = self.decoder.frames(embeds, sampling, budget, rng)
+            for frame in frames_iter:
                 if cancel.is_set():
                     return
                 frames.append(frame)

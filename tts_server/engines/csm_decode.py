@@ -16,7 +16,7 @@ sampled too when the global RNG and our generator start from the same seed):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.nn import functional as F
@@ -95,8 +95,24 @@ class CsmDecoder:
         return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
 
     # -- the loop ---------------------------------------------------------------
-    def _depth_frame(self, hidden: torch.Tensor, first: torch.Tensor, sampling: Sampling,
-                     rng: torch.Generator | None) -> torch.Tensor:
+    def sample_frame(self, hidden: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One frame ``(rows, num_codebooks)`` from the backbone's last hidden states ``(rows, hidden)``.
+
+        ``pick`` turns ``(rows, vocab)`` logits into ``(rows,)`` ids; a batch gives
+        each row its own sampling settings and RNG through it.
+        """
+        first = pick(self.model.lm_head(hidden))
+        return self._depth_frame(hidden, first, pick)
+
+    def picker(self, sampling: Sampling, rng: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda logits: self._pick(logits, sampling, rng)
+
+    def is_end(self, frame: torch.Tensor) -> bool:
+        """CSM's end of audio: codebooks 0..N-2 all ``codebook_eos_token_id`` (as in ``generate``)."""
+        return bool((frame[:-1] == self.config.codebook_eos_token_id).all())
+
+    def _depth_frame(self, hidden: torch.Tensor, first: torch.Tensor,
+                     pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Codebooks 1..N-1 from the backbone's last hidden state and codebook 0."""
         dd = self.model.depth_decoder
         inner = dd.model
@@ -117,7 +133,7 @@ class CsmDecoder:
                           use_cache=True, position_embeddings=rotary)
             x = inner.norm(x[:, -1:])
             logits = F.linear(x[:, 0], dd.codebooks_head.weight[step - 1].T)
-            code = self._pick(logits, sampling, rng)
+            code = pick(logits)
             codes.append(code)
             position += length
             embeds = inner.embed_tokens((code + step * vocab)[:, None])
@@ -134,12 +150,18 @@ class CsmDecoder:
         backbone = self.model.backbone_model
         cache = DynamicCache(config=self.config)
         x = embeds[None] if embeds.dim() == 2 else embeds
-        eos = self.config.codebook_eos_token_id
+        pick = self.picker(sampling, rng)
         for _ in range(max_frames):
             hidden = backbone(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            first = self._pick(self.model.lm_head(hidden), sampling, rng)
-            frame = self._depth_frame(hidden, first, sampling, rng)
-            if bool((frame[0, :-1] == eos).all()):
+            frame = self.sample_frame(hidden, pick)
+            if self.is_end(frame[0]):
                 return
             yield frame[0]
             x = backbone.embed_tokens(frame[:, None, :])
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        """Run the prompt through the backbone alone: its last hidden state ``(1, hidden)`` and KV cache."""
+        cache = DynamicCache(config=self.config)
+        out = self.model.backbone_model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], cache

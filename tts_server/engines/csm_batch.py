@@ -1,0 +1,220 @@
+"""Continuous batching for CSM: every active request advances one frame per shared model step.
+
+On a memory-bound machine one backbone step costs about the same for 1 row as
+for 8 (the weights are read once), so serving streams one after another wastes
+most of it.  Here each request ("row"):
+
+1. is prefilled on its own (batch 1) between two batch steps, and samples its
+   first frame there;
+2. joins the batch at that frame boundary: its KV cache is copied into a free
+   slot of a preallocated cache (``RowCache``);
+3. then gets one frame per batch step, sampled with its own settings and RNG,
+   until its frame budget, its end-of-audio frame, or its cancellation, when it
+   leaves the batch at once.
+
+The batch thread always runs the full ``rows`` shape (idle slots compute on
+zeros and are ignored) and attends over the whole preallocated length with a
+mask, and all of CSM's compute runs in that one thread (one op stream: no
+concurrent prefill perturbs a step's kernels).  Shapes therefore never depend on
+who else is running, so a seeded request gets the same tokens alone or beside
+others (float32 on CPU; the README states what is and is not guaranteed).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .csm_decode import CsmDecoder, Sampling
+
+log = logging.getLogger(__name__)
+_DONE = None  # row queue sentinel
+
+
+class RowCache:
+    """Preallocated backbone KV cache: ``rows`` sequences of up to ``length`` positions each.
+
+    It stands in for a transformers ``Cache`` in the decoder layers (they only
+    call ``update``): each row's new key/value goes to that row's own position.
+    """
+
+    def __init__(self, config, rows: int, length: int, dtype: torch.dtype, device) -> None:
+        shape = (rows, config.num_key_value_heads, length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.write_at = torch.zeros(rows, dtype=torch.long, device=device)
+        self._rows = torch.arange(rows, device=device)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        self.keys[layer_idx][self._rows, :, self.write_at] = key_states[:, :, 0]
+        self.values[layer_idx][self._rows, :, self.write_at] = value_states[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def load(self, slot: int, prefill: DynamicCache) -> None:
+        """Copy one prefilled sequence (batch 1) into ``slot``."""
+        for index, layer in enumerate(prefill.layers):
+            length = layer.keys.shape[2]
+            self.keys[index][slot, :, :length] = layer.keys[0]
+            self.values[index][slot, :, :length] = layer.values[0]
+
+
+@dataclass(eq=False)
+class Row:
+    sampling: Sampling
+    rng: torch.Generator | None
+    cancel: threading.Event
+    frames_left: int
+    position: int  # where this row's next token goes
+    embeds: torch.Tensor | None = None  # the prompt, until the batch thread prefills it
+    last_frame: torch.Tensor | None = None  # (num_codebooks,)
+    out: queue.Queue = field(default_factory=queue.Queue)
+    stopped: threading.Event = field(default_factory=threading.Event)  # the consumer went away
+    prefilled: DynamicCache | None = None  # copied into the batch cache by the batch thread, between steps
+    slot: int = -1
+
+
+class Batcher:
+    """Owns the batch thread; ``frames`` is called from each request's thread."""
+
+    def __init__(self, decoder: CsmDecoder, rows: int) -> None:
+        self.decoder = decoder
+        self.rows = rows
+        self.length = int(decoder.config.max_position_embeddings)
+        self.cache: RowCache | None = None
+        self.active: dict[int, Row] = {}
+        self._free = list(range(rows))
+        self._joining: list[Row] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    def frames(self, embeds: torch.Tensor, sampling: Sampling, max_frames: int, rng: torch.Generator | None,
+               cancel: threading.Event) -> Iterator[torch.Tensor]:
+        """Like ``CsmDecoder.frames``: this request's frames, computed by the batch thread."""
+        if max_frames < 1 or embeds.shape[0] + max_frames > self.length:
+            raise ValueError("prompt plus frame budget exceed CSM's positions")
+        row = Row(sampling, rng, cancel, max_frames, embeds.shape[0], embeds=embeds)
+        self._join(row)
+        try:
+            while (frame := row.out.get()) is not _DONE:
+                if isinstance(frame, Exception):
+                    raise frame
+                yield frame
+        finally:
+            row.stopped.set()  # if the consumer stopped early, the row leaves at the next boundary
+
+    def _join(self, row: Row) -> None:
+        with self._wake:
+            if not self._free:
+                raise RuntimeError("more concurrent CSM requests than batch rows")
+            row.slot = self._free.pop(0)
+            self._joining.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="csm-batch", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        """The batch thread: all of CSM's compute for batched requests happens here, one op stream."""
+        while True:
+            with self._wake:
+                while not self._joining and not self.active:
+                    self._wake.wait()
+                joining, self._joining = self._joining, []
+            for row in joining:
+                try:
+                    self._admit(row)
+                except Exception as exc:
+                    log.exception("CSM prefill failed")
+                    row.out.put(RuntimeError(f"CSM prefill failed: {exc}"))
+                    with self._wake:
+                        self._free.append(row.slot)
+            with self._wake:
+                for row in list(self.active.values()):
+                    if row.cancel.is_set() or row.stopped.is_set():
+                        self._leave(row)
+            if self.active:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step ends its rows with an error, not the thread
+                    log.exception("CSM batch step failed")
+                    with self._wake:
+                        for row in list(self.active.values()):
+                            row.out.put(RuntimeError(f"CSM batch step failed: {exc}"))
+                            self._leave(row, notify=False)
+
+    def _admit(self, row: Row) -> None:
+        """Prefill a new row on its own, sample its first frame, and give it a batch slot."""
+        decoder = self.decoder
+        if self.cache is None:
+            weights = decoder.model.lm_head.weight
+            self.cache = RowCache(decoder.config, self.rows, self.length, weights.dtype, weights.device)
+        hidden, prefilled = decoder.prefill(row.embeds)
+        row.embeds = None
+        frame = decoder.sample_frame(hidden, decoder.picker(row.sampling, row.rng))[0]
+        with self._wake:
+            if decoder.is_end(frame) or row.cancel.is_set() or row.stopped.is_set():
+                self._leave(row)
+                return
+            row.out.put(frame)
+            row.last_frame, row.frames_left = frame, row.frames_left - 1
+            if row.frames_left <= 0:
+                self._leave(row)
+                return
+            self.cache.load(row.slot, prefilled)
+            self.active[row.slot] = row
+
+    def _leave(self, row: Row, notify: bool = True) -> None:
+        """Free the row's slot (caller holds the lock); its consumer sees the end of its frames."""
+        self.active.pop(row.slot, None)
+        self._free.append(row.slot)
+        if notify:
+            row.out.put(_DONE)
+
+    def _step(self) -> None:
+        decoder, cache = self.decoder, self.cache
+        backbone = decoder.model.backbone_model
+        rows = dict(self.active)
+        device = cache.write_at.device
+        last = torch.zeros(self.rows, decoder.num_codebooks, dtype=torch.long, device=device)
+        positions = torch.zeros(self.rows, dtype=torch.long, device=device)
+        for slot, row in rows.items():
+            last[slot] = row.last_frame
+            positions[slot] = row.position
+        cache.write_at = positions
+        x = backbone.embed_tokens(last[:, None, :])
+        position_ids = positions[:, None]
+        rotary = backbone.rotary_emb(x, position_ids=position_ids)
+        mask = (torch.arange(self.length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+        for layer in backbone.layers:
+            x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                      position_embeddings=rotary)
+        hidden = backbone.norm(x)[:, -1]
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            ids = torch.zeros(self.rows, dtype=torch.long, device=device)
+            for slot, row in rows.items():
+                ids[slot] = decoder._pick(logits[slot:slot + 1], row.sampling, row.rng)[0]
+            return ids
+
+        frames = decoder.sample_frame(hidden, pick)
+        self.steps += 1
+        with self._wake:
+            for slot, row in rows.items():
+                frame = frames[slot]
+                row.position += 1
+                row.frames_left -= 1
+                if decoder.is_end(frame) or row.cancel.is_set() or row.stopped.is_set():
+                    self._leave(row)
+                    continue
+                row.last_frame = frame
+                row.out.put(frame)
+                if row.frames_left <= 0:
+                    self._leave(row)
