@@ -2,8 +2,8 @@
 
 Reports how every request ended (success / busy / other errors / unanswered --
 the last two must be 0), time to first audio percentiles, throughput, and the
-process's resident memory before and after (after a warm-up round; growth
-should stay under 5 %).  Bounded in count and time; stops by itself.
+process's resident memory before and after (after one identical warm-up round;
+growth should stay under 5 %).  Bounded in count and time; stops by itself.
 
     python bench/load.py [--engine csm|piper] [--connections 64] [--requests 20] [--extra-rounds 0]
 """
@@ -73,12 +73,14 @@ async def run_load(port: int, connections: int, requests: int, timeout: float = 
 
 
 async def main(engine: str, connections: int, requests: int, extra_rounds: int) -> None:
+    from tts_server.app import limit_malloc_arenas
     from tts_server.engines.csm import CsmEngine
     from tts_server.engines.piper import PiperEngine
     from tts_server.jobs import EngineSlot
     from tts_server.server import TTSServer
     from tts_server.tiny_csm import build_checkpoint
 
+    limit_malloc_arenas()  # as run_server.py does
     if engine == "csm":
         folder = build_checkpoint(tempfile.mkdtemp(prefix="load-tiny-"))
         slot = EngineSlot(CsmEngine(lambda: folder, device="cpu"))
@@ -88,7 +90,7 @@ async def main(engine: str, connections: int, requests: int, extra_rounds: int) 
                        rate_limit=10**6)
     await server.start()
     await slot.loaded.wait()
-    await run_load(server.port, connections, 3)  # warm-up with the same shape as the run
+    await run_load(server.port, connections, requests)  # warm-up: one round identical to the measured one
     before = rss_mb()
     result = await run_load(server.port, connections, requests)
     after = rss_mb()

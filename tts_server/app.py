@@ -75,7 +75,22 @@ async def serve(settings: Settings) -> None:
     log.info("Stopped")
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread heaps: worker threads otherwise grow resident memory under long load.
+
+    Measured with bench/load.py (Piper, 64 connections): resident memory kept creeping up round after round
+    with glibc's default arena count and settled with two. No effect (and no error) on other C libraries.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
