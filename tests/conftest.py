@@ -107,6 +107,23 @@ async def collect(ws, request_id: str | None = None, timeout: float = 120) -> tu
         others.append(reply)
 
 
+def http_get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
+    """A plain HTTP GET to the server on loopback: (status, body), errors included."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+async def ahttp_get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
+    return await asyncio.to_thread(http_get, port, path, headers)
+
+
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     samples, rate = sf.read(io.BytesIO(data), dtype="int16")
     return samples, rate

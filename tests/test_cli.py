@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import ROOT, collect
+from conftest import ROOT, ahttp_get, collect
 from tts_server.config import load_settings
 from tts_server.model_source import ModelSourceError, resolve_local
 
@@ -154,7 +153,7 @@ async def test_download_without_network_reports_unavailable_and_never_logs_the_t
         assert reply["code"] == "model_unavailable"
         assert "no network" in reply["message"] and SECRET not in json.dumps(reply)
         for path in ("/v1/info", "/metrics", "/ready"):
-            body = await asyncio.to_thread(_read, server.port, path)
+            body = (await ahttp_get(server.port, path))[1]
             assert SECRET not in body and len(body) > 20, path
     finally:
         log = server.stop()
@@ -169,9 +168,7 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
     try:
         server.wait_for_log("serving with piper")
         reply, audio = await speak(server.port, {"text": "Hello from a fresh machine."})
-        info = json.loads(await asyncio.to_thread(
-            lambda: __import__("urllib.request").request.urlopen(
-                f"http://127.0.0.1:{server.port}/v1/info", timeout=10).read()))
+        info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
     finally:
         log = server.stop()
     assert reply["status"] == "success" and reply["engine"] == "piper" and len(audio) > 24000
@@ -180,13 +177,3 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
     assert reason.endswith("serving with piper en_US-joe-medium")
     assert "CSM-1B unavailable: no network" in log
 
-
-def _read(port: int, path: str) -> str:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.read().decode()

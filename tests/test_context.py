@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import websockets
 
 from audio_fixtures import audio_bytes, speechlike, write_audio
-from conftest import collect, csm_slot, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
 from tts_server.context import Conversation, ReferenceLibrary
 from tts_server.engines.base import ContextTurn, EngineError, SynthesisTask
 from tts_server.engines.csm import CsmEngine
@@ -191,7 +192,7 @@ async def test_first_long_generation_pins_the_speakers_default_voice(tiny_model_
             for _ in range(100):
                 if 6 in library.voices:
                     break
-                await __import__("asyncio").sleep(0.05)
+                await asyncio.sleep(0.05)
         async with websockets.connect(url(server)) as other:
             pinned = await speak(other, text="Who am I today", seed=8, speaker=6)
             unpinned = await speak(other, text="Who am I today", seed=8, speaker=6, context=False)
@@ -204,11 +205,6 @@ async def test_first_long_generation_pins_the_speakers_default_voice(tiny_model_
 
 
 async def test_info_lists_emotions_with_clip_counts(tiny_model_dir, references):
-    import urllib.request
-    import asyncio
-
     async with running_server(csm_slot(tiny_model_dir), library=ReferenceLibrary(references)) as server:
-        body = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/info", timeout=10).read())
-    info = json.loads(body)
+        info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
     assert info["emotions"] == {"happy": 2, "sad": 1} and info["voices"] == []

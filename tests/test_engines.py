@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import soundfile as sf
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import collect, csm_slot, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
 from tts_server.engines.base import EngineError
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
@@ -27,16 +25,6 @@ def piper_slot() -> EngineSlot:
     return EngineSlot(PiperEngine())
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-async def aget(port: int, path: str) -> tuple[int, str]:
-    return await asyncio.to_thread(get, port, path)
 
 
 async def speak(server, payload: dict) -> tuple[dict, bytes, list]:
@@ -79,8 +67,8 @@ async def test_piper_streams_sentence_by_sentence():
 async def test_auto_falls_back_to_piper_when_csm_cannot_load(broken_model_dir):
     async with running_server(csm_slot(broken_model_dir), piper_slot()) as server:
         reply, audio, _ = await speak(server, {"text": SENTENCE})
-        status, body = await aget(server.port, "/v1/info")
-        ready = await aget(server.port, "/ready")
+        status, body = await ahttp_get(server.port, "/v1/info")
+        ready = await ahttp_get(server.port, "/ready")
     assert reply["status"] == "success" and reply["engine"] == "piper" and audio
     info = json.loads(body)
     assert info["serving"]["engine"] == "piper"
@@ -94,14 +82,14 @@ async def test_requests_during_csm_loading_wait_for_csm_not_piper(tiny_model_dir
     async with running_server(csm_slot(tiny_model_dir, delay=2.0), piper_slot(), wait_loaded=False) as server:
         await asyncio.wait_for(server.scheduler.slots["piper"].loaded.wait(), 60)
         assert server.scheduler.primary.state == "loading"
-        assert (await aget(server.port, "/ready"))[0] == 503
+        assert (await ahttp_get(server.port, "/ready"))[0] == 503
         async with websockets.connect(url(server)) as ws:
             assert (await recv_json(ws))["status"] == "loading"
             await ws.send(json.dumps({"text": "Wait for me", "max_audio_length_ms": 240, "request_id": "w"}))
             await ws.send(json.dumps({"text": "Piper now, please.", "engine": "piper", "request_id": "p"}))
             first, _, _ = await collect(ws, "w")
             second, _, _ = await collect(ws, "p")
-        assert (await aget(server.port, "/ready"))[0] == 200
+        assert (await ahttp_get(server.port, "/ready"))[0] == 200
     assert first["engine"] == "csm" and second["engine"] == "piper"
 
 
@@ -158,8 +146,8 @@ async def test_metrics_and_info_count_requests_per_engine(tiny_model_dir):
         await speak(server, {"text": "Piper again.", "engine": "piper"})
         await speak(server, {"text": "CSM speaks", "max_audio_length_ms": 160})
         async with websockets.connect(url(server)):
-            status, text = await aget(server.port, "/metrics")
-            info = json.loads((await aget(server.port, "/v1/info"))[1])
+            status, text = await ahttp_get(server.port, "/metrics")
+            info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
     assert status == 200
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -187,8 +175,8 @@ async def test_metrics_and_info_count_requests_per_engine(tiny_model_dir):
 
 async def test_ready_is_503_with_the_reason_when_no_engine_can_serve(broken_model_dir):
     async with running_server(csm_slot(broken_model_dir)) as server:
-        status, body = await aget(server.port, "/ready")
-        health = await aget(server.port, "/health")
+        status, body = await ahttp_get(server.port, "/ready")
+        health = await ahttp_get(server.port, "/health")
     assert status == 503 and json.loads(body)["state"] == "failed"
     assert "cannot load CSM" in json.loads(body)["reason"]
     assert health[0] == 200

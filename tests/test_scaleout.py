@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 
 import pytest
 import websockets
 
-from conftest import ROOT, collect
+from conftest import ROOT, collect, http_get
 from test_cli import ServerProcess, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -32,8 +31,7 @@ def nginx_config(template: str, listen: int, backends: list[int], prefix) -> str
 
 
 def served(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as resp:
-        return json.loads(resp.read())["engines"]["csm"]["stats"]["requests"]
+    return json.loads(http_get(port, "/v1/info")[1])["engines"]["csm"]["stats"]["requests"]
 
 
 async def speak(port: int, text: str) -> dict:

@@ -5,31 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import urllib.error
-import urllib.request
 
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from conftest import collect, csm_slot, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
 from tts_server.security import Gate, RateLimiter
 
 KEYS = ("key-one-7f3a9c", "key-two-51b2e0")
 SHORT = {"max_audio_length_ms": 160}
 
 
-def get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-async def aget(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
-    return await asyncio.to_thread(get, port, path, headers)
 
 
 async def test_api_key_is_required_on_websocket_and_http_except_health(tiny_model_dir, caplog):
@@ -45,13 +32,13 @@ async def test_api_key_is_required_on_websocket_and_http_except_health(tiny_mode
         async with websockets.connect(f"{url(server)}/ws?api_key={KEYS[0]}") as ws:
             await ws.send(json.dumps({"text": "Browser style", **SHORT}))
             assert (await collect(ws))[0]["status"] == "success"
-        assert (await aget(server.port, "/health"))[0] == 200
-        assert (await aget(server.port, "/static/app.js"))[0] == 200
+        assert (await ahttp_get(server.port, "/health"))[0] == 200
+        assert (await ahttp_get(server.port, "/static/app.js"))[0] == 200
         for path in ("/v1/info", "/metrics", "/ready", "/"):
-            assert (await aget(server.port, path))[0] == 401, path
-        status, info = await aget(server.port, "/v1/info", {"Authorization": f"Bearer {KEYS[0]}"})
-        _, metrics = await aget(server.port, f"/metrics?api_key={KEYS[1]}")
-        _, page = await aget(server.port, f"/?api_key={KEYS[1]}")
+            assert (await ahttp_get(server.port, path))[0] == 401, path
+        status, info = await ahttp_get(server.port, "/v1/info", {"Authorization": f"Bearer {KEYS[0]}"})
+        _, metrics = await ahttp_get(server.port, f"/metrics?api_key={KEYS[1]}")
+        _, page = await ahttp_get(server.port, f"/?api_key={KEYS[1]}")
     assert status == 200 and "<title>" in page
     server_logs = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("websockets.client"))
     assert "Authorization: Bearer ***" in server_logs  # the server's debug log shows the header, redacted

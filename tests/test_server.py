@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import soundfile as sf
 import websockets
 from websockets.exceptions import ConnectionClosedError
 
-from conftest import collect, csm_slot, read_wav, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, read_wav, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
 from tts_server.jobs import EngineSlot
 
@@ -216,22 +214,16 @@ async def test_streamed_wav_frames_concatenate_to_a_playable_file(tiny_model_dir
     assert rate == 24000 and len(samples) == 5 * 1920
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 async def test_plain_http_gets_health_404_and_upgrade_required(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir)) as server:
-        health = await asyncio.to_thread(_get, server.port, "/health")
-        missing = await asyncio.to_thread(_get, server.port, "/nope")
-        plain = await asyncio.to_thread(_get, server.port, "/ws")
-        page = await asyncio.to_thread(_get, server.port, "/")
-        script = await asyncio.to_thread(_get, server.port, "/static/app.js")
-        escape = await asyncio.to_thread(_get, server.port, "/static/../server.py")
+        health = await ahttp_get(server.port, "/health")
+        missing = await ahttp_get(server.port, "/nope")
+        plain = await ahttp_get(server.port, "/ws")
+        page = await ahttp_get(server.port, "/")
+        script = await ahttp_get(server.port, "/static/app.js")
+        escape = await ahttp_get(server.port, "/static/../server.py")
     assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
     assert page[0] == 200 and "<title>CSM voice chat</title>" in page[1]
     assert script[0] == 200 and "__tts" in script[1] and escape[0] == 404
