@@ -1,4 +1,4 @@
-"""The request queue, the engines' lifecycle, and the one worker thread that runs models.
+"""The request queue, engine routing, and the worker threads that run the models.
 
 Connections hand validated requests to ``Scheduler.submit`` and read replies
 from each ``Job.outbox``.  The scheduler owns:
@@ -9,8 +9,12 @@ from each ``Job.outbox``.  The scheduler owns:
   waits while it loads (so a conversation never changes voice), and goes to the
   fallback only once the primary has failed to load; a primary that fails a
   request *before any audio was sent* is retried on the fallback;
-- the worker thread: model compute, resampling and encoding never run on the
-  event loop, so handshakes, pings and errors keep flowing while CSM generates.
+- the workers: each engine runs up to ``engine.concurrency`` jobs on its own
+  threads (Piper one, CSM ``--max-batch``, one job per connection at a time);
+  model compute, resampling and encoding never run on the event loop, so
+  handshakes, pings and errors keep flowing while CSM generates;
+- a watchdog: a job that produces no audio for ``generation_timeout`` seconds is
+  answered ``generation_timeout`` and its stuck thread replaced.
 
 Every accepted job ends with exactly one terminal reply: success, error or
 cancelled (``Job.finish`` enforces "exactly one").

@@ -65,7 +65,7 @@ class SynthesisTask:
 
 
 class Engine(ABC):
-    """Base class: ``load`` once, then ``synthesize`` many times from one worker thread."""
+    """Base class: ``load`` once, then ``synthesize`` many times from worker threads (``concurrency`` at once)."""
 
     name: str = "engine"
     sample_rate: int = 24000
