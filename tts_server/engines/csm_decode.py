@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class CsmDecoder:
         # the extra ids are special and must never be sampled or decoded.
         self.codec_size = model.config.codec_config.codebook_size
         self.device = model.lm_head.weight.device
+        depth = model.depth_decoder
+        self._depth_layers = [_Layer.of(layer) for layer in depth.model.layers]
+        self._depth_projector = depth.model.inputs_embeds_projector.weight
+        self._depth_heads = [w.T for w in depth.codebooks_head.weight]  # head i: (hidden, vocab) -> linear weight
 
     # -- prompt -----------------------------------------------------------------
     @torch.inference_mode()
@@ -113,30 +119,38 @@ class CsmDecoder:
 
     def _depth_frame(self, hidden: torch.Tensor, first: torch.Tensor,
                      pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Codebooks 1..N-1 from the backbone's last hidden state and codebook 0."""
+        """Codebooks 1..N-1 from the backbone's last hidden state and codebook 0.
+
+        The 31 steps call the depth decoder's own submodules and attention
+        function in transformers' order (so the numbers are the same) but skip
+        the per-step machinery around them: module wrappers, cache objects,
+        mask building.  Rotary tables are computed once per frame.
+        """
         dd = self.model.depth_decoder
         inner = dd.model
         vocab = dd.config.vocab_size
-        cache = DynamicCache(config=dd.config)
+        table = inner.embed_tokens.weight
         # Position 0 holds the backbone state, position 1 codebook 0 (offset 0).
-        embeds = inner.embed_tokens(torch.stack([torch.zeros_like(first), first], dim=1))
+        embeds = F.embedding(torch.stack([torch.zeros_like(first), first], dim=1), table)
         embeds[:, 0] = hidden
+        positions = torch.arange(self.num_codebooks, device=self.device)[None]
+        cos_all, sin_all = inner.rotary_emb(embeds, position_ids=positions)
+        past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._depth_layers)
         codes = [first]
         position = 0
         for step in range(1, self.num_codebooks):
-            x = inner.inputs_embeds_projector(embeds)
+            x = F.linear(embeds, self._depth_projector)
             length = x.shape[1]
-            positions = torch.arange(position, position + length, device=self.device)[None]
-            rotary = inner.rotary_emb(x, position_ids=positions)
-            for layer in inner.layers:
-                x = layer(x, attention_mask=None, position_ids=positions, past_key_values=cache,
-                          use_cache=True, position_embeddings=rotary)
-            x = inner.norm(x[:, -1:])
-            logits = F.linear(x[:, 0], dd.codebooks_head.weight[step - 1].T)
+            cos = cos_all[:, position:position + length]
+            sin = sin_all[:, position:position + length]
+            for index, layer in enumerate(self._depth_layers):
+                x = _layer_step(layer, x, cos, sin, past, index)
+            x = _rms_norm(x[:, -1:], inner.norm.weight, inner.norm.variance_epsilon)
+            logits = F.linear(x[:, 0], self._depth_heads[step - 1])
             code = pick(logits)
             codes.append(code)
             position += length
-            embeds = inner.embed_tokens((code + step * vocab)[:, None])
+            embeds = F.embedding((code + step * vocab)[:, None], table)
         return torch.stack(codes, dim=1)
 
     @torch.inference_mode()
@@ -165,3 +179,64 @@ class CsmDecoder:
         cache = DynamicCache(config=self.config)
         out = self.model.backbone_model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One depth-decoder layer's tensors, looked up once (``nn.Module`` attribute access is slow per step)."""
+
+    attn: torch.nn.Module
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps: float
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    act: Callable
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, layer) -> "_Layer":
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(linear.bias is not None for linear in linears):
+            raise ValueError("the lean depth step expects bias-free projections (as CSM-1B has)")
+        return cls(attn, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   layer.input_layernorm.variance_epsilon, *(linear.weight for linear in linears), mlp.act_fn,
+                   attn.head_dim, attn.scaling)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``CsmRMSNorm.forward``, operation for operation."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
+
+
+def _layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: list, index: int) -> torch.Tensor:
+    """One CSM decoder layer on new positions ``x``, extending ``past[index]`` (keys, values) in place.
+
+    Same operations, in the same order, as ``CsmDecoderLayer.forward`` with a
+    ``DynamicCache`` and SDPA (``tests/test_csm_exactness.py`` holds us to it).
+    """
+    h = _rms_norm(x, layer.norm1, layer.eps)
+    shape = (*h.shape[:-1], -1, layer.head_dim)
+    q = F.linear(h, layer.q).view(shape).transpose(1, 2)
+    k = F.linear(h, layer.k).view(shape).transpose(1, 2)
+    v = F.linear(h, layer.v).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if past[index] is not None:
+        k = torch.cat([past[index][0], k], dim=-2)
+        v = torch.cat([past[index][1], v], dim=-2)
+    past[index] = (k, v)
+    out, _ = sdpa_attention_forward(layer.attn, q, k, v, None, dropout=0.0, scaling=layer.scaling)
+    x = x + F.linear(out.reshape(*h.shape[:-1], -1).contiguous(), layer.o)
+    h = _rms_norm(x, layer.norm2, layer.eps)
+    return x + F.linear(layer.act(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
