@@ -88,7 +88,7 @@ OPTIONS = [
     Option("max_voice_seconds", 30, "longest voice-prompt upload in seconds", _positive),
     Option("generation_timeout", 120, "seconds an engine may go without producing audio before the request "
            "is abandoned ('generation_timeout') and a fresh worker takes over", _positive),
-    Option("shutdown_grace", 30, "on SIGTERM/Ctrl-C, seconds the running request may take to finish", _positive),
+    Option("shutdown_grace", 30, "on SIGTERM/Ctrl-C, seconds running requests may take to finish", _positive),
     Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
