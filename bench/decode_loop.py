@@ -23,11 +23,15 @@ from tts_server.engines.csm_batch import Batcher
 from tts_server.engines.csm_decode import Sampling
 
 
+def _rng(decoder, seed: int) -> torch.Generator:
+    return torch.Generator(device=decoder.device).manual_seed(seed)
+
+
 def per_frame(engine, frames: int, runs: int) -> tuple[float, float]:
     model, decoder = engine.model, engine.decoder
     ids = engine.prompt_ids([], "Measuring the decode loop.", 0)
     embeds = decoder.embed_prompt(ids, [])
-    inputs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
+    inputs = {"input_ids": ids[None].to(decoder.device), "attention_mask": torch.ones_like(ids)[None].to(decoder.device)}
     suppress = list(range(decoder.codec_size, model.config.vocab_size))
     options = dict(do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
                    depth_decoder_temperature=0.9, depth_decoder_top_k=50,
@@ -41,7 +45,7 @@ def per_frame(engine, frames: int, runs: int) -> tuple[float, float]:
 
     def ours() -> float:
         started = time.perf_counter()
-        list(decoder.frames(embeds, Sampling(), frames, torch.Generator().manual_seed(0)))
+        list(decoder.frames(embeds, Sampling(), frames, _rng(decoder, 0)))
         return (time.perf_counter() - started) / frames
 
     theirs(), ours()  # warm-up
@@ -60,7 +64,7 @@ def concurrency(engine, streams: int, frames: int) -> tuple[float, float, float,
     firsts: list[float] = []
     started = time.perf_counter()
     for embeds in prompts:
-        for n, _ in enumerate(decoder.frames(embeds, Sampling(), frames, torch.Generator().manual_seed(1))):
+        for n, _ in enumerate(decoder.frames(embeds, Sampling(), frames, _rng(decoder, 1))):
             if n == 0:
                 firsts.append(time.perf_counter() - started)
     sequential = time.perf_counter() - started
@@ -68,7 +72,7 @@ def concurrency(engine, streams: int, frames: int) -> tuple[float, float, float,
     batch_firsts: list[float] = []
 
     def run(embeds) -> None:
-        for n, _ in enumerate(batcher.frames(embeds, Sampling(), frames, torch.Generator().manual_seed(1),
+        for n, _ in enumerate(batcher.frames(embeds, Sampling(), frames, _rng(decoder, 1),
                                              threading.Event())):
             if n == 0:
                 batch_firsts.append(time.perf_counter() - started)
