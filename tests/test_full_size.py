@@ -1,6 +1,7 @@
-"""The decode loop on CSM-1B's real shape (random weights): token-exact against transformers' generate.
+"""Slower checks of the decode loop: CSM-1B's real shape, and the ``--compile`` path.
 
-Slow-ish (~1 min, ~7 GB of memory): builds the full 1.6 B-parameter model in memory and decodes 3 frames.
+The full-size test builds the 1.6 B-parameter model in memory (~40 s, ~7 GB) and decodes 3 frames; the compile
+test compiles the depth step with torch.compile on the CPU (~30 s).
 """
 
 from __future__ import annotations
@@ -30,3 +31,18 @@ def test_full_size_greedy_tokens_equal_model_generate():
     ours = torch.stack(list(decoder.frames(decoder.embed_prompt(ids, []), Sampling(top_k=1), 3)))
     assert ours.shape == expected.shape == (3, 32)
     assert torch.equal(ours, expected)
+
+
+@pytest.mark.slow
+def test_compiled_depth_step_gives_the_same_tokens(tiny_model_dir):
+    from tts_server.engines.csm import CsmEngine
+
+    plain = CsmEngine(lambda: tiny_model_dir, device="cpu")
+    compiled = CsmEngine(lambda: tiny_model_dir, device="cpu", compile=True)
+    plain.load()
+    compiled.load()
+    for engine in (plain, compiled):
+        embeds = engine.decoder.embed_prompt(engine.prompt_ids([], "Compile me", 0), [])
+        engine.codes = torch.stack(list(engine.decoder.frames(embeds, Sampling(temperature=0.8, top_k=20), 6,
+                                                              torch.Generator().manual_seed(4))))
+    assert torch.equal(plain.codes, compiled.codes)

@@ -35,7 +35,8 @@ def csm_slot(settings: Settings) -> EngineSlot:
         label = settings.model_id
     max_batch = settings.max_batch or (8 if pick_device(settings.device) == "cuda" else 1)
     return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
-                                first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames))
+                                first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames,
+                                compile=settings.compile == "on"))
 
 
 def build_server(settings: Settings) -> TTSServer:

@@ -71,6 +71,8 @@ OPTIONS = [
     Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
     Option("max_batch", 0, "CSM requests generated together in one batch; 0 = auto (8 on CUDA, 1 on CPU/MPS, "
            "where a fixed batch shape costs a lone request more than it saves)", int),
+    Option("compile", "off", "on: torch.compile CSM's depth-decoder step (for CUDA; ~30 s warm-up, no gain on CPU)",
+           choices=["on", "off"]),
     Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
            "is stopped with 'client_too_slow'", _positive),
     Option("pin_voices", "on", "on: a speaker's first CSM generation of 2 s or more becomes its default voice",
@@ -113,6 +115,7 @@ class Settings:
     pin_voices: str = "on"
     max_context_turns: int = 8
     max_batch: int = 0
+    compile: str = "off"
     first_chunk_frames: int = 2
     chunk_frames: int = 6
     stream_buffer_seconds: int = 30

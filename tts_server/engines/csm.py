@@ -49,11 +49,13 @@ class CsmEngine(Engine):
     sample_rate = 24000
 
     def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm",
-                 first_chunk_frames: int = 2, chunk_frames: int = 6, max_batch: int = 1) -> None:
+                 first_chunk_frames: int = 2, chunk_frames: int = 6, max_batch: int = 1,
+                 compile: bool = False) -> None:
         """``locate`` is a callable returning the model folder (it may download: it runs in the loader)."""
         self._locate = locate
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.concurrency = max_batch  # requests the scheduler may run at once: they share the batch
+        self.compile = compile
         self.batcher: Batcher | None = None
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -80,7 +82,7 @@ class CsmEngine(Engine):
         model.codec_model.float()  # the codec stays float32: it is small and bf16 audio is audibly worse
         self.processor = processor
         self.model = model.to(self.device).eval()
-        self.decoder = CsmDecoder(self.model)
+        self.decoder = CsmDecoder(self.model, compile=self.compile)
         self.batcher = Batcher(self.decoder, self.concurrency) if self.concurrency > 1 else None
         self.max_positions = int(self.model.config.max_position_embeddings)
 

@@ -40,8 +40,14 @@ class Sampling:
 class CsmDecoder:
     """Turns a prompt into audio-code frames, one ``(num_codebooks,)`` tensor per step."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, compile: bool = False) -> None:
+        """``compile``: run the depth-decoder layer step through ``torch.compile`` (dynamic shapes).
+
+        Meant for CUDA, where it fuses the step's many small kernels; on this
+        project's CPUs it compiles in ~30 s and is no faster, so it is off by default.
+        """
         self.model = model
+        self._layer_step = torch.compile(_layer_step, dynamic=True) if compile else _layer_step
         self.config = model.config
         self.num_codebooks = model.config.num_codebooks
         # CSM-1B's codebook vocabulary (2051) is larger than the codec's (2048):
@@ -144,7 +150,7 @@ class CsmDecoder:
             cos = cos_all[:, position:position + length]
             sin = sin_all[:, position:position + length]
             for index, layer in enumerate(self._depth_layers):
-                x = _layer_step(layer, x, cos, sin, past, index)
+                x = self._layer_step(layer, x, cos, sin, past, index)
             x = _rms_norm(x[:, -1:], inner.norm.weight, inner.norm.variance_epsilon)
             logits = F.linear(x[:, 0], self._depth_heads[step - 1])
             code = pick(logits)
