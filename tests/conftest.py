@@ -6,7 +6,11 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +61,6 @@ def csm_slot(folder: Path, delay: float = 0.0) -> EngineSlot:
 
     def locate():
         if delay:
-            import time
-
             time.sleep(delay)
         return folder
 
@@ -122,6 +124,44 @@ def http_get(port: int, path: str, headers: dict | None = None) -> tuple[int, st
 
 async def ahttp_get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
     return await asyncio.to_thread(http_get, port, path, headers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python run_server.py ...`` in a subprocess (as a user starts it), logging to a file."""
+
+    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / "server.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TTS_", "HF_"))}
+        full_env.update(env or {})
+        if "--port" not in args and "TTS_PORT" not in full_env:
+            args = [*args, "--port", str(self.port)]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run_server.py"), "--host", "127.0.0.1", *args],
+                                     cwd=tmp_path, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_for_log(self, needle: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_path.read_text():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.log_path.read_text()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not logged: {self.log_path.read_text()}")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.log.close()
+        return self.log_path.read_text()
 
 
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:

@@ -3,60 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import websockets
 
-from conftest import ROOT, ahttp_get, collect
+from conftest import ROOT, ServerProcess, ahttp_get, collect, free_port
 from tts_server.config import load_settings
 from tts_server.model_source import ModelSourceError, resolve_local
 
 SECRET = "hf_TopSecretTokenValue1234567890"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python run_server.py ...`` in a subprocess, logging to a file."""
-
-    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.log_path = tmp_path / "server.log"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TTS_", "HF_"))}
-        full_env.update(env or {})
-        if "--port" not in args and "TTS_PORT" not in full_env:
-            args = [*args, "--port", str(self.port)]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run_server.py"), "--host", "127.0.0.1", *args],
-                                     cwd=tmp_path, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_for_log(self, needle: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log_path.read_text():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.log_path.read_text()}")
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not logged: {self.log_path.read_text()}")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.log.close()
-        return self.log_path.read_text()
 
 
 async def speak(port: int, payload: dict) -> tuple[dict, bytes]:

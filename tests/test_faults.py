@@ -12,8 +12,7 @@ import pytest
 import torch
 import websockets
 
-from conftest import collect, csm_slot, recv_json, running_server, url
-from test_cli import ServerProcess
+from conftest import ServerProcess, collect, csm_slot, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
 from tts_server.jobs import EngineSlot
 

@@ -14,8 +14,7 @@ import time
 import pytest
 import websockets
 
-from conftest import ROOT, collect, http_get
-from test_cli import ServerProcess, free_port
+from conftest import ROOT, ServerProcess, collect, free_port, http_get
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 if not os.path.exists(NGINX):

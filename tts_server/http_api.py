@@ -17,6 +17,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from . import protocol as p
+from .metrics import EngineStats
 
 if TYPE_CHECKING:
     from .server import TTSServer
@@ -56,11 +57,10 @@ def info(server: "TTSServer") -> dict[str, Any]:
     engines = {}
     for name, slot in scheduler.slots.items():
         role = "primary" if slot is scheduler.primary else "fallback"
-        stats = server.metrics.stats.get(name)
+        stats = server.metrics.stats.get(name, EngineStats())
         engines[name] = {
             "role": role, "state": slot.state, "reason": slot.reason, **slot.engine.describe(),
-            "stats": stats.summary() if stats else {"requests": 0, "failures": 0, "characters": 0,
-                                                    "audio_seconds": 0.0, "mean_latency_s": None},
+            "stats": stats.summary(),
         }
     return {
         "protocol": p.PROTOCOL_VERSION,

@@ -52,6 +52,7 @@ class Job:
         self.started = False  # a worker picked it up
         self.finished = False  # the terminal reply is posted
         self.audio_sent = False
+        self.abandoned = False  # the watchdog gave up on it (its thread may still finish later)
         self._unsent = 0  # audio bytes posted but not yet written to the socket
         self._unsent_lock = threading.Lock()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -118,7 +118,6 @@ class _Fields:
 
     data: dict[str, Any]
     request_id: str | None = None
-    seen: set[str] = field(default_factory=set)
 
     def fail(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> ProtocolError:
         return ProtocolError(code, message, self.request_id)

@@ -83,11 +83,11 @@ class Scheduler:
                 return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE,
                                        f"Engine {request.engine!r} is unavailable: {why}", request.request_id)
             return slot
-        if self.primary.state != "failed" or self.fallback is None:
-            if self.primary.state == "failed":
-                return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE,
-                                       f"Model unavailable: {self.primary.reason}", request.request_id)
+        if self.primary.state != "failed":
             return self.primary
+        if self.fallback is None:
+            return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {self.primary.reason}",
+                                   request.request_id)
         if self.fallback.state == "failed":
             return p.ProtocolError(
                 p.ErrorCode.MODEL_UNAVAILABLE,
@@ -133,7 +133,9 @@ class Scheduler:
         try:
             if job.prepare:
                 job.prepare(job)
-            await self._run_watched(job, slot)
+            if await self._run_watched(job, slot):  # the retry runs on the fallback's own worker thread
+                job.slot = self.fallback
+                await self._run_watched(job, self.fallback)
             if job.status == "success" and job.on_success:
                 job.on_success(job)
         except Exception:  # a hook failed: answer the job, keep serving
@@ -148,7 +150,7 @@ class Scheduler:
         """Look at the queue again (a job ended, an engine finished loading, ...)."""
         self._wakeup.set()
 
-    async def _run_watched(self, job: Job, slot: EngineSlot) -> None:
+    async def _run_watched(self, job: Job, slot: EngineSlot) -> bool:
         """Run the job on the worker; if it makes no progress for ``generation_timeout`` s, abandon it.
 
         A stuck thread cannot be killed: it is left to finish (its output is
@@ -168,9 +170,10 @@ class Scheduler:
         job.finish(p.error_reply(p.ErrorCode.GENERATION_TIMEOUT,
                                  f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
                                  job.request_id))
-        job.status = "error"
+        job.status, job.abandoned = "error", True
         self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout)
         slot.replace_executor()
+        return False
 
     def refuse_queued(self, code: p.ErrorCode, message: str) -> int:
         """Answer every job still waiting with an error (shutdown); returns how many."""
@@ -182,8 +185,8 @@ class Scheduler:
                 refused += 1
         return refused
 
-    def _work(self, job: Job, slot: EngineSlot) -> None:
-        """Run one job on the worker thread, with one retry on the fallback before any audio."""
+    def _work(self, job: Job, slot: EngineSlot) -> bool:
+        """Run one job on ``slot``'s worker thread; ``True`` asks for a retry on the fallback (no audio sent yet)."""
         started = time.perf_counter()
         outcome = ("error", 0.0, None)
         try:
@@ -192,15 +195,18 @@ class Scheduler:
             if self._retry_on_fallback(job, slot, exc):
                 self._count(job, slot, outcome, started)
                 job.task.produced.clear()
-                return self._work(job, self.fallback)
+                return True
             job.finish_threadsafe(p.error_reply(_code(exc.code), exc.message, job.request_id))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
             job.finish_threadsafe(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error",
                                                 job.request_id))
         self._count(job, slot, outcome, started)
+        return False
 
     def _count(self, job: Job, slot: EngineSlot, outcome: tuple, started: float) -> None:
+        if job.abandoned:  # the watchdog already answered and counted it
+            return
         status, audio_seconds, ttfa = outcome
         job.status = status
         self.metrics.observe(slot.name, status, len(job.request.text), time.perf_counter() - started,
