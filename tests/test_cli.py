@@ -88,6 +88,9 @@ def test_bad_environment_value_is_a_clear_usage_error(tmp_path):
         load_settings([], environ={"TTS_PORT": "eighty"}, dotenv_path=None)
     with pytest.raises(SystemExit):
         load_settings([], environ={"TTS_DEVICE": "tpu"}, dotenv_path=None)
+    with pytest.raises(SystemExit):
+        load_settings(["--threads", "-1"], environ={}, dotenv_path=None)
+    assert load_settings([], environ={"TTS_THREADS": "3"}, dotenv_path=None).threads == 3
 
 
 async def test_environment_configures_the_process_and_a_flag_overrides_it(tiny_model_dir, tmp_path):

@@ -45,7 +45,8 @@ async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir
         folder = tmp_path / name
         folder.mkdir()
         backends.append(ServerProcess(folder, ["--mode", "reuse", "--model-path", str(tiny_model_dir),
-                                               "--engine", "csm", "--shutdown-grace", "20"]))
+                                               "--engine", "csm", "--shutdown-grace", "60",
+                                               "--threads", "1"]))  # two servers share this machine's cores
     listen = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen,

@@ -10,6 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .config import Settings, load_settings
 from .context import ReferenceLibrary
 from .engines.csm import CsmEngine, pick_device
@@ -33,6 +35,8 @@ def csm_slot(settings: Settings) -> EngineSlot:
         cache = str(Path(settings.hf_home) / "hub") if settings.hf_home else None
         locate = partial(download, settings.model_id, settings.hf_token, cache)
         label = settings.model_id
+    if settings.threads:  # process-wide; several servers sharing a CPU otherwise fight over every core
+        torch.set_num_threads(settings.threads)
     max_batch = settings.max_batch or (8 if pick_device(settings.device) == "cuda" else 1)
     return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
                                 first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames,

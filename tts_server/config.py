@@ -24,6 +24,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -71,6 +78,8 @@ OPTIONS = [
     Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
     Option("max_batch", 0, "CSM requests generated together in one batch; 0 = auto (8 on CUDA, 1 on CPU/MPS, "
            "where a fixed batch shape costs a lone request more than it saves)", int),
+    Option("threads", 0, "CPU threads for CSM's compute; 0 = torch's default (all cores). Running several servers "
+           "on one machine's CPU, give each cores / servers", _non_negative),
     Option("compile", "off", "on: torch.compile CSM's depth-decoder step (for CUDA; ~30 s warm-up, no gain on CPU)",
            choices=["on", "off"]),
     Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
@@ -115,6 +124,7 @@ class Settings:
     pin_voices: str = "on"
     max_context_turns: int = 8
     max_batch: int = 0
+    threads: int = 0
     compile: str = "off"
     first_chunk_frames: int = 2
     chunk_frames: int = 6
