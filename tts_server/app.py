@@ -24,6 +24,11 @@ from .server import TTSServer
 log = logging.getLogger("tts_server")
 
 
+# CUDA: extra rows are nearly free.  CPU: MKL multiplies a matrix by up to 4 vectors in about the time of 1
+# (docs/benchmarks.md), beyond that the cost grows with the rows.  MPS: batching is untested there.
+AUTO_MAX_BATCH = {"cuda": 8, "cpu": 4}
+
+
 def csm_slot(settings: Settings) -> EngineSlot:
     """The CSM engine for ``settings``; a bad ``--model-path`` raises ``ModelSourceError`` now, not later."""
     if settings.mode == "reuse":
@@ -37,7 +42,7 @@ def csm_slot(settings: Settings) -> EngineSlot:
         label = settings.model_id
     if settings.threads:  # process-wide; several servers sharing a CPU otherwise fight over every core
         torch.set_num_threads(settings.threads)
-    max_batch = settings.max_batch or (8 if pick_device(settings.device) == "cuda" else 1)
+    max_batch = settings.max_batch or AUTO_MAX_BATCH.get(pick_device(settings.device), 1)
     return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
                                 first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames,
                                 compile=settings.compile == "on"))

@@ -76,8 +76,8 @@ OPTIONS = [
     Option("sample_rate", 24000, "output sample rate in Hz; every engine is resampled to it", _positive),
     Option("first_chunk_frames", 2, "CSM frames (80 ms each) in a request's first audio chunk", _positive),
     Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
-    Option("max_batch", 0, "CSM requests generated together in one batch; 0 = auto (8 on CUDA, 1 on CPU/MPS, "
-           "where a fixed batch shape costs a lone request more than it saves)", int),
+    Option("max_batch", 0, "CSM requests generated together in one batch; 0 = auto: 8 on CUDA, 4 on CPU (where "
+           "more rows than 4 cost a lone request more than they save), 1 on MPS", _non_negative),
     Option("threads", 0, "CPU threads for CSM's compute; 0 = torch's default (all cores). Running several servers "
            "on one machine's CPU, give each cores / servers", _non_negative),
     Option("compile", "off", "on: torch.compile CSM's depth-decoder step (for CUDA; ~30 s warm-up, no gain on CPU)",

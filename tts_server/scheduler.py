@@ -186,22 +186,27 @@ class Scheduler:
         return refused
 
     def _work(self, job: Job, slot: EngineSlot) -> bool:
-        """Run one job on ``slot``'s worker thread; ``True`` asks for a retry on the fallback (no audio sent yet)."""
+        """Run one job on ``slot``'s worker thread; ``True`` asks for a retry on the fallback (no audio sent yet).
+
+        The job is counted in the metrics before its final reply goes out, so a
+        client that has its answer also sees it in /metrics and /v1/info.
+        """
         started = time.perf_counter()
-        outcome = ("error", 0.0, None)
         try:
-            outcome = self._generate(job, slot.engine, started)
+            status, audio_seconds, ttfa, final = self._generate(job, slot.engine, started)
         except EngineError as exc:
             if self._retry_on_fallback(job, slot, exc):
-                self._count(job, slot, outcome, started)
+                self._count(job, slot, ("error", 0.0, None), started)
                 job.task.produced.clear()
                 return True
-            job.finish_threadsafe(p.error_reply(_code(exc.code), exc.message, job.request_id))
+            status, audio_seconds, ttfa = "error", 0.0, None
+            final = (p.error_reply(_code(exc.code), exc.message, job.request_id),)
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
-            job.finish_threadsafe(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error",
-                                                job.request_id))
-        self._count(job, slot, outcome, started)
+            status, audio_seconds, ttfa = "error", 0.0, None
+            final = (p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),)
+        self._count(job, slot, (status, audio_seconds, ttfa), started)
+        job.finish_threadsafe(*final)
         return False
 
     def _count(self, job: Job, slot: EngineSlot, outcome: tuple, started: float) -> None:
@@ -221,8 +226,8 @@ class Scheduler:
                         slot.name, job.request_id, exc, fb.name)
         return ok
 
-    def _generate(self, job: Job, engine: Engine, started: float) -> tuple[str, float, float | None]:
-        """Stream or collect the engine's audio; returns (status, audio seconds, time to first audio)."""
+    def _generate(self, job: Job, engine: Engine, started: float) -> tuple[str, float, float | None, tuple]:
+        """Stream or collect the engine's audio; returns (status, audio seconds, time to first audio, final reply)."""
         request = job.request
         resample = Resampler(engine.sample_rate, self.sample_rate)
         limit = int(request.max_audio_length_ms * self.sample_rate / 1000) if request.max_audio_length_ms else None
@@ -260,25 +265,22 @@ class Scheduler:
             job.progress_at = time.monotonic()
             emit(resample(chunk))
         if job.cancel_event.is_set():
-            job.finish_threadsafe(p.cancelled_reply(request.request_id))
-            return "cancelled", samples / self.sample_rate, first_audio
+            return "cancelled", samples / self.sample_rate, first_audio, (p.cancelled_reply(request.request_id),)
         emit(resample(_empty(), last=True))
         if samples == 0:
             raise EngineError("generation_failed", f"{engine.name} produced no audio")
         duration = samples / self.sample_rate
         timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1)}
         if request.stream:
-            job.finish_threadsafe(p.success_reply(
+            return "success", duration, first_audio, (p.success_reply(
                 request, sample_rate=self.sample_rate, length_bytes=sum(pieces), duration_s=duration,
-                chunks=len(pieces), **meta, **timing))
-        else:
-            data = encode_file(np.concatenate(pieces), self.sample_rate, request.format)
-            job.unsent_bytes(len(data))
-            job.audio_sent = True
-            job.finish_threadsafe(p.success_reply(
-                request, sample_rate=self.sample_rate, length_bytes=len(data), duration_s=duration,
-                **meta, **timing), data)
-        return "success", duration, first_audio
+                chunks=len(pieces), **meta, **timing),)
+        data = encode_file(np.concatenate(pieces), self.sample_rate, request.format)
+        job.unsent_bytes(len(data))
+        job.audio_sent = True
+        return "success", duration, first_audio, (p.success_reply(
+            request, sample_rate=self.sample_rate, length_bytes=len(data), duration_s=duration,
+            **meta, **timing), data)
 
     def close(self) -> None:
         for task in self._tasks:

@@ -21,8 +21,6 @@ from typing import Callable, Iterator
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,7 @@ class CsmDecoder:
         self.device = model.lm_head.weight.device
         depth = model.depth_decoder
         self._depth_layers = [_Layer.of(layer) for layer in depth.model.layers]
+        self._backbone_layers = [_Layer.of(layer) for layer in model.backbone_model.layers]
         self._depth_projector = depth.model.inputs_embeds_projector.weight
         self._depth_heads = [w.T for w in depth.codebooks_head.weight]  # head i: (hidden, vocab) -> linear weight
 
@@ -107,14 +106,16 @@ class CsmDecoder:
         return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
 
     # -- the loop ---------------------------------------------------------------
-    def sample_frame(self, hidden: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def sample_frame(self, hidden: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor],
+                     linear: Callable = F.linear) -> torch.Tensor:
         """One frame ``(rows, num_codebooks)`` from the backbone's last hidden states ``(rows, hidden)``.
 
         ``pick`` turns ``(rows, vocab)`` logits into ``(rows,)`` ids; a batch gives
-        each row its own sampling settings and RNG through it.
+        each row its own sampling settings and RNG through it.  ``linear`` is
+        ``F.linear`` (transformers' numbers) or :func:`skinny_linear` (batches).
         """
-        first = pick(self.model.lm_head(hidden))
-        return self._depth_frame(hidden, first, pick)
+        first = pick(linear(hidden, self.model.lm_head.weight))
+        return self._depth_frame(hidden, first, pick, linear)
 
     def picker(self, sampling: Sampling, rng: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda logits: self._pick(logits, sampling, rng)
@@ -124,7 +125,7 @@ class CsmDecoder:
         return bool((frame[:-1] == self.config.codebook_eos_token_id).all())
 
     def _depth_frame(self, hidden: torch.Tensor, first: torch.Tensor,
-                     pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                     pick: Callable[[torch.Tensor], torch.Tensor], linear: Callable) -> torch.Tensor:
         """Codebooks 1..N-1 from the backbone's last hidden state and codebook 0.
 
         The 31 steps call the depth decoder's own submodules and attention
@@ -140,19 +141,19 @@ class CsmDecoder:
         embeds = F.embedding(torch.stack([torch.zeros_like(first), first], dim=1), table)
         embeds[:, 0] = hidden
         positions = torch.arange(self.num_codebooks, device=self.device)[None]
-        cos_all, sin_all = inner.rotary_emb(embeds, position_ids=positions)
+        cos_all, sin_all = (t.unsqueeze(1) for t in inner.rotary_emb(embeds, position_ids=positions))
         past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._depth_layers)
         codes = [first]
         position = 0
         for step in range(1, self.num_codebooks):
-            x = F.linear(embeds, self._depth_projector)
+            x = linear(embeds, self._depth_projector)
             length = x.shape[1]
-            cos = cos_all[:, position:position + length]
-            sin = sin_all[:, position:position + length]
+            cos = cos_all[:, :, position:position + length]
+            sin = sin_all[:, :, position:position + length]
             for index, layer in enumerate(self._depth_layers):
-                x = self._layer_step(layer, x, cos, sin, past, index)
+                x = self._layer_step(layer, x, cos, sin, past, index, linear)
             x = _rms_norm(x[:, -1:], inner.norm.weight, inner.norm.variance_epsilon)
-            logits = F.linear(x[:, 0], self._depth_heads[step - 1])
+            logits = linear(x[:, 0], self._depth_heads[step - 1])
             code = pick(logits)
             codes.append(code)
             position += length
@@ -167,17 +168,31 @@ class CsmDecoder:
         The caller may stop iterating at any frame boundary (cancellation); the
         cache is local, so nothing is left behind.
         """
-        backbone = self.model.backbone_model
-        cache = DynamicCache(config=self.config)
-        x = embeds[None] if embeds.dim() == 2 else embeds
+        hidden, cache = self.prefill(embeds)
+        past = [(layer.keys, layer.values) for layer in cache.layers]
+        position = embeds.shape[0]  # of the first generated frame
         pick = self.picker(sampling, rng)
-        for _ in range(max_frames):
-            hidden = backbone(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        for n in range(max_frames):
             frame = self.sample_frame(hidden, pick)
             if self.is_end(frame[0]):
                 return
             yield frame[0]
-            x = backbone.embed_tokens(frame[:, None, :])
+            if n + 1 < max_frames:
+                hidden = self._backbone_step(frame, past, position + n)
+
+    def _backbone_step(self, frame: torch.Tensor, past: list, position: int) -> torch.Tensor:
+        """The backbone on one frame ``(1, num_codebooks)`` at ``position``: its last hidden state ``(1, hidden)``.
+
+        ``CsmBackboneModel.forward``'s operations for one new position (decode
+        needs no mask), without its per-call machinery; ``past`` grows in place.
+        """
+        backbone = self.model.backbone_model
+        x = backbone.embed_tokens(frame[:, None, :])
+        position_ids = torch.tensor([[position]], device=self.device)
+        cos, sin = (t.unsqueeze(1) for t in backbone.rotary_emb(x, position_ids=position_ids))
+        for index, layer in enumerate(self._backbone_layers):
+            x = self._layer_step(layer, x, cos, sin, past, index)
+        return _rms_norm(x[:, -1], backbone.norm.weight, backbone.norm.variance_epsilon)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
@@ -191,7 +206,7 @@ class CsmDecoder:
 class _Layer:
     """One depth-decoder layer's tensors, looked up once (``nn.Module`` attribute access is slow per step)."""
 
-    attn: torch.nn.Module
+    gqa: bool  # fewer key/value heads than query heads
     norm1: torch.Tensor
     norm2: torch.Tensor
     eps: float
@@ -212,37 +227,77 @@ class _Layer:
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if any(linear.bias is not None for linear in linears):
             raise ValueError("the lean depth step expects bias-free projections (as CSM-1B has)")
-        return cls(attn, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+        return cls(attn.num_key_value_groups > 1, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.variance_epsilon, *(linear.weight for linear in linears), mlp.act_fn,
                    attn.head_dim, attn.scaling)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``CsmRMSNorm.forward``, operation for operation."""
+    """``CsmRMSNorm.forward``, operation for operation (the casts are no-ops in float32, so skipped)."""
     dtype = x.dtype
-    x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
+    if dtype != torch.float32:
+        x = x.to(torch.float32)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (normed if dtype == torch.float32 else normed.to(dtype))
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` for one tensor, ``cos``/``sin`` already unsqueezed for the heads."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def _attend(layer: "_Layer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """transformers' ``sdpa_attention_forward`` without a mask: ``(batch, positions, heads, head_dim)``.
+
+    Causal when several positions are new (the depth decoder's first step,
+    where keys and queries cover the same positions); grouped-query heads go to
+    SDPA as they are, as transformers does when there is no mask.
+    """
+    out = F.scaled_dot_product_attention(q, k, v, scale=layer.scaling, is_causal=q.shape[2] > 1,
+                                         **({"enable_gqa": True} if layer.gqa else {}))
+    return out.transpose(1, 2).contiguous()
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a few rows, computed as ``(weight @ x.T).T``.
+
+    On CPU (MKL) a matrix times 2-4 vectors runs 2-3x faster in this
+    orientation than as ``F.linear``, which is no faster for 4 rows than for 1
+    (measured: docs/benchmarks.md).  It is not bitwise equal to ``F.linear``,
+    so only the batched path uses it; batch 1 keeps transformers' numbers.
+    A transposed weight (the depth decoder's heads) is the other way round.
+    """
+    if not weight.is_contiguous():
+        return F.linear(x, weight)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # a contiguous x is what makes MKL take the fast kernel
+    return (weight @ flat.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 def _layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: list, index: int) -> torch.Tensor:
+                past: list, index: int, linear: Callable = F.linear) -> torch.Tensor:
     """One CSM decoder layer on new positions ``x``, extending ``past[index]`` (keys, values) in place.
 
-    Same operations, in the same order, as ``CsmDecoderLayer.forward`` with a
-    ``DynamicCache`` and SDPA (``tests/test_csm_exactness.py`` holds us to it).
+    With ``F.linear``: the same operations, in the same order, as
+    ``CsmDecoderLayer.forward`` with a ``DynamicCache`` and SDPA
+    (``tests/test_csm_exactness.py`` holds us to it).
     """
     h = _rms_norm(x, layer.norm1, layer.eps)
     shape = (*h.shape[:-1], -1, layer.head_dim)
-    q = F.linear(h, layer.q).view(shape).transpose(1, 2)
-    k = F.linear(h, layer.k).view(shape).transpose(1, 2)
-    v = F.linear(h, layer.v).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q = linear(h, layer.q).view(shape).transpose(1, 2)
+    k = linear(h, layer.k).view(shape).transpose(1, 2)
+    v = linear(h, layer.v).view(shape).transpose(1, 2)
+    q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
     if past[index] is not None:
         k = torch.cat([past[index][0], k], dim=-2)
         v = torch.cat([past[index][1], v], dim=-2)
     past[index] = (k, v)
-    out, _ = sdpa_attention_forward(layer.attn, q, k, v, None, dropout=0.0, scaling=layer.scaling)
-    x = x + F.linear(out.reshape(*h.shape[:-1], -1).contiguous(), layer.o)
+    out = _attend(layer, q, k, v)
+    x = x + linear(out.reshape(*h.shape[:-1], -1).contiguous(), layer.o)
+    return _mlp(layer, x, linear)
+
+
+def _mlp(layer: _Layer, x: torch.Tensor, linear: Callable) -> torch.Tensor:
+    """The layer's second half (``CsmDecoderLayer.forward`` after attention), residual included."""
     h = _rms_norm(x, layer.norm2, layer.eps)
-    return x + F.linear(layer.act(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+    return x + linear(layer.act(linear(h, layer.gate)) * linear(h, layer.up), layer.down)
