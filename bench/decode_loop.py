@@ -3,10 +3,11 @@
 1. Per-frame cost at batch 1: ``model.generate`` vs ``CsmDecoder.frames`` (our loop) on the same prompt,
    alternating, medians of --runs.  Tiny random CSM always; full-size random CSM unless --tiny-only.
 2. Concurrency (full-size unless --tiny-only, then tiny): N streams of --frames frames each, run one after
-   another through the sequential loop vs together through the ``Batcher`` (batch of N rows): aggregate
-   frames per second and each stream's time to its first frame.
+   another through the sequential loop vs together through the ``Batcher`` (max(N, --rows) rows, as a server
+   with ``--max-batch`` --rows runs them): aggregate frames per second and each stream's time to first frame.
 
-    python bench/decode_loop.py [--runs 3] [--frames 8] [--streams 1,2,4,8] [--tiny-only]
+    python bench/decode_loop.py [--runs 3] [--frames 25] [--streams 1,2,4,8] [--rows 4] [--tiny-only]
+        [--concurrency-only]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def per_frame(engine, frames: int, runs: int) -> tuple[float, float]:
     return median(a), median(b)
 
 
-def concurrency(engine, streams: int, frames: int) -> tuple[float, float, float, float]:
+def concurrency(engine, streams: int, frames: int, rows: int) -> tuple[float, float, float, float]:
     """(sequential frames/s, batched frames/s, sequential mean first-frame s, batched mean first-frame s)."""
     decoder = engine.decoder
     prompts = [decoder.embed_prompt(engine.prompt_ids([], f"Stream number {i} is talking.", 0), [])
@@ -68,7 +69,8 @@ def concurrency(engine, streams: int, frames: int) -> tuple[float, float, float,
             if n == 0:
                 firsts.append(time.perf_counter() - started)
     sequential = time.perf_counter() - started
-    batcher = Batcher(decoder, streams)
+    batcher = Batcher(decoder, rows)
+    list(batcher.frames(prompts[0], Sampling(), 2, _rng(decoder, 1), threading.Event()))  # warm-up: thread, cache
     batch_firsts: list[float] = []
 
     def run(embeds) -> None:
@@ -91,28 +93,32 @@ def concurrency(engine, streams: int, frames: int) -> tuple[float, float, float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=25, help="frames per stream (25 = 2 s of audio)")
     parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--rows", type=int, default=4, help="batch rows at least (the server's CPU default)")
     parser.add_argument("--tiny-only", action="store_true")
+    parser.add_argument("--concurrency-only", action="store_true", help="skip the per-frame table")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    tiny = tiny_engine()
-    a, b = per_frame(tiny, 40, max(args.runs, 7))
-    rows = [["tiny random CSM", 1000 * a, 1000 * b, a / b]]
     big = None if args.tiny_only else full_engine()
-    if big is not None:
-        a, b = per_frame(big, args.frames, args.runs)
-        rows.append(["full-size random CSM", 1000 * a, 1000 * b, a / b])
-    print("\nPer frame at batch 1 (medians):")
-    print(table(["model", "generate (ms/frame)", "our loop (ms/frame)", "speed-up"], rows))
-    engine = big or tiny
+    if not args.concurrency_only:
+        tiny = tiny_engine()
+        a, b = per_frame(tiny, 40, max(args.runs, 7))
+        rows = [["tiny random CSM", 1000 * a, 1000 * b, a / b]]
+        if big is not None:
+            a, b = per_frame(big, args.frames, args.runs)
+            rows.append(["full-size random CSM", 1000 * a, 1000 * b, a / b])
+        print("\nPer frame at batch 1 (medians):")
+        print(table(["model", "generate (ms/frame)", "our loop (ms/frame)", "speed-up"], rows))
+    engine = big or tiny_engine()
     rows = []
     for streams in (int(s) for s in args.streams.split(",")):
-        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames)
-        rows.append([streams, seq, bat, bat / seq, seq_first, bat_first])
+        batch_rows = max(streams, args.rows)
+        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames, batch_rows)
+        rows.append([streams, batch_rows, seq, bat, bat / seq, seq_first, bat_first])
     name = "full-size" if big is not None else "tiny"
     print(f"\nConcurrency, {name} random CSM, {args.frames} frames per stream (one run each):")
-    print(table(["streams", "one-after-another frames/s", "batched frames/s", "speed-up",
+    print(table(["streams", "batch rows", "one-after-another frames/s", "batched frames/s", "speed-up",
                  "mean first frame, sequential (s)", "mean first frame, batched (s)"], rows))
 
 

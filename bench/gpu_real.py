@@ -1,7 +1,7 @@
 """The decode-loop and batching benchmark on real CSM-1B weights, for a machine with a GPU (not run in CI).
 
     python bench/gpu_real.py --model-path ~/.cache/huggingface/hub/models--sesame--csm-1b [--device cuda]
-        [--dtype auto] [--frames 50] [--runs 3] [--streams 1,2,4,8]
+        [--dtype auto] [--frames 50] [--runs 3] [--streams 1,2,4,8] [--rows 8]
 
 Prints the same tables as bench/decode_loop.py: per-frame cost of transformers' generate vs our loop at batch 1,
 and aggregate frames/s for N concurrent streams batched vs one after another. It runs on any device, so it can be
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--rows", type=int, default=8, help="batch rows at least (the server's CUDA default)")
     args = parser.parse_args()
     folder = resolve_local(args.model_path)
     engine = CsmEngine(lambda: folder, args.device, args.dtype)
@@ -39,9 +40,9 @@ def main() -> None:
                 [[str(folder.name), 1000 * theirs, 1000 * ours, theirs / ours]]))
     rows = []
     for streams in (int(s) for s in args.streams.split(",")):
-        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames)
-        rows.append([streams, seq, bat, bat / seq, seq_first, bat_first])
-    print(table(["streams", "one-after-another frames/s", "batched frames/s", "speed-up",
+        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames, max(streams, args.rows))
+        rows.append([streams, max(streams, args.rows), seq, bat, bat / seq, seq_first, bat_first])
+    print(table(["streams", "batch rows", "one-after-another frames/s", "batched frames/s", "speed-up",
                  "mean first frame, sequential (s)", "mean first frame, batched (s)"], rows))
 
 

@@ -9,11 +9,13 @@ import threading
 import pytest
 import torch
 import websockets
+from torch.nn import functional as F
 from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from conftest import collect, recv_json, running_server, url
 from tts_server.engines.base import SynthesisTask
 from tts_server.engines.csm import CsmEngine
+from tts_server.engines.csm_decode import Sampling, skinny_linear
 from tts_server.jobs import EngineSlot
 from tts_server.protocol import SynthesisRequest
 
@@ -65,6 +67,32 @@ def test_a_seeded_request_is_the_same_alone_or_beside_others(batched_engine):
         thread.join()
     assert torch.equal(results["The same words"], alone)
     assert len({tuple(t[0].tolist()) for t in results.values()}) == 4  # neighbours really differed
+
+
+def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(batched_engine):
+    decoder, batcher = batched_engine.decoder, batched_engine.batcher
+
+    def frames(text: str, seed: int, count: int):
+        embeds = decoder.embed_prompt(batched_engine.prompt_ids([], text, 0), [])
+        return batcher.frames(embeds, Sampling(), count, torch.Generator().manual_seed(seed), threading.Event())
+
+    alone = torch.stack(list(frames("Late joiner", 5, 40)))  # 40 frames: enough for a corrupted cache to show
+    neighbour = frames("Early bird", 1, 100)
+    next(neighbour), next(neighbour)  # the neighbour is in the batch, stepping
+    steps = batcher.steps
+    joined = torch.stack(list(frames("Late joiner", 5, 40)))  # prefilled and admitted between its steps
+    assert len(list(neighbour)) == 98 and batcher.steps >= steps + 40  # it really ran beside the joiner
+    assert torch.equal(joined, alone)
+
+
+def test_skinny_linear_equals_linear_to_float_rounding():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    for rows in (1, 2, 3, 4, 8):
+        x = torch.randn(rows, 1, 64)
+        assert skinny_linear(x, weight).shape == (rows, 1, 96)
+        torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(skinny_linear(x, weight.T.contiguous().T), F.linear(x, weight))  # a view
 
 
 async def test_concurrent_streams_interleave_and_cancelled_rows_leave(tiny_model_dir):

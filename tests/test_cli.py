@@ -101,6 +101,8 @@ async def test_environment_configures_the_process_and_a_flag_overrides_it(tiny_m
         server.wait_for_log("csm ready")
         reply, _ = await speak(port, {"text": "this is longer than ten"})
         assert reply["code"] == "text_too_long"
+        info = json.loads((await ahttp_get(port, "/v1/info"))[1])
+        assert info["engines"]["csm"]["max_batch"] == 4  # auto on a CPU
     finally:
         server.stop()
 
