@@ -43,7 +43,7 @@ class Job:
         self.task = SynthesisTask(request)
         self.cancel_event = self.task.cancel
         self.prepare = prepare  # on the loop, right before work starts: fill task.context
-        self.on_success = on_success  # on the loop, right after success: remember task.produced
+        self.on_success = on_success  # on the loop, after success, before the reply: remember task.produced
         self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)

@@ -136,9 +136,7 @@ class Scheduler:
             if await self._run_watched(job, slot):  # the retry runs on the fallback's own worker thread
                 job.slot = self.fallback
                 await self._run_watched(job, self.fallback)
-            if job.status == "success" and job.on_success:
-                job.on_success(job)
-        except Exception:  # a hook failed: answer the job, keep serving
+        except Exception:  # preparing the prompt failed: answer the job, keep serving
             log.exception("request %s failed around the worker", job.request_id)
             job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
         finally:
@@ -188,8 +186,9 @@ class Scheduler:
     def _work(self, job: Job, slot: EngineSlot) -> bool:
         """Run one job on ``slot``'s worker thread; ``True`` asks for a retry on the fallback (no audio sent yet).
 
-        The job is counted in the metrics before its final reply goes out, so a
-        client that has its answer also sees it in /metrics and /v1/info.
+        The job is counted in the metrics, and its success hook runs, before its
+        final reply goes out: a client that has its answer also finds it in
+        /metrics and /v1/info, and in the context of its next request.
         """
         started = time.perf_counter()
         try:
@@ -206,8 +205,18 @@ class Scheduler:
             status, audio_seconds, ttfa = "error", 0.0, None
             final = (p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),)
         self._count(job, slot, (status, audio_seconds, ttfa), started)
+        if status == "success" and job.on_success and not job.abandoned:
+            job.loop.call_soon_threadsafe(self._succeeded, job)  # runs before the reply below is queued
         job.finish_threadsafe(*final)
         return False
+
+    @staticmethod
+    def _succeeded(job: Job) -> None:
+        """The job's success hook (remember its turns), before its client can see the reply and send more."""
+        try:
+            job.on_success(job)
+        except Exception:  # the audio went out fine; a failed hook costs only the memory of it
+            log.exception("request %s: success hook failed", job.request_id)
 
     def _count(self, job: Job, slot: EngineSlot, outcome: tuple, started: float) -> None:
         if job.abandoned:  # the watchdog already answered and counted it

@@ -31,40 +31,12 @@ from typing import Iterator
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache
 
 
-from .csm_decode import CsmDecoder, Sampling, _attend, _Layer, _mlp, _rms_norm, _rotary, skinny_linear
+from .csm_decode import CsmDecoder, RowCache, Sampling, skinny_linear
 
 log = logging.getLogger(__name__)
 _DONE = None  # row queue sentinel
-
-
-class RowCache:
-    """Preallocated backbone KV cache: ``rows`` sequences of up to ``length`` positions each.
-
-    It stands in for a transformers ``Cache`` in the decoder layers (they only
-    call ``update``): each row's new key/value goes to that row's own position.
-    """
-
-    def __init__(self, config, rows: int, length: int, dtype: torch.dtype, device) -> None:
-        shape = (rows, config.num_key_value_heads, length, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.write_at = torch.zeros(rows, dtype=torch.long, device=device)
-        self._rows = torch.arange(rows, device=device)
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        self.keys[layer_idx][self._rows, :, self.write_at] = key_states[:, :, 0]
-        self.values[layer_idx][self._rows, :, self.write_at] = value_states[:, :, 0]
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def load(self, slot: int, prefill: DynamicCache) -> None:
-        """Copy one prefilled sequence (batch 1) into ``slot``."""
-        for index, layer in enumerate(prefill.layers):
-            length = layer.keys.shape[2]
-            self.keys[index][slot, :, :length] = layer.keys[0]
-            self.values[index][slot, :, :length] = layer.values[0]
 
 
 @dataclass(eq=False)
@@ -96,7 +68,6 @@ class Batcher:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self._layers = [_Layer.of(layer) for layer in decoder.model.backbone_model.layers]
         self.linear = skinny_linear if decoder.device.type == "cpu" else F.linear
 
     def frames(self, embeds: torch.Tensor, sampling: Sampling, max_frames: int, rng: torch.Generator | None,
@@ -221,41 +192,12 @@ class Batcher:
 
     def _backbone_step(self, stepping: dict[int, Row]) -> torch.Tensor:
         """The backbone on each stepping row's last frame: last hidden states ``(rows, hidden)``."""
-        decoder, cache = self.decoder, self.cache
-        backbone = decoder.model.backbone_model
-        device = cache.write_at.device
+        decoder = self.decoder
+        device = self.cache.write_at.device
         last = torch.zeros(self.rows, decoder.num_codebooks, dtype=torch.long, device=device)
         positions = torch.full((self.rows,), self.length, dtype=torch.long, device=device)  # scratch position
         for slot, row in stepping.items():
             last[slot] = row.last_frame
             positions[slot] = row.position
-        cache.write_at = positions
-        x = backbone.embed_tokens(last[:, None, :])
-        cos, sin = (t.unsqueeze(1) for t in backbone.rotary_emb(x, position_ids=positions[:, None]))
         lengths = {slot: row.position + 1 for slot, row in stepping.items()}
-        for index, layer in enumerate(self._layers):
-            x = _cached_layer_step(layer, x, cos, sin, cache, index, lengths, self.linear)
-        return _rms_norm(x[:, -1], backbone.norm.weight, backbone.norm.variance_epsilon)
-
-
-def _cached_layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: RowCache,
-                       index: int, lengths: dict[int, int], linear) -> torch.Tensor:
-    """One backbone layer for one new position per row (``x``: ``(rows, 1, hidden)``), writing into ``cache``.
-
-    ``CsmDecoderLayer.forward``'s operations, except that each row attends on
-    its own over its ``lengths[slot]`` cached positions (no mask, no repeated
-    key/value heads: SDPA's grouped-query path); rows not in ``lengths`` are idle.
-    """
-    h = _rms_norm(x, layer.norm1, layer.eps)
-    shape = (x.shape[0], 1, -1, layer.head_dim)
-    q = linear(h, layer.q).view(shape).transpose(1, 2)
-    k = linear(h, layer.k).view(shape).transpose(1, 2)
-    v = linear(h, layer.v).view(shape).transpose(1, 2)
-    q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
-    keys, values = cache.update(k, v, index)
-    out = torch.zeros_like(q.transpose(1, 2))  # (rows, 1, heads, head_dim), as SDPA returns it
-    for slot, length in lengths.items():
-        out[slot:slot + 1] = _attend(layer, q[slot:slot + 1], keys[slot:slot + 1, :, :length],
-                                     values[slot:slot + 1, :, :length])
-    x = x + linear(out.reshape(x.shape[0], 1, -1), layer.o)
-    return _mlp(layer, x, linear)
+        return decoder.backbone_step(last, positions, lengths, self.cache, self.linear)

@@ -10,7 +10,7 @@ codec cannot decode out of the sample space.
 With the same weights, inputs and settings the tokens equal those of
 ``model.generate(..., suppress_tokens=<ids >= codec size>)`` (greedy exactly;
 sampled too when the global RNG and our generator start from the same seed):
-``tests/test_csm_decode.py`` proves both.
+``tests/test_csm_exactness.py`` proves both.
 """
 
 from __future__ import annotations
@@ -168,9 +168,10 @@ class CsmDecoder:
         The caller may stop iterating at any frame boundary (cancellation); the
         cache is local, so nothing is left behind.
         """
-        hidden, cache = self.prefill(embeds)
-        past = [(layer.keys, layer.values) for layer in cache.layers]
+        hidden, prefilled = self.prefill(embeds)
         position = embeds.shape[0]  # of the first generated frame
+        cache = RowCache(self.config, 1, position + max_frames, hidden.dtype, self.device)
+        cache.load(0, prefilled)
         pick = self.picker(sampling, rng)
         for n in range(max_frames):
             frame = self.sample_frame(hidden, pick)
@@ -178,20 +179,25 @@ class CsmDecoder:
                 return
             yield frame[0]
             if n + 1 < max_frames:
-                hidden = self._backbone_step(frame, past, position + n)
+                at = position + n
+                hidden = self.backbone_step(frame, torch.tensor([at], device=self.device), {0: at + 1}, cache)
 
-    def _backbone_step(self, frame: torch.Tensor, past: list, position: int) -> torch.Tensor:
-        """The backbone on one frame ``(1, num_codebooks)`` at ``position``: its last hidden state ``(1, hidden)``.
+    def backbone_step(self, frames: torch.Tensor, positions: torch.Tensor, lengths: dict[int, int],
+                      cache: "RowCache", linear: Callable = F.linear) -> torch.Tensor:
+        """The backbone on one frame per row: last hidden states ``(rows, hidden)``.
 
-        ``CsmBackboneModel.forward``'s operations for one new position (decode
-        needs no mask), without its per-call machinery; ``past`` grows in place.
+        ``frames`` ``(rows, num_codebooks)`` go to ``positions`` ``(rows,)`` of
+        ``cache``; row ``slot`` then attends over its first ``lengths[slot]``
+        positions (rows not in ``lengths`` are idle).  ``CsmBackboneModel.forward``'s
+        operations for one new position (decode needs no mask), without its
+        per-call machinery.
         """
         backbone = self.model.backbone_model
-        x = backbone.embed_tokens(frame[:, None, :])
-        position_ids = torch.tensor([[position]], device=self.device)
-        cos, sin = (t.unsqueeze(1) for t in backbone.rotary_emb(x, position_ids=position_ids))
+        cache.write_at = positions
+        x = backbone.embed_tokens(frames[:, None, :])
+        cos, sin = (t.unsqueeze(1) for t in backbone.rotary_emb(x, position_ids=positions[:, None]))
         for index, layer in enumerate(self._backbone_layers):
-            x = self._layer_step(layer, x, cos, sin, past, index)
+            x = _cached_layer_step(layer, x, cos, sin, cache, index, lengths, linear)
         return _rms_norm(x[:, -1], backbone.norm.weight, backbone.norm.variance_epsilon)
 
     @torch.inference_mode()
@@ -301,3 +307,53 @@ def _mlp(layer: _Layer, x: torch.Tensor, linear: Callable) -> torch.Tensor:
     """The layer's second half (``CsmDecoderLayer.forward`` after attention), residual included."""
     h = _rms_norm(x, layer.norm2, layer.eps)
     return x + linear(layer.act(linear(h, layer.gate)) * linear(h, layer.up), layer.down)
+
+
+class RowCache:
+    """Preallocated backbone KV cache: ``rows`` sequences of up to ``length`` positions each.
+
+    ``update`` writes each row's new key/value at that row's own position
+    (``write_at``), so rows at different lengths share one tensor per layer
+    and a step never reallocates.
+    """
+
+    def __init__(self, config, rows: int, length: int, dtype: torch.dtype, device) -> None:
+        shape = (rows, config.num_key_value_heads, length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.write_at = torch.zeros(rows, dtype=torch.long, device=device)
+        self._rows = torch.arange(rows, device=device)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        self.keys[layer_idx][self._rows, :, self.write_at] = key_states[:, :, 0]
+        self.values[layer_idx][self._rows, :, self.write_at] = value_states[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def load(self, slot: int, prefill: DynamicCache) -> None:
+        """Copy one prefilled sequence (batch 1) into ``slot``."""
+        for index, layer in enumerate(prefill.layers):
+            length = layer.keys.shape[2]
+            self.keys[index][slot, :, :length] = layer.keys[0]
+            self.values[index][slot, :, :length] = layer.values[0]
+
+def _cached_layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: RowCache,
+                       index: int, lengths: dict[int, int], linear) -> torch.Tensor:
+    """One backbone layer for one new position per row (``x``: ``(rows, 1, hidden)``), writing into ``cache``.
+
+    ``CsmDecoderLayer.forward``'s operations, except that each row attends on
+    its own over its ``lengths[slot]`` cached positions (no mask, no repeated
+    key/value heads: SDPA's grouped-query path); rows not in ``lengths`` are idle.
+    """
+    h = _rms_norm(x, layer.norm1, layer.eps)
+    shape = (x.shape[0], 1, -1, layer.head_dim)
+    q = linear(h, layer.q).view(shape).transpose(1, 2)
+    k = linear(h, layer.k).view(shape).transpose(1, 2)
+    v = linear(h, layer.v).view(shape).transpose(1, 2)
+    q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+    keys, values = cache.update(k, v, index)
+    out = torch.zeros_like(q.transpose(1, 2))  # (rows, 1, heads, head_dim), as SDPA returns it
+    for slot, length in lengths.items():
+        out[slot:slot + 1] = _attend(layer, q[slot:slot + 1], keys[slot:slot + 1, :, :length],
+                                     values[slot:slot + 1, :, :length])
+    x = x + linear(out.reshape(x.shape[0], 1, -1), layer.o)
+    return _mlp(layer, x, linear)
