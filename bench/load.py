@@ -5,7 +5,7 @@ the last two must be 0), time to first audio percentiles, throughput, and the
 process's resident memory before and after (after one identical warm-up round;
 growth should stay under 5 %).  Bounded in count and time; stops by itself.
 
-    python bench/load.py [--engine csm|piper] [--connections 64] [--requests 20] [--extra-rounds 0]
+    python bench/load.py [--engine csm|piper] [--connections 64] [--requests 20] [--extra-rounds 0] [--max-batch 4]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def run_load(port: int, connections: int, requests: int, timeout: float = 
             "ttfa_p50_ms": 1000 * q[49], "ttfa_p95_ms": 1000 * q[94], "ttfa_p99_ms": 1000 * q[98]}
 
 
-async def main(engine: str, connections: int, requests: int, extra_rounds: int) -> None:
+async def main(engine: str, connections: int, requests: int, extra_rounds: int, max_batch: int) -> None:
     from tts_server.app import limit_malloc_arenas
     from tts_server.engines.csm import CsmEngine
     from tts_server.engines.piper import PiperEngine
@@ -83,7 +83,7 @@ async def main(engine: str, connections: int, requests: int, extra_rounds: int) 
     limit_malloc_arenas()  # as run_server.py does
     if engine == "csm":
         folder = build_checkpoint(tempfile.mkdtemp(prefix="load-tiny-"))
-        slot = EngineSlot(CsmEngine(lambda: folder, device="cpu"))
+        slot = EngineSlot(CsmEngine(lambda: folder, device="cpu", max_batch=max_batch))
     else:
         slot = EngineSlot(PiperEngine())
     server = TTSServer(slot, host="127.0.0.1", port=0, max_connections_per_address=connections + 1,
@@ -99,7 +99,8 @@ async def main(engine: str, connections: int, requests: int, extra_rounds: int) 
         await run_load(server.port, connections, requests)
         rounds.append(rss_mb())
     await server.stop()
-    print(f"{engine}: {connections} connections x {requests} requests in {result['elapsed_s']:.1f} s")
+    batch = f", --max-batch {max_batch}" if engine == "csm" else ""
+    print(f"{engine}{batch}: {connections} connections x {requests} requests in {result['elapsed_s']:.1f} s")
     print(f"outcomes: {result['outcomes']}")
     print(f"successes/s: {result['requests_per_s']:.1f}; time to first audio p50 {result['ttfa_p50_ms']:.0f} ms, "
           f"p95 {result['ttfa_p95_ms']:.0f} ms, p99 {result['ttfa_p99_ms']:.0f} ms")
@@ -115,5 +116,6 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--extra-rounds", type=int, default=0, help="repeat the run to see whether memory settles")
+    parser.add_argument("--max-batch", type=int, default=4, help="CSM batch rows (4: a CPU server's default)")
     args = parser.parse_args()
-    asyncio.run(main(args.engine, args.connections, args.requests, args.extra_rounds))
+    asyncio.run(main(args.engine, args.connections, args.requests, args.extra_rounds, args.max_batch))

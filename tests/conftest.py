@@ -56,15 +56,18 @@ def broken_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def csm_slot(folder: Path, delay: float = 0.0) -> EngineSlot:
-    """A real CSM engine; ``delay`` stretches loading so tests can act while it loads."""
+def csm_slot(folder: Path, delay: float = 0.0, max_batch: int = 1) -> EngineSlot:
+    """A real CSM engine; ``delay`` stretches loading so tests can act while it loads.
+
+    ``max_batch`` 4 is what a CPU server runs by default (the batched path).
+    """
 
     def locate():
         if delay:
             time.sleep(delay)
         return folder
 
-    return EngineSlot(CsmEngine(locate, device="cpu"))
+    return EngineSlot(CsmEngine(locate, device="cpu", max_batch=max_batch))
 
 
 @contextlib.asynccontextmanager

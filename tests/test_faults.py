@@ -27,9 +27,10 @@ async def settle(server, timeout: float = 20) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("phase", ["queued", "prefill", "mid-stream", "after-last-chunk"])
-async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_model_dir, phase):
-    async with running_server(csm_slot(tiny_model_dir)) as server:
+@pytest.mark.parametrize("phase, max_batch", [("queued", 1), ("prefill", 1), ("mid-stream", 1), ("after-last-chunk", 1),
+                                              ("prefill", 4), ("mid-stream", 4), ("after-last-chunk", 4)])
+async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_model_dir, phase, max_batch):
+    async with running_server(csm_slot(tiny_model_dir, max_batch=max_batch)) as server:
         async with websockets.connect(url(server)) as warm:  # start the worker thread once
             await warm.send(json.dumps({"text": "Warm up", "max_audio_length_ms": 160}))
             await collect(warm)
@@ -70,6 +71,8 @@ async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_mod
         # The leaver was cancelled mid-work; a leaver that never started is not counted, but its blocker is.
         assert cancelled == (0 if phase == "after-last-chunk" else 1)
         assert server.metrics.stats["csm"].requests == 3
+        batcher = server.scheduler.primary.engine.batcher
+        assert batcher is None or (batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3])
 
 
 class FlakyCsm(CsmEngine):

@@ -98,7 +98,7 @@ class Fuzzer:
 @pytest.fixture(scope="module")
 def threaded_server(tiny_model_dir):
     loop = asyncio.new_event_loop()
-    server = TTSServer(csm_slot(tiny_model_dir), host="127.0.0.1", port=0, max_text_chars=5, rate_limit=10**6,
+    server = TTSServer(csm_slot(tiny_model_dir, max_batch=4), host="127.0.0.1", port=0, max_text_chars=5, rate_limit=10**6,
                        max_queued_per_connection=4)
     started = threading.Event()
 

@@ -184,6 +184,8 @@ class CsmEngine(Engine):
                     emitted += pending
                     pending = 0
                     yield chunks[-1]
+            if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
+                return
             if not frames:
                 raise EngineError("generation_failed",
                                   f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")

@@ -210,7 +210,7 @@ class CsmDecoder:
 
 @dataclass(frozen=True)
 class _Layer:
-    """One depth-decoder layer's tensors, looked up once (``nn.Module`` attribute access is slow per step)."""
+    """One CSM decoder layer's tensors (backbone or depth decoder), looked up once: module access is slow per step."""
 
     gqa: bool  # fewer key/value heads than query heads
     norm1: torch.Tensor
@@ -232,7 +232,7 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if any(linear.bias is not None for linear in linears):
-            raise ValueError("the lean depth step expects bias-free projections (as CSM-1B has)")
+            raise ValueError("the lean steps expect bias-free projections (as CSM-1B has)")
         return cls(attn.num_key_value_groups > 1, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.variance_epsilon, *(linear.weight for linear in linears), mlp.act_fn,
                    attn.head_dim, attn.scaling)
