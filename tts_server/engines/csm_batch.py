@@ -32,7 +32,6 @@ from typing import Iterator
 import torch
 from torch.nn import functional as F
 
-
 from .csm_decode import CsmDecoder, RowCache, Sampling, skinny_linear
 
 log = logging.getLogger(__name__)

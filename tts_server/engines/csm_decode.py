@@ -288,19 +288,24 @@ def _layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     ``CsmDecoderLayer.forward`` with a ``DynamicCache`` and SDPA
     (``tests/test_csm_exactness.py`` holds us to it).
     """
-    h = _rms_norm(x, layer.norm1, layer.eps)
-    shape = (*h.shape[:-1], -1, layer.head_dim)
-    q = linear(h, layer.q).view(shape).transpose(1, 2)
-    k = linear(h, layer.k).view(shape).transpose(1, 2)
-    v = linear(h, layer.v).view(shape).transpose(1, 2)
-    q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+    q, k, v = _qkv(layer, x, cos, sin, linear)
     if past[index] is not None:
         k = torch.cat([past[index][0], k], dim=-2)
         v = torch.cat([past[index][1], v], dim=-2)
     past[index] = (k, v)
     out = _attend(layer, q, k, v)
-    x = x + linear(out.reshape(*h.shape[:-1], -1).contiguous(), layer.o)
+    x = x + linear(out.reshape(*x.shape[:-1], -1).contiguous(), layer.o)
     return _mlp(layer, x, linear)
+
+
+def _qkv(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear: Callable):
+    """The layer's first half up to attention: queries, keys, values ``(batch, heads, positions, head_dim)``."""
+    h = _rms_norm(x, layer.norm1, layer.eps)
+    shape = (*h.shape[:-1], -1, layer.head_dim)
+    q = linear(h, layer.q).view(shape).transpose(1, 2)
+    k = linear(h, layer.k).view(shape).transpose(1, 2)
+    v = linear(h, layer.v).view(shape).transpose(1, 2)
+    return _rotary(q, cos, sin), _rotary(k, cos, sin), v
 
 
 def _mlp(layer: _Layer, x: torch.Tensor, linear: Callable) -> torch.Tensor:
@@ -324,10 +329,11 @@ class RowCache:
         self.write_at = torch.zeros(rows, dtype=torch.long, device=device)
         self._rows = torch.arange(rows, device=device)
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        self.keys[layer_idx][self._rows, :, self.write_at] = key_states[:, :, 0]
-        self.values[layer_idx][self._rows, :, self.write_at] = value_states[:, :, 0]
-        return self.keys[layer_idx], self.values[layer_idx]
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new position per row (``(rows, heads, 1, head_dim)``); the layer's whole cache."""
+        self.keys[layer][self._rows, :, self.write_at] = keys[:, :, 0]
+        self.values[layer][self._rows, :, self.write_at] = values[:, :, 0]
+        return self.keys[layer], self.values[layer]
 
     def load(self, slot: int, prefill: DynamicCache) -> None:
         """Copy one prefilled sequence (batch 1) into ``slot``."""
@@ -336,20 +342,16 @@ class RowCache:
             self.keys[index][slot, :, :length] = layer.keys[0]
             self.values[index][slot, :, :length] = layer.values[0]
 
+
 def _cached_layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: RowCache,
-                       index: int, lengths: dict[int, int], linear) -> torch.Tensor:
+                       index: int, lengths: dict[int, int], linear: Callable) -> torch.Tensor:
     """One backbone layer for one new position per row (``x``: ``(rows, 1, hidden)``), writing into ``cache``.
 
     ``CsmDecoderLayer.forward``'s operations, except that each row attends on
     its own over its ``lengths[slot]`` cached positions (no mask, no repeated
     key/value heads: SDPA's grouped-query path); rows not in ``lengths`` are idle.
     """
-    h = _rms_norm(x, layer.norm1, layer.eps)
-    shape = (x.shape[0], 1, -1, layer.head_dim)
-    q = linear(h, layer.q).view(shape).transpose(1, 2)
-    k = linear(h, layer.k).view(shape).transpose(1, 2)
-    v = linear(h, layer.v).view(shape).transpose(1, 2)
-    q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+    q, k, v = _qkv(layer, x, cos, sin, linear)
     keys, values = cache.update(k, v, index)
     out = torch.zeros_like(q.transpose(1, 2))  # (rows, 1, heads, head_dim), as SDPA returns it
     for slot, length in lengths.items():
