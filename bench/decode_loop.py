@@ -90,6 +90,17 @@ def concurrency(engine, streams: int, frames: int, rows: int) -> tuple[float, fl
     return total / sequential, total / batched, sum(firsts) / streams, sum(batch_firsts) / streams
 
 
+def concurrency_table(engine, streams: str, frames: int, min_rows: int) -> str:
+    """``concurrency`` for each of the comma-separated ``streams`` counts, as a table."""
+    rows = []
+    for count in (int(s) for s in streams.split(",")):
+        batch_rows = max(count, min_rows)
+        seq, bat, seq_first, bat_first = concurrency(engine, count, frames, batch_rows)
+        rows.append([count, batch_rows, seq, bat, bat / seq, seq_first, bat_first])
+    return table(["streams", "batch rows", "one-after-another frames/s", "batched frames/s", "speed-up",
+                  "mean first frame, one after another (s)", "mean first frame, batched (s)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -111,15 +122,9 @@ def main() -> None:
         print("\nPer frame at batch 1 (medians):")
         print(table(["model", "generate (ms/frame)", "our loop (ms/frame)", "speed-up"], rows))
     engine = big or tiny_engine()
-    rows = []
-    for streams in (int(s) for s in args.streams.split(",")):
-        batch_rows = max(streams, args.rows)
-        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames, batch_rows)
-        rows.append([streams, batch_rows, seq, bat, bat / seq, seq_first, bat_first])
     name = "full-size" if big is not None else "tiny"
     print(f"\nConcurrency, {name} random CSM, {args.frames} frames per stream (one run each):")
-    print(table(["streams", "batch rows", "one-after-another frames/s", "batched frames/s", "speed-up",
-                 "mean first frame, sequential (s)", "mean first frame, batched (s)"], rows))
+    print(concurrency_table(engine, args.streams, args.frames, args.rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from _common import machine, table
-from decode_loop import concurrency, per_frame
+from decode_loop import concurrency_table, per_frame
 from tts_server.engines.csm import CsmEngine
 from tts_server.model_source import resolve_local
 
@@ -38,12 +38,7 @@ def main() -> None:
     theirs, ours = per_frame(engine, args.frames, args.runs)
     print(table(["per frame at batch 1", "generate (ms)", "our loop (ms)", "speed-up"],
                 [[str(folder.name), 1000 * theirs, 1000 * ours, theirs / ours]]))
-    rows = []
-    for streams in (int(s) for s in args.streams.split(",")):
-        seq, bat, seq_first, bat_first = concurrency(engine, streams, args.frames, max(streams, args.rows))
-        rows.append([streams, max(streams, args.rows), seq, bat, bat / seq, seq_first, bat_first])
-    print(table(["streams", "batch rows", "one-after-another frames/s", "batched frames/s", "speed-up",
-                 "mean first frame, sequential (s)", "mean first frame, batched (s)"], rows))
+    print(concurrency_table(engine, args.streams, args.frames, args.rows))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self.running: set[Job] = set()
-        self._owners: set[object] = set()
         self._tasks: set[asyncio.Task] = set()
 
     # -- admission ------------------------------------------------------------------
@@ -118,13 +117,12 @@ class Scheduler:
                 self._queue.remove(job)
                 job.finish(slot.reply())
                 continue
-            busy = slot.state == "loading" or job.owner in self._owners
+            busy = slot.state == "loading" or any(j.owner is job.owner for j in self.running)
             if busy or sum(j.slot is slot for j in self.running) >= slot.engine.concurrency:
                 continue
             self._queue.remove(job)
             job.started, job.slot = True, slot
             self.running.add(job)
-            self._owners.add(job.owner)
             task = asyncio.create_task(self._serve(job, slot), name=f"job-{job.request_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -141,7 +139,6 @@ class Scheduler:
             job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
         finally:
             self.running.discard(job)
-            self._owners.discard(job.owner)
             self.wake()
 
     def wake(self) -> None:

@@ -59,7 +59,7 @@ class Gate:
             matched |= hmac.compare_digest(candidate, key)
         return matched
 
-    def origin_ok(self, headers, secure: bool = False) -> bool:
+    def origin_ok(self, headers) -> bool:
         origin = headers.get("Origin")
         if origin is None or "*" in self.allowed_origins:
             return True

@@ -257,12 +257,13 @@ class TTSServer:
         log.info("Engines: %s", self.serving()[1])
 
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let the running request finish for up to ``grace`` s, refuse the queue, close."""
+        """Stop accepting, refuse the queue, let running requests finish for up to ``grace`` s, then close."""
         self.draining = True
         if self._server is not None:
             self._server.close(close_connections=False)
         refused = self.scheduler.refuse_queued(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
-        log.info("Shutting down: %d queued requests refused, waiting up to %g s for the running one", refused, grace)
+        log.info("Shutting down: %d queued requests refused, waiting up to %g s for %d running", refused, grace,
+                 len(self.scheduler.running))
         deadline = asyncio.get_running_loop().time() + grace
         while self.scheduler.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
@@ -285,13 +286,11 @@ class TTSServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         address = (ws.remote_address or ("?",))[0]
-        refusal = self.connection_limits.admit(address)
-        if refusal is not None or self.draining:
-            code = p.ErrorCode.TOO_MANY_CONNECTIONS if refusal else p.ErrorCode.SHUTTING_DOWN
-            await ws.send(p.encode(p.error_reply(code, refusal or "The server is shutting down")))
+        refusal = "The server is shutting down" if self.draining else self.connection_limits.admit(address)
+        if refusal is not None:
+            code = p.ErrorCode.SHUTTING_DOWN if self.draining else p.ErrorCode.TOO_MANY_CONNECTIONS
+            await ws.send(p.encode(p.error_reply(code, refusal)))
             await ws.close(1013, "try again later")
-            if refusal is None:
-                self.connection_limits.release(address)
             return
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # bound kernel buffering so a stalled reader is noticed (client_too_slow)
