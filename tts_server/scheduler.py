@@ -168,6 +168,7 @@ class Scheduler:
         job.status, job.abandoned = "error", True
         self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout)
         slot.replace_executor()
+        slot.engine.recover(self.generation_timeout / 2)  # a thread stuck in one step that long is hung
         return False
 
     def refuse_queued(self, code: p.ErrorCode, message: str) -> int:
@@ -223,9 +224,9 @@ class Scheduler:
         self.metrics.observe(slot.name, status, len(job.request.text), time.perf_counter() - started,
                              audio_seconds, ttfa)
 
-    def _retry_on_fallback(self, job: Job, slot: EngineSlot, exc: Exception) -> bool:
+    def _retry_on_fallback(self, job: Job, slot: EngineSlot, exc: EngineError) -> bool:
         fb = self.fallback
-        ok = (not job.audio_sent and job.request.engine is None and slot is self.primary
+        ok = (exc.engine_fault and not job.audio_sent and job.request.engine is None and slot is self.primary
               and fb is not None and fb.state == "ready" and not job.cancel_event.is_set())
         if ok:
             log.warning("%s failed before any audio of %s (%s); retrying on %s",
@@ -240,12 +241,13 @@ class Scheduler:
         pieces: list = []
         samples = 0
         first_audio: float | None = None
+        cut = False  # audio past max_audio_length_ms was dropped
         meta = {"engine": engine.name, **_voice(engine)}
 
         def emit(chunk: np.ndarray) -> None:
-            nonlocal samples, first_audio
-            if limit is not None:
-                chunk = chunk[: max(0, limit - samples)]
+            nonlocal samples, first_audio, cut
+            if limit is not None and len(chunk) > limit - samples:
+                chunk, cut = chunk[: max(0, limit - samples)], True
             if not len(chunk):
                 return
             samples += len(chunk)
@@ -266,7 +268,7 @@ class Scheduler:
             job.post_threadsafe(data)
 
         for chunk in _engine_chunks(engine, job.task):
-            if job.cancel_event.is_set() or (limit is not None and samples >= limit):
+            if job.cancel_event.is_set() or cut:
                 break
             job.progress_at = time.monotonic()
             emit(resample(chunk))
@@ -276,7 +278,8 @@ class Scheduler:
         if samples == 0:
             raise EngineError("generation_failed", f"{engine.name} produced no audio")
         duration = samples / self.sample_rate
-        timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1)}
+        timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
+                  "truncated": cut or job.task.truncated}
         if request.stream:
             return "success", duration, first_audio, (p.success_reply(
                 request, sample_rate=self.sample_rate, length_bytes=sum(pieces), duration_s=duration,
@@ -328,6 +331,9 @@ def _free_accelerator_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.empty_cache()
 
 
 def _voice(engine: Engine) -> dict[str, Any]:

@@ -13,10 +13,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?…;:])[\"')\]]*\s+|\n+")
 FRAME_MS = 80  # one CSM / Mimi frame
 BASE_MS = 1000
 MS_PER_CHAR = 80  # ~12 characters per second of speech, with room to spare
+MAX_SENTENCE_CHARS = 250  # one generation's text: its prompt and frame budget fit CSM-1B's 2048 positions
 
 
-def split_sentences(text: str, min_chars: int = 12) -> list[str]:
-    """Sentences of ``text`` in order; fragments shorter than ``min_chars`` join the next one."""
+def split_sentences(text: str, min_chars: int = 12, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]:
+    """Sentences of ``text`` in order; fragments shorter than ``min_chars`` join the next one.
+
+    A sentence longer than ``max_chars`` (a run-on, or text with no punctuation)
+    is cut at the last comma or space before the limit, so every piece fits
+    CSM's positions and nothing of the text is left unspoken.
+    """
     parts = [p.strip() for p in _SENTENCE_END.split(text) if p and p.strip()]
     sentences: list[str] = []
     carry = ""
@@ -30,7 +36,20 @@ def split_sentences(text: str, min_chars: int = 12) -> list[str]:
             sentences[-1] = f"{sentences[-1]} {carry}"
         else:
             sentences.append(carry)
-    return sentences
+    return [piece for sentence in sentences for piece in _wrap(sentence, max_chars)]
+
+
+def _wrap(sentence: str, max_chars: int) -> list[str]:
+    pieces = []
+    while len(sentence) > max_chars:
+        head = sentence[:max_chars]
+        cut = max(head.rfind(", "), head.rfind("; "))  # a clause boundary in the second half,
+        cut = cut + 1 if cut >= max_chars // 2 else head.rfind(" ")  # else the last space,
+        if cut < max_chars // 2:
+            cut = max_chars  # else a hard cut
+        pieces.append(sentence[:cut].strip())
+        sentence = sentence[cut:].strip()
+    return pieces + ([sentence] if sentence else [])
 
 
 def estimate_ms(text: str) -> int:

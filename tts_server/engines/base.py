@@ -20,12 +20,21 @@ from ..protocol import SynthesisRequest
 
 
 class EngineError(Exception):
-    """A request-level failure with a protocol error code (``generation_failed``, ...)."""
+    """A request-level failure with a protocol error code (``generation_failed``, ...).
+
+    Only ``generation_failed`` is the engine's own failure, which another engine
+    may answer instead; any other code (``text_too_long``, ...) is the request's
+    fault and reaches the client as it is.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+    @property
+    def engine_fault(self) -> bool:
+        return self.code == "generation_failed"
 
 
 @dataclass(eq=False)
@@ -54,7 +63,9 @@ class SynthesisTask:
 
     ``context`` comes before the text (voice prompt, then conversation history,
     oldest first); ``reference`` (an emotion clip) goes right before the text.
-    The engine appends the turns it speaks to ``produced`` (conversation memory).
+    The engine appends the turns it speaks to ``produced`` (conversation memory)
+    and sets ``truncated`` when the request's ``max_audio_length_ms`` ran out
+    before the end of the text.
     """
 
     request: SynthesisRequest
@@ -62,6 +73,7 @@ class SynthesisTask:
     context: list[ContextTurn] = field(default_factory=list)
     reference: ContextTurn | None = None
     produced: list[ContextTurn] = field(default_factory=list)
+    truncated: bool = False
 
 
 class Engine(ABC):
@@ -82,6 +94,13 @@ class Engine(ABC):
     @abstractmethod
     def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
         """Yield audio chunks (float32, mono, ``sample_rate``) for ``task.request``."""
+
+    def recover(self, stalled_for: float) -> None:
+        """The watchdog gave up on a request that made no progress for ``stalled_for`` seconds.
+
+        The scheduler replaces its own worker threads; an engine with threads of
+        its own (CSM's batch thread) replaces any that have been stuck that long.
+        """
 
     def close(self) -> None:
         """Release what ``load`` took; the default has nothing to release."""

@@ -11,6 +11,7 @@ codec round trip blurs the voice.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,7 +40,7 @@ def pick_device(requested: str) -> str:
 def pick_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 is slow
         return torch.bfloat16
     return torch.float32
 
@@ -81,6 +82,8 @@ class CsmEngine(Engine):
         """Adopt an already built processor and model (``load`` ends here; benchmarks start here)."""
         model.codec_model.float()  # the codec stays float32: it is small and bf16 audio is audibly worse
         self.processor = processor
+        specials = sorted(processor.tokenizer.added_tokens_encoder, key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials)) or "(?!)")
         self.model = model.to(self.device).eval()
         self.decoder = CsmDecoder(self.model, compile=self.compile)
         self.batcher = Batcher(self.decoder, self.concurrency) if self.concurrency > 1 else None
@@ -105,22 +108,38 @@ class CsmEngine(Engine):
         """Token ids of the CSM prompt: ``turns`` as context, then ``text`` to speak.
 
         The chat template renders one ``<|AUDIO|>`` per audio turn; it is expanded
-        to one per frame, exactly as the processor does for raw audio.
+        to one per frame, exactly as the processor does for raw audio.  The
+        texts are the clients' words: spelled special tokens in them
+        (``<|AUDIO|>``, ``<|begin_of_text|>`` ...) are tokenized as plain text, so
+        no client can forge audio slots, turn ends or another speaker's turn.
         """
-        conversation = [
-            {"role": str(t.speaker), "content": [{"type": "text", "text": t.text}, {"type": "audio", "path": ""}]}
-            for t in turns
-        ]
-        conversation.append({"role": str(speaker), "content": [{"type": "text", "text": text}]})
+        texts = [t.text for t in turns] + [text]
+        tokenizer = self.processor.tokenizer
+        if not any(self._specials.search(t) for t in texts):  # the common case: exactly the processor's ids
+            prompt = self._render(turns, texts, speaker)
+            return tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        marks = [f"\ue000{i}\ue001" for i in range(len(texts))]
+        pieces = re.split("\ue000(\\d+)\ue001", self._render(turns, marks, speaker))
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):  # template text, index of a client text, template text, ...
+            client = i % 2 == 1
+            piece = texts[int(piece)] if client else piece
+            if piece:
+                ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=client)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _render(self, turns: list[ContextTurn], texts: list[str], speaker: int) -> str:
+        """The chat template's prompt with each audio slot expanded to one ``<|AUDIO|>`` per frame."""
+        roles = [str(t.speaker) for t in turns] + [str(speaker)]
+        conversation = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in zip(roles, texts)]
+        for message in conversation[:-1]:
+            message["content"].append({"type": "audio", "path": ""})
         rendered = self.processor.apply_chat_template(conversation, tokenize=False)
         token = self.processor.audio_token
         pieces = rendered.split(token)
         if len(pieces) != len(turns) + 1:
             raise EngineError("internal_error", "chat template did not render one audio slot per context turn")
-        expanded = pieces[0] + "".join(token * self.codes_for(t).shape[0] + rest
-                                       for t, rest in zip(turns, pieces[1:]))
-        ids = self.processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        return ids[0]
+        return pieces[0] + "".join(token * self.codes_for(t).shape[0] + rest for t, rest in zip(turns, pieces[1:]))
 
     def fit_context(self, turns: list[ContextTurn], text: str, speaker: int,
                     frames: int) -> tuple[torch.Tensor, list[ContextTurn]]:
@@ -155,15 +174,16 @@ class CsmEngine(Engine):
         else:
             rng.manual_seed(request.seed)
         audio = MimiStreamDecoder(self.model.codec_model)
-        sentences = split_sentences(request.text)
-        estimates = [estimate_ms(s) for s in sentences]
-        remaining_ms = request.max_audio_length_ms or min(90_000, sum(estimates))
+        remaining_ms = request.max_audio_length_ms or float("inf")  # no cap: the whole text is spoken
         spoken: list[ContextTurn] = []
         emitted = 0
-        for sentence, estimate in zip(sentences, estimates):
-            if remaining_ms < 80 or cancel.is_set():
+        for sentence in split_sentences(request.text):
+            if cancel.is_set():
                 return
-            budget = frames_for_ms(min(estimate, remaining_ms))
+            if remaining_ms < 80:
+                task.truncated = True
+                return
+            budget = frames_for_ms(min(estimate_ms(sentence), remaining_ms))
             candidates = task.context + spoken + ([task.reference] if task.reference else [])
             ids, turns = self.fit_context(candidates, sentence, request.speaker, budget)
             embeds = self.decoder.embed_prompt(ids, [self.codes_for(t) for t in turns])
@@ -193,10 +213,20 @@ class CsmEngine(Engine):
                 chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
                 emitted += pending
                 yield chunks[-1]
+            if len(frames) == budget and remaining_ms < estimate_ms(sentence):
+                task.truncated = True  # the request's cap, not the sentence's end, stopped it
             remaining_ms -= 80 * len(frames)
             turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
             spoken.append(turn)
             task.produced.append(turn)
+
+    def recover(self, stalled_for: float) -> None:
+        """Replace a batch thread stuck in one step for ``stalled_for`` s; its requests end with an error."""
+        batcher = self.batcher
+        if batcher is not None and batcher.stalled_for() >= stalled_for:
+            log.error("CSM's batch thread has been stuck for %.0f s; starting a fresh one", batcher.stalled_for())
+            self.batcher = Batcher(self.decoder, self.concurrency)
+            batcher.abandon(f"CSM's batch thread was stuck for over {stalled_for:g} s and was abandoned")
 
     def close(self) -> None:
         self.model = self.decoder = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -66,6 +67,8 @@ class Batcher:
         self._joining: list[Row] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # monotonic start of the current prefill or step
+        self.abandoned = False
         self.steps = 0
         self.linear = skinny_linear if decoder.device.type == "cpu" else F.linear
 
@@ -75,42 +78,71 @@ class Batcher:
         if max_frames < 1 or embeds.shape[0] + max_frames > self.length:
             raise ValueError("prompt plus frame budget exceed CSM's positions")
         row = Row(sampling, rng, cancel, max_frames, embeds.shape[0], embeds=embeds)
-        self._join(row)
+        if not self._join(row):
+            return  # cancelled while waiting for a row
         try:
             while (frame := row.out.get()) is not _DONE:
-                if isinstance(frame, Exception):
+                if isinstance(frame, BaseException):
                     raise frame
                 yield frame
         finally:
             row.stopped.set()  # if the consumer stopped early, the row leaves at the next boundary
 
-    def _join(self, row: Row) -> None:
+    def _join(self, row: Row) -> bool:
+        """Queue ``row`` for the batch thread; ``False`` if it was cancelled before a row was free.
+
+        The scheduler admits at most ``rows`` requests, but a request it has let
+        go (cancelled, disconnected, retried elsewhere) frees its row only at the
+        end of the batch thread's current step: a newcomer waits for that moment.
+        """
         with self._wake:
-            if not self._free:
-                raise RuntimeError("more concurrent CSM requests than batch rows")
+            while not self._free:
+                if row.cancel.is_set():
+                    return False
+                if self.abandoned:
+                    raise RuntimeError("the CSM batch thread was abandoned")
+                self._wake.wait(0.05)
             row.slot = self._free.pop(0)
             self._joining.append(row)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="csm-batch", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            self._wake.notify_all()
+        return True
+
+    def stalled_for(self) -> float:
+        """Seconds the batch thread has been inside one prefill or step (0 when it is waiting for work)."""
+        busy = self._busy_since
+        return 0.0 if busy is None else time.monotonic() - busy
+
+    def abandon(self, why: str) -> None:
+        """Give up on a stuck batch thread: its requests end with an error, and it exits if it ever returns."""
+        with self._wake:
+            self.abandoned = True
+            for row in [*self.active.values(), *self._joining]:
+                row.out.put(RuntimeError(why))
+            self.active.clear()
+            self._joining.clear()
+            self._wake.notify_all()
 
     @torch.inference_mode()
     def _run(self) -> None:
-        """The batch thread: all of CSM's compute for batched requests happens here, one op stream."""
+        """The batch thread: all of CSM's model steps for batched requests happen here, one op stream."""
         while True:
             with self._wake:
-                while not self._joining and not self.active:
+                while not self._joining and not self.active and not self.abandoned:
                     self._wake.wait()
+                if self.abandoned:
+                    return
                 joining, self._joining = self._joining, []
+                self._busy_since = time.monotonic()
             for row in joining:
                 try:
                     self._admit(row)
                 except Exception as exc:
                     log.exception("CSM prefill failed")
-                    row.out.put(RuntimeError(f"CSM prefill failed: {exc}"))
                     with self._wake:
-                        self._free.append(row.slot)
+                        self._fail(row, exc, "CSM prefill failed")
             with self._wake:
                 for row in list(self.active.values()):
                     if row.cancel.is_set() or row.stopped.is_set():
@@ -118,12 +150,13 @@ class Batcher:
             if self.active:
                 try:
                     self._step()
-                except Exception as exc:  # a failed step ends its rows with an error, not the thread
+                except Exception as exc:  # a failed step (out of memory, ...) ends its rows, not the thread
                     log.exception("CSM batch step failed")
                     with self._wake:
                         for row in list(self.active.values()):
-                            row.out.put(RuntimeError(f"CSM batch step failed: {exc}"))
-                            self._leave(row, notify=False)
+                            self._fail(row, exc, "CSM batch step failed")
+            with self._wake:
+                self._busy_since = None
 
     def _admit(self, row: Row) -> None:
         """Prefill a new row on its own and give it a batch slot; its first frame comes with the next step."""
@@ -141,12 +174,20 @@ class Batcher:
             self.cache.load(row.slot, prefilled)
             self.active[row.slot] = row
 
-    def _leave(self, row: Row, notify: bool = True) -> None:
-        """Free the row's slot (caller holds the lock); its consumer sees the end of its frames."""
+    def _leave(self, row: Row, ending: object = _DONE) -> None:
+        """Free the row's slot (caller holds the lock); its consumer gets ``ending`` (the end, or an error)."""
+        if self.abandoned:  # the rows and slots belong to no one any more
+            return
         self.active.pop(row.slot, None)
         self._free.append(row.slot)
-        if notify:
-            row.out.put(_DONE)
+        row.out.put(ending)
+        self._wake.notify_all()  # a request waiting for a free row
+
+    def _fail(self, row: Row, exc: BaseException, what: str) -> None:
+        """End ``row`` with an error of its own; out of memory stays out of memory (the scheduler frees caches)."""
+        oom = getattr(torch, "OutOfMemoryError", MemoryError)
+        error = oom(f"{what}: {exc}") if isinstance(exc, oom) else RuntimeError(f"{what}: {exc}")
+        self._leave(row, error)
 
     def _step(self) -> None:
         """One frame for every active row: a backbone step for rows past their first frame, then the depth decoder.
@@ -167,15 +208,25 @@ class Batcher:
             if row.hidden is not None:  # just prefilled: its first frame comes from the prompt's last state
                 hidden[slot], row.hidden = row.hidden[0], None
 
+        failed: dict[int, Exception] = {}
+
         def pick(logits: torch.Tensor) -> torch.Tensor:
             ids = torch.zeros(self.rows, dtype=torch.long, device=device)
             for slot, row in rows.items():
-                ids[slot] = decoder._pick(logits[slot:slot + 1], row.sampling, row.rng)[0]
+                if slot in failed:
+                    continue
+                try:  # one row's sampling failure is that row's alone: its neighbours go on
+                    ids[slot] = decoder._pick(logits[slot:slot + 1], row.sampling, row.rng)[0]
+                except Exception as exc:
+                    log.exception("CSM sampling failed for one batch row")
+                    failed[slot] = exc
             return ids
 
         frames = decoder.sample_frame(hidden, pick, self.linear)
         self.steps += 1
         with self._wake:
+            for slot, exc in failed.items():
+                self._fail(rows.pop(slot), exc, "CSM sampling failed")
             for slot, row in rows.items():
                 frame = frames[slot]
                 if slot in stepping:

@@ -98,7 +98,10 @@ class CsmDecoder:
         scores[:, self.codec_size :] = -float("inf")
         if sampling.top_k == 1:
             return scores.argmax(dim=-1)
-        scores = scores / sampling.temperature
+        # A tiny temperature turns finite scores into +inf, and softmax of inf - inf is NaN (multinomial then
+        # fails, or asserts on CUDA): capping at the largest float keeps the distribution defined and leaves
+        # every ordinary score bit for bit as it was.
+        scores = (scores / sampling.temperature).clamp(max=torch.finfo(scores.dtype).max)
         k = min(sampling.top_k, scores.shape[-1])
         kth = torch.topk(scores, k)[0][..., -1, None]
         scores = scores.masked_fill(scores < kth, -float("inf"))
