@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,18 @@ from tts_server.server import TTSServer  # noqa: E402
 from tts_server.tiny_csm import build_checkpoint  # noqa: E402
 
 TERMINAL = {"success", "error", "cancelled"}
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_references_untouched():
+    """No test may write into the repository's references/ (servers in tests get a folder of their own)."""
+    before = _tree(ROOT / "references")
+    yield
+    assert _tree(ROOT / "references") == before, "a test changed the checkout's references/ folder"
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +158,11 @@ class ServerProcess:
         full_env.update(env or {})
         if "--port" not in args and "TTS_PORT" not in full_env:
             args = [*args, "--port", str(self.port)]
+        if "--references" not in args and "TTS_REFERENCES" not in full_env:  # never the checkout's folder
+            references = tmp_path / "references"
+            if not references.exists():
+                shutil.copytree(ROOT / "references", references)
+            args = [*args, "--references", str(references)]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "run_server.py"), "--host", "127.0.0.1", *args],
                                      cwd=tmp_path, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)

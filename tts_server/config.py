@@ -31,6 +31,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _networks(text: str) -> str:
+    import ipaddress
+
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not an IP address or network") from None
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -84,11 +95,14 @@ OPTIONS = [
            choices=["on", "off"]),
     Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
            "is stopped with 'client_too_slow'", _positive),
-    Option("pin_voices", "on", "on: a speaker's first CSM generation of 2 s or more becomes its default voice",
+    Option("pin_voices", "off", "on: a speaker's first CSM generation of 2 s or more becomes its default voice "
+           "for every client (for a server whose clients you trust: one client's request picks everyone's voice)",
            choices=["on", "off"]),
     Option("max_context_turns", 8, "turns of conversation history kept per connection", _positive),
     Option("api_key", None, "comma-separated API keys; when set, WebSocket and HTTP (except /health) need one"),
     Option("allowed_origins", None, "comma-separated browser origins allowed besides the server's own; * = any"),
+    Option("trusted_proxies", None, "comma-separated addresses or networks of reverse proxies (e.g. 127.0.0.1 "
+           "for nginx on this host) whose X-Forwarded-For names the client for the per-address limits", _networks),
     Option("max_connections", 256, "most open WebSocket connections", _positive),
     Option("max_connections_per_address", 16, "most open connections from one client address", _positive),
     Option("rate_limit", 120, "most synthesis and voice requests a minute per connection", _positive),
@@ -121,7 +135,7 @@ class Settings:
     fallback: str = "piper"
     sample_rate: int = 24000
     piper_voice: str | None = None
-    pin_voices: str = "on"
+    pin_voices: str = "off"
     max_context_turns: int = 8
     max_batch: int = 0
     threads: int = 0
@@ -131,6 +145,7 @@ class Settings:
     stream_buffer_seconds: int = 30
     api_key: str | None = field(default=None, repr=False)
     allowed_origins: str | None = None
+    trusted_proxies: str | None = None
     max_connections: int = 256
     max_connections_per_address: int = 16
     rate_limit: int = 120

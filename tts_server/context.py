@@ -40,7 +40,7 @@ def clip_turn(clip: Clip, speaker: int, cache: dict) -> ContextTurn:
 class ReferenceLibrary:
     """Emotion clips and default voices of one references folder."""
 
-    def __init__(self, root: str | Path | None, pin_voices: bool = True) -> None:
+    def __init__(self, root: str | Path | None, pin_voices: bool = False) -> None:
         """``root=None``: no references and no pinning (an engine-only server, as in some tests)."""
         self.root = Path(root) if root is not None else None
         self.pin_voices = pin_voices

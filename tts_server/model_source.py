@@ -14,6 +14,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+# What loading needs: config, processor and tokenizer files, the chat template and the safetensors weights.
+# sesame/csm-1b also holds the original 6 GB ``ckpt.pt``, which transformers never reads: it is not fetched.
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
+
+
 class ModelSourceError(Exception):
     """The model files cannot be had; the message says what to do."""
 
@@ -57,7 +62,7 @@ def download(model_id: str, token: str | None, cache_dir: str | None = None) -> 
     log.info("Downloading %s from the Hugging Face hub (%s token)", model_id,
              "with a" if token else "without a")
     try:
-        folder = snapshot_download(model_id, token=token or None, cache_dir=cache_dir)
+        folder = snapshot_download(model_id, token=token or None, cache_dir=cache_dir, allow_patterns=list(MODEL_FILES))
     except GatedRepoError:
         raise ModelSourceError(
             f"{model_id} is gated: accept its terms on the hub page with your account, then set HF_TOKEN "

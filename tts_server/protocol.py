@@ -126,8 +126,8 @@ class _Fields:
         value = self.data.get(name)
         if value is None:
             return default
-        if isinstance(value, str) and value.isdigit() and name == "speaker":
-            value = int(value)
+        if isinstance(value, str) and name == "speaker" and value.isascii() and value.isdigit():
+            value = int(value)  # "3" as 3; not "²" or "３", which str.isdigit also accepts
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self.fail(f"'{name}' must be an integer from {low} to {high}")
         return value
@@ -170,9 +170,10 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         raise ProtocolError(
             ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
             "send requests as JSON text frames")
-    if len(raw) > MAX_TEXT_FRAME:
+    size = len(raw) if len(raw) * 4 <= MAX_TEXT_FRAME else len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_FRAME:
         raise ProtocolError(ErrorCode.INVALID_REQUEST,
-                            f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {len(raw)} characters")
+                            f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {size} bytes")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -256,8 +257,12 @@ def error_reply(code: ErrorCode, message: str, request_id: str | None = None) ->
     return reply
 
 
-def loading_reply(message: str, request_id: str | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"status": "loading", "message": message}
+# The text clients of the original protocol know; ``detail`` says which engine, in our words.
+LOADING_MESSAGE = "TTS model is still loading, request will be processed when ready"
+
+
+def loading_reply(detail: str, request_id: str | None = None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"status": "loading", "message": LOADING_MESSAGE, "detail": detail}
     if request_id is not None:
         reply["request_id"] = request_id
     return reply

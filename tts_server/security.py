@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
 import time
@@ -79,6 +80,35 @@ class Gate:
         if websocket and not self.origin_ok(headers):
             return Verdict(403, "This Origin may not connect; see --allowed-origins\n")
         return None
+
+
+class ProxyTrust:
+    """The client's real address behind reverse proxies listed in ``--trusted-proxies``.
+
+    A connection from a trusted proxy (nginx on this host, say) is counted under
+    the address that proxy saw: the rightmost ``X-Forwarded-For`` entry that is
+    not itself a trusted proxy.  Entries left of it were written by the client
+    and are ignored, and a connection from any other address is counted under
+    its own, so nobody can dodge the per-address limits by sending the header.
+    """
+
+    def __init__(self, proxies: tuple[str, ...] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(p, strict=False) for p in proxies if p)
+
+    def trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def client(self, peer: str, headers) -> str:
+        if not self.trusted(peer):
+            return peer
+        chain = [a.strip() for h in headers.get_all("X-Forwarded-For") for a in h.split(",") if a.strip()]
+        while chain and self.trusted(chain[-1]):
+            peer = chain.pop()
+        return chain[-1] if chain else peer
 
 
 class ConnectionLimits:

@@ -32,7 +32,7 @@ from .references import ReferenceError
 from .references.quality import check_voice_prompt
 from .jobs import END, Busy, EngineSlot, Job
 from .scheduler import Scheduler
-from .security import ConnectionLimits, Gate, RateLimiter, RedactingLogger
+from .security import ConnectionLimits, Gate, ProxyTrust, RateLimiter, RedactingLogger
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATHS = ("/", "/ws")
@@ -49,6 +49,8 @@ class Connection:
         self.live: dict[str, Job] = {}
         self.conversation = Conversation(server.library, server.max_context_turns)
         self._voice: p.VoiceRequest | None = None  # a voice message waiting for its binary frame
+        # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
+        self._told_loading = False
         self._rate = RateLimiter(server.rate_limit)
         self._send_lock = asyncio.Lock()
 
@@ -61,6 +63,7 @@ class Connection:
     async def run(self) -> None:
         notice = self.server.loading_notice()
         if notice:
+            self._told_loading = True
             await self.send(p.loading_reply(notice))
         writer = asyncio.create_task(self._write_replies())
         try:
@@ -126,7 +129,8 @@ class Connection:
             raise p.ProtocolError(p.ErrorCode.BUSY, str(exc), request.request_id) from None
         self.live[request.request_id] = job
         self.jobs.put_nowait(job)
-        if notice:
+        if notice and not self._told_loading:
+            self._told_loading = True
             await self.send(p.loading_reply(notice, request.request_id))
 
     def _remember(self, job: Job) -> None:
@@ -180,8 +184,9 @@ class TTSServer:
                  max_context_turns: int = 8, gate: Gate | None = None, max_connections: int = 256,
                  max_connections_per_address: int = 16, rate_limit: int = 120, max_queued_per_connection: int = 8,
                  max_voice_bytes: int = 10 * 1024 * 1024, max_voice_seconds: float = 30,
-                 generation_timeout: float = 120) -> None:
+                 generation_timeout: float = 120, trusted_proxies: tuple[str, ...] = ()) -> None:
         self.host, self.port = host, port
+        self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
         self.rate_limit = rate_limit
@@ -285,7 +290,7 @@ class TTSServer:
         self.scheduler.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
-        address = (ws.remote_address or ("?",))[0]
+        address = self.proxies.client((ws.remote_address or ("?",))[0], ws.request.headers)
         refusal = "The server is shutting down" if self.draining else self.connection_limits.admit(address)
         if refusal is not None:
             code = p.ErrorCode.SHUTTING_DOWN if self.draining else p.ErrorCode.TOO_MANY_CONNECTIONS

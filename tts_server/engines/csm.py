@@ -71,9 +71,14 @@ class CsmEngine(Engine):
 
         self.folder = Path(self._locate())
         log.info("Loading CSM from %s onto %s (%s)", self.folder, self.device, str(self.dtype).split(".")[-1])
+        class CodecInFloat32(CsmForConditionalGeneration):
+            """Loads the Mimi codec's weights in float32 whatever ``dtype`` the rest gets (never via bfloat16)."""
+
+            _keep_in_fp32_modules_strict = ["codec_model"]
+
         try:
             self.processor = AutoProcessor.from_pretrained(self.folder)
-            model = CsmForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype)
+            model = CodecInFloat32.from_pretrained(self.folder, dtype=self.dtype)
         except Exception as exc:  # a broken folder is a load failure, never a crash
             raise RuntimeError(f"cannot load CSM from {self.folder}: {exc.__class__.__name__}: {exc}") from exc
         self.use_model(self.processor, model)

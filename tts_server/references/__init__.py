@@ -31,6 +31,8 @@ from ..audio import resample
 log = logging.getLogger(__name__)
 RATE = 24000
 CLIP_SECONDS = (0.5, 30.0)
+RATES = (8000, 96000)  # sample rates accepted for clips and uploads
+MAX_CHANNELS = 2
 EMOTION_MAP = "emotion_map.json"
 VOICE_MAP = "voices.json"
 
@@ -77,11 +79,31 @@ def to_24k_mono(samples: np.ndarray, rate: int) -> np.ndarray:
 
 
 def read_audio(source: Any, name: str, seconds: tuple[float, float] = CLIP_SECONDS) -> np.ndarray:
-    """Decode a file path or file object and check its length; ``name`` appears in errors."""
+    """Decode a file path or file object and check its length; ``name`` appears in errors.
+
+    Rate, channels and the declared length are checked from the header first, and
+    at most ``seconds[1]`` of audio is ever decoded: a small file that unpacks to
+    hours of samples (FLAC compresses silence ~1000:1) costs no memory.
+    """
     try:
-        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as audio_file:
+            rate, channels = audio_file.samplerate, audio_file.channels
+            if not RATES[0] <= rate <= RATES[1]:
+                raise ReferenceError(f"{name} has a sample rate of {rate} Hz; {RATES[0]} to {RATES[1]} Hz are accepted")
+            if channels > MAX_CHANNELS:
+                raise ReferenceError(f"{name} has {channels} channels; send mono or stereo audio")
+            most = int(seconds[1] * rate)
+            if audio_file.frames > most:  # the header's length (a file that hides its length is read up to the cap)
+                raise ReferenceError(f"{name} lasts {audio_file.frames / rate:.2f} s; it must last "
+                                     f"{seconds[0]:g} to {seconds[1]:g} s")
+            samples = audio_file.read(most + 1, dtype="float32", always_2d=True)
+    except ReferenceError:
+        raise
     except Exception as exc:  # soundfile raises several types for undecodable input
         raise ReferenceError(f"{name} cannot be decoded as WAV, FLAC or OGG ({exc.__class__.__name__})") from None
+    if len(samples) > most:
+        raise ReferenceError(f"{name} lasts more than {seconds[1]:g} s; it must last {seconds[0]:g} to "
+                             f"{seconds[1]:g} s")
     audio = to_24k_mono(samples, rate)
     duration = len(audio) / RATE
     if not seconds[0] <= duration <= seconds[1]:
@@ -148,7 +170,7 @@ def load_voices(root: str | Path) -> tuple[dict[int, Clip], list[str]]:
     voices: dict[int, Clip] = {}
     warnings: list[str] = []
     for key, entry in data.items():
-        if not str(key).isdigit():
+        if not (str(key).isascii() and str(key).isdigit()):
             warnings.append(f"voices.json key {key!r} is not a speaker id; skipped")
             continue
         try:
