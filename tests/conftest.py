@@ -83,6 +83,12 @@ def csm_slot(folder: Path, delay: float = 0.0, max_batch: int = 1) -> EngineSlot
     return EngineSlot(CsmEngine(locate, device="cpu", max_batch=max_batch))
 
 
+def piper_slot() -> EngineSlot:
+    from tts_server.engines.piper import PiperEngine
+
+    return EngineSlot(PiperEngine())
+
+
 @contextlib.asynccontextmanager
 async def running_server(primary: EngineSlot, fallback: EngineSlot | None = None, *, wait_loaded: bool = True,
                          **options):

@@ -12,17 +12,13 @@ import soundfile as sf
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, piper_slot, recv_json, running_server, url
 from tts_server.engines.base import EngineError
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
 from tts_server.jobs import EngineSlot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-
-
-def piper_slot() -> EngineSlot:
-    return EngineSlot(PiperEngine())
 
 
 

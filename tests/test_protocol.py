@@ -50,6 +50,10 @@ def test_streaming_defaults_to_pcm():
     ({"text": "x", "speaker": "one"}, "invalid_request"),
     ({"text": "x", "speaker": True}, "invalid_request"),
     ({"text": "x", "speaker": 1.5}, "invalid_request"),
+    ({"text": "x", "speaker": "²"}, "invalid_request"),  # str.isdigit says yes, int() says no
+    ({"text": "x", "speaker": "３"}, "invalid_request"),  # a fullwidth digit
+    ({"text": "x", "speaker": "٣"}, "invalid_request"),  # an Arabic-Indic digit
+    ('{"text": "' + "é" * (200 * 1024) + '"}', "invalid_request"),  # 200 K characters, 400 KiB: over the cap
     ({"text": "x", "temperature": 0}, "invalid_request"),
     ({"text": "x", "temperature": 2.5}, "invalid_request"),
     ({"text": "x", "temperature": "hot"}, "invalid_request"),

@@ -45,8 +45,8 @@ async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir
         folder = tmp_path / name
         folder.mkdir()
         backends.append(ServerProcess(folder, ["--mode", "reuse", "--model-path", str(tiny_model_dir),
-                                               "--engine", "csm", "--shutdown-grace", "60",
-                                               "--threads", "1"]))  # two servers share this machine's cores
+                                               "--engine", "csm", "--shutdown-grace", "60", "--trusted-proxies",
+                                               "127.0.0.1", "--threads", "1"]))  # two servers share the cores
     listen = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen,
@@ -88,3 +88,52 @@ async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir
         proxy.wait(10)
         for backend in backends:
             backend.stop()
+
+
+async def connect_from(port: int, address: str, **options):
+    """A WebSocket to nginx from a loopback source ``address`` (all of 127.0.0.0/8 is this machine)."""
+    return await websockets.connect(f"ws://127.0.0.1:{port}/ws", local_addr=(address, 0), **options)
+
+
+async def test_through_nginx_the_page_works_and_limits_count_each_client_not_nginx(tiny_model_dir, tmp_path):
+    backend = ServerProcess(tmp_path, ["--mode", "reuse", "--model-path", str(tiny_model_dir), "--engine", "csm",
+                                       "--trusted-proxies", "127.0.0.1", "--max-connections-per-address", "16"])
+    listen = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen, [backend.port] * 2, tmp_path))
+    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    opened = []
+    try:
+        backend.wait_for_log("csm ready")
+        time.sleep(0.5)
+        assert proxy.poll() is None, proxy.stderr.read().decode()
+        status, page = await asyncio.to_thread(http_get, listen, "/")
+        assert status == 200 and "<html" in page.lower()
+        # The page's own WebSocket: its Origin is nginx's address and port, which the backend must see as its own.
+        async with websockets.connect(f"ws://127.0.0.1:{listen}/ws", origin=f"http://127.0.0.1:{listen}") as ws:
+            await ws.send(json.dumps({"text": "From the page", "max_audio_length_ms": 160}))
+            assert (await collect(ws, timeout=60))[0]["status"] == "success"
+
+        # 24 clients, one connection each: all admitted although nginx alone connects to the backend.
+        for n in range(24):
+            opened.append(await connect_from(listen, f"127.0.0.{10 + n}"))
+        for ws in opened:
+            await ws.send(json.dumps({"type": "reset"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
+
+        # One client's 17th connection is refused, and a forged X-Forwarded-For does not dodge the limit.
+        same = [await connect_from(listen, "127.0.0.5", additional_headers={"X-Forwarded-For": f"10.9.9.{n}"})
+                for n in range(17)]
+        opened += same
+        for ws in same[:16]:
+            await ws.send(json.dumps({"type": "reset"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
+        refused = json.loads(await asyncio.wait_for(same[16].recv(), 30))
+        assert refused["code"] == "too_many_connections"
+    finally:
+        for ws in opened:
+            await ws.close()
+        proxy.terminate()
+        proxy.wait(10)
+        backend.stop()

@@ -123,9 +123,9 @@ async def test_queued_requests_per_connection_are_bounded(tiny_model_dir):
             await recv_json(ws)
             for rid in ("a", "b", "c"):
                 await ws.send(json.dumps({"text": "Queue me", "request_id": rid, **SHORT}))
-            replies = [await recv_json(ws) for _ in range(3)]
-            assert replies[2] == {"status": "error", "code": "too_many_queued", "message": replies[2]["message"],
-                                  "request_id": "c"}
+            refused = await recv_json(ws)  # at once, before a and b (no loading notices: the one on connect)
+            assert refused == {"status": "error", "code": "too_many_queued", "message": refused["message"],
+                               "request_id": "c"}
             assert [(await collect(ws, rid))[0]["status"] for rid in ("a", "b")] == ["success", "success"]
 
 
@@ -142,3 +142,17 @@ async def test_voice_upload_limits_are_configurable(tiny_model_dir):
             long = await recv_json(ws)
     assert big["code"] == long["code"] == "invalid_voice"
     assert "limit is" in big["message"] and "lasts 2.50 s" in long["message"]
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies_and_only_its_rightmost_untrusted_entry():
+    from websockets.datastructures import Headers
+
+    from tts_server.security import ProxyTrust
+
+    trust = ProxyTrust(("127.0.0.1", "10.0.0.0/8"))
+    forwarded = lambda value: Headers([("X-Forwarded-For", value)])  # noqa: E731
+    assert trust.client("127.0.0.1", forwarded("203.0.113.7")) == "203.0.113.7"
+    assert trust.client("127.0.0.1", forwarded("6.6.6.6, 203.0.113.7, 10.1.2.3")) == "203.0.113.7"  # chained proxies
+    assert trust.client("198.51.100.2", forwarded("203.0.113.7")) == "198.51.100.2"  # not a proxy: header ignored
+    assert trust.client("127.0.0.1", Headers()) == "127.0.0.1"
+    assert ProxyTrust().client("127.0.0.1", forwarded("203.0.113.7")) == "127.0.0.1"  # none trusted by default

@@ -190,9 +190,8 @@ async def test_oversized_frame_closes_only_that_connection_with_1009(tiny_model_
 async def test_cancel_a_queued_request_answers_cancelled(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir, delay=1.0), wait_loaded=False) as server:
         async with websockets.connect(url(server)) as ws:
-            await recv_json(ws)
+            await recv_json(ws)  # loading notice (the only one: it covers the request below)
             await ws.send(json.dumps({"text": "Never mind", "request_id": "gone"}))
-            await recv_json(ws)  # loading notice
             await ws.send(json.dumps({"type": "cancel", "request_id": "gone"}))
             reply = await recv_json(ws)
             assert reply == {"status": "cancelled", "request_id": "gone"}
