@@ -10,6 +10,7 @@ import pytest
 
 from audio_fixtures import speechlike, write_audio
 from conftest import ROOT, csm_slot, running_server
+from tts_server.security import Gate
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -92,3 +93,17 @@ async def test_page_streams_gaplessly_stops_and_shows_errors(tiny_model_dir, pag
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "voice-chat.png"), full_page=True)
     assert errors == []
+
+
+async def test_page_asks_for_the_key_when_the_server_refuses_its_handshake(tiny_model_dir, page_and_errors):
+    page, errors = page_and_errors
+    async with running_server(csm_slot(tiny_model_dir), gate=Gate(("right-key",))) as server:
+        await page.goto(f"http://127.0.0.1:{server.port}/?api_key=wrong-key")  # e.g. a key since rotated
+        await page.wait_for_function("document.getElementById('settings').open", timeout=30_000)
+        assert "refused this API key" in await page.inner_text("#error")
+        assert await page.evaluate("document.activeElement.id") == "api-key"
+        await page.fill("#api-key", "right-key")
+        await page.click("#save-key")
+        await page.wait_for_function("document.getElementById('conn').textContent === 'connected'", timeout=30_000)
+    # The browser itself logs the refused handshake and /v1/info's 401; nothing else may fail.
+    assert all("401" in e or "WebSocket connection" in e for e in errors), errors

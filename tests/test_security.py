@@ -34,7 +34,8 @@ async def test_api_key_is_required_on_websocket_and_http_except_health(tiny_mode
             assert (await collect(ws))[0]["status"] == "success"
         assert (await ahttp_get(server.port, "/health"))[0] == 200
         assert (await ahttp_get(server.port, "/static/app.js"))[0] == 200
-        for path in ("/v1/info", "/metrics", "/ready", "/"):
+        assert (await ahttp_get(server.port, "/"))[0] == 200  # the page itself, which then asks for a key
+        for path in ("/v1/info", "/metrics", "/ready"):
             assert (await ahttp_get(server.port, path))[0] == 401, path
         status, info = await ahttp_get(server.port, "/v1/info", {"Authorization": f"Bearer {KEYS[0]}"})
         _, metrics = await ahttp_get(server.port, f"/metrics?api_key={KEYS[1]}")

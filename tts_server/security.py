@@ -3,7 +3,7 @@
 - API keys are compared in constant time (``hmac.compare_digest`` against every
   configured key, no early exit).  Clients send ``Authorization: Bearer <key>``;
   browsers, which cannot set headers on a WebSocket, send ``?api_key=<key>``.
-  ``/health`` and the page's static script and style never need a key.  Keys never appear in logs, replies or metrics.
+  ``/health`` and the page (its HTML, script and style) never need a key.  Keys never appear in logs, replies or metrics.
 - Browsers send an ``Origin`` header; one that is not the server's own origin
   (``http(s)://<Host header>``) or listed in ``--allowed-origins`` is refused with
   403.  Clients that send no ``Origin`` (non-browser programs) are not affected.
@@ -72,8 +72,8 @@ class Gate:
     def check(self, headers, path: str, websocket: bool) -> Verdict | None:
         """``None`` to let the request through, else the status and a short reason."""
         bare = path.split("?", 1)[0]
-        if bare == "/health" or bare.startswith("/static/"):  # the page's script and style hold no data
-            return None
+        if bare == "/health" or bare.startswith("/static/") or (bare == "/" and not websocket):
+            return None  # the page's HTML, script and style hold no data; the page asks for a key when refused
         if not self.key_ok(headers, path):
             return Verdict(401, "A valid API key is required: send 'Authorization: Bearer <key>', or add "
                                 "?api_key=<key> to the address (the browser page: open /?api_key=<key>)\n")

@@ -61,14 +61,27 @@ function connect() {
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   setPill($("conn"), "connecting…", "wait");
-  ws.onopen = () => { setPill($("conn"), "connected", "on"); showError(""); loadInfo(); };
-  ws.onclose = (event) => {
+  let opened = false;
+  ws.onopen = () => { opened = true; setPill($("conn"), "connected", "on"); showError(""); loadInfo(); };
+  ws.onclose = async () => {
     if (state.ws !== ws) return;
     setPill($("conn"), "disconnected", "off");
-    if (event.code === 1008 || event.code === 4401) showError("Connection refused: check the API key in Settings");
+    // A refused key fails the handshake with HTTP 401, which a WebSocket cannot see: ask over plain HTTP.
+    if (!opened && await keyRefused()) { askForKey(); return; }  // no retry loop with a wrong key
     setTimeout(connect, 2000);
   };
   ws.onmessage = (event) => (typeof event.data === "string" ? onReply(JSON.parse(event.data)) : onAudio(event.data));
+}
+
+async function keyRefused() {
+  try { return (await fetch(withKey("/v1/info"))).status === 401; } catch { return false; }
+}
+
+function askForKey() {
+  showError(apiKey() ? "The server refused this API key: enter the right one in Settings"
+                     : "This server needs an API key: enter it in Settings");
+  $("settings").open = true;
+  $("api-key").focus();
 }
 
 function onReply(msg) {
