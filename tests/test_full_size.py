@@ -46,3 +46,30 @@ def test_compiled_depth_step_gives_the_same_tokens(tiny_model_dir):
         engine.codes = torch.stack(list(engine.decoder.frames(embeds, Sampling(temperature=0.8, top_k=20), 6,
                                                               torch.Generator().manual_seed(4))))
     assert torch.equal(plain.codes, compiled.codes)
+
+
+@pytest.mark.slow
+def test_compiled_depth_step_compiles_a_few_graphs_at_load_not_one_per_layer(tiny_model_dir, tmp_path):
+    """CSM-1B's 4 depth layers x first/later steps once hit dynamo's recompile limit (8) and fell back to eager."""
+    import json
+    import shutil
+
+    import torch._dynamo
+
+    from tts_server.engines.base import SynthesisTask
+    from tts_server.engines.csm import CsmEngine
+    from tts_server.protocol import SynthesisRequest
+
+    folder = tmp_path / "four-depth-layers"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["depth_decoder_config"]["num_hidden_layers"] = 4  # as CSM-1B
+    (folder / "config.json").write_text(json.dumps(config))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        engine = CsmEngine(lambda: folder, device="cpu", compile=True)
+        engine.load()  # compiles here (warm-up), not in the first request
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        task = SynthesisTask(SynthesisRequest(text="After the warm-up", request_id="r", max_audio_length_ms=400))
+        assert sum(len(chunk) for chunk in engine.synthesize(task)) > 0
+    assert 0 < compiled == torch._dynamo.utils.counters["stats"]["unique_graphs"]  # nothing new after load

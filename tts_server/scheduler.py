@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any
@@ -267,11 +268,12 @@ class Scheduler:
             pieces.append(len(data))
             job.post_threadsafe(data)
 
-        for chunk in _engine_chunks(engine, job.task):
-            if job.cancel_event.is_set() or cut:
-                break
-            job.progress_at = time.monotonic()
-            emit(resample(chunk))
+        with contextlib.closing(_engine_chunks(engine, job.task)) as chunks:
+            for chunk in chunks:
+                if job.cancel_event.is_set() or cut:
+                    break
+                job.progress_at = time.monotonic()
+                emit(resample(chunk))
         if job.cancel_event.is_set():
             return "cancelled", samples / self.sample_rate, first_audio, (p.cancelled_reply(request.request_id),)
         emit(resample(_empty(), last=True))
@@ -299,24 +301,29 @@ class Scheduler:
 
 
 def _engine_chunks(engine: Engine, task: SynthesisTask):
-    """The engine's chunks, with any exception it raises turned into ``generation_failed``."""
-    chunks = engine.synthesize(task)
-    while True:
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except EngineError:
-            raise
-        except torch_oom() as exc:
-            log.error("%s ran out of memory on request %s: %s", engine.name, task.request.request_id, exc)
-            _free_accelerator_memory()
-            raise EngineError("generation_failed", f"{engine.name} ran out of memory for this request; "
-                                                   "try shorter text or retry later") from exc
-        except Exception as exc:
-            log.exception("%s failed on request %s", engine.name, task.request.request_id)
-            raise EngineError("generation_failed", f"{engine.name} failed: {exc.__class__.__name__}: {exc}") from exc
-        yield chunk
+    """The engine's chunks, with any exception it raises turned into ``generation_failed``.
+
+    The engine's generator is closed as soon as the caller stops (cancel,
+    client too slow, an error), so it frees what it holds (a batch row) at once.
+    """
+    with contextlib.closing(engine.synthesize(task)) as chunks:
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except EngineError:
+                raise
+            except torch_oom() as exc:
+                log.error("%s ran out of memory on request %s: %s", engine.name, task.request.request_id, exc)
+                _free_accelerator_memory()
+                raise EngineError("generation_failed", f"{engine.name} ran out of memory for this request; "
+                                                       "try shorter text or retry later") from exc
+            except Exception as exc:
+                log.exception("%s failed on request %s", engine.name, task.request.request_id)
+                raise EngineError("generation_failed",
+                                  f"{engine.name} failed: {exc.__class__.__name__}: {exc}") from exc
+            yield chunk
 
 
 def torch_oom() -> type[BaseException]:

@@ -10,14 +10,17 @@ codec round trip blurs the voice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from ..protocol import SynthesisRequest
 from ..text import estimate_ms, frames_for_ms, split_sentences
 from .base import ContextTurn, Engine, EngineError, SynthesisTask
 from .csm_batch import Batcher
@@ -93,6 +96,13 @@ class CsmEngine(Engine):
         self.decoder = CsmDecoder(self.model, compile=self.compile)
         self.batcher = Batcher(self.decoder, self.concurrency) if self.concurrency > 1 else None
         self.max_positions = int(self.model.config.max_position_embeddings)
+        if self.compile:  # compile every graph now (tens of seconds), not in the first client's request
+            warm = SynthesisTask(SynthesisRequest(text="Warming up.", request_id="warm-up", context=False,
+                                                  max_audio_length_ms=160))
+            started = time.perf_counter()
+            for _ in self.synthesize(warm):
+                pass
+            log.info("compiled CSM's depth-decoder step in %.1f s", time.perf_counter() - started)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.label, "device": self.device, "dtype": str(self.dtype).split(".")[-1],
@@ -199,16 +209,17 @@ class CsmEngine(Engine):
                 frames_iter = self.batcher.frames(embeds, sampling, budget, rng, cancel)
             else:
                 frames_iter = self.decoder.frames(embeds, sampling, budget, rng)
-            for frame in frames_iter:
-                if cancel.is_set():
-                    return
-                frames.append(frame)
-                pending += 1
-                if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
-                    chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
-                    emitted += pending
-                    pending = 0
-                    yield chunks[-1]
+            with contextlib.closing(frames_iter):  # however this ends, the batch row is given back at once
+                for frame in frames_iter:
+                    if cancel.is_set():
+                        return
+                    frames.append(frame)
+                    pending += 1
+                    if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
+                        chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
+                        emitted += pending
+                        pending = 0
+                        yield chunks[-1]
             if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
                 return
             if not frames:

@@ -14,8 +14,9 @@ of it.  Here each request ("row"):
 
 Every matrix product runs on the full ``rows`` shape (idle slots compute on
 zeros and are ignored), attention runs row by row over that row's own
-positions, and all of CSM's compute runs in this one thread (one op stream: no
-concurrent prefill perturbs a step's kernels).  What a row computes therefore
+positions, and all of CSM's model steps (prefill, backbone, depth decoder) run in
+this one thread (one op stream: no concurrent prefill perturbs a step's kernels;
+Mimi decodes each request's audio in that request's own thread).  What a row computes therefore
 never depends on who else is running, so a seeded request gets the same tokens
 alone or beside others (float32 on CPU; the README states what is and is not
 guaranteed).

@@ -145,7 +145,7 @@ class CsmDecoder:
         embeds[:, 0] = hidden
         positions = torch.arange(self.num_codebooks, device=self.device)[None]
         cos_all, sin_all = (t.unsqueeze(1) for t in inner.rotary_emb(embeds, position_ids=positions))
-        past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._depth_layers)
+        past: list[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]] = [(None, None)] * len(self._depth_layers)
         codes = [first]
         position = 0
         for step in range(1, self.num_codebooks):
@@ -154,7 +154,7 @@ class CsmDecoder:
             cos = cos_all[:, :, position:position + length]
             sin = sin_all[:, :, position:position + length]
             for index, layer in enumerate(self._depth_layers):
-                x = self._layer_step(layer, x, cos, sin, past, index, linear)
+                x, *past[index] = self._layer_step(layer, x, cos, sin, *past[index], linear)
             x = _rms_norm(x[:, -1:], inner.norm.weight, inner.norm.variance_epsilon)
             logits = linear(x[:, 0], self._depth_heads[step - 1])
             code = pick(logits)
@@ -256,14 +256,15 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
-def _attend(layer: "_Layer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attend(layer: "_Layer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """transformers' ``sdpa_attention_forward`` without a mask: ``(batch, positions, heads, head_dim)``.
 
-    Causal when several positions are new (the depth decoder's first step,
-    where keys and queries cover the same positions); grouped-query heads go to
-    SDPA as they are, as transformers does when there is no mask.
+    ``causal`` when several positions are new (the depth decoder's first step,
+    where keys and queries cover the same positions; a plain bool, so that
+    ``torch.compile`` need not break its graph on a shape test); grouped-query
+    heads go to SDPA as they are, as transformers does when there is no mask.
     """
-    out = F.scaled_dot_product_attention(q, k, v, scale=layer.scaling, is_causal=q.shape[2] > 1,
+    out = F.scaled_dot_product_attention(q, k, v, scale=layer.scaling, is_causal=causal,
                                          **({"enable_gqa": True} if layer.gqa else {}))
     return out.transpose(1, 2).contiguous()
 
@@ -283,22 +284,24 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ flat.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def _layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: list, index: int, linear: Callable = F.linear) -> torch.Tensor:
-    """One CSM decoder layer on new positions ``x``, extending ``past[index]`` (keys, values) in place.
+def _layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor | None,
+                values: torch.Tensor | None, linear: Callable = F.linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CSM decoder layer on new positions ``x`` after cached ``keys``/``values``: (output, keys, values).
 
     With ``F.linear``: the same operations, in the same order, as
     ``CsmDecoderLayer.forward`` with a ``DynamicCache`` and SDPA
-    (``tests/test_csm_exactness.py`` holds us to it).
+    (``tests/test_csm_exactness.py`` holds us to it).  Tensors in, tensors
+    out: under ``torch.compile`` every layer and step shares a few graphs
+    (first step or later, per ``linear``) instead of one per layer index.
     """
     q, k, v = _qkv(layer, x, cos, sin, linear)
-    if past[index] is not None:
-        k = torch.cat([past[index][0], k], dim=-2)
-        v = torch.cat([past[index][1], v], dim=-2)
-    past[index] = (k, v)
-    out = _attend(layer, q, k, v)
+    first = keys is None  # the first step: the backbone state and codebook 0, attending causally
+    if not first:
+        k = torch.cat([keys, k], dim=-2)
+        v = torch.cat([values, v], dim=-2)
+    out = _attend(layer, q, k, v, causal=first)
     x = x + linear(out.reshape(*x.shape[:-1], -1).contiguous(), layer.o)
-    return _mlp(layer, x, linear)
+    return _mlp(layer, x, linear), k, v
 
 
 def _qkv(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear: Callable):
@@ -359,6 +362,6 @@ def _cached_layer_step(layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: t
     out = torch.zeros_like(q.transpose(1, 2))  # (rows, 1, heads, head_dim), as SDPA returns it
     for slot, length in lengths.items():
         out[slot:slot + 1] = _attend(layer, q[slot:slot + 1], keys[slot:slot + 1, :, :length],
-                                     values[slot:slot + 1, :, :length])
+                                     values[slot:slot + 1, :, :length], causal=False)
     x = x + linear(out.reshape(x.shape[0], 1, -1), layer.o)
     return _mlp(layer, x, linear)

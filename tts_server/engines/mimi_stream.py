@@ -15,7 +15,7 @@ calls:
   ``sliding_window``.
 
 Each frame is decoded once; state size does not depend on stream length.
-``tests/test_mimi_stream.py`` proves equality with whole-file decoding.
+``tests/test_streaming.py`` proves equality with whole-file decoding.
 """
 
 from __future__ import annotations
