@@ -101,21 +101,56 @@ def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbour_keeps_its_lone_
 
 # -- 2. slots: a cancel storm, a hung or failing batch thread ---------------------------------------------------
 
+def slow_steps(engine: CsmEngine, seconds: float) -> None:
+    """Make each batch step last ``seconds`` longer, as a full-size CSM step does on a CPU (~1 s)."""
+    step = engine.batcher._step
+
+    def slow_step():
+        time.sleep(seconds)
+        step()
+
+    engine.batcher._step = slow_step
+
+
+def test_a_row_whose_consumer_left_mid_step_is_waited_for_by_the_next_request(tiny_model_dir):
+    from tts_server.engines.csm_decode import Sampling
+
+    engine = CsmEngine(lambda: tiny_model_dir, device="cpu", max_batch=2)
+    engine.load()
+    slow_steps(engine, 0.2)
+    embeds = engine.decoder.embed_prompt(engine.prompt_ids([], "Hello there", 0), [])
+    frames = lambda n: engine.batcher.frames(embeds, Sampling(), n, torch.Generator().manual_seed(1),  # noqa: E731
+                                             threading.Event())
+    busy, leaver = frames(40), frames(40)
+    next(busy)
+    next(leaver)  # both rows taken; the batch thread is now inside its next (slow) step
+    leaver.close()  # its consumer goes away (disconnect, client_too_slow): the row is free at the step's end
+    assert len(list(frames(3))) == 3  # the newcomer waits for that row instead of failing
+    busy.close()
+
+
 async def test_a_cancel_storm_on_a_full_batch_never_fails_a_request(tiny_model_dir):
     async def storm(client: int) -> list[str]:
         outcomes = []
-        async with websockets.connect(url(server)) as ws:
-            for n in range(5):
-                rid = f"c{client}-{n}"
-                await ws.send(json.dumps({"text": "Cancel me soon, please. " * 3, "stream": True, "request_id": rid,
-                                          "max_audio_length_ms": 8000}))
-                if (await recv_json(ws))["status"] == "start":
-                    await ws.send(json.dumps({"type": "cancel", "request_id": rid}))
-                reply, _, _ = await collect(ws, rid)
-                outcomes.append(reply.get("code", reply["status"]))
+        for n in range(5):
+            rid = f"c{client}-{n}"
+            ws = await websockets.connect(url(server))
+            await ws.send(json.dumps({"text": "Cancel me soon, please. " * 3, "stream": True, "request_id": rid,
+                                      "max_audio_length_ms": 8000}))
+            if (await recv_json(ws))["status"] == "start":
+                await asyncio.wait_for(ws.recv(), 30)  # the first audio chunk
+                if n % 2:  # leave without a word: the server cancels on close
+                    await ws.close()
+                    continue
+                await ws.send(json.dumps({"type": "cancel", "request_id": rid}))
+            reply, _, _ = await collect(ws, rid)
+            outcomes.append(reply.get("code", reply["status"]))
+            await ws.close()
         return outcomes
 
-    async with running_server(csm_slot(tiny_model_dir, max_batch=4)) as server:  # no fallback to hide a failure
+    engine = CsmEngine(lambda: tiny_model_dir, device="cpu", max_batch=4)
+    async with running_server(EngineSlot(engine)) as server:  # no fallback to hide a failure
+        slow_steps(engine, 0.05)
         results = await asyncio.gather(*(storm(i) for i in range(7)))
         await asyncio.sleep(0.5)
         batcher = server.scheduler.primary.engine.batcher
@@ -123,6 +158,8 @@ async def test_a_cancel_storm_on_a_full_batch_never_fails_a_request(tiny_model_d
     outcomes = [o for r in results for o in r]
     assert set(outcomes) <= {"cancelled", "success"}, outcomes
     assert outcomes.count("cancelled") > len(outcomes) // 2
+    stats = server.metrics.stats["csm"]
+    assert stats.requests == 35 and stats.failures == 0
 
 
 class FaultyBatchCsm(CsmEngine):
