@@ -70,3 +70,80 @@ def resample(samples: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
     if in_rate == out_rate:
         return samples.astype(np.float32)
     return soxr.resample(samples.astype(np.float32), in_rate, out_rate, quality="HQ")
+
+
+# Codec, container and muxer options per streamed format; every one is playable while it arrives (MP3 frames,
+# Ogg pages flushed every 20 ms of audio, ADTS frames).  FLAC is not among them: its header holds the total length,
+# which a stream cannot know (libsndfile then refuses the file), so it is encoded whole at the end.
+_STREAMED = {"mp3": ("mp3", "libmp3lame", {}), "opus": ("ogg", "libopus", {"page_duration": "20000"}),
+             "aac": ("adts", "aac", {})}
+STREAM_RATES = {"opus": (8000, 12000, 16000, 24000, 48000),
+                "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)}
+
+
+class StreamEncoder:
+    """16-bit mono PCM in, a growing ``fmt`` file out, chunk by chunk (pcm, wav, mp3, opus, aac, flac).
+
+    PCM and WAV (with the unknown-length header) are written directly; mp3,
+    opus and aac go through FFmpeg's encoders and muxers via PyAV; FLAC is
+    held and encoded whole by ``finish``.  The bytes each call returns may be
+    empty (an encoder waiting for a full frame); joined, they are one valid file.
+    """
+
+    def __init__(self, fmt: str, sample_rate: int) -> None:
+        self.fmt, self.sample_rate = fmt, sample_rate
+        self._header = streaming_wav_header(sample_rate) if fmt == "wav" else b""
+        self._held = bytearray()  # FLAC's samples until the end
+        self._container = None
+        if fmt in _STREAMED:
+            import av
+
+            container, codec, options = _STREAMED[fmt]
+            self._out = bytearray()
+            self._container = av.open(self, mode="w", format=container, options=options)
+            self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
+            self._pts = 0
+
+    def write(self, data: bytes) -> int:  # PyAV writes the container's bytes here (a write-only, unseekable file)
+        self._out += data
+        return len(data)
+
+    def encode(self, pcm: bytes) -> bytes:
+        if self.fmt == "flac":
+            self._held += pcm
+            return b""
+        if self._container is None:
+            out, self._header = self._header + pcm, b""
+            return out
+        self._mux(self._frame(pcm) if pcm else None, final=False)
+        return self._take()
+
+    def finish(self) -> bytes:
+        if self.fmt == "flac":
+            return encode_file(np.frombuffer(bytes(self._held), dtype="<i2") / 32767.0, self.sample_rate, "flac")
+        if self._container is None:
+            out, self._header = self._header, b""
+            return out
+        self._mux(None, final=True)
+        self._container.close()
+        return self._take()
+
+    def _frame(self, pcm: bytes):
+        import av
+
+        samples = np.frombuffer(pcm, dtype="<i2")
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = self.sample_rate, self._pts
+        self._pts += len(samples)
+        return frame
+
+    def _mux(self, frame, final: bool) -> None:
+        if frame is None and not final:
+            return
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+    def _take(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out

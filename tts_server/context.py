@@ -48,6 +48,7 @@ class ReferenceLibrary:
         self.voices: dict[int, ContextTurn] = {}
         self._caches: dict[int, dict] = {}  # id(clip) -> shared engine cache (CSM codes)
         self._pinning: set[int] = set()
+        self._names: dict[str, int] = {}  # voices.json names -> speaker id
         self._lock = threading.Lock()
 
     def load(self) -> list[str]:
@@ -57,6 +58,7 @@ class ReferenceLibrary:
         self.emotions, warnings = load_emotions(self.root)
         voices, voice_warnings = load_voices(self.root)
         self.voices = {speaker: clip_turn(clip, speaker, {}) for speaker, clip in voices.items()}
+        self._names = {clip.name: speaker for speaker, clip in voices.items() if clip.name}
         for warning in warnings + voice_warnings:
             log.warning("references: %s", warning)
         log.info("references: %d emotions (%d clips), %d default voices from %s", len(self.emotions),
@@ -68,6 +70,21 @@ class ReferenceLibrary:
         clips = self.emotions[emotion]
         clip = clips[seed % len(clips)] if seed is not None else random.choice(clips)
         return clip_turn(clip, speaker, self._caches.setdefault(id(clip), {}))
+
+    def voice_names(self) -> dict[str, int]:
+        return dict(self._names)
+
+    def stateless_prompt(self, task: SynthesisTask) -> None:
+        """A prompt without conversation (HTTP): the speaker's default voice, the emotion reference, the text.
+
+        The same request always gets the same prompt, so an HTTP voice name
+        sounds the same on every call once its speaker has a default voice.
+        """
+        request = task.request
+        if request.emotion is not None:
+            task.reference = self.emotion_turn(request.emotion, request.speaker, request.seed)
+        voice = self.voices.get(request.speaker)
+        task.context = [voice] if voice else []
 
     def wants_pin(self, speaker: int, turns: list[ContextTurn]) -> bool:
         return (self.pin_voices and self.root is not None and speaker not in self.voices and speaker not in self._pinning

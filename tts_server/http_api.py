@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
+from . import openai_protocol as o
 from . import protocol as p
 from .metrics import EngineStats
 
@@ -30,7 +31,7 @@ _TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8"
 PAGES = {f"/static/{p.name}": p for p in STATIC.iterdir() if p.suffix in _TYPES} | {"/": STATIC / "index.html"}
 
 
-def respond(server: "TTSServer", path: str) -> Response:
+def respond(server: "TTSServer", path: str, query: str = "") -> Response:
     if path in PAGES:
         file = PAGES[path]
         return _response(http.HTTPStatus.OK, file.read_bytes(), _TYPES[file.suffix])
@@ -48,6 +49,13 @@ def respond(server: "TTSServer", path: str) -> Response:
         return _response(http.HTTPStatus.OK, server.metrics.render(), PROMETHEUS_TYPE)
     if path == "/v1/info":
         return json_response(http.HTTPStatus.OK, info(server))
+    if path == "/v1/models":
+        engines = [name for name, slot in server.scheduler.slots.items() if slot.state != "failed"]
+        return json_response(http.HTTPStatus.OK, o.models(server.scheduler.primary.name, engines))
+    if path == "/v1/audio/voices":  # Kokoro-FastAPI's shape, which Open WebUI reads; ?legacy=true: plain names
+        voices = o.Voices(server.library.voice_names()).listing()
+        legacy = "legacy=true" in query
+        return json_response(http.HTTPStatus.OK, {"voices": [v["id"] for v in voices] if legacy else voices})
     return text_response(http.HTTPStatus.NOT_FOUND, f"Not found: {path}\n")
 
 
@@ -74,6 +82,7 @@ def info(server: "TTSServer") -> dict[str, Any]:
         "limits": {"max_text_chars": server.max_text_chars, "max_queue": scheduler.max_queue,
                    "max_audio_length_ms": p.MAX_AUDIO_MS, "max_frame_bytes": server.max_frame_bytes},
         "queue_depth": scheduler.depth,
+        "interfaces": server.metrics.interfaces,
         "active_connections": len(server.connections),
     }
 

@@ -37,8 +37,9 @@ class Job:
 
     def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop,
                  prepare: Callable[["Job"], None] | None = None,
-                 on_success: Callable[["Job"], None] | None = None) -> None:
+                 on_success: Callable[["Job"], None] | None = None, interface: str = "websocket") -> None:
         self.request = request
+        self.interface = interface  # which front door it came through ("websocket", "http"): a metrics label
         self.loop = loop
         self.task = SynthesisTask(request)
         self.cancel_event = self.task.cancel

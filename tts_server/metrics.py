@@ -43,16 +43,22 @@ class Metrics:
                                     ["engine"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttfa = Histogram("tts_time_to_first_audio_seconds", "Wall time from start of work to first audio",
                               ["engine"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.interface_requests = Counter("tts_interface_requests", "Finished synthesis requests per interface",
+                                          ["interface", "status"], registry=r)
         self.queue_depth = Gauge("tts_queue_depth", "Requests waiting for the worker", registry=r)
         self.connections = Gauge("tts_active_connections", "Open WebSocket connections", registry=r)
         self.engine_state = Gauge("tts_engine_state", "1 for the engine's current state", ["engine", "state"],
                                   registry=r)
         self.stats: dict[str, EngineStats] = {}
+        self.interfaces: dict[str, dict[str, int]] = {}  # interface -> status -> finished requests
 
     def observe(self, engine: str, status: str, characters: int, seconds: float,
-                audio_seconds: float = 0.0, ttfa_seconds: float | None = None) -> None:
+                audio_seconds: float = 0.0, ttfa_seconds: float | None = None, interface: str = "websocket") -> None:
         """Record one finished request (success, error or cancelled)."""
         self.requests.labels(engine, status).inc()
+        self.interface_requests.labels(interface, status).inc()
+        counts = self.interfaces.setdefault(interface, {})
+        counts[status] = counts.get(status, 0) + 1
         stats = self.stats.setdefault(engine, EngineStats())
         stats.requests += 1
         if status == "error":

@@ -88,6 +88,7 @@ class SynthesisRequest:
     context: bool = True
     emotion: str | None = None
     engine: str | None = None
+    speed: float = 1.0  # speaking rate (the HTTP API's ``speed``; Piper honours it, CSM refuses anything but 1)
 
 
 @dataclass(frozen=True)

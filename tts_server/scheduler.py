@@ -65,7 +65,7 @@ class Scheduler:
         """Queue ``job``; raise ``Busy`` when full.  Returns a loading notice when it must wait."""
         if self.depth >= self.max_queue:
             raise Busy(f"The server is busy: {self.max_queue} requests are already queued; retry shortly")
-        slot = self._route(job.request)
+        slot = self.route(job.request)
         if isinstance(slot, p.ProtocolError):
             raise slot
         self._queue.append(job)
@@ -74,7 +74,7 @@ class Scheduler:
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
 
-    def _route(self, request: p.SynthesisRequest) -> EngineSlot | p.ProtocolError:
+    def route(self, request: p.SynthesisRequest) -> EngineSlot | p.ProtocolError:
         """The slot that should serve ``request`` now (possibly still loading)."""
         if request.engine is not None:
             slot = self.slots.get(request.engine)
@@ -113,7 +113,7 @@ class Scheduler:
             if job.finished:  # cancelled while queued
                 self._queue.remove(job)
                 continue
-            slot = self._route(job.request)
+            slot = self.route(job.request)
             if isinstance(slot, p.ProtocolError):
                 self._queue.remove(job)
                 job.finish(slot.reply())
@@ -167,7 +167,7 @@ class Scheduler:
                                  f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
                                  job.request_id))
         job.status, job.abandoned = "error", True
-        self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout)
+        self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout, interface=job.interface)
         slot.replace_executor()
         slot.engine.recover(self.generation_timeout / 2)  # a thread stuck in one step that long is hung
         return False
@@ -223,7 +223,7 @@ class Scheduler:
         status, audio_seconds, ttfa = outcome
         job.status = status
         self.metrics.observe(slot.name, status, len(job.request.text), time.perf_counter() - started,
-                             audio_seconds, ttfa)
+                             audio_seconds, ttfa, job.interface)
 
     def _retry_on_fallback(self, job: Job, slot: EngineSlot, exc: EngineError) -> bool:
         fb = self.fallback

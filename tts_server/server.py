@@ -25,6 +25,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import http_api
+from .front import front_for
+from .openai_api import OpenAIApi
 from . import protocol as p
 from .context import Conversation, ReferenceLibrary
 from .metrics import Metrics
@@ -244,7 +246,7 @@ class TTSServer:
     async def start(self) -> None:
         await asyncio.to_thread(self.library.load)
         self._server = await serve(self._handle, self.host, self.port, process_request=self._process_request,
-                                   max_size=self.max_frame_bytes,
+                                   max_size=self.max_frame_bytes, create_connection=front_for(OpenAIApi(self)),
                                    logger=RedactingLogger(logging.getLogger("websockets.server"), self.gate.secrets))
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Listening on ws://%s:%d", self.host, self.port)
@@ -319,7 +321,7 @@ class TTSServer:
         if path == "/ws":
             return http_api.text_response(http.HTTPStatus.UPGRADE_REQUIRED,
                                           "This is a WebSocket endpoint: connect with a WebSocket client.\n")
-        return http_api.respond(self, path)
+        return http_api.respond(self, path, request.path.partition("?")[2])
 
 
 def _is_loopback(host: str) -> bool:

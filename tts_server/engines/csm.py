@@ -28,6 +28,9 @@ from .csm_decode import CsmDecoder, Sampling
 from .mimi_stream import MimiStreamDecoder
 
 log = logging.getLogger(__name__)
+# CSM has no speaking-rate control, and a time-stretch of streamed audio would need a streaming, pitch-keeping
+# stretcher that none of the maintained Python audio libraries offers: refused rather than done badly.
+SPEED_UNSUPPORTED = "the csm engine cannot change its speaking speed: use speed 1.0, or the piper model"
 
 
 def pick_device(requested: str) -> str:
@@ -182,6 +185,8 @@ class CsmEngine(Engine):
         """
         assert self.decoder is not None, "load() first"
         request, cancel = task.request, task.cancel
+        if request.speed != 1.0:
+            raise EngineError("invalid_request", SPEED_UNSUPPORTED)
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
         rng = torch.Generator(device=self.device)
         if request.seed is None:

@@ -60,7 +60,9 @@ class PiperEngine(Engine):
         if self.voice is None:
             raise EngineError("model_unavailable", "Piper voice is not loaded")
         speaker = request.speaker % self.num_speakers if self.num_speakers > 1 else None
-        for chunk in self.voice.synthesize(request.text, SynthesisConfig(speaker_id=speaker)):
+        # speed: Piper's own length scale (phoneme durations), so the pitch is kept
+        length = self.voice.config.length_scale / request.speed if request.speed != 1.0 else None
+        for chunk in self.voice.synthesize(request.text, SynthesisConfig(speaker_id=speaker, length_scale=length)):
             if task.cancel.is_set():
                 return
             yield chunk.audio_float_array.astype(np.float32, copy=False)

@@ -5,7 +5,8 @@ audio in its context.  This package loads and validates the clips the server
 puts there:
 
 - ``emotion_map.json``: ``{"happy": [{"path": "happy/a.wav", "text": "...", "speaker": 0, "source": "..."}]}``;
-- ``voices.json``: ``{"3": {"path": "voices/speaker-3.wav", "text": "..."}}``, a default voice per speaker id.
+- ``voices.json``: ``{"3": {"path": "voices/speaker-3.wav", "text": "...", "name": "narrator"}}``, a default
+  voice per speaker id (``name`` optional: what HTTP clients may call it).
 
 Every path is relative to the references folder and must stay inside it (no
 ``..``, no absolute paths, no symlink leading out).  Clips are decoded with
@@ -50,6 +51,7 @@ class Clip:
     audio: np.ndarray = field(repr=False)
     speaker: int | None = None
     source: str | None = None
+    name: str | None = None  # voices.json: a name clients may ask for (the HTTP API's ``voice``)
 
     @property
     def duration_s(self) -> float:
@@ -124,8 +126,9 @@ def load_clip(root: Path, entry: Any, where: str) -> Clip:
     if not path.is_file():
         raise ReferenceError(f"{where}: file {entry.get('path')!r} does not exist")
     audio = read_audio(path, f"{where} ({entry['path']})")
-    source = entry.get("source")
-    return Clip(entry["path"], text.strip(), audio, speaker, source if isinstance(source, str) else None)
+    source, name = entry.get("source"), entry.get("name")
+    return Clip(entry["path"], text.strip(), audio, speaker, source if isinstance(source, str) else None,
+                name.strip() if isinstance(name, str) and name.strip() else None)
 
 
 def _read_map(path: Path) -> dict:
