@@ -1,0 +1,350 @@
+"""OpenAI's speech API on the server's port, driven by the official ``openai`` SDK against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+
+import av
+import numpy as np
+import pytest
+import pytest_asyncio
+import soundfile as sf
+import websockets
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from openai import APIStatusError, OpenAI
+
+from audio_fixtures import speechlike, write_audio
+from conftest import ahttp_get, collect, csm_slot, piper_slot, running_server, url
+from tts_server.context import ReferenceLibrary
+from tts_server.security import Gate
+from tts_server.server import TTSServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # one event loop for the module's shared server
+TEXT = "Hello there, friend. How are you today?"
+SHORT = {"max_audio_length_ms": 800, "seed": 5}
+
+
+def client_for(server, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def decode(data: bytes, fmt: str, rate: int = 24000) -> tuple[np.ndarray, int]:
+    """Samples and rate of a response body in ``fmt`` (PyAV for AAC, which libsndfile cannot read)."""
+    if fmt == "pcm":
+        return np.frombuffer(data, dtype="<i2") / 32768.0, rate
+    if fmt == "aac":
+        with av.open(io.BytesIO(data)) as container:
+            frames = list(container.decode(audio=0))
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]), frames[0].sample_rate
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def csm_and_piper(tiny_model_dir):
+    async with running_server(csm_slot(tiny_model_dir, max_batch=4), piper_slot()) as server:
+        yield server
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
+@pytest.mark.parametrize("model", ["tts-1", "piper"])
+async def test_every_response_format_decodes_at_24khz_with_a_plausible_duration(csm_and_piper, fmt, model):
+    def speak():
+        return client_for(csm_and_piper).audio.speech.create(model=model, voice="alloy", input=TEXT,
+                                                             response_format=fmt,
+                                                             extra_body=SHORT if model == "tts-1" else None).content
+
+    samples, rate = decode(await asyncio.to_thread(speak), fmt)
+    seconds = len(samples) / rate
+    assert rate == 24000
+    if model == "piper":  # Piper speaks the sentence at its natural pace
+        assert 1.0 < seconds < 6.0, seconds
+    else:  # CSM stops at the 800 ms cap; compressed formats pad a frame or two
+        assert 0.75 <= seconds <= 0.9, seconds
+    assert np.abs(samples).max() > 0.01  # not silence
+
+
+async def test_a_streamed_body_arrives_while_the_request_is_still_generating(csm_and_piper):
+    server = csm_and_piper
+    seen_running: list[bool] = []
+
+    def stream():
+        with client_for(server).audio.speech.with_streaming_response.create(
+                model="tts-1", voice="ash", input="A longer answer that streams. " * 3, response_format="pcm",
+                extra_body={"max_audio_length_ms": 4000}) as response:
+            chunks = []
+            for chunk in response.iter_bytes():
+                if not chunks:
+                    seen_running.append(bool(server.scheduler.running))
+                chunks.append(chunk)
+            return response.headers, chunks
+
+    headers, chunks = await asyncio.to_thread(stream)
+    assert headers["content-type"] == "audio/pcm" and headers.get("transfer-encoding") == "chunked"
+    assert seen_running == [True]  # the first bytes came while the server was still generating
+    assert len(chunks) > 1 and sum(map(len, chunks)) == 4000 * 24 * 2
+
+
+async def test_sse_deltas_join_to_the_same_audio_as_the_plain_response(csm_and_piper):
+    body = {"model": "tts-1", "voice": "coral", "input": TEXT, "response_format": "pcm", **SHORT}
+
+    def both():
+        client = client_for(csm_and_piper)
+        plain = client.audio.speech.create(**{k: body[k] for k in ("model", "voice", "input", "response_format")},
+                                           extra_body=SHORT).content
+        with client.audio.speech.with_streaming_response.create(
+                **{k: body[k] for k in ("model", "voice", "input", "response_format")}, stream_format="sse",
+                extra_body=SHORT) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        return plain, events
+
+    plain, events = await asyncio.to_thread(both)
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] == 10
+    joined = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(deltas) > 1 and len(joined) == len(plain)
+    assert np.abs(np.frombuffer(joined, "<i2").astype(int) - np.frombuffer(plain, "<i2")).max() <= 1
+
+
+async def test_the_same_seed_gives_the_same_samples_over_http_and_websocket(csm_and_piper):
+    def over_http():
+        return client_for(csm_and_piper).audio.speech.create(model="tts-1", voice="7", input=TEXT,
+                                                             response_format="pcm", extra_body=SHORT).content
+
+    http_audio = await asyncio.to_thread(over_http)
+    async with websockets.connect(url(csm_and_piper)) as ws:
+        await ws.send(json.dumps({"text": TEXT, "speaker": 7, "context": False, "format": "pcm", **SHORT}))
+        reply, ws_audio, _ = await collect(ws)
+    assert reply["engine"] == "csm" and len(http_audio) == len(ws_audio)
+    assert np.abs(np.frombuffer(http_audio, "<i2").astype(int) - np.frombuffer(ws_audio, "<i2")).max() <= 1
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(csm_and_piper):
+    server = csm_and_piper
+    before = server.metrics.interfaces.get("http", {}).get("cancelled", 0)
+
+    def leave_early():
+        with client_for(server).audio.speech.with_streaming_response.create(
+                model="tts-1", voice="echo", input="A long story that nobody will hear the end of. " * 6,
+                response_format="pcm", extra_body={"max_audio_length_ms": 60_000}) as response:
+            next(response.iter_bytes())  # the first chunk, then hang up
+
+    await asyncio.to_thread(leave_early)
+    for _ in range(200):
+        if not server.scheduler.running:
+            break
+        await asyncio.sleep(0.05)
+    batcher = server.scheduler.primary.engine.batcher
+    assert not server.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
+    assert server.metrics.interfaces["http"]["cancelled"] == before + 1
+
+
+async def test_voices_models_and_interface_counts_are_listed(csm_and_piper):
+    status, voices = await ahttp_get(csm_and_piper.port, "/v1/audio/voices")
+    _, legacy = await ahttp_get(csm_and_piper.port, "/v1/audio/voices?legacy=true")
+    _, models = await ahttp_get(csm_and_piper.port, "/v1/models")
+    _, info = await ahttp_get(csm_and_piper.port, "/v1/info")
+    ids = [v["id"] for v in json.loads(voices)["voices"]]
+    assert status == 200 and ids[:3] == ["alloy", "ash", "ballad"] and "nova" in ids
+    assert json.loads(legacy)["voices"] == ids
+    listed = {m["id"]: m["owned_by"] for m in json.loads(models)["data"]}
+    assert listed["tts-1"] == "csm-tts-server:csm" and listed["piper"] == "csm-tts-server:piper"
+    assert json.loads(models)["object"] == "list"
+    assert json.loads(info)["interfaces"]["http"]["success"] > 0
+
+
+async def test_speed_is_honoured_by_piper_and_refused_by_csm_naming_it(csm_and_piper):
+    def speak(model, speed):
+        return client_for(csm_and_piper).audio.speech.create(model=model, voice="nova", input=TEXT, speed=speed,
+                                                             response_format="wav").content
+
+    normal, _ = decode(await asyncio.to_thread(speak, "piper", 1.0), "wav")
+    fast, _ = decode(await asyncio.to_thread(speak, "piper", 2.0), "wav")
+    assert 0.4 < len(fast) / len(normal) < 0.75  # phonemes at twice the rate; pauses between sentences stay
+    with pytest.raises(APIStatusError) as refused:
+        await asyncio.to_thread(speak, "tts-1", 1.5)
+    assert refused.value.status_code == 400 and "csm engine" in refused.value.message
+    assert refused.value.body["param"] == "speed"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "tts-1", "voice": "alloy"}, 400, "input"),
+    ({"model": "tts-1", "input": "Hi"}, 400, "voice"),
+    ({"model": "tts-1", "voice": "nobody", "input": "Hi"}, 404, "voice"),
+    ({"model": "tts-9", "voice": "alloy", "input": "Hi"}, 404, "model"),
+    ({"model": "tts-1", "voice": "alloy", "input": "x" * 4001}, 413, "input"),
+    ({"model": "tts-1", "voice": "alloy", "input": "Hi", "response_format": "ogg"}, 400, "response_format"),
+    ({"model": "tts-1", "voice": "alloy", "input": "Hi", "speed": 9}, 400, "speed"),
+    ({"model": "tts-1", "voice": "alloy", "input": "Hi", "seed": -1}, 400, "seed"),
+    ({"model": "tts-1", "voice": "alloy", "input": "Hi", "response_format": "opus", "sample_rate": 22050}, 400,
+     "sample_rate"),
+    ({"model": "tts-1", "voice": {"id": "nobody"}, "input": "Hi"}, 404, "voice"),
+])
+async def test_bad_fields_get_openai_shaped_errors_that_name_the_field(csm_and_piper, body, status, param):
+    code, reply = await asyncio.to_thread(post, csm_and_piper.port, json.dumps(body).encode())
+    error = json.loads(reply)["error"]
+    assert code == status and error["param"] == param and error["message"] and "type" in error
+
+
+def post(port: int, body: bytes, headers: dict | None = None, path: str = "/v1/audio/speech") -> tuple[int, bytes]:
+    """A raw HTTP POST (the SDK would refuse to send malformed bodies)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+async def test_keys_limits_and_unavailable_engines_answer_with_their_status(tiny_model_dir):
+    async with running_server(csm_slot(tiny_model_dir, max_batch=4), gate=Gate(("sk-right",)), max_queue=1,
+                              rate_limit=3) as server:
+        with pytest.raises(APIStatusError) as unauthorized:
+            await asyncio.to_thread(client_for(server, "sk-wrong").audio.speech.create, model="tts-1",
+                                    voice="alloy", input="Hi")
+        ok = await asyncio.to_thread(client_for(server, "sk-right").audio.speech.create, model="tts-1",
+                                     voice="alloy", input="Hi", response_format="wav", extra_body=SHORT)
+        unavailable, _ = await asyncio.to_thread(post, server.port, json.dumps(
+            {"model": "piper", "voice": "alloy", "input": "Hi"}).encode(), {"Authorization": "Bearer sk-right"})
+        limited = [await asyncio.to_thread(post, server.port, json.dumps(
+            {"model": "tts-1", "voice": "alloy", "input": "Hi", **SHORT}).encode(),
+            {"Authorization": "Bearer sk-right"}) for _ in range(3)]
+    assert unauthorized.value.status_code == 401 and unauthorized.value.body["code"] == "invalid_api_key"
+    assert ok.content[:4] == b"RIFF"
+    assert unavailable == 503 or unavailable[0] == 503
+    assert [code for code, _ in limited][-1] == 429  # 3 a minute: the fourth request of this address
+    assert json.loads(limited[-1][1])["error"]["code"] == "rate_limited"
+
+
+async def test_a_full_queue_is_a_429_with_retry_after(tiny_model_dir):
+    async with running_server(csm_slot(tiny_model_dir, delay=2.0, max_batch=4), max_queue=1,
+                              wait_loaded=False) as server:
+        waiting = asyncio.create_task(asyncio.to_thread(post, server.port, json.dumps(
+            {"model": "tts-1", "voice": "alloy", "input": "First", **SHORT}).encode()))
+        while not server.scheduler.depth:
+            await asyncio.sleep(0.01)
+
+        def overflow():
+            import urllib.error
+            import urllib.request
+
+            request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/audio/speech", method="POST",
+                                             data=json.dumps({"model": "tts-1", "voice": "alloy",
+                                                              "input": "Second"}).encode())
+            try:
+                urllib.request.urlopen(request, timeout=30)
+            except urllib.error.HTTPError as err:
+                return err.code, err.headers.get("Retry-After"), json.loads(err.read())["error"]["code"]
+
+        assert await asyncio.to_thread(overflow) == (429, "1", "busy")
+        assert (await waiting)[0] == 200
+
+
+async def test_instructions_naming_an_emotion_and_voice_names_from_voices_json_reach_the_prompt(tiny_model_dir,
+                                                                                              tmp_path):
+    refs = tmp_path / "refs"
+    write_audio(refs / "happy.wav", speechlike(1.0))
+    write_audio(refs / "voices" / "narrator.wav", speechlike(2.0, seed=3))
+    (refs / "emotion_map.json").write_text('{"happy": [{"path": "happy.wav", "text": "Yay!"}]}')
+    (refs / "voices.json").write_text('{"40": {"path": "voices/narrator.wav", "text": "I tell stories.", '
+                                      '"name": "narrator"}}')
+    async with running_server(csm_slot(tiny_model_dir, max_batch=4), library=ReferenceLibrary(refs)) as server:
+        def speak(**options):
+            return client_for(server).audio.speech.create(model="tts-1", input=TEXT, response_format="pcm",
+                                                          extra_body=SHORT, **options).content
+
+        async def over_websocket(**fields):
+            async with websockets.connect(url(server)) as ws:
+                await ws.send(json.dumps({"text": TEXT, "format": "pcm", **SHORT, **fields}))
+                return (await collect(ws))[1]
+
+        plain = await asyncio.to_thread(speak, voice="41")  # speaker 41 has no default voice
+        instructed = await asyncio.to_thread(speak, voice="41", instructions="happy")
+        ignored = await asyncio.to_thread(speak, voice="41", instructions="Speak like a pirate")
+        with_emotion = await over_websocket(speaker=41, emotion="happy", context=False)
+        named = await asyncio.to_thread(speak, voice="narrator")
+        by_id = await asyncio.to_thread(speak, voice="40")
+        with_voice = await over_websocket(speaker=40)  # a fresh connection: the default voice, no history
+        without_voice = await over_websocket(speaker=40, context=False)
+    assert instructed != plain and instructed == with_emotion  # the happy reference, as on the WebSocket
+    assert ignored == plain  # other instructions are accepted and ignored
+    assert named == by_id == with_voice != without_voice  # "narrator" is speaker 40 with its default voice
+
+
+@pytest.fixture(scope="module")
+def threaded_server(tiny_model_dir):
+    loop = asyncio.new_event_loop()
+    server = TTSServer(csm_slot(tiny_model_dir, max_batch=4), host="127.0.0.1", port=0, max_text_chars=24,
+                       rate_limit=10**6)
+    started = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        loop.run_until_complete(server.scheduler.primary.loaded.wait())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(120)
+    yield server
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=10)
+optional_fields = {
+    "speed": json_values, "stream_format": json_values, "seed": json_values, "instructions": json_values,
+    "response_format": st.sampled_from(["mp3", "pcm", "wav"]) | json_values, "sample_rate": json_values,
+}
+bodies = st.one_of(
+    st.fixed_dictionaries({"model": st.just("tts-1"), "voice": st.sampled_from(["alloy", "3"]),
+                           "input": st.text(min_size=1, max_size=20), "max_audio_length_ms": st.just(160)},
+                          optional=optional_fields).map(lambda d: json.dumps(d).encode()),
+    st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["tts-1", "piper", "x"]) | json_values, "input": st.text(max_size=30) | json_values,
+        "voice": st.sampled_from(["alloy", "3", "²", "nobody"]) | json_values,
+        "response_format": st.sampled_from(["mp3", "pcm", "ogg"]) | json_values, "speed": json_values,
+        "stream_format": json_values, "seed": json_values, "instructions": json_values,
+        "max_audio_length_ms": st.sampled_from([80, 160]) | json_values, "sample_rate": json_values,
+    }).map(lambda d: json.dumps(d).encode()),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=40),
+)
+
+
+def test_hostile_bodies_all_get_json_answers_never_a_server_error(threaded_server):
+    answered = []
+
+    @seed(20261122)
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(bodies)
+    def one(body):
+        status, reply = post(threaded_server.port, body)
+        assert status < 500, (status, body, reply)
+        if status != 200:
+            assert set(json.loads(reply)["error"]) == {"message", "type", "param", "code"}
+        answered.append(status)
+
+    one()
+    assert len(answered) == 300 and any(s == 200 for s in answered) and any(s == 400 for s in answered)
+    with socket.create_connection(("127.0.0.1", threaded_server.port), timeout=10) as raw:  # not even HTTP
+        raw.sendall(b"BREW /coffee HTCPCP/1.0\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 400")
+    assert post(threaded_server.port, json.dumps({"model": "tts-1", "voice": "alloy", "input": "Alive",
+                                                  "max_audio_length_ms": 160}).encode())[0] == 200
