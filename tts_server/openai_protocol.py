@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
@@ -144,10 +144,6 @@ def _speech(data: dict, fields: p._Fields, limits: p.Limits, voices: Voices) -> 
         format="pcm", stream=True, context=fields.boolean("context", False), emotion=emotion,
         engine=MODELS[model], speed=float(speed))
     return SpeechRequest(synthesis, response_format, stream_format, sample_rate)
-
-
-def with_engine(request: SpeechRequest, engine: str | None) -> SpeechRequest:
-    return replace(request, synthesis=replace(request.synthesis, engine=engine))
 
 
 def models(primary: str, engines: list[str]) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""Time to first audio byte: OpenAI's POST /v1/audio/speech (streamed pcm) vs the WebSocket stream, same server.
+
+One server (tiny random CSM, the CPU default --max-batch 4, or Piper with
+--engine piper) on loopback; the same seeded request alternates between the
+two interfaces, RUNS times each, and the client measures from sending the
+request to receiving its first audio byte.  Prints medians, the WebSocket as
+the baseline, the ratio and the difference (the goal: HTTP adds under 10 ms).
+
+    python bench/http_vs_ws.py [--runs 30] [--engine csm|piper]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import tempfile
+import time
+
+import websockets
+
+from _common import machine, median, table
+from tts_server.engines.csm import CsmEngine
+from tts_server.engines.piper import PiperEngine
+from tts_server.jobs import EngineSlot
+from tts_server.server import TTSServer
+from tts_server.tiny_csm import build_checkpoint
+
+TEXT = "The first words should arrive as soon as they exist."
+FIELDS = {"seed": 3, "max_audio_length_ms": 1600}
+
+
+async def over_websocket(port: int) -> float:
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        started = time.perf_counter()
+        await ws.send(json.dumps({"text": TEXT, "stream": True, "format": "pcm", "context": False, **FIELDS}))
+        while not isinstance(await ws.recv(), bytes):
+            pass
+        first = time.perf_counter() - started
+        while not (isinstance(frame := await ws.recv(), str) and json.loads(frame)["status"] == "success"):
+            pass
+    return first
+
+
+async def over_http(port: int) -> float:
+    """A plain HTTP/1.1 client on a raw socket: the first body byte after the head is the first audio byte."""
+    body = json.dumps({"model": "tts-1", "voice": "0", "input": TEXT, "response_format": "pcm", **FIELDS}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.perf_counter()
+    writer.write(b"POST /v1/audio/speech HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await reader.readuntil(b"\r\n")  # the first chunk's size line; its data is the first audio
+    await reader.readexactly(1)
+    first = time.perf_counter() - started
+    await reader.read()  # the rest, to the end of the response
+    writer.close()
+    return first
+
+
+async def main(runs: int, engine: str) -> None:
+    if engine == "piper":
+        slot = EngineSlot(PiperEngine())
+    else:
+        folder = build_checkpoint(tempfile.mkdtemp())
+        slot = EngineSlot(CsmEngine(lambda: folder, device="cpu", max_batch=4))
+    server = TTSServer(slot, host="127.0.0.1", port=0)
+    await server.start()
+    await slot.loaded.wait()
+    port = server.port
+    for warm in (over_websocket, over_http):
+        await warm(port)
+    times = {"websocket": [], "http": []}
+    for _ in range(runs):
+        times["websocket"].append(await over_websocket(port))
+        times["http"].append(await over_http(port))
+    await server.stop()
+    ws, http = median(times["websocket"]), median(times["http"])
+    print(f"{machine()}; engine {engine}; {runs} runs each, alternating; median time to first audio byte")
+    print(table(["interface", "first audio byte (ms)", "ratio", "difference (ms)"],
+                [["WebSocket stream (baseline)", ws * 1000, 1.0, 0.0],
+                 ["POST /v1/audio/speech, pcm", http * 1000, http / ws, (http - ws) * 1000]]))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--engine", choices=["csm", "piper"], default="csm")
+    args = parser.parse_args()
+    socket.setdefaulttimeout(60)
+    asyncio.run(main(args.runs, args.engine))
