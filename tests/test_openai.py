@@ -275,3 +275,62 @@ async def test_instructions_naming_an_emotion_and_voice_names_from_voices_json_r
     assert instructed != plain and instructed == with_emotion  # the happy reference, as on the WebSocket
     assert ignored == plain  # other instructions are accepted and ignored
     assert named == by_id == with_voice != without_voice  # "narrator" is speaker 40 with its default voice
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus"])
+async def test_a_streamed_mp3_or_opus_body_is_playable_before_it_ends(csm_and_piper, fmt):
+    def first_part():
+        with client_for(csm_and_piper).audio.speech.with_streaming_response.create(
+                model="tts-1", voice="sage", input="Play me while I am still arriving. " * 3, response_format=fmt,
+                extra_body={"max_audio_length_ms": 4000}) as response:
+            received = b""
+            for chunk in response.iter_bytes():
+                received += chunk
+                if len(received) > 4000:  # well before the end: ~4 s of audio is ~30 KB (mp3) / ~100 KB (opus)
+                    return received
+
+    partial = await asyncio.to_thread(first_part)
+    with av.open(io.BytesIO(partial)) as container:
+        samples = sum(frame.samples for frame in container.decode(audio=0))
+    assert samples > 0.1 * 24000 * (2 if fmt == "opus" else 1)  # opus decodes at 48 kHz
+
+
+async def test_http_and_websocket_requests_share_one_batch(csm_and_piper):
+    server = csm_and_piper
+    batcher = server.scheduler.primary.engine.batcher
+    widest: list[int] = []
+
+    def over_http():
+        return client_for(server).audio.speech.create(model="tts-1", voice="onyx", input="Side by side. " * 4,
+                                                      response_format="pcm",
+                                                      extra_body={"max_audio_length_ms": 3000}).content
+
+    async def watch():
+        while True:
+            widest.append(len(batcher.active))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    async with websockets.connect(url(server)) as ws:
+        await ws.send(json.dumps({"text": "Side by side. " * 4, "stream": True, "max_audio_length_ms": 3000}))
+        http_audio, (reply, _, _) = await asyncio.gather(asyncio.to_thread(over_http), collect(ws))
+    watcher.cancel()
+    assert reply["status"] == "success" and len(http_audio) == 3000 * 48
+    assert max(widest) == 2  # both requests were rows of the same batch at once
+
+
+async def test_metrics_count_http_requests_under_their_interface(csm_and_piper):
+    await asyncio.to_thread(lambda: client_for(csm_and_piper).audio.speech.create(
+        model="tts-1", voice="verse", input="Count me", response_format="wav", extra_body=SHORT))
+    async with websockets.connect(url(csm_and_piper)) as ws:
+        await ws.send(json.dumps({"text": "Count me too", **SHORT}))
+        await collect(ws)
+    _, metrics = await ahttp_get(csm_and_piper.port, "/metrics")
+    assert 'tts_interface_requests_total{interface="http",status="success"}' in metrics
+    assert 'tts_interface_requests_total{interface="websocket",status="success"}' in metrics
+
+
+async def test_a_body_over_256_kib_is_refused_with_413(csm_and_piper):
+    body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "x" * (300 * 1024)}).encode()
+    status, reply = await asyncio.to_thread(post, csm_and_piper.port, body)
+    assert status == 413 and "too large" in json.loads(reply)["error"]["message"]

@@ -1,4 +1,8 @@
-"""The asyncio server: WebSocket connections and plain HTTP GETs on one port.
+"""The asyncio server: WebSocket connections, plain HTTP GETs and OpenAI's POST on one port.
+
+``front.FrontConnection`` sorts each new connection: GETs and WebSocket
+handshakes go to websockets (this module), requests with a body to
+``openai_api``.
 
 Each connection runs two tasks, in the manner of wyoming-piper's handler:
 
