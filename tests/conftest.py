@@ -104,6 +104,33 @@ async def running_server(primary: EngineSlot, fallback: EngineSlot | None = None
         await server.stop()
 
 
+@contextlib.contextmanager
+def server_in_thread(primary: EngineSlot, **options):
+    """A started server on its own thread and event loop (as in production), for synchronous clients."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    server = TTSServer(primary, host="127.0.0.1", port=0, **options)
+    started = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        loop.run_until_complete(server.scheduler.primary.loaded.wait())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(120)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
 def url(server: TTSServer) -> str:
     return f"ws://127.0.0.1:{server.port}"
 

@@ -7,9 +7,7 @@ websockets client driven by hypothesis.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
@@ -17,8 +15,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import csm_slot
-from tts_server.server import TTSServer
+from conftest import csm_slot, server_in_thread
 
 FUZZ_SEED = 20261122
 EXAMPLES = 800  # x ~15 frames each: over 10,000 frames (asserted below)
@@ -101,25 +98,9 @@ class Fuzzer:
 
 @pytest.fixture(scope="module")
 def threaded_server(tiny_model_dir):
-    loop = asyncio.new_event_loop()
-    server = TTSServer(csm_slot(tiny_model_dir, max_batch=4), host="127.0.0.1", port=0, max_text_chars=24, rate_limit=10**6,
-                       max_queued_per_connection=4)
-    started = threading.Event()
-
-    def run():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        loop.run_until_complete(server.scheduler.primary.loaded.wait())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(120)
-    yield server
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
+    with server_in_thread(csm_slot(tiny_model_dir, max_batch=4), max_text_chars=24, rate_limit=10**6,
+                          max_queued_per_connection=4) as server:
+        yield server
 
 
 def test_ten_thousand_hostile_frames_get_json_or_a_clean_close(threaded_server):

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from conftest import csm_slot
+from conftest import csm_slot, server_in_thread
 from test_openai import post
-from tts_server.server import TTSServer
 
 
 @pytest.fixture(scope="module")
 def threaded_server(tiny_model_dir):
-    loop = asyncio.new_event_loop()
-    server = TTSServer(csm_slot(tiny_model_dir, max_batch=4), host="127.0.0.1", port=0, max_text_chars=24,
-                       rate_limit=10**6)
-    started = threading.Event()
-
-    def run():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        loop.run_until_complete(server.scheduler.primary.loaded.wait())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(120)
-    yield server
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
+    with server_in_thread(csm_slot(tiny_model_dir, max_batch=4), max_text_chars=24, rate_limit=10**6) as server:
+        yield server
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
