@@ -92,7 +92,7 @@ def parse_speech(raw: bytes, limits: p.Limits, voices: Voices) -> SpeechRequest:
         raise ApiError(400, "The request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object")
-    fields = p._Fields(data)  # the WebSocket's typed-field readers, for our own extra fields
+    fields = p.Fields(data)  # the WebSocket's typed-field readers, for our own extra fields
     try:
         return _speech(data, fields, limits, voices)
     except p.ProtocolError as exc:  # a WebSocket rule broken by one of our extra fields
@@ -100,7 +100,7 @@ def parse_speech(raw: bytes, limits: p.Limits, voices: Voices) -> SpeechRequest:
             from None
 
 
-def _speech(data: dict, fields: p._Fields, limits: p.Limits, voices: Voices) -> SpeechRequest:
+def _speech(data: dict, fields: p.Fields, limits: p.Limits, voices: Voices) -> SpeechRequest:
     model = data.get("model", "tts-1")
     if not isinstance(model, str) or model not in MODELS:
         raise ApiError(404, f"Model {model!r} not found; use one of: {', '.join(MODELS)}", "model", "model_not_found")

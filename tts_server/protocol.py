@@ -114,7 +114,7 @@ Message = SynthesisRequest | CancelRequest | ResetRequest | VoiceRequest
 
 
 @dataclass
-class _Fields:
+class Fields:
     """Reads typed fields out of a JSON object, raising ``invalid_request`` with the field's name."""
 
     data: dict[str, Any]
@@ -188,7 +188,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
                             f"'request_id' must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters")
     kind = data.get("type", "synthesize")
     if kind == "synthesize":
-        return _parse_synthesis(_Fields(data, request_id), limits)
+        return _parse_synthesis(Fields(data, request_id), limits)
     if kind == "cancel":
         if request_id is None:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, "'cancel' needs the 'request_id' to cancel")
@@ -196,12 +196,12 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     if kind == "reset":
         return ResetRequest()
     if kind == "voice":
-        return _parse_voice(_Fields(data, request_id))
+        return _parse_voice(Fields(data, request_id))
     raise ProtocolError(ErrorCode.INVALID_REQUEST,
                         "'type' must be one of: synthesize, cancel, reset, voice", request_id)
 
 
-def _parse_voice(f: _Fields) -> VoiceRequest:
+def _parse_voice(f: Fields) -> VoiceRequest:
     speaker = f.integer("speaker", None, 0, MAX_SPEAKER)
     if speaker is None:
         raise f.fail("'voice' needs the 'speaker' whose voice it sets")
@@ -214,7 +214,7 @@ def _parse_voice(f: _Fields) -> VoiceRequest:
     return VoiceRequest(speaker=speaker, text=text.strip())
 
 
-def _parse_synthesis(f: _Fields, limits: Limits) -> SynthesisRequest:
+def _parse_synthesis(f: Fields, limits: Limits) -> SynthesisRequest:
     text = f.data.get("text")
     if not isinstance(text, str) or not text.strip():
         raise f.fail("'text' is required and must be a non-empty string")
