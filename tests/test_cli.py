@@ -141,3 +141,21 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
     assert reason.endswith("serving with piper en_US-joe-medium")
     assert "CSM-1B unavailable: no network" in log
 
+
+
+def test_every_option_is_documented_in_the_readme_and_the_env_template():
+    from tts_server.config import OPTIONS
+
+    readme, template = (ROOT / "README.md").read_text(), (ROOT / ".env.template").read_text()
+    assert [o.flag for o in OPTIONS if f"| `{o.flag}` | `{o.env}` |" not in readme] == []
+    assert [o.env for o in OPTIONS if f"\n{o.env}=" not in template] == []
+
+
+def test_wyoming_options_are_checked_at_startup():
+    for argv in (["--wyoming-uri", "http://0.0.0.0:10200"], ["--wyoming-uri", "tcp://0.0.0.0"],
+                 ["--wyoming-zeroconf"], ["--wyoming-uri", "unix:///tmp/x.sock", "--wyoming-zeroconf", "x"]):
+        with pytest.raises(SystemExit):
+            load_settings(argv, environ={}, dotenv_path=None)
+    settings = load_settings(["--wyoming-uri", "tcp://0.0.0.0:10200", "--wyoming-zeroconf"], environ={},
+                             dotenv_path=None)
+    assert (settings.wyoming_uri, settings.wyoming_zeroconf) == ("tcp://0.0.0.0:10200", "csm-tts")

@@ -67,7 +67,8 @@ def build_server(settings: Settings) -> TTSServer:
                      rate_limit=settings.rate_limit, max_queued_per_connection=settings.max_queued_per_connection,
                      max_frame_bytes=settings.max_frame_bytes, max_voice_bytes=settings.max_voice_bytes,
                      max_voice_seconds=settings.max_voice_seconds, generation_timeout=settings.generation_timeout,
-                     trusted_proxies=_split(settings.trusted_proxies))
+                     trusted_proxies=_split(settings.trusted_proxies), wyoming_uri=settings.wyoming_uri,
+                     wyoming_zeroconf=settings.wyoming_zeroconf)
 
 
 def _split(value: str | None) -> tuple[str, ...]:

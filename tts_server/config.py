@@ -49,6 +49,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _wyoming_uri(text: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(text)
+    if parsed.scheme == "tcp" and parsed.hostname and parsed.port is not None:
+        return text
+    if parsed.scheme == "unix" and parsed.path:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not tcp://HOST:PORT or unix:///PATH")
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -56,6 +67,7 @@ class Option:
     help: str
     type: Callable[[str], Any] = str
     choices: Sequence[str] | None = None
+    const: Any = None  # the value of the bare flag, for options whose value is optional
 
     @property
     def flag(self) -> str:
@@ -114,6 +126,10 @@ OPTIONS = [
     Option("generation_timeout", 120, "seconds an engine may go without producing audio before the request "
            "is abandoned ('generation_timeout') and a fresh worker takes over", _positive),
     Option("shutdown_grace", 30, "on SIGTERM/Ctrl-C, seconds running requests may take to finish", _positive),
+    Option("wyoming_uri", None, "also serve the Wyoming protocol (Home Assistant, Rhasspy) here, e.g. "
+           "tcp://0.0.0.0:10200; off when unset", _wyoming_uri),
+    Option("wyoming_zeroconf", None, "announce the Wyoming server over zeroconf (mDNS) under this name so Home "
+           "Assistant discovers it; the bare flag uses 'csm-tts'", const="csm-tts"),
     Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
 ]
 
@@ -146,6 +162,8 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     allowed_origins: str | None = None
     trusted_proxies: str | None = None
+    wyoming_uri: str | None = None
+    wyoming_zeroconf: str | None = None
     max_connections: int = 256
     max_connections_per_address: int = 16
     rate_limit: int = 120
@@ -165,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every option can also be set as TTS_<OPTION> in the environment or .env "
                "(e.g. TTS_PORT=9000); flags win over the environment.")
     for opt in OPTIONS:
-        parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices,
-                            type=opt.type, help=f"{opt.help} (env {opt.env}; default {opt.default})")
+        optional = {"nargs": "?", "const": opt.const} if opt.const is not None else {}
+        parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices, type=opt.type,
+                            help=f"{opt.help} (env {opt.env}; default {opt.default})", **optional)
     return parser
 
 
@@ -194,6 +213,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
             if opt.choices and value not in opt.choices:
                 parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
         values[opt.name] = opt.default if value is None else value
+    if values["wyoming_zeroconf"] and not str(values["wyoming_uri"] or "").startswith("tcp://"):
+        parser.error("--wyoming-zeroconf needs a tcp:// --wyoming-uri")
     known = {f.name for f in fields(Settings)}
     values = {k: v for k, v in values.items() if k in known}
     return Settings(**values, hf_token=env.get("HF_TOKEN") or None, hf_home=env.get("HF_HOME") or None)

@@ -1,4 +1,4 @@
-"""The asyncio server: WebSocket connections, plain HTTP GETs and OpenAI's POST on one port.
+"""The asyncio server: WebSocket connections, plain HTTP GETs and OpenAI's POST on one port (Wyoming on its own).
 
 ``front.FrontConnection`` sorts each new connection: GETs and WebSocket
 handshakes go to websockets (this module), requests with a body to
@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 from . import http_api
 from .front import front_for
 from .openai_api import OpenAIApi
+from .wyoming_api import WyomingApi
 from . import protocol as p
 from .context import Conversation, ReferenceLibrary
 from .metrics import Metrics
@@ -190,8 +191,10 @@ class TTSServer:
                  max_context_turns: int = 8, gate: Gate | None = None, max_connections: int = 256,
                  max_connections_per_address: int = 16, rate_limit: int = 120, max_queued_per_connection: int = 8,
                  max_voice_bytes: int = 10 * 1024 * 1024, max_voice_seconds: float = 30,
-                 generation_timeout: float = 120, trusted_proxies: tuple[str, ...] = ()) -> None:
+                 generation_timeout: float = 120, trusted_proxies: tuple[str, ...] = (),
+                 wyoming_uri: str | None = None, wyoming_zeroconf: str | None = None) -> None:
         self.host, self.port = host, port
+        self.wyoming = WyomingApi(self, wyoming_uri, wyoming_zeroconf) if wyoming_uri else None
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -257,6 +260,8 @@ class TTSServer:
         if not self.gate.requires_key and not _is_loopback(self.host):
             log.warning("Listening on %s without an API key: anyone who can reach this port can use it "
                         "(set --api-key / TTS_API_KEY)", self.host)
+        if self.wyoming is not None:
+            await self.wyoming.start()
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         for slot in self.scheduler.slots.values():
             if slot.state == "loading":
@@ -280,13 +285,16 @@ class TTSServer:
             await asyncio.sleep(0.05)
         for job in list(self.scheduler.running):
             job.cancel()
-        while any(c.live for c in self.connections) and asyncio.get_running_loop().time() < deadline + 2:
+        while (any(c.live for c in self.connections) or (self.wyoming and self.wyoming.live())) \
+                and asyncio.get_running_loop().time() < deadline + 2:
             await asyncio.sleep(0.05)  # let the writers deliver the last replies
         await asyncio.gather(*(c.ws.close(1001, "server shutting down") for c in list(self.connections)),
                              return_exceptions=True)
         await self.stop()
 
     async def stop(self) -> None:
+        if self.wyoming is not None:
+            await self.wyoming.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

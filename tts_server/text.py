@@ -39,6 +39,43 @@ def split_sentences(text: str, min_chars: int = 12, max_chars: int = MAX_SENTENC
     return [piece for sentence in sentences for piece in _wrap(sentence, max_chars)]
 
 
+class SentenceStream:
+    """Complete sentences out of text that arrives in pieces (an LLM's reply), each as soon as it is complete.
+
+    The same rules as ``split_sentences``: a sentence ends at ``.!?…;:`` plus
+    whitespace, or a newline; fragments shorter than ``min_chars`` wait to join
+    the next sentence; a run-on longer than ``max_chars`` is cut without waiting
+    for its end.  ``finish`` returns what is left when the text is complete.
+    """
+
+    def __init__(self, min_chars: int = 12, max_chars: int = MAX_SENTENCE_CHARS) -> None:
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self._text = ""
+
+    @property
+    def pending(self) -> str:
+        return self._text.strip()
+
+    def add(self, chunk: str) -> list[str]:
+        self._text += chunk
+        done: list[str] = []
+        start = 0
+        for end in (m.end() for m in _SENTENCE_END.finditer(self._text)):
+            if len(self._text[start:end].strip()) >= self.min_chars:
+                done.append(self._text[start:end].strip())
+                start = end
+        self._text = self._text[start:]
+        if len(self._text.strip()) > self.max_chars:
+            pieces = _wrap(self._text.strip(), self.max_chars)
+            done.extend(pieces[:-1])
+            self._text = pieces[-1] + (" " if self._text[-1].isspace() else "")
+        return [piece for sentence in done for piece in _wrap(sentence, self.max_chars)]
+
+    def finish(self) -> list[str]:
+        rest, self._text = self._text.strip(), ""
+        return _wrap(rest, self.max_chars) if rest else []
+
+
 def _wrap(sentence: str, max_chars: int) -> list[str]:
     pieces = []
     while len(sentence) > max_chars:

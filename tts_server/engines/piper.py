@@ -34,6 +34,7 @@ class PiperEngine(Engine):
         self.voice_name = (self._voice_path or Path("en_US-joe-medium.onnx")).name.removesuffix(".onnx")
         self.num_speakers = 1
         self.sample_rate = 22050
+        self.language: str | None = None  # the voice's own, e.g. "en_US"
 
     def load(self) -> None:
         from piper import PiperVoice
@@ -46,11 +47,13 @@ class PiperEngine(Engine):
         meta = json.loads(config.read_text())
         self.sample_rate = int(self.voice.config.sample_rate)
         self.num_speakers = int(meta.get("num_speakers", 1))
+        language = meta.get("language")
+        self.language = language.get("code") if isinstance(language, dict) else None
         self.voice_name = model.name.removesuffix(".onnx")
 
     def describe(self) -> dict[str, Any]:
         return {"voice": self.voice_name, "speakers": self.num_speakers, "device": "cpu",
-                "sample_rate": self.sample_rate}
+                "sample_rate": self.sample_rate, "language": self.language}
 
     def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
         """Piper ignores context turns: it has one fixed voice per speaker."""

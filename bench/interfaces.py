@@ -1,12 +1,13 @@
-"""Time to first audio byte: OpenAI's POST /v1/audio/speech (streamed pcm) vs the WebSocket stream, same server.
+"""Time to first audio: the WebSocket stream vs OpenAI's POST /v1/audio/speech vs Wyoming, same server.
 
 One server (tiny random CSM, the CPU default --max-batch 4, or Piper with
---engine piper) on loopback; the same seeded request alternates between the
-two interfaces, RUNS times each, and the client measures from sending the
-request to receiving its first audio byte.  Prints medians, the WebSocket as
-the baseline, the ratio and the difference (the goal: HTTP adds under 10 ms).
+--engine piper) on loopback, with Wyoming on a second port; the same request
+(speaker 0, no history, streamed 16-bit PCM) goes round the three interfaces,
+RUNS times each, and the client measures from sending the request to
+receiving its first audio byte.  Prints medians, the WebSocket as the
+baseline, the ratio and the difference (the goal: under 10 ms apart).
 
-    python bench/http_vs_ws.py [--runs 30] [--engine csm|piper]
+    python bench/interfaces.py [--runs 30] [--engine csm|piper]
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import tempfile
 import time
 
 import websockets
+from wyoming.client import AsyncTcpClient
+from wyoming.tts import Synthesize
 
 from _common import machine, median, table
 from tts_server.engines.csm import CsmEngine
@@ -28,13 +31,12 @@ from tts_server.server import TTSServer
 from tts_server.tiny_csm import build_checkpoint
 
 TEXT = "The first words should arrive as soon as they exist."
-FIELDS = {"seed": 3, "max_audio_length_ms": 1600}
 
 
 async def over_websocket(port: int) -> float:
     async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
         started = time.perf_counter()
-        await ws.send(json.dumps({"text": TEXT, "stream": True, "format": "pcm", "context": False, **FIELDS}))
+        await ws.send(json.dumps({"text": TEXT, "stream": True, "format": "pcm"}))
         while not isinstance(await ws.recv(), bytes):
             pass
         first = time.perf_counter() - started
@@ -45,7 +47,7 @@ async def over_websocket(port: int) -> float:
 
 async def over_http(port: int) -> float:
     """A plain HTTP/1.1 client on a raw socket: the first body byte after the head is the first audio byte."""
-    body = json.dumps({"model": "tts-1", "voice": "0", "input": TEXT, "response_format": "pcm", **FIELDS}).encode()
+    body = json.dumps({"model": "tts-1", "voice": "0", "input": TEXT, "response_format": "pcm"}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
     writer.write(b"POST /v1/audio/speech HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -60,28 +62,47 @@ async def over_http(port: int) -> float:
     return first
 
 
+async def over_wyoming(port: int) -> float:
+    """The ``wyoming`` package's client, as Home Assistant uses it: a connection per request."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        started = time.perf_counter()
+        await client.write_event(Synthesize(text=TEXT).event())
+        while (event := await client.read_event()).type != "audio-chunk":
+            pass
+        first = time.perf_counter() - started
+        while (await client.read_event()).type != "audio-stop":
+            pass
+    return first
+
+
 async def main(runs: int, engine: str) -> None:
     if engine == "piper":
         slot = EngineSlot(PiperEngine())
     else:
         folder = build_checkpoint(tempfile.mkdtemp())
         slot = EngineSlot(CsmEngine(lambda: folder, device="cpu", max_batch=4))
-    server = TTSServer(slot, host="127.0.0.1", port=0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        wyoming_port = probe.getsockname()[1]
+    server = TTSServer(slot, host="127.0.0.1", port=0, wyoming_uri=f"tcp://127.0.0.1:{wyoming_port}")
     await server.start()
     await slot.loaded.wait()
-    port = server.port
-    for warm in (over_websocket, over_http):
-        await warm(port)
-    times = {"websocket": [], "http": []}
+    clients = {"websocket": (over_websocket, server.port), "http": (over_http, server.port),
+               "wyoming": (over_wyoming, wyoming_port)}
+    for measure, port in clients.values():
+        await measure(port)  # warm-up
+    times = {name: [] for name in clients}
     for _ in range(runs):
-        times["websocket"].append(await over_websocket(port))
-        times["http"].append(await over_http(port))
+        for name, (measure, port) in clients.items():
+            times[name].append(await measure(port))
     await server.stop()
-    ws, http = median(times["websocket"]), median(times["http"])
-    print(f"{machine()}; engine {engine}; {runs} runs each, alternating; median time to first audio byte")
+    ws = median(times["websocket"])
+    rows = [["WebSocket stream (baseline)", "websocket"], ["POST /v1/audio/speech, pcm", "http"],
+            ["Wyoming synthesize", "wyoming"]]
+    print(f"{machine()}; engine {engine}; {runs} runs each, in turn; median time to first audio byte")
     print(table(["interface", "first audio byte (ms)", "ratio", "difference (ms)"],
-                [["WebSocket stream (baseline)", ws * 1000, 1.0, 0.0],
-                 ["POST /v1/audio/speech, pcm", http * 1000, http / ws, (http - ws) * 1000]]))
+                [[label, median(times[name]) * 1000, median(times[name]) / ws, (median(times[name]) - ws) * 1000]
+                 for label, name in rows]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,256 @@
+"""The Wyoming protocol (Home Assistant's) on its own port, driven by the ``wyoming`` package's own client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.info import Describe, Info
+from wyoming.ping import Ping
+from wyoming.tts import (Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop,
+                         SynthesizeVoice)
+
+from conftest import ServerProcess, ahttp_get, csm_slot, free_port, piper_slot, running_server
+from tts_server.text import estimate_ms, frames_for_ms
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+RATE = 24000
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(tiny_model_dir):
+    """CSM on the CPU default (batched, 4 rows) with Piper as fallback, and Wyoming beside the WebSocket."""
+    async with running_server(csm_slot(tiny_model_dir, max_batch=4), piper_slot(),
+                              wyoming_uri=f"tcp://127.0.0.1:{free_port()}", max_text_chars=1000) as server:
+        yield server
+
+
+def client(server) -> AsyncTcpClient:
+    return AsyncTcpClient("127.0.0.1", urlparse(server.wyoming.uri).port)
+
+
+async def read(c: AsyncTcpClient, timeout: float = 60) -> Event | None:
+    return await asyncio.wait_for(c.read_event(), timeout)
+
+
+async def read_until(c: AsyncTcpClient, last: str) -> list[Event]:
+    """Events up to and including the first of type ``last``."""
+    events = []
+    while True:
+        event = await read(c)
+        assert event is not None, f"connection closed before {last}: {[e.type for e in events]}"
+        events.append(event)
+        if event.type == last:
+            return events
+
+
+def pcm_of(events: list[Event]) -> np.ndarray:
+    return np.frombuffer(b"".join(AudioChunk.from_event(e).audio for e in events if AudioChunk.is_type(e.type)),
+                         "<i2")
+
+
+async def test_describe_lists_a_streaming_program_per_engine_with_its_voices(server):
+    async with client(server) as c:
+        await c.write_event(Describe().event())
+        info = Info.from_event(await read(c))
+    csm, piper = info.tts
+    assert (csm.name, piper.name) == ("csm", "piper")
+    for program in info.tts:
+        assert program.installed and program.supports_synthesize_streaming and program.version
+        assert program.attribution.name and program.attribution.url.startswith("https://")
+    names = [v.name for v in csm.voices]
+    assert names[:3] == ["alloy", "ash", "ballad"] and "speaker" in names
+    assert all(v.languages == ["en"] and v.installed for v in csm.voices)
+    by_id = next(v for v in csm.voices if v.name == "speaker")
+    assert [s.name for s in by_id.speakers][:3] == ["0", "1", "2"]
+    assert [(v.name, v.languages) for v in piper.voices] == [("en_US-joe-medium", ["en_US"])]
+
+
+async def test_synthesize_streams_16bit_mono_audio_events_of_plausible_length(server):
+    text = "Hello from the voice assistant."
+    async with client(server) as c:
+        await c.write_event(Synthesize(text=text, voice=SynthesizeVoice(name="alloy")).event())
+        events = await read_until(c, AudioStop().event().type)
+    start = AudioStart.from_event(events[0])
+    assert (start.rate, start.width, start.channels) == (RATE, 2, 1)
+    chunks = [AudioChunk.from_event(e) for e in events if AudioChunk.is_type(e.type)]
+    assert len(chunks) > 1  # streamed as generated: the first chunk is CSM's first two frames
+    assert all((ch.rate, ch.width, ch.channels) == (RATE, 2, 1) for ch in chunks)
+    assert len(chunks[0].audio) == 2 * int(0.16 * RATE)
+    assert [e.type for e in events[1:-1]] == ["audio-chunk"] * len(chunks)
+    seconds = len(pcm_of(events)) / RATE
+    assert 0.16 <= seconds <= frames_for_ms(estimate_ms(text)) * 0.08 and np.abs(pcm_of(events)).max() > 0
+    assert server.metrics.interfaces["wyoming"]["success"] >= 1
+
+
+async def test_piper_voice_name_asks_for_piper(server):
+    before = server.metrics.stats["piper"].requests if "piper" in server.metrics.stats else 0
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="The lights are off.",
+                                       voice=SynthesizeVoice(name="en_US-joe-medium")).event())
+        events = await read_until(c, "audio-stop")
+    seconds = len(pcm_of(events)) / RATE
+    assert 0.5 < seconds < 4 and server.metrics.stats["piper"].requests == before + 1
+
+
+async def test_streamed_text_is_spoken_sentence_by_sentence_before_the_reply_is_complete(server):
+    """Text chunks split mid-word: the first sentence is heard before synthesize-stop is even sent."""
+    async with client(server) as c:
+        await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="nova")).event())
+        for piece in ("The weather to", "day is sunny and", " warm. Tomorrow it will"):
+            await c.write_event(SynthesizeChunk(text=piece).event())
+        first = await read_until(c, "audio-chunk")  # the reply is not finished, yet audio arrives
+        assert first[0].type == "audio-start"
+        await c.write_event(SynthesizeChunk(text=" rain in the evening.").event())
+        # Home Assistant repeats the whole text as a plain synthesize for old servers: it must not be spoken again
+        await c.write_event(Synthesize(text="The weather today is sunny and warm. Tomorrow it will rain in the "
+                                            "evening.").event())
+        await c.write_event(SynthesizeStop().event())
+        events = first + await read_until(c, "synthesize-stopped")
+        connection = next(iter(server.wyoming.connections))
+        spoken = [turn.text for turn in connection.conversation.history]
+    types = [e.type for e in events]
+    assert types.count("audio-start") == types.count("audio-stop") == 2  # two sentences, once each
+    assert types[-2:] == ["audio-stop", "synthesize-stopped"]
+    # both sentences were spoken with this connection's context (the first is in the second's prompt): one voice
+    assert spoken == ["The weather today is sunny and warm.", "Tomorrow it will rain in the evening."]
+
+
+async def test_a_client_that_disconnects_mid_reply_cancels_its_generation(server):
+    before = server.metrics.interfaces.get("wyoming", {}).get("cancelled", 0)
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="A long story that nobody will hear the end of. " * 20).event())
+        await read_until(c, "audio-chunk")
+    for _ in range(400):
+        if not server.scheduler.running and not server.wyoming.live():
+            break
+        await asyncio.sleep(0.05)
+    batcher = server.scheduler.primary.engine.batcher
+    assert not server.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
+    assert server.metrics.interfaces["wyoming"]["cancelled"] == before + 1
+
+
+async def raw_exchange(server, lines: list[bytes], until: set[str]) -> list[Event]:
+    """Write raw lines and a ``ping`` on a plain socket, then read answers until each type in ``until`` came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlparse(server.wyoming.uri).port)
+    try:
+        writer.write(b"".join(lines) + json.dumps(Ping(text="end").event().to_dict()).encode() + b"\n")
+        events = []
+        while True:
+            event = await asyncio.wait_for(async_read_event(reader), 30)
+            assert event is not None, f"closed after {[e.data for e in events]}"
+            events.append(event)
+            if until <= {e.type for e in events}:
+                return events
+    finally:
+        writer.close()
+
+
+async def test_malformed_events_get_error_events_and_the_connection_lives_on(server):
+    events = await raw_exchange(server, [
+        b"this is not json\n",
+        b"[1, 2, 3]\n",
+        b'{"type": "synthesize", "data": 5}\n',
+        b'{"type": "synthesize-chunk", "data": {"text": "outside a stream"}}\n',
+        b'{"type": "synthesize-start", "data": {"voice": "not an object"}}\n',
+        b'{"type": "synthesize-stop"}\n',  # ends the refused stream: answered with synthesize-stopped
+        b'{"type": "some-future-event", "data": {}}\n',  # unknown events are ignored, as Wyoming servers do
+        b'{"type": "describe"}\n',
+    ], until={"pong", "synthesize-stopped"})
+    errors = [Error.from_event(e) for e in events if Error.is_type(e.type)]
+    assert [e.code for e in errors] == ["invalid_json", "invalid_json", "invalid_json", "invalid_request",
+                                        "invalid_request"]
+    assert all(e.text for e in errors)
+    # info and pong answer at once; synthesize-stopped comes in turn after the (empty) stream's audio
+    assert sorted(e.type for e in events if not Error.is_type(e.type)) == ["info", "pong", "synthesize-stopped"]
+
+
+@pytest.mark.parametrize("voice, code", [(SynthesizeVoice(name="no-such-voice"), "invalid_request"),
+                                         (SynthesizeVoice(name="alloy", speaker="x"), "invalid_request"),
+                                         (SynthesizeVoice(language="de_DE"), "invalid_request")])
+async def test_a_refused_synthesize_gets_an_error_then_the_connection_ends(server, voice, code):
+    """Home Assistant reads until audio-stop or the connection's end: the end tells it at once."""
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="Hello there.", voice=voice).event())
+        error = Error.from_event(await read(c))
+        assert await read(c) is None
+    assert error.code == code and ("no-such-voice" not in error.text or "alloy" in error.text)
+
+
+async def test_text_over_the_limit_is_text_too_long(server):
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="word " * 300).event())
+        error = Error.from_event(await read(c))
+    assert error.code == "text_too_long"
+
+
+async def test_wyoming_requests_are_counted_per_interface_in_metrics(server):
+    _, metrics = await ahttp_get(server.port, "/metrics")
+    assert 'tts_interface_requests_total{interface="wyoming",status="success"}' in metrics
+
+
+async def test_zeroconf_announces_the_wyoming_port(tiny_model_dir):
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    port = free_port()
+    async with running_server(piper_slot(), wyoming_uri=f"tcp://127.0.0.1:{port}",
+                              wyoming_zeroconf=f"csm-test-{port}"):
+        browser = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+        try:
+            found = AsyncServiceInfo("_wyoming._tcp.local.", f"csm-test-{port}._wyoming._tcp.local.")
+            for _ in range(6):  # mDNS answers can take seconds on a loaded machine
+                if await found.async_request(browser.zeroconf, 5000):
+                    break
+            else:
+                pytest.fail("the service was not announced")
+        finally:
+            await browser.async_close()
+    assert found.port == port and found.parsed_addresses() == ["127.0.0.1"]
+
+
+async def test_run_server_with_wyoming_uri_speaks_piper_to_a_wyoming_client(tmp_path):
+    port = free_port()
+    server = ServerProcess(tmp_path, ["--engine", "piper", "--wyoming-uri", f"tcp://127.0.0.1:{port}"])
+    try:
+        await asyncio.to_thread(server.wait_for_log, "piper ready")
+        async with AsyncTcpClient("127.0.0.1", port) as c:
+            await c.write_event(Synthesize(text="Home Assistant is listening.").event())
+            events = await read_until(c, "audio-stop")
+    finally:
+        log = await asyncio.to_thread(server.stop)
+    assert "Wyoming listening on tcp://127.0.0.1" in log
+    assert len(pcm_of(events)) / RATE > 0.5
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_all_its_audio(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlparse(server.wyoming.uri).port)
+    synthesize = Synthesize(text="Short and sweet.", voice=SynthesizeVoice(name="en_US-joe-medium")).event()
+    writer.write(json.dumps(synthesize.to_dict()).encode() + b"\n")
+    writer.write_eof()  # nothing more is coming; the answer must still come
+    events = []
+    while (event := await asyncio.wait_for(async_read_event(reader), 30)) is not None:
+        events.append(event.type)
+    writer.close()
+    assert events[0] == "audio-start" and events[-1] == "audio-stop" and "audio-chunk" in events
+
+
+async def test_a_unix_socket_uri_serves_wyoming_too(tmp_path):
+    from wyoming.client import AsyncUnixClient
+
+    path = tmp_path / "wyoming.sock"
+    async with running_server(piper_slot(), wyoming_uri=f"unix://{path}"):
+        async with AsyncUnixClient(str(path)) as c:
+            await c.write_event(Describe().event())
+            info = Info.from_event(await read(c))
+            await c.write_event(Synthesize(text="Over a local socket.").event())
+            events = await read_until(c, "audio-stop")
+    assert [p.name for p in info.tts] == ["piper"] and len(pcm_of(events)) > 0

@@ -1,0 +1,358 @@
+"""The Wyoming protocol (Home Assistant, Rhasspy) on its own port: a thin adapter over the shared job/scheduler core.
+
+``--wyoming-uri`` starts the ``wyoming`` package's own server in the process;
+each client gets a ``WyomingConnection`` (the package's ``AsyncEventHandler``).
+Synthesis becomes the same ``Job`` a WebSocket request becomes (same queue,
+batching, engines, limits, metrics, cancellation), with the connection as its
+owner and its ``Conversation`` as context, so the sentences of one streamed
+reply keep one voice.
+
+As on the WebSocket, the connection reads events in one task and delivers
+audio in another (``_deliver``), so reading never waits for generation: text
+chunks keep arriving while earlier sentences are spoken, and a client that
+goes away is noticed.  ``docs/wyoming.md`` describes the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.info import Describe
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
+
+from . import protocol as p
+from . import wyoming_protocol as w
+from .context import Conversation
+from .jobs import END, Busy, Job
+from .openai_protocol import Voices
+from .security import RateLimiter
+from .text import SentenceStream
+
+if TYPE_CHECKING:
+    from .server import TTSServer
+
+log = logging.getLogger(__name__)
+MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
+
+
+class WyomingApi:
+    """The Wyoming server beside the WebSocket/HTTP port, on the same core."""
+
+    def __init__(self, server: "TTSServer", uri: str, zeroconf_name: str | None = None) -> None:
+        self.server, self.uri, self.zeroconf_name = server, uri, zeroconf_name
+        self.connections: set[WyomingConnection] = set()
+        self._server: AsyncServer | None = None
+        self._zeroconf = None
+
+    async def start(self) -> None:
+        self._server = AsyncServer.from_uri(self.uri)
+        await self._server.start(lambda reader, writer: WyomingConnection(self, reader, writer))
+        log.info("Wyoming listening on %s", self.uri)
+        host = urlparse(self.uri).hostname
+        if self.server.gate.requires_key and host is not None and not host.startswith("127.") and host != "localhost":
+            log.warning("Wyoming has no authentication: the API key does not protect %s; bind it to 127.0.0.1 "
+                        "or a trusted network", self.uri)
+        if self.zeroconf_name is not None:
+            self._zeroconf = await announce(self.uri, self.zeroconf_name)
+
+    async def stop(self) -> None:
+        if self._zeroconf is not None:
+            await self._zeroconf.async_close()
+        if self._server is not None:
+            await self._server.stop()
+        for connection in list(self.connections):
+            connection.cancel()
+
+    def live(self) -> bool:
+        """Whether some connection still has a generation to deliver."""
+        return any(c.busy for c in self.connections)
+
+    def voices(self) -> Voices:
+        return Voices(self.server.library.voice_names())
+
+    def piper_voice(self) -> str | None:
+        slot = self.server.scheduler.slots.get("piper")
+        return slot.engine.describe()["voice"] if slot else None
+
+    def info(self) -> Event:
+        """Programs for the engines that serve or are loading, the one answering first listed first."""
+        slots = sorted(self.server.scheduler.slots.values(), key=lambda s: s.state != "ready")
+        engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != "failed"}
+        return w.describe(engines, self.voices()).event()
+
+
+@dataclass
+class _Speak:
+    """One generation for the delivery task: a whole ``synthesize``, or one sentence of a stream."""
+
+    request: p.SynthesisRequest
+    streamed: bool
+
+
+class _Stopped:
+    """A stream's end: ``synthesize-stopped`` once its sentences are delivered."""
+
+
+@dataclass
+class _Refused:
+    """A ``synthesize`` that cannot run: its error, in its turn."""
+
+    code: p.ErrorCode
+    message: str
+
+
+class _Stream:
+    """An open ``synthesize-start`` .. ``synthesize-stop``: its voice, its unspoken text."""
+
+    def __init__(self, voice: tuple[int, str | None] | None) -> None:
+        self.voice = voice  # (speaker, engine); None: synthesize-start was refused, its chunks are dropped
+        self.sentences = SentenceStream()
+
+
+class WyomingConnection(AsyncEventHandler):
+    """One Wyoming client: events in, audio out, in order; closing it cancels its generation."""
+
+    def __init__(self, api: WyomingApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        self.api, self.server = api, api.server
+        self.conversation = Conversation(self.server.library, self.server.max_context_turns)
+        self._rate = RateLimiter(self.server.rate_limit)
+        self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue()
+        self._waiting = 0  # whole synthesize requests queued on this connection, not yet finished
+        self._stream: _Stream | None = None
+        self._job: Job | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None or not self._work.empty()
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+    async def run(self) -> None:
+        peer = self.writer.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else "local"
+        refusal = "The server is shutting down" if self.server.draining else \
+            self.server.connection_limits.admit(address)
+        if refusal is not None:
+            code = p.ErrorCode.SHUTTING_DOWN if self.server.draining else p.ErrorCode.TOO_MANY_CONNECTIONS
+            with contextlib.suppress(ConnectionError):
+                await self._error(code, refusal)
+            self.writer.close()
+            return
+        self.api.connections.add(self)
+        deliver = asyncio.create_task(self._deliver())
+        try:
+            if await self._read_events():  # the client half-closed: it still gets what it asked for
+                self._work.put_nowait(None)
+                await deliver
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            deliver.cancel()
+            await asyncio.gather(deliver, return_exceptions=True)
+            if self._job is not None:
+                self._job.cancel()
+            self.api.connections.discard(self)
+            self.server.connection_limits.release(address)
+            self.writer.close()
+
+    async def _read_events(self) -> bool:
+        """Handle events until the client stops sending (True) or must be dropped (False).
+
+        The ``wyoming`` reader returns ``None`` both at the end of the stream
+        and for a line that is not JSON; the reader's EOF tells them apart.
+        """
+        malformed = 0
+        while not self.writer.is_closing():
+            try:
+                event = await async_read_event(self.reader)
+            except (AttributeError, KeyError, TypeError):  # valid JSON, but not an event object
+                event = None
+            if event is None and self.reader.at_eof():
+                return True
+            if event is None or not isinstance(event.data, dict) or not isinstance(event.type, str):
+                malformed += 1
+                await self._error(p.ErrorCode.INVALID_JSON, "Not a Wyoming event: each event is one line of JSON "
+                                                            "with a string 'type' and an object 'data'")
+                if malformed >= MAX_MALFORMED:
+                    return False
+                continue
+            malformed = 0
+            await self.handle_event(event)
+        return False
+
+    async def handle_event(self, event: Event) -> bool:
+        try:
+            if Describe.is_type(event.type):
+                await self.write_event(self.api.info())
+            elif Ping.is_type(event.type):
+                await self.write_event(Pong(text=event.data.get("text")).event())
+            elif Synthesize.is_type(event.type):
+                if self._stream is None:  # inside a stream it is the reply's full text, sent for old servers
+                    self._synthesize(event.data)
+            elif SynthesizeStart.is_type(event.type):
+                self._start(event.data)
+            elif SynthesizeChunk.is_type(event.type):
+                self._chunk(event.data)
+            elif SynthesizeStop.is_type(event.type):
+                self._stop()
+            else:
+                log.debug("Wyoming: ignored a %r event", event.type)
+        except p.ProtocolError as exc:
+            await self._error(exc.code, exc.message)
+        return True
+
+    # -- reading: events become work, in order -------------------------------------------
+    def _admit(self) -> None:
+        if self.server.draining:
+            raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly")
+        if not self._rate.allow():
+            raise p.ProtocolError(p.ErrorCode.RATE_LIMITED,
+                                  f"More than {self.server.rate_limit} requests a minute on this connection; slow down")
+
+    def _voice(self, data: dict) -> tuple[int, str | None]:
+        return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.piper_voice())
+
+    def _synthesize(self, data: dict) -> None:
+        """A whole text; its refusal, like its failure, is answered in order and ends the connection."""
+        if self._waiting >= self.server.max_queued_per_connection:
+            raise p.ProtocolError(p.ErrorCode.TOO_MANY_QUEUED,
+                                  f"This connection already has {self.server.max_queued_per_connection} requests "
+                                  "waiting or running; wait for one to finish")
+        self._waiting += 1
+        try:
+            self._admit()
+            work: _Speak | _Refused = _Speak(w.request(w.read_text(data), *self._voice(data),
+                                                       self.server.max_text_chars), streamed=False)
+        except p.ProtocolError as exc:
+            work = _Refused(exc.code, exc.message)
+        self._work.put_nowait(work)
+
+    def _start(self, data: dict) -> None:
+        if self._stream is not None:
+            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "A stream is already open: send synthesize-stop first")
+        self._stream = _Stream(None)
+        self._admit()
+        self._stream.voice = self._voice(data)
+
+    def _chunk(self, data: dict) -> None:
+        stream = self._stream
+        if stream is None:
+            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
+                                                               "synthesize-start first")
+        text = w.read_text(data)
+        if stream.voice is None:
+            return  # its synthesize-start was refused (and answered)
+        if len(stream.sentences.pending) + len(text) > self.server.max_text_chars:
+            raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.server.max_text_chars} characters "
+                                                             "without a sentence end; this chunk was dropped")
+        for sentence in stream.sentences.add(text):
+            self._work.put_nowait(_Speak(w.request(sentence, *stream.voice, self.server.max_text_chars), True))
+
+    def _stop(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-stop outside a stream")
+        if stream.voice is not None:
+            for sentence in stream.sentences.finish():
+                self._work.put_nowait(_Speak(w.request(sentence, *stream.voice, self.server.max_text_chars), True))
+        self._work.put_nowait(_Stopped())
+
+    # -- delivering: one generation at a time, as audio events -----------------------------
+    async def _deliver(self) -> None:
+        while (item := await self._work.get()) is not None:
+            if isinstance(item, _Stopped):
+                await self.write_event(SynthesizeStopped().event())
+                continue
+            if isinstance(item, _Refused):
+                failure, streamed = (item.code, item.message), False
+            else:
+                failure, streamed = await self._speak(item.request), item.streamed
+            self._waiting -= not streamed
+            if failure is not None:
+                await self._error(*failure)
+                if not streamed:  # a client waiting for audio-stop learns of the failure at once
+                    self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
+                    return
+
+    async def _speak(self, request: p.SynthesisRequest) -> tuple[p.ErrorCode, str] | None:
+        """Run one generation and send its audio; returns the error that ended it, if one did."""
+        rate = self.server.scheduler.sample_rate
+        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
+                  on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
+        job.owner = self
+        if self.server.draining:
+            return p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly"
+        try:
+            self.server.scheduler.submit(job)
+        except Busy as exc:
+            return p.ErrorCode.BUSY, str(exc)
+        except p.ProtocolError as exc:
+            return exc.code, exc.message
+        self._job, started = job, False
+        try:
+            while (item := await job.outbox.get()) is not END:
+                for frame in item:
+                    if isinstance(frame, bytes):
+                        if not started:
+                            await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+                            started = True
+                        await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=frame).event())
+                        job.unsent_bytes(-len(frame))
+                        continue
+                    reply = json.loads(frame)
+                    if reply["status"] == "error":
+                        return p.ErrorCode(reply["code"]), reply["message"]
+                    if reply["status"] == "cancelled":
+                        return p.ErrorCode.SHUTTING_DOWN, "The request was cancelled"
+                    if reply["status"] == "success":
+                        if not started:
+                            await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+                        await self.write_event(AudioStop().event())
+            return None
+        finally:
+            self._job = None
+            job.cancel()  # a no-op once it has finished; else the client left: stop the work
+
+    async def _error(self, code: p.ErrorCode, message: str) -> None:
+        await self.write_event(Error(text=message, code=p.ErrorCode(code).value).event())
+
+
+async def announce(uri: str, name: str):
+    """Announce the Wyoming service over mDNS (``_wyoming._tcp``) so Home Assistant discovers it.
+
+    A URI bound to one address announces that address on that interface only;
+    ``0.0.0.0`` announces the address of the interface that reaches the LAN.
+    """
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    parsed = urlparse(uri)
+    if parsed.scheme != "tcp" or parsed.port is None:
+        raise ValueError("--wyoming-zeroconf needs a tcp:// Wyoming URI")
+    host = parsed.hostname or "0.0.0.0"
+    interfaces = [host] if host not in ("0.0.0.0", "") else None
+    if interfaces is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("224.0.0.251", 5353))  # no packet is sent: this only picks the outgoing interface
+            host = probe.getsockname()[0]
+    zeroconf = AsyncZeroconf(interfaces=interfaces or "All", ip_version=IPVersion.V4Only)
+    service = AsyncServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.",
+                               addresses=[socket.inet_aton(host)], port=parsed.port)
+    await zeroconf.async_register_service(service)
+    log.info("Wyoming announced over zeroconf as %r at %s:%d", name, host, parsed.port)
+    return zeroconf
