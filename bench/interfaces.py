@@ -67,7 +67,7 @@ async def over_wyoming(port: int) -> float:
     async with AsyncTcpClient("127.0.0.1", port) as client:
         started = time.perf_counter()
         await client.write_event(Synthesize(text=TEXT).event())
-        while (event := await client.read_event()).type != "audio-chunk":
+        while (await client.read_event()).type != "audio-chunk":
             pass
         first = time.perf_counter() - started
         while (await client.read_event()).type != "audio-stop":

@@ -30,6 +30,6 @@ def full_engine(**options) -> CsmEngine:
     processor = CsmProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=24000), tokenizer,
                              chat_template=CHAT_TEMPLATE)
     engine = CsmEngine(lambda: None, device="cpu", label="random full-size CSM", **options)
-    engine.use_model(processor, model)
+    engine.use_model(processor, model.to(engine.dtype))  # the codec goes back to float32 there
     print(f"built full-size random CSM in {time.perf_counter() - started:.0f} s")
     return engine

@@ -45,7 +45,7 @@ def csm_slot(settings: Settings) -> EngineSlot:
     max_batch = settings.max_batch or AUTO_MAX_BATCH.get(pick_device(settings.device), 1)
     return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
                                 first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames,
-                                compile=settings.compile == "on"))
+                                compile=settings.compile == "on", quantize=settings.quantize))
 
 
 def build_server(settings: Settings) -> TTSServer:

@@ -86,7 +86,8 @@ OPTIONS = [
     Option("model_path", None, "model folder (with config.json) or hub cache folder models--org--name"),
     Option("model_id", "sesame/csm-1b", "hub repository to download in download mode"),
     Option("device", "auto", "auto = cuda, then mps, then cpu", choices=["auto", "cuda", "mps", "cpu"]),
-    Option("dtype", "auto", "auto = bfloat16 on CUDA when supported, else float32",
+    Option("dtype", "auto", "auto = bfloat16 on CUDA when supported, and on a CPU that computes bfloat16 natively "
+           "(AVX512-BF16 or AMX) or with --quantize int8; else float32",
            choices=["auto", "float32", "bfloat16", "float16"]),
     Option("references", str(DEFAULT_REFERENCES), "folder with emotion_map.json and reference clips"),
     Option("log_level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
@@ -103,6 +104,8 @@ OPTIONS = [
            "more rows than 4 cost a lone request more than they save), 1 on MPS", _non_negative),
     Option("threads", 0, "CPU threads for CSM's compute; 0 = torch's default (all cores). Running several servers "
            "on one machine's CPU, give each cores / servers", _non_negative),
+    Option("quantize", "none", "int8: CSM's backbone, depth decoder and heads with int8 weights (per-output-channel "
+           "scales, weight-only), ~4x fewer bytes read than float32; none: as --dtype says", choices=["none", "int8"]),
     Option("compile", "off", "on: torch.compile CSM's depth-decoder step (for CUDA; ~30 s warm-up, no gain on CPU)",
            choices=["on", "off"]),
     Option("stream_buffer_seconds", 30, "most seconds of audio a connection may leave unread before its stream "
@@ -156,6 +159,7 @@ class Settings:
     max_batch: int = 0
     threads: int = 0
     compile: str = "off"
+    quantize: str = "none"
     first_chunk_frames: int = 2
     chunk_frames: int = 6
     stream_buffer_seconds: int = 30

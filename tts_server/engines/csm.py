@@ -25,6 +25,7 @@ from ..text import estimate_ms, frames_for_ms, split_sentences
 from .base import ContextTurn, Engine, EngineError, SynthesisTask
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
+from .quantize import quantize_model
 from .mimi_stream import MimiStreamDecoder
 
 log = logging.getLogger(__name__)
@@ -43,29 +44,46 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
+def pick_dtype(requested: str, device: str, quantize: str = "none") -> torch.dtype:
+    """``auto``: bfloat16 on CUDA with native support; on a CPU, bfloat16 where it computes it natively (measured
+    1.4x faster per frame there, docs/benchmarks.md) or under ``--quantize int8`` (its fast kernel); else float32."""
     if requested != "auto":
         return getattr(torch, requested)
     if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 is slow
         return torch.bfloat16
+    if device == "cpu" and (native_cpu_bf16() or quantize == "int8"):
+        return torch.bfloat16
     return torch.float32
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); read from Linux's cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 class CsmEngine(Engine):
     name = "csm"
     sample_rate = 24000
 
-    def __init__(self, locate, device: str = "auto", dtype: str = "auto", label: str = "csm",
+    def __init__(self, locate, device: str = "auto", dtype: str = "float32", label: str = "csm",
                  first_chunk_frames: int = 2, chunk_frames: int = 6, max_batch: int = 1,
-                 compile: bool = False) -> None:
-        """``locate`` is a callable returning the model folder (it may download: it runs in the loader)."""
+                 compile: bool = False, quantize: str = "none") -> None:
+        """``locate`` is a callable returning the model folder (it may download: it runs in the loader).
+
+        ``quantize="int8"``: int8 projections (``quantize.py``).  ``dtype="auto"``: see ``pick_dtype``.
+        """
         self._locate = locate
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.concurrency = max_batch  # requests the scheduler may run at once: they share the batch
         self.compile = compile
+        self.quantize = quantize
         self.batcher: Batcher | None = None
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device, quantize)
         self.label = label
         self.folder: Path | None = None
         self.processor = None
@@ -96,6 +114,11 @@ class CsmEngine(Engine):
         specials = sorted(processor.tokenizer.added_tokens_encoder, key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials)) or "(?!)")
         self.model = model.to(self.device).eval()
+        if self.quantize == "int8":
+            started = time.perf_counter()
+            size = quantize_model(self.model)
+            log.info("CSM's projections quantized to int8 (%.2f GB) in %.1f s; computing in %s", size / 1e9,
+                     time.perf_counter() - started, self.precision())
         self.decoder = CsmDecoder(self.model, compile=self.compile)
         self.batcher = Batcher(self.decoder, self.concurrency) if self.concurrency > 1 else None
         self.max_positions = int(self.model.config.max_position_embeddings)
@@ -109,7 +132,12 @@ class CsmEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.label, "device": self.device, "dtype": str(self.dtype).split(".")[-1],
-                "sample_rate": self.sample_rate, "max_batch": self.concurrency}
+                "precision": self.precision(), "sample_rate": self.sample_rate, "max_batch": self.concurrency}
+
+    def precision(self) -> str:
+        """What the projections compute in, as the startup log and ``/v1/info`` say it."""
+        dtype = str(self.dtype).split(".")[-1]
+        return f"int8 weights, {dtype} activations" if self.quantize == "int8" else dtype
 
     # -- prompts ------------------------------------------------------------------
     def codes_for(self, turn: ContextTurn) -> torch.Tensor:

@@ -71,7 +71,7 @@ class Batcher:
         self._busy_since: float | None = None  # monotonic start of the current prefill or step
         self.abandoned = False
         self.steps = 0
-        self.linear = skinny_linear if decoder.device.type == "cpu" else F.linear
+        self.linear = decoder.linear_for(skinny_linear if decoder.device.type == "cpu" else F.linear)
 
     def frames(self, embeds: torch.Tensor, sampling: Sampling, max_frames: int, rng: torch.Generator | None,
                cancel: threading.Event) -> Iterator[torch.Tensor]:
@@ -163,9 +163,8 @@ class Batcher:
         """Prefill a new row on its own and give it a batch slot; its first frame comes with the next step."""
         decoder = self.decoder
         if self.cache is None:
-            weights = decoder.model.lm_head.weight
             # one position more than CSM's: the scratch place where idle rows' keys and values go
-            self.cache = RowCache(decoder.config, self.rows, self.length + 1, weights.dtype, weights.device)
+            self.cache = RowCache(decoder.config, self.rows, self.length + 1, decoder.dtype, decoder.device)
         row.hidden, prefilled = decoder.prefill(row.embeds)
         row.embeds = None
         with self._wake:

@@ -22,6 +22,8 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from .quantize import dispatching
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -51,12 +53,21 @@ class CsmDecoder:
         # CSM-1B's codebook vocabulary (2051) is larger than the codec's (2048):
         # the extra ids are special and must never be sampled or decoded.
         self.codec_size = model.config.codec_config.codebook_size
-        self.device = model.lm_head.weight.device
+        embeddings = model.backbone_model.embed_tokens.embed_audio_tokens.weight
+        self.device, self.dtype = embeddings.device, embeddings.dtype  # of activations (int8 weights have neither)
         depth = model.depth_decoder
         self._depth_layers = [_Layer.of(layer) for layer in depth.model.layers]
         self._backbone_layers = [_Layer.of(layer) for layer in model.backbone_model.layers]
         self._depth_projector = depth.model.inputs_embeds_projector.weight
-        self._depth_heads = [w.T for w in depth.codebooks_head.weight]  # head i: (hidden, vocab) -> linear weight
+        int8_heads = getattr(model, "int8_depth_heads", None)  # set by quantize.quantize_model
+        self.quantized = int8_heads is not None
+        # head i: (hidden, vocab) -> linear weight
+        self._depth_heads = int8_heads or [w.T for w in depth.codebooks_head.weight]
+        self.linear = self.linear_for(F.linear)  # batch 1: transformers' numbers in float
+
+    def linear_for(self, linear: Callable) -> Callable:
+        """``linear`` as the loop calls it: with int8 weights, one that also takes those."""
+        return dispatching(linear) if self.quantized else linear
 
     # -- prompt -----------------------------------------------------------------
     @torch.inference_mode()
@@ -110,13 +121,15 @@ class CsmDecoder:
 
     # -- the loop ---------------------------------------------------------------
     def sample_frame(self, hidden: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor],
-                     linear: Callable = F.linear) -> torch.Tensor:
+                     linear: Callable | None = None) -> torch.Tensor:
         """One frame ``(rows, num_codebooks)`` from the backbone's last hidden states ``(rows, hidden)``.
 
         ``pick`` turns ``(rows, vocab)`` logits into ``(rows,)`` ids; a batch gives
         each row its own sampling settings and RNG through it.  ``linear`` is
-        ``F.linear`` (transformers' numbers) or :func:`skinny_linear` (batches).
+        ``F.linear`` (transformers' numbers; the default) or :func:`skinny_linear`
+        (batches), through :meth:`linear_for`.
         """
+        linear = linear or self.linear
         first = pick(linear(hidden, self.model.lm_head.weight))
         return self._depth_frame(hidden, first, pick, linear)
 
@@ -186,7 +199,7 @@ class CsmDecoder:
                 hidden = self.backbone_step(frame, torch.tensor([at], device=self.device), {0: at + 1}, cache)
 
     def backbone_step(self, frames: torch.Tensor, positions: torch.Tensor, lengths: dict[int, int],
-                      cache: "RowCache", linear: Callable = F.linear) -> torch.Tensor:
+                      cache: "RowCache", linear: Callable | None = None) -> torch.Tensor:
         """The backbone on one frame per row: last hidden states ``(rows, hidden)``.
 
         ``frames`` ``(rows, num_codebooks)`` go to ``positions`` ``(rows,)`` of
@@ -195,7 +208,7 @@ class CsmDecoder:
         operations for one new position (decode needs no mask), without its
         per-call machinery.
         """
-        backbone = self.model.backbone_model
+        backbone, linear = self.model.backbone_model, linear or self.linear
         cache.write_at = positions
         x = backbone.embed_tokens(frames[:, None, :])
         cos, sin = (t.unsqueeze(1) for t in backbone.rotary_emb(x, position_ids=positions[:, None]))
