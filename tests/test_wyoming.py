@@ -254,3 +254,15 @@ async def test_a_unix_socket_uri_serves_wyoming_too(tmp_path):
             await c.write_event(Synthesize(text="Over a local socket.").event())
             events = await read_until(c, "audio-stop")
     assert [p.name for p in info.tts] == ["piper"] and len(pcm_of(events)) > 0
+
+
+async def test_a_failed_csm_is_left_out_of_the_info_and_piper_answers_csm_voices(broken_model_dir):
+    async with running_server(csm_slot(broken_model_dir), piper_slot(),
+                              wyoming_uri=f"tcp://127.0.0.1:{free_port()}") as server:
+        async with client(server) as c:
+            await c.write_event(Describe().event())
+            info = Info.from_event(await read(c))
+            await c.write_event(Synthesize(text="Falling back.", voice=SynthesizeVoice(name="alloy")).event())
+            events = await read_until(c, "audio-stop")
+    assert [p.name for p in info.tts] == ["piper"]
+    assert len(pcm_of(events)) > 0 and server.metrics.stats["piper"].requests == 1

@@ -87,8 +87,8 @@ class WyomingApi:
         return slot.engine.describe()["voice"] if slot else None
 
     def info(self) -> Event:
-        """Programs for the engines that serve or are loading, the one answering first listed first."""
-        slots = sorted(self.server.scheduler.slots.values(), key=lambda s: s.state != "ready")
+        """Programs for the engines that serve or are loading, in routing order: the one that answers first, first."""
+        slots = self.server.scheduler.slots.values()  # primary, then fallback
         engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != "failed"}
         return w.describe(engines, self.voices()).event()
 
