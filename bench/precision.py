@@ -32,39 +32,13 @@ from _common import machine, median, table
 from decode_loop import concurrency
 from models import full_engine
 from tts_server.engines.csm import CsmEngine
-from tts_server.engines.csm_decode import RowCache, Sampling
+from tts_server.engines.csm_decode import Sampling
+from tts_server.engines.fidelity import logits_along
 from tts_server.engines.quantize import Int8Linear
 from tts_server.jobs import EngineSlot
 from tts_server.server import TTSServer
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it takes a nap."
-
-
-def run_teacher(engine, frames: torch.Tensor | None, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(frames, logits per step): free-running seeded sampling when ``frames`` is None, else fed those frames."""
-    decoder = engine.decoder
-    embeds = decoder.embed_prompt(engine.prompt_ids([], PROMPT, 0), [])
-    rng = torch.Generator(device=decoder.device).manual_seed(7)
-    sample = decoder.picker(Sampling(), rng)
-    logits: list[torch.Tensor] = []
-    produced = []
-    with torch.inference_mode():
-        hidden, prefilled = decoder.prefill(embeds)
-        cache = RowCache(decoder.config, 1, embeds.shape[0] + count, hidden.dtype, decoder.device)
-        cache.load(0, prefilled)
-        for n in range(count):
-            step = iter(range(decoder.num_codebooks))
-
-            def pick(scores: torch.Tensor) -> torch.Tensor:
-                logits.append(scores[0, : decoder.codec_size].float().cpu())
-                index = next(step)
-                return sample(scores) if frames is None else frames[n, index][None].to(decoder.device)
-
-            frame = decoder.sample_frame(hidden, pick)
-            produced.append(frame[0].cpu())
-            at = embeds.shape[0] + n
-            hidden = decoder.backbone_step(frame, torch.tensor([at], device=decoder.device), {0: at + 1}, cache)
-    return torch.stack(produced), logits
 
 
 def fidelity(reference: list[torch.Tensor], other: list[torch.Tensor], codebooks: int) -> dict[str, list[float]]:
@@ -150,14 +124,14 @@ def main() -> None:
         base.load()
     else:
         base = full_engine(dtype="float32", max_batch=4)
-    frames, reference = run_teacher(base, None, args.frames)
+    frames, reference = logits_along(base, PROMPT, args.frames)
     codebooks = base.decoder.num_codebooks
     plans = [("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"), ("int8", "bfloat16", "int8")]
     fid, speed = [], []
     for name, dtype, quantize in plans:
         engine = base if name == "float32" else variant(base, dtype, quantize)
         if name != "float32":
-            _, logits = run_teacher(engine, frames, args.frames)
+            _, logits = logits_along(engine, PROMPT, args.frames, frames)
             for part, row in fidelity(reference, logits, codebooks).items():
                 fid.append([name, engine.precision(), part, *row])
         frame_s = per_frame(engine, args.speed_frames)

@@ -83,6 +83,37 @@ def csm_slot(folder: Path, delay: float = 0.0, max_batch: int = 1) -> EngineSlot
     return EngineSlot(CsmEngine(locate, device="cpu", max_batch=max_batch))
 
 
+def codes_of(engine: CsmEngine, text: str, seed: int, frames: int, top_k: int = 50):
+    """The codes CSM produces for one seeded request (no context), through the engine as the server calls it."""
+    import torch
+
+    from tts_server.engines.base import SynthesisTask
+    from tts_server.protocol import SynthesisRequest
+
+    task = SynthesisTask(SynthesisRequest(text=text, request_id="t", seed=seed, top_k=top_k, context=False,
+                                          max_audio_length_ms=frames * 80))
+    list(engine.synthesize(task))
+    return torch.cat([turn.cache["csm"] for turn in task.produced])
+
+
+def codes_beside_neighbours(engine: CsmEngine, text: str, seed: int, frames: int) -> dict:
+    """``codes_of`` for ``text`` while three other requests run at the same time (batched); all four results."""
+    import threading
+
+    results = {}
+
+    def run(words: str, seed: int, frames: int) -> None:
+        results[words] = codes_of(engine, words, seed, frames)
+
+    threads = [threading.Thread(target=run, args=(f"Neighbour {i}", i, frames - 4 + 3 * i)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    run(text, seed, frames)
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def piper_slot() -> EngineSlot:
     from tts_server.engines.piper import PiperEngine
 

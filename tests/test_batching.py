@@ -12,12 +12,10 @@ import websockets
 from torch.nn import functional as F
 from transformers import AutoProcessor, CsmForConditionalGeneration
 
-from conftest import collect, recv_json, running_server, url
-from tts_server.engines.base import SynthesisTask
+from conftest import codes_beside_neighbours, codes_of, collect, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.csm_decode import Sampling, skinny_linear
 from tts_server.jobs import EngineSlot
-from tts_server.protocol import SynthesisRequest
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +23,6 @@ def batched_engine(tiny_model_dir):
     engine = CsmEngine(lambda: tiny_model_dir, device="cpu", max_batch=4)
     engine.load()
     return engine
-
-
-def codes_of(engine, text: str, seed: int, frames: int, top_k: int = 50) -> torch.Tensor:
-    task = SynthesisTask(SynthesisRequest(text=text, request_id="t", seed=seed, top_k=top_k, context=False,
-                                          max_audio_length_ms=frames * 80))
-    list(engine.synthesize(task))
-    return torch.cat([turn.cache["csm"] for turn in task.produced])
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
@@ -54,17 +45,7 @@ def test_batched_path_gives_the_tokens_of_model_generate(tiny_model_dir, batched
 
 def test_a_seeded_request_is_the_same_alone_or_beside_others(batched_engine):
     alone = codes_of(batched_engine, "The same words", seed=11, frames=24)
-    results: dict[str, torch.Tensor] = {}
-
-    def run(text: str, seed: int, frames: int) -> None:
-        results[text] = codes_of(batched_engine, text, seed, frames)
-
-    threads = [threading.Thread(target=run, args=(f"Neighbour {i}", i, 20 + 3 * i)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    run("The same words", 11, 24)
-    for thread in threads:
-        thread.join()
+    results = codes_beside_neighbours(batched_engine, "The same words", seed=11, frames=24)
     assert torch.equal(results["The same words"], alone)
     assert len({tuple(t[0].tolist()) for t in results.values()}) == 4  # neighbours really differed
 

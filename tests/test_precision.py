@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -11,13 +10,12 @@ import websockets
 from torch.nn import functional as F
 
 from audio_fixtures import speechlike, write_audio
-from conftest import ServerProcess, ahttp_get, collect
-from tts_server.engines.base import SynthesisTask
+from conftest import ServerProcess, ahttp_get, codes_beside_neighbours, codes_of, collect
 from tts_server.engines.csm import CsmEngine
-from tts_server.engines.csm_decode import RowCache
+from tts_server.engines.fidelity import logits_along
 from tts_server.engines.quantize import Int8Linear, Int8Weight, int8_linear
-from tts_server.protocol import SynthesisRequest
 
+TEXT = "Compare these logits please."
 ACTIVATIONS = ["bfloat16", "float32"]  # int8 weights with either (bfloat16 is what --dtype auto gives int8)
 
 
@@ -25,13 +23,6 @@ def engine_for(folder, dtype: str, max_batch: int, quantize: str = "int8") -> Cs
     engine = CsmEngine(lambda: folder, device="cpu", dtype=dtype, max_batch=max_batch, quantize=quantize)
     engine.load()
     return engine
-
-
-def codes_of(engine, text: str, seed: int, frames: int) -> torch.Tensor:
-    task = SynthesisTask(SynthesisRequest(text=text, request_id="t", seed=seed, context=False,
-                                          max_audio_length_ms=frames * 80))
-    list(engine.synthesize(task))
-    return torch.cat([turn.cache["csm"] for turn in task.produced])
 
 
 def test_every_projection_is_int8_and_the_float_weights_are_gone(tiny_model_dir):
@@ -56,52 +47,18 @@ def test_a_seeded_int8_request_is_deterministic_and_the_same_alone_at_batch_1_or
     batched = engine_for(tiny_model_dir, activations, 4)
     alone = codes_of(single, "The same words", seed=11, frames=20)
     assert torch.equal(codes_of(single, "The same words", seed=11, frames=20), alone)
-    results: dict[str, torch.Tensor] = {}
-
-    def run(text: str, seed: int, frames: int) -> None:
-        results[text] = codes_of(batched, text, seed, frames)
-
-    threads = [threading.Thread(target=run, args=(f"Neighbour {i}", i, 16 + 3 * i)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    run("The same words", 11, 20)
-    for thread in threads:
-        thread.join()
+    results = codes_beside_neighbours(batched, "The same words", seed=11, frames=20)
     assert batched.batcher.steps > 0
     assert torch.equal(results["The same words"], alone)
     assert len({tuple(t[0].tolist()) for t in results.values()}) == 4  # the neighbours really differed
-
-
-def teacher_forced_logits(engine, frames: torch.Tensor | None, count: int):
-    """Logits of every codebook step, fed ``frames`` (or greedy when None); the frames produced."""
-    decoder = engine.decoder
-    embeds = decoder.embed_prompt(engine.prompt_ids([], "Compare these logits please.", 0), [])
-    logits, produced = [], []
-    with torch.inference_mode():
-        hidden, prefilled = decoder.prefill(embeds)
-        cache = RowCache(decoder.config, 1, embeds.shape[0] + count, hidden.dtype, decoder.device)
-        cache.load(0, prefilled)
-        for n in range(count):
-            step = iter(range(decoder.num_codebooks))
-
-            def pick(scores):
-                logits.append(scores[0, : decoder.codec_size].float())
-                index = next(step)
-                return scores[:, : decoder.codec_size].argmax(-1) if frames is None else frames[n, index][None]
-
-            frame = decoder.sample_frame(hidden, pick)
-            produced.append(frame[0])
-            at = embeds.shape[0] + n
-            hidden = decoder.backbone_step(frame, torch.tensor([at]), {0: at + 1}, cache)
-    return torch.stack(produced), logits
 
 
 @pytest.mark.parametrize("activations", ACTIVATIONS)
 def test_int8_logits_stay_close_to_float32_under_teacher_forcing(tiny_model_dir, activations):
     """Fed float32's tokens, int8's logits at every codebook step stay close (full-size figures: docs/benchmarks.md)."""
     reference = engine_for(tiny_model_dir, "float32", 1, quantize="none")
-    frames, expected = teacher_forced_logits(reference, None, 12)
-    _, got = teacher_forced_logits(engine_for(tiny_model_dir, activations, 1), frames, 12)
+    frames, expected = logits_along(reference, TEXT, 12)
+    _, got = logits_along(engine_for(tiny_model_dir, activations, 1), TEXT, 12, frames)
     cosine = torch.stack([F.cosine_similarity(a, b, dim=0) for a, b in zip(expected, got)])
     top1 = torch.tensor([float(a.argmax() == b.argmax()) for a, b in zip(expected, got)])
     assert cosine.mean() > 0.99 and cosine.min() > 0.95 and top1.mean() > 0.85, (cosine, top1.mean())
