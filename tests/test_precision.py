@@ -29,7 +29,7 @@ def test_every_projection_is_int8_and_the_float_weights_are_gone(tiny_model_dir)
     engine = engine_for(tiny_model_dir, "bfloat16", 1)
     model = engine.model
     assert engine.precision() == "int8 weights, bfloat16 activations"
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not None]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
             and not name.startswith("codec_model")] == []  # the codec keeps its own layers
     assert linears and all(m.weight.dtype == torch.float32 for m in linears)  # codec only
