@@ -249,6 +249,22 @@ def _parse_synthesis(f: Fields, limits: Limits) -> SynthesisRequest:
     )
 
 
+# -- refusals shared by the connection-oriented interfaces (WebSocket, Wyoming) ---
+
+def shutting_down(request_id: str | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly", request_id)
+
+
+def rate_limited(per_minute: int, request_id: str | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.RATE_LIMITED,
+                         f"More than {per_minute} requests a minute on this connection; slow down", request_id)
+
+
+def too_many_queued(limit: int, request_id: str | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.TOO_MANY_QUEUED, f"This connection already has {limit} requests waiting or "
+                                                    "running; wait for one to finish", request_id)
+
+
 # -- replies --------------------------------------------------------------------
 
 def error_reply(code: ErrorCode, message: str, request_id: str | None = None) -> dict[str, Any]:

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listening address only accepts this machine's clients."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @dataclass(frozen=True)
 class Verdict:
     status: int  # 401 or 403

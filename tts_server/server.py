@@ -39,7 +39,7 @@ from .references import ReferenceError
 from .references.quality import check_voice_prompt
 from .jobs import END, Busy, EngineSlot, Job
 from .scheduler import Scheduler
-from .security import ConnectionLimits, Gate, ProxyTrust, RateLimiter, RedactingLogger
+from .security import ConnectionLimits, Gate, ProxyTrust, RateLimiter, RedactingLogger, is_loopback
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATHS = ("/", "/ws")
@@ -95,9 +95,7 @@ class Connection:
                                               "binary frame holding the audio file"))
             message = p.parse_message(raw, self.server.limits())
             if isinstance(message, (p.SynthesisRequest, p.VoiceRequest)) and not self._rate.allow():
-                raise p.ProtocolError(p.ErrorCode.RATE_LIMITED,
-                                      f"More than {self.server.rate_limit} requests a minute on this connection; "
-                                      "slow down", getattr(message, "request_id", None))
+                raise p.rate_limited(self.server.rate_limit, getattr(message, "request_id", None))
             if isinstance(message, p.SynthesisRequest):
                 await self._synthesize(message)
             elif isinstance(message, p.CancelRequest):
@@ -117,16 +115,13 @@ class Connection:
 
     async def _synthesize(self, request: p.SynthesisRequest) -> None:
         if self.server.draining:
-            raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly",
-                                  request.request_id)
+            raise p.shutting_down(request.request_id)
         if request.request_id in self.live:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
                                   f"request_id {request.request_id!r} is already in use on this connection",
                                   request.request_id)
         if sum(not job.finished for job in self.live.values()) >= self.server.max_queued_per_connection:
-            raise p.ProtocolError(p.ErrorCode.TOO_MANY_QUEUED,
-                                  f"This connection already has {self.server.max_queued_per_connection} requests "
-                                  "waiting or running; wait for one to finish", request.request_id)
+            raise p.too_many_queued(self.server.max_queued_per_connection, request.request_id)
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
         job.owner = self
@@ -257,7 +252,7 @@ class TTSServer:
                                    logger=RedactingLogger(logging.getLogger("websockets.server"), self.gate.secrets))
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Listening on ws://%s:%d", self.host, self.port)
-        if not self.gate.requires_key and not _is_loopback(self.host):
+        if not self.gate.requires_key and not is_loopback(self.host):
             log.warning("Listening on %s without an API key: anyone who can reach this port can use it "
                         "(set --api-key / TTS_API_KEY)", self.host)
         if self.wyoming is not None:
@@ -305,10 +300,9 @@ class TTSServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         address = self.proxies.client((ws.remote_address or ("?",))[0], ws.request.headers)
-        refusal = "The server is shutting down" if self.draining else self.connection_limits.admit(address)
+        refusal = self.admit_connection(address)
         if refusal is not None:
-            code = p.ErrorCode.SHUTTING_DOWN if self.draining else p.ErrorCode.TOO_MANY_CONNECTIONS
-            await ws.send(p.encode(p.error_reply(code, refusal)))
+            await ws.send(p.encode(refusal.reply()))
             await ws.close(1013, "try again later")
             return
         sock = ws.transport.get_extra_info("socket")
@@ -322,6 +316,14 @@ class TTSServer:
             self.connections.discard(connection)
             self.connection_limits.release(address)
 
+    def admit_connection(self, address: str) -> p.ProtocolError | None:
+        """Count a new connection from ``address`` (any interface), or say why it is refused; admitted ones
+        are released with ``connection_limits.release(address)``."""
+        if self.draining:
+            return p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+        refusal = self.connection_limits.admit(address)
+        return None if refusal is None else p.ProtocolError(p.ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         verdict = self.gate.check(request.headers, request.path, upgrade)
@@ -334,10 +336,6 @@ class TTSServer:
             return http_api.text_response(http.HTTPStatus.UPGRADE_REQUIRED,
                                           "This is a WebSocket endpoint: connect with a WebSocket client.\n")
         return http_api.respond(self, path, request.path.partition("?")[2])
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _label(slot: EngineSlot) -> str:

@@ -37,7 +37,7 @@ from . import wyoming_protocol as w
 from .context import Conversation
 from .jobs import END, Busy, Job
 from .openai_protocol import Voices
-from .security import RateLimiter
+from .security import RateLimiter, is_loopback
 from .text import SentenceStream
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class WyomingApi:
         await self._server.start(lambda reader, writer: WyomingConnection(self, reader, writer))
         log.info("Wyoming listening on %s", self.uri)
         host = urlparse(self.uri).hostname
-        if self.server.gate.requires_key and host is not None and not host.startswith("127.") and host != "localhost":
+        if self.server.gate.requires_key and host is not None and not is_loopback(host):
             log.warning("Wyoming has no authentication: the API key does not protect %s; bind it to 127.0.0.1 "
                         "or a trusted network", self.uri)
         if self.zeroconf_name is not None:
@@ -109,15 +109,14 @@ class _Stopped:
 class _Refused:
     """A ``synthesize`` that cannot run: its error, in its turn."""
 
-    code: p.ErrorCode
-    message: str
+    error: p.ProtocolError
 
 
 class _Stream:
     """An open ``synthesize-start`` .. ``synthesize-stop``: its voice, its unspoken text."""
 
-    def __init__(self, voice: tuple[int, str | None] | None) -> None:
-        self.voice = voice  # (speaker, engine); None: synthesize-start was refused, its chunks are dropped
+    def __init__(self) -> None:
+        self.voice: tuple[int, str | None] | None = None  # (speaker, engine); None: start refused, chunks dropped
         self.sentences = SentenceStream()
 
 
@@ -145,12 +144,10 @@ class WyomingConnection(AsyncEventHandler):
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else "local"
-        refusal = "The server is shutting down" if self.server.draining else \
-            self.server.connection_limits.admit(address)
+        refusal = self.server.admit_connection(address)
         if refusal is not None:
-            code = p.ErrorCode.SHUTTING_DOWN if self.server.draining else p.ErrorCode.TOO_MANY_CONNECTIONS
             with contextlib.suppress(ConnectionError):
-                await self._error(code, refusal)
+                await self._error(refusal.code, refusal.message)
             self.writer.close()
             return
         self.api.connections.add(self)
@@ -164,8 +161,7 @@ class WyomingConnection(AsyncEventHandler):
         finally:
             deliver.cancel()
             await asyncio.gather(deliver, return_exceptions=True)
-            if self._job is not None:
-                self._job.cancel()
+            self.cancel()
             self.api.connections.discard(self)
             self.server.connection_limits.release(address)
             self.writer.close()
@@ -219,10 +215,9 @@ class WyomingConnection(AsyncEventHandler):
     # -- reading: events become work, in order -------------------------------------------
     def _admit(self) -> None:
         if self.server.draining:
-            raise p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly")
+            raise p.shutting_down()
         if not self._rate.allow():
-            raise p.ProtocolError(p.ErrorCode.RATE_LIMITED,
-                                  f"More than {self.server.rate_limit} requests a minute on this connection; slow down")
+            raise p.rate_limited(self.server.rate_limit)
 
     def _voice(self, data: dict) -> tuple[int, str | None]:
         return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.piper_voice())
@@ -230,22 +225,20 @@ class WyomingConnection(AsyncEventHandler):
     def _synthesize(self, data: dict) -> None:
         """A whole text; its refusal, like its failure, is answered in order and ends the connection."""
         if self._waiting >= self.server.max_queued_per_connection:
-            raise p.ProtocolError(p.ErrorCode.TOO_MANY_QUEUED,
-                                  f"This connection already has {self.server.max_queued_per_connection} requests "
-                                  "waiting or running; wait for one to finish")
+            raise p.too_many_queued(self.server.max_queued_per_connection)
         self._waiting += 1
         try:
             self._admit()
             work: _Speak | _Refused = _Speak(w.request(w.read_text(data), *self._voice(data),
                                                        self.server.max_text_chars), streamed=False)
         except p.ProtocolError as exc:
-            work = _Refused(exc.code, exc.message)
+            work = _Refused(exc)
         self._work.put_nowait(work)
 
     def _start(self, data: dict) -> None:
         if self._stream is not None:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "A stream is already open: send synthesize-stop first")
-        self._stream = _Stream(None)
+        self._stream = _Stream()
         self._admit()
         self._stream.voice = self._voice(data)
 
@@ -279,49 +272,51 @@ class WyomingConnection(AsyncEventHandler):
                 await self.write_event(SynthesizeStopped().event())
                 continue
             if isinstance(item, _Refused):
-                failure, streamed = (item.code, item.message), False
+                failure, streamed = item.error, False
             else:
                 failure, streamed = await self._speak(item.request), item.streamed
             self._waiting -= not streamed
             if failure is not None:
-                await self._error(*failure)
+                await self._error(failure.code, failure.message)
                 if not streamed:  # a client waiting for audio-stop learns of the failure at once
                     self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
                     return
 
-    async def _speak(self, request: p.SynthesisRequest) -> tuple[p.ErrorCode, str] | None:
+    async def _speak(self, request: p.SynthesisRequest) -> p.ProtocolError | None:
         """Run one generation and send its audio; returns the error that ended it, if one did."""
+        if self.server.draining:
+            return p.shutting_down()
         rate = self.server.scheduler.sample_rate
+        audio_start = AudioStart(rate=rate, width=2, channels=1).event()
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
         job.owner = self
-        if self.server.draining:
-            return p.ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly"
         try:
             self.server.scheduler.submit(job)
         except Busy as exc:
-            return p.ErrorCode.BUSY, str(exc)
+            return p.ProtocolError(p.ErrorCode.BUSY, str(exc))
         except p.ProtocolError as exc:
-            return exc.code, exc.message
+            return exc
         self._job, started = job, False
         try:
             while (item := await job.outbox.get()) is not END:
                 for frame in item:
                     if isinstance(frame, bytes):
                         if not started:
-                            await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+                            await self.write_event(audio_start)
                             started = True
                         await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=frame).event())
                         job.unsent_bytes(-len(frame))
                         continue
                     reply = json.loads(frame)
                     if reply["status"] == "error":
-                        return p.ErrorCode(reply["code"]), reply["message"]
-                    if reply["status"] == "cancelled":
-                        return p.ErrorCode.SHUTTING_DOWN, "The request was cancelled"
+                        return p.ProtocolError(p.ErrorCode(reply["code"]), reply["message"])
+                    if reply["status"] == "cancelled":  # only the server cancels a job whose client is still here
+                        return p.ProtocolError(p.ErrorCode.SHUTTING_DOWN,
+                                               "The request was cancelled: the server is shutting down")
                     if reply["status"] == "success":
                         if not started:
-                            await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+                            await self.write_event(audio_start)
                         await self.write_event(AudioStop().event())
             return None
         finally:

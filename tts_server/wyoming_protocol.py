@@ -24,7 +24,7 @@ _ATTRIBUTION = {
     "piper": Attribution(name="Piper (Open Home Foundation)", url="https://github.com/OHF-Voice/piper1-gpl"),
 }
 _DESCRIPTION = {"csm": "Sesame CSM-1B, conversational speech", "piper": "Piper, fast local speech"}
-SPEAKER_CHOICES = 8  # speaker ids offered per CSM voice in the info (any id up to MAX_SPEAKER is accepted)
+SPEAKER_CHOICES = 8  # speaker ids the CSM voice "speaker" lists (any id up to MAX_SPEAKER is accepted)
 
 
 def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
