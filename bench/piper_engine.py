@@ -24,7 +24,7 @@ def direct_rtf(engine) -> float:
     from piper import SynthesisConfig
 
     started = time.perf_counter()
-    samples = sum(len(c.audio_float_array) for c in engine.voice.synthesize(TEXT, SynthesisConfig()))
+    samples = sum(len(c.audio_float_array) for c in engine.voices[0].model.synthesize(TEXT, SynthesisConfig()))
     return (time.perf_counter() - started) / (samples / engine.sample_rate)
 
 

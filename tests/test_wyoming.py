@@ -175,7 +175,7 @@ async def test_malformed_events_get_error_events_and_the_connection_lives_on(ser
 
 @pytest.mark.parametrize("voice, code", [(SynthesizeVoice(name="no-such-voice"), "invalid_request"),
                                          (SynthesizeVoice(name="alloy", speaker="x"), "invalid_request"),
-                                         (SynthesizeVoice(language="de_DE"), "invalid_request")])
+                                         (SynthesizeVoice(language="de_DE"), "unsupported_language")])
 async def test_a_refused_synthesize_gets_an_error_then_the_connection_ends(server, voice, code):
     """Home Assistant reads until audio-stop or the connection's end: the end tells it at once."""
     async with client(server) as c:

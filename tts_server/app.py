@@ -16,6 +16,7 @@ from .config import Settings, load_settings
 from .context import ReferenceLibrary
 from .engines.csm import CsmEngine, pick_device
 from .engines.piper import PiperEngine
+from .engines.remote import RemoteEngine, parse_voices
 from .model_source import ModelSourceError, download, resolve_local
 from .jobs import EngineSlot
 from .security import Gate
@@ -48,15 +49,23 @@ def csm_slot(settings: Settings) -> EngineSlot:
                                 compile=settings.compile == "on", quantize=settings.quantize))
 
 
+def engine_slot(name: str, settings: Settings) -> EngineSlot:
+    """One engine of the chain, by its name."""
+    if name == "csm":
+        return csm_slot(settings)
+    if name == "piper":
+        return EngineSlot(PiperEngine(settings.piper_voice))
+    return EngineSlot(RemoteEngine(settings.remote_url or "", settings.remote_api_key, settings.remote_model,
+                                   parse_voices(settings.remote_voices), _split(settings.remote_languages),
+                                   settings.remote_timeout))
+
+
 def build_server(settings: Settings) -> TTSServer:
-    """Primary and fallback engines per ``--engine`` / ``--fallback`` (see the README's table)."""
-    piper = lambda: EngineSlot(PiperEngine(settings.piper_voice))  # noqa: E731
-    if settings.engine == "piper":
-        primary, fallback = piper(), None
-    else:
-        primary = csm_slot(settings)
-        fallback = piper() if settings.engine == "auto" and settings.fallback == "piper" else None
-    return TTSServer(primary, fallback, host=settings.host, port=settings.port, max_queue=settings.max_queue,
+    """The engine chain per ``--engines`` (or its shorthands ``--engine`` / ``--fallback``; see the README)."""
+    engines = [engine_slot(name, settings) for name in settings.chain()]
+    return TTSServer(*engines, overflow_engine=settings.overflow_engine, cache_bytes=int(settings.cache_mb * 2**20),
+                     engine_costs=settings.costs(), host=settings.host, port=settings.port,
+                     max_queue=settings.max_queue,
                      max_text_chars=settings.max_text_chars, sample_rate=settings.sample_rate,
                      stream_buffer_seconds=settings.stream_buffer_seconds,
                      library=ReferenceLibrary(settings.references, settings.pin_voices == "on"),

@@ -42,6 +42,56 @@ def _networks(text: str) -> str:
     return text
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, got {text}")
+    return value
+
+
+ENGINE_NAMES = ("csm", "piper", "remote")
+
+
+def _engines(text: str) -> str:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ENGINE_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: list engines from {', '.join(ENGINE_NAMES)}, e.g. csm,piper")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names an engine twice")
+    return ",".join(names)
+
+
+def _remote_voices(text: str) -> str:
+    from .engines.remote import parse_voices
+
+    try:
+        parse_voices(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _languages(text: str) -> str:
+    from .protocol import LANGUAGE_CODE
+
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if not LANGUAGE_CODE.fullmatch(part):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a language code such as en, de or en_US")
+    return text
+
+
+def _cost(text: str) -> str:
+    name, sep, price = text.partition("=")
+    try:
+        ok = bool(sep) and name.strip() in ENGINE_NAMES and float(price) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ENGINE=USD_PER_MILLION_CHARS (e.g. remote=15)")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -68,6 +118,7 @@ class Option:
     type: Callable[[str], Any] = str
     choices: Sequence[str] | None = None
     const: Any = None  # the value of the bare flag, for options whose value is optional
+    multiple: bool = False  # the flag may repeat (the variable separates values with commas); a tuple
 
     @property
     def flag(self) -> str:
@@ -93,10 +144,28 @@ OPTIONS = [
     Option("log_level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
     Option("max_text_chars", 4000, "longest accepted text, in characters", _positive),
     Option("max_queue", 32, "most requests waiting at once; beyond it requests get 'busy'", _positive),
-    Option("engine", "auto", "auto: CSM, with --fallback while it cannot serve; csm or piper: that engine only",
+    Option("engines", None, "the engine chain, in routing order, e.g. csm,remote,piper: a request goes to the "
+           "first engine that has not failed (waiting while it loads) and is retried on the next when one fails "
+           "before any audio; unset: as --engine and --fallback say (csm,piper)", _engines),
+    Option("engine", "auto", "shorthand for --engines: auto = csm,FALLBACK; csm or piper: that engine only",
            choices=["auto", "csm", "piper"]),
-    Option("fallback", "piper", "engine that serves in auto mode when CSM fails to load or fails a request",
+    Option("fallback", "piper", "the engine after CSM in auto mode (shorthand for --engines csm,piper)",
            choices=["piper", "none"]),
+    Option("overflow_engine", None, "when the queue is full, requests that named no engine go to this engine of "
+           "the chain instead of getting 'busy'; off when unset", choices=list(ENGINE_NAMES)),
+    Option("remote_url", None, "base URL of an OpenAI-compatible speech API for the 'remote' engine, e.g. "
+           "https://api.openai.com/v1 or http://gpu-box:8765/v1 (key: env TTS_REMOTE_API_KEY)"),
+    Option("remote_model", "tts-1", "model name sent to the remote engine"),
+    Option("remote_voices", None, "speaker ids (or OpenAI voice names) to the remote's voices, e.g. "
+           "0=af_bella,1=am_adam; unmapped ids take OpenAI's voice of that number (0 alloy, 1 ash, ...)",
+           _remote_voices),
+    Option("remote_languages", None, "comma-separated languages the remote engine speaks (e.g. en,de,fr); unset: "
+           "it gets requests in any language", _languages),
+    Option("remote_timeout", 30, "seconds to wait for the remote engine to connect or send more audio", _positive),
+    Option("cache_mb", 256.0, "response cache size in MiB for requests with a seed and context off (CSM only); "
+           "0 = off", _non_negative_float),
+    Option("engine_cost", (), "ENGINE=USD_PER_MILLION_CHARS for the estimated spend in /v1/info and /metrics; "
+           "repeat for several engines", _cost, multiple=True),
     Option("sample_rate", 24000, "output sample rate in Hz; every engine is resampled to it", _positive),
     Option("first_chunk_frames", 2, "CSM frames (80 ms each) in a request's first audio chunk", _positive),
     Option("chunk_frames", 6, "CSM frames in each later audio chunk", _positive),
@@ -133,7 +202,9 @@ OPTIONS = [
            "tcp://0.0.0.0:10200; off when unset", _wyoming_uri),
     Option("wyoming_zeroconf", None, "announce the Wyoming server over zeroconf (mDNS) under this name so Home "
            "Assistant discovers it; the bare flag uses 'csm-tts'", const="csm-tts"),
-    Option("piper_voice", None, "a Piper voice .onnx (with its .onnx.json beside it); default en_US-joe-medium"),
+    Option("piper_voice", (), "a Piper voice .onnx (with its .onnx.json beside it) or a folder of them; repeat for "
+           "several languages (a request's 'language' picks one; the first is the default); default "
+           "en_US-joe-medium", multiple=True),
 ]
 
 
@@ -150,10 +221,19 @@ class Settings:
     log_level: str = "INFO"
     max_text_chars: int = 4000
     max_queue: int = 32
+    engines: str | None = None
     engine: str = "auto"
     fallback: str = "piper"
+    overflow_engine: str | None = None
+    remote_url: str | None = None
+    remote_model: str = "tts-1"
+    remote_voices: str | None = None
+    remote_languages: str | None = None
+    remote_timeout: int = 30
+    cache_mb: float = 256.0
+    engine_cost: tuple[str, ...] = ()
     sample_rate: int = 24000
-    piper_voice: str | None = None
+    piper_voice: tuple[str, ...] = ()
     pin_voices: str = "off"
     max_context_turns: int = 8
     max_batch: int = 0
@@ -179,6 +259,18 @@ class Settings:
     shutdown_grace: int = 30
     hf_token: str | None = field(default=None, repr=False)
     hf_home: str | None = None
+    remote_api_key: str | None = field(default=None, repr=False)
+
+    def chain(self) -> list[str]:
+        """The engine names in routing order: ``--engines``, else what ``--engine``/``--fallback`` mean."""
+        if self.engines:
+            return self.engines.split(",")
+        if self.engine == "auto":
+            return ["csm"] + (["piper"] if self.fallback == "piper" else [])
+        return [self.engine]
+
+    def costs(self) -> dict[str, float]:
+        return {name.strip(): float(price) for name, _, price in (c.partition("=") for c in self.engine_cost)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                "(e.g. TTS_PORT=9000); flags win over the environment.")
     for opt in OPTIONS:
         optional = {"nargs": "?", "const": opt.const} if opt.const is not None else {}
+        if opt.multiple:
+            optional["action"] = "append"
+        default = opt.default if opt.default != () else "none"
         parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices, type=opt.type,
-                            help=f"{opt.help} (env {opt.env}; default {opt.default})", **optional)
+                            help=f"{opt.help} (env {opt.env}; default {default})", **optional)
     return parser
 
 
@@ -211,14 +306,22 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
         if value is None and env.get(opt.env, "") != "":
             raw = env[opt.env]
             try:
-                value = opt.type(raw)
+                value = [opt.type(v.strip()) for v in raw.split(",") if v.strip()] if opt.multiple else opt.type(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{opt.env}={raw!r}: {exc}")
             if opt.choices and value not in opt.choices:
                 parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
-        values[opt.name] = opt.default if value is None else value
+        values[opt.name] = opt.default if value is None else tuple(value) if opt.multiple else value
     if values["wyoming_zeroconf"] and not str(values["wyoming_uri"] or "").startswith("tcp://"):
         parser.error("--wyoming-zeroconf needs a tcp:// --wyoming-uri")
     known = {f.name for f in fields(Settings)}
     values = {k: v for k, v in values.items() if k in known}
-    return Settings(**values, hf_token=env.get("HF_TOKEN") or None, hf_home=env.get("HF_HOME") or None)
+    settings = Settings(**values, hf_token=env.get("HF_TOKEN") or None, hf_home=env.get("HF_HOME") or None,
+                        remote_api_key=env.get("TTS_REMOTE_API_KEY") or None)
+    chain = settings.chain()
+    if "remote" in chain and not settings.remote_url:
+        parser.error("the 'remote' engine needs --remote-url (or TTS_REMOTE_URL)")
+    if settings.overflow_engine and settings.overflow_engine not in chain[1:]:
+        parser.error(f"--overflow-engine {settings.overflow_engine} must be an engine of the chain after the first "
+                     f"({','.join(chain)})")
+    return settings

@@ -18,7 +18,6 @@ from websockets.http11 import Response
 
 from . import openai_protocol as o
 from . import protocol as p
-from .metrics import EngineStats
 
 if TYPE_CHECKING:
     from .server import TTSServer
@@ -40,7 +39,8 @@ def respond(server: "TTSServer", path: str, query: str = "") -> Response:
     if path == "/ready":
         engine, reason = server.serving()
         if engine is None:
-            state = "loading" if server.scheduler.primary.state == "loading" else "failed"
+            loading = any(slot.state == "loading" for slot in server.scheduler.chain.slots)
+            state = "loading" if loading else "failed"
             return json_response(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                  {"status": "unavailable", "state": state, "reason": reason})
         return json_response(http.HTTPStatus.OK, {"status": "ready", "engine": engine, "reason": reason})
@@ -55,7 +55,8 @@ def respond(server: "TTSServer", path: str, query: str = "") -> Response:
     if path == "/v1/audio/voices":  # Kokoro-FastAPI's shape, which Open WebUI reads; ?legacy=true: plain names
         voices = o.Voices(server.library.voice_names()).listing()
         legacy = "legacy=true" in query
-        return json_response(http.HTTPStatus.OK, {"voices": [v["id"] for v in voices] if legacy else voices})
+        return json_response(http.HTTPStatus.OK, {"voices": [v["id"] for v in voices] if legacy else voices,
+                                                  "languages": server.scheduler.chain.languages()})
     return text_response(http.HTTPStatus.NOT_FOUND, f"Not found: {path}\n")
 
 
@@ -63,12 +64,11 @@ def info(server: "TTSServer") -> dict[str, Any]:
     scheduler = server.scheduler
     engine, reason = server.serving()
     engines = {}
-    for name, slot in scheduler.slots.items():
-        role = "primary" if slot is scheduler.primary else "fallback"
-        stats = server.metrics.stats.get(name, EngineStats())
-        engines[name] = {
-            "role": role, "state": slot.state, "reason": slot.reason, **slot.engine.describe(),
-            "stats": stats.summary(),
+    for index, slot in enumerate(scheduler.chain.slots):
+        engines[slot.name] = {
+            "role": "primary" if index == 0 else "fallback", "position": index + 1,
+            "overflow": slot is scheduler.chain.overflow, "state": slot.state, "reason": slot.reason,
+            **slot.engine.describe(), "stats": server.metrics.summary(slot.name),
         }
     return {
         "protocol": p.PROTOCOL_VERSION,
@@ -78,6 +78,8 @@ def info(server: "TTSServer") -> dict[str, Any]:
         "formats": list(p.FORMATS),
         "stream_formats": list(p.STREAM_FORMATS),
         "speakers": {"min": 0, "max": p.MAX_SPEAKER},
+        "languages": scheduler.chain.languages(),
+        "cache": scheduler.cache.describe(),
         **server.library.describe(),
         "limits": {"max_text_chars": server.max_text_chars, "max_queue": scheduler.max_queue,
                    "max_audio_length_ms": p.MAX_AUDIO_MS, "max_frame_bytes": server.max_frame_bytes},

@@ -54,6 +54,10 @@ class Job:
         self.finished = False  # the terminal reply is posted
         self.audio_sent = False
         self.abandoned = False  # the watchdog gave up on it (its thread may still finish later)
+        self.overflow = False  # the queue was full: it waits for the overflow engine instead
+        # Prompt state the request does not show (the front door's); None: never cache this job.
+        self.cache_salt: Any = None
+        self.cache_key: tuple | None = None  # set when its audio, once made, goes into the response cache
         self._unsent = 0  # audio bytes posted but not yet written to the socket
         self._unsent_lock = threading.Lock()
 

@@ -89,6 +89,7 @@ class OpenAIApi:
             raise o.ApiError(400, SPEED_UNSUPPORTED, "speed")
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: server.library.stateless_prompt(j.task),
                   interface="http")
+        job.cache_salt = ("http", server.library.voice_key(request.speaker))  # its prompt holds the default voice
         try:
             server.scheduler.submit(job)
         except Busy as exc:
@@ -110,12 +111,14 @@ class OpenAIApi:
         resample = Resampler(rate, out_rate)
         sse = speech.stream_format == "sse"
         samples = 0
+        engine: list[tuple[str, str]] = []  # the start reply names the engine that answers
 
         async def send(data: bytes) -> None:
             if not exchange.started:
                 content_type = "text/event-stream" if sse else o.CONTENT_TYPES[speech.response_format]
                 await exchange.start(200, [("content-type", content_type), ("cache-control", "no-store"),
-                                           ("x-request-id", job.request_id), ("x-sample-rate", str(out_rate)), *cors])
+                                           ("x-request-id", job.request_id), ("x-sample-rate", str(out_rate)),
+                                           *engine, *cors])
             if data:
                 await exchange.send(o.sse_event({"type": "speech.audio.delta",
                                                  "audio": base64.b64encode(data).decode()}) if sse else data)
@@ -131,6 +134,8 @@ class OpenAIApi:
                     job.unsent_bytes(-size)  # the scheduler's backpressure: this much has left
                     continue
                 reply = json.loads(frame)
+                if reply["status"] == "start":
+                    engine[:] = [("x-tts-engine", reply["engine"])]
                 if reply["status"] == "error":
                     raise o.ApiError.from_reply(reply)
                 if reply["status"] == "cancelled":

@@ -22,13 +22,15 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "no
                  "marin", "cedar")
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the server's primary engine, with its fallback).
-MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper"}
+MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper",
+          "remote": "remote"}
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
                  "wav": "audio/wav", "pcm": "audio/pcm"}
 SPEEDS = (0.25, 4.0)
 MAX_INSTRUCTIONS = 4096
 # Our WebSocket error codes as HTTP statuses.
-STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_emotion": 400, "text_too_long": 413, "busy": 429,
+STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_emotion": 400, "unsupported_language": 400,
+          "text_too_long": 413, "busy": 429,
           "rate_limited": 429, "too_many_queued": 429, "model_unavailable": 503, "shutting_down": 503,
           "generation_timeout": 504, "generation_failed": 500, "internal_error": 500, "client_too_slow": 408}
 
@@ -142,7 +144,7 @@ def _speech(data: dict, fields: p.Fields, limits: p.Limits, voices: Voices) -> S
         top_k=fields.integer("top_k", p.DEFAULT_TOP_K, 1, 1_000_000),
         max_audio_length_ms=fields.number("max_audio_length_ms", None, p.MIN_AUDIO_MS, p.MAX_AUDIO_MS),
         format="pcm", stream=True, context=fields.boolean("context", False), emotion=emotion,
-        engine=MODELS[model], speed=float(speed))
+        engine=MODELS[model], speed=float(speed), language=fields.language())
     return SpeechRequest(synthesis, response_format, stream_format, sample_rate)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +30,7 @@ MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may b
 MAX_TRANSCRIPT_CHARS = 2000
 DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOP_K = 50
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 
 
 class ErrorCode(str, Enum):
@@ -45,6 +47,7 @@ class ErrorCode(str, Enum):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
     GENERATION_TIMEOUT = "generation_timeout"
+    UNSUPPORTED_LANGUAGE = "unsupported_language"
     MODEL_UNAVAILABLE = "model_unavailable"
     GENERATION_FAILED = "generation_failed"
     INTERNAL_ERROR = "internal_error"
@@ -69,7 +72,7 @@ class Limits:
 
     max_text_chars: int = 4000
     emotions: tuple[str, ...] = ()
-    engines: tuple[str, ...] = ("csm", "piper")
+    engines: tuple[str, ...] = ("csm", "piper", "remote")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class SynthesisRequest:
     emotion: str | None = None
     engine: str | None = None
     speed: float = 1.0  # speaking rate (the HTTP API's ``speed``; Piper honours it, CSM refuses anything but 1)
+    language: str | None = None  # ISO 639 code, optionally with a region ("de", "en_US", "pt-BR"): picks the engine
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,15 @@ class Fields:
         value = self.data.get(name, default)
         if not isinstance(value, bool):
             raise self.fail(f"'{name}' must be true or false")
+        return value
+
+    def language(self, name: str = "language") -> str | None:
+        """An ISO 639 language code with an optional region, as ``en``, ``en_US`` or ``pt-BR``."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not LANGUAGE_CODE.fullmatch(value):
+            raise self.fail(f"'{name}' must be a language code such as 'en', 'de' or 'en_US'")
         return value
 
     def choice(self, name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
@@ -246,6 +259,7 @@ def _parse_synthesis(f: Fields, limits: Limits) -> SynthesisRequest:
         context=f.boolean("context", True),
         emotion=emotion,
         engine=f.choice("engine", None, limits.engines),
+        language=f.language(),
     )
 
 

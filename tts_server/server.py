@@ -38,6 +38,8 @@ from .metrics import Metrics
 from .references import ReferenceError
 from .references.quality import check_voice_prompt
 from .jobs import END, Busy, EngineSlot, Job
+from .cache import AudioCache
+from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust, RateLimiter, RedactingLogger, is_loopback
 
@@ -125,6 +127,7 @@ class Connection:
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
         job.owner = self
+        job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
         try:
             notice = self.server.scheduler.submit(job)
         except Busy as exc:
@@ -179,8 +182,8 @@ class Connection:
 class TTSServer:
     """Listens at once, loads engines in the background, serves until ``stop``."""
 
-    def __init__(self, primary: EngineSlot, fallback: EngineSlot | None = None, *,
-                 host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
+    def __init__(self, *engines: EngineSlot | None, overflow_engine: str | None = None, cache_bytes: int = 0,
+                 engine_costs: dict[str, float] | None = None, host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
                  max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 16 * 2**20,
                  stream_buffer_seconds: float = 30, library: ReferenceLibrary | None = None,
                  max_context_turns: int = 8, gate: Gate | None = None, max_connections: int = 256,
@@ -202,10 +205,11 @@ class TTSServer:
         self._background: set[asyncio.Task] = set()
         self.max_text_chars = max_text_chars
         self.max_frame_bytes = max_frame_bytes
-        self.metrics = Metrics()
-        self.scheduler = Scheduler(primary, fallback, max_queue=max_queue, sample_rate=sample_rate,
-                                   metrics=self.metrics, stream_buffer_seconds=stream_buffer_seconds,
-                                   generation_timeout=generation_timeout)
+        self.metrics = Metrics(engine_costs)
+        chain = Chain([slot for slot in engines if slot is not None], overflow_engine)
+        self.scheduler = Scheduler(chain, max_queue=max_queue, sample_rate=sample_rate, metrics=self.metrics,
+                                   stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
+                                   cache=AudioCache(cache_bytes))
         self.connections: set[Connection] = set()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -227,23 +231,23 @@ class TTSServer:
 
     def serving(self) -> tuple[str | None, str]:
         """Which engine answers a request without ``engine`` now, and why, in one sentence."""
-        primary, fallback = self.scheduler.primary, self.scheduler.fallback
-        if primary.state == "ready":
-            return primary.name, f"serving with {_label(primary)}"
-        if primary.state == "loading":
-            return None, f"{_label(primary)} is loading; requests wait for it"
-        why = f"{_label(primary)} unavailable: {primary.reason}"
-        if fallback is None:
-            return None, why
-        if fallback.state == "ready":
-            return fallback.name, f"{why}; serving with {_label(fallback)}"
-        return None, f"{why}; {_label(fallback)} {fallback.state}: {fallback.reason}"
+        why: list[str] = []
+        for slot in self.scheduler.chain.slots:
+            if slot.state == "ready":
+                return slot.name, "; ".join([*why, f"serving with {_label(slot)}"])
+            if slot.state == "loading":
+                return None, "; ".join([*why, f"{_label(slot)} is loading; requests wait for it"])
+            why.append(f"{_label(slot)} unavailable: {slot.reason}")
+        return None, "; ".join(why)
 
     def refresh_gauges(self) -> None:
         self.metrics.queue_depth.set(self.scheduler.depth)
         self.metrics.connections.set(len(self.connections))
         for name, slot in self.scheduler.slots.items():
             self.metrics.set_engine_state(name, slot.state)
+        cache = self.scheduler.cache
+        self.metrics.cache_bytes.set(cache.bytes)
+        self.metrics.cache_entries.set(len(cache))
 
     async def start(self) -> None:
         await asyncio.to_thread(self.library.load)

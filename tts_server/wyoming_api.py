@@ -82,13 +82,21 @@ class WyomingApi:
     def voices(self) -> Voices:
         return Voices(self.server.library.voice_names())
 
-    def piper_voice(self) -> str | None:
-        slot = self.server.scheduler.slots.get("piper")
-        return slot.engine.describe()["voice"] if slot else None
+    def named_voices(self) -> dict[str, tuple[str, str | None]]:
+        """Voice names that pick an engine other than CSM -> (engine, language): each Piper voice, and the
+        engine names themselves ("piper", "remote")."""
+        named: dict[str, tuple[str, str | None]] = {}
+        for name, slot in self.server.scheduler.slots.items():
+            if name == "csm":
+                continue
+            named[name] = (name, None)
+            for voice in slot.engine.describe().get("voices", []) if name == "piper" else []:
+                named[voice["name"]] = (name, voice.get("language"))
+        return named
 
     def info(self) -> Event:
         """Programs for the engines that serve or are loading, in routing order: the one that answers first, first."""
-        slots = self.server.scheduler.slots.values()  # primary, then fallback
+        slots = self.server.scheduler.chain.slots  # routing order
         engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != "failed"}
         return w.describe(engines, self.voices()).event()
 
@@ -116,7 +124,7 @@ class _Stream:
     """An open ``synthesize-start`` .. ``synthesize-stop``: its voice, its unspoken text."""
 
     def __init__(self) -> None:
-        self.voice: tuple[int, str | None] | None = None  # (speaker, engine); None: start refused, chunks dropped
+        self.voice: w.Choice | None = None  # (speaker, engine, language); None: start refused, chunks dropped
         self.sentences = SentenceStream()
 
 
@@ -219,8 +227,8 @@ class WyomingConnection(AsyncEventHandler):
         if not self._rate.allow():
             raise p.rate_limited(self.server.rate_limit)
 
-    def _voice(self, data: dict) -> tuple[int, str | None]:
-        return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.piper_voice())
+    def _voice(self, data: dict) -> w.Choice:
+        return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.named_voices())
 
     def _synthesize(self, data: dict) -> None:
         """A whole text; its refusal, like its failure, is answered in order and ends the connection."""

@@ -35,56 +35,72 @@ def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
     """
     programs = []
     for name, described in engines.items():
-        attribution = _ATTRIBUTION.get(name, Attribution(name=name, url=""))
+        attribution = _ATTRIBUTION.get(name, Attribution(name=name, url=str(described.get("url", ""))))
         if name == "piper":
-            language = str(described.get("language") or LANGUAGE)
-            speakers = [TtsVoiceSpeaker(name=str(i)) for i in range(int(described.get("speakers", 1)))]
-            tts_voices = [TtsVoice(name=described["voice"], attribution=attribution, installed=True,
-                                   description=f"Piper {described['voice']}", version=None, languages=[language],
-                                   speakers=speakers if len(speakers) > 1 else None)]
-        else:
+            tts_voices = [_piper_voice(v, attribution) for v in described.get("voices", [])]
+        elif name == "csm":
             tts_voices = [TtsVoice(name=v["name"], attribution=attribution, installed=True,
                                    description=f"{v['name']} (CSM speaker {v['speaker']})", version=None,
                                    languages=[LANGUAGE]) for v in voices.listing()]
             tts_voices.append(TtsVoice(name="speaker", attribution=attribution, installed=True,
                                        description="CSM by speaker id", version=None, languages=[LANGUAGE],
                                        speakers=[TtsVoiceSpeaker(name=str(i)) for i in range(SPEAKER_CHOICES)]))
+        else:  # a remote engine: one voice, its name, by speaker id
+            tts_voices = [TtsVoice(name=name, attribution=attribution, installed=True,
+                                   description=f"{name} ({described.get('model', '')})", version=None,
+                                   languages=list(described.get("languages") or [LANGUAGE]),
+                                   speakers=[TtsVoiceSpeaker(name=str(i)) for i in range(SPEAKER_CHOICES)])]
         programs.append(TtsProgram(name=name, attribution=attribution, installed=True,
                                    description=_DESCRIPTION.get(name, name), version=VERSION, voices=tts_voices,
                                    supports_synthesize_streaming=True))
     return Info(tts=programs)
 
 
-def voice_choice(voice: SynthesizeVoice | None, voices: Voices, piper_voice: str | None) -> tuple[int, str | None]:
-    """(speaker id, engine or None for the server's routing) for a synthesize event's ``voice``.
+def _piper_voice(voice: dict[str, Any], attribution: Attribution) -> TtsVoice:
+    speakers = [TtsVoiceSpeaker(name=str(i)) for i in range(int(voice.get("speakers", 1)))]
+    return TtsVoice(name=voice["name"], attribution=attribution, installed=True, description=f"Piper {voice['name']}",
+                    version=None, languages=[str(voice.get("language") or LANGUAGE)],
+                    speakers=speakers if len(speakers) > 1 else None)
 
-    A CSM voice name keeps the server's routing, so the fallback still speaks
-    when CSM cannot; Piper's voice name asks for Piper.  ``speaker`` (digits)
-    picks the speaker id; the voice name ``speaker`` means CSM by id alone.
+
+Choice = tuple[int, "str | None", "str | None"]  # speaker id, engine (None: the server's routing), language
+
+
+def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str, tuple[str, str | None]]) -> Choice:
+    """(speaker id, engine, language) for a synthesize event's ``voice``.
+
+    ``named`` maps the voice names of engines other than CSM (Piper's voices,
+    "piper", "remote") to (engine, the language that voice speaks).  A CSM
+    voice name keeps the server's routing, so the fallback still speaks when
+    CSM cannot.  ``speaker`` (digits) picks the speaker id; the voice name
+    ``speaker`` means CSM by id alone.  A ``language`` goes to the routing,
+    which answers ``unsupported_language`` when no engine speaks it.
     """
     if voice is None:
-        return 0, None
-    if voice.language is not None and not voice.language.lower().startswith(LANGUAGE):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"No voice speaks {voice.language!r}; this server "
-                                                           f"speaks {LANGUAGE}")
+        return 0, None, None
+    language = voice.language
+    if language is not None and not p.LANGUAGE_CODE.fullmatch(language):
+        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'language' must be a language code such as 'en' or "
+                                                           f"'de_DE', got {language!r}")
     speaker, engine = 0, None
     if voice.name is not None and voice.name not in ("speaker",):
-        if voice.name in (piper_voice, "piper"):
-            engine = "piper"
+        if voice.name in named:
+            engine, spoken = named[voice.name]
+            language = language or spoken
         else:
             try:
                 speaker = voices.resolve(voice.name)
             except ApiError:
-                known = ", ".join(v["name"] for v in voices.listing())
+                known = ", ".join([*(v["name"] for v in voices.listing()), *named])
                 raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"Unknown voice {voice.name!r}; available: "
-                                                                   f"{known}, {piper_voice or 'piper'}") from None
+                                                                   f"{known}") from None
     if voice.speaker is not None:
         text = str(voice.speaker)
         if not (text.isascii() and text.isdigit() and int(text) <= p.MAX_SPEAKER):
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
                                   f"'speaker' must be a speaker id from 0 to {p.MAX_SPEAKER}, got {text!r}")
         speaker = int(text)
-    return speaker, engine
+    return speaker, engine, language
 
 
 def read_voice(data: dict[str, Any]) -> SynthesizeVoice | None:
@@ -106,14 +122,15 @@ def read_text(data: dict[str, Any], field: str = "text") -> str:
     return text
 
 
-def request(text: str, speaker: int, engine: str | None, max_text_chars: int) -> p.SynthesisRequest:
+def request(text: str, speaker: int, engine: str | None, language: str | None,
+            max_text_chars: int) -> p.SynthesisRequest:
     """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a voice."""
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
     if len(text) > max_text_chars:
         raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")
     return p.SynthesisRequest(text=text, request_id=p.new_request_id(), speaker=speaker, format="pcm",
-                              stream=True, context=True, engine=engine)
+                              stream=True, context=True, engine=engine, language=language)
 
 
 def _text_or_none(value: Any) -> str | None:

