@@ -114,17 +114,33 @@ def codes_beside_neighbours(engine: CsmEngine, text: str, seed: int, frames: int
     return results
 
 
-def piper_slot() -> EngineSlot:
+def piper_slot(*voices: Path) -> EngineSlot:
     from tts_server.engines.piper import PiperEngine
 
-    return EngineSlot(PiperEngine())
+    return EngineSlot(PiperEngine(voices))
+
+
+def piper_voice_in(language: str, folder: Path) -> Path:
+    """The packaged Piper voice again, under a name and config that say it speaks ``language`` (a second voice
+    file for routing tests; its model is a link to the real one)."""
+    from tts_server.engines.piper import default_voice
+
+    source = default_voice()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{language}-joe-test.onnx"
+    if not target.exists():
+        target.symlink_to(source)
+        config = json.loads(Path(f"{source}.json").read_text())
+        config["language"] = {**config.get("language", {}), "code": language}
+        Path(f"{target}.json").write_text(json.dumps(config))
+    return target
 
 
 @contextlib.asynccontextmanager
-async def running_server(primary: EngineSlot, fallback: EngineSlot | None = None, *, wait_loaded: bool = True,
-                         **options):
-    """A started server; by default the test begins once every engine finished loading (or failing)."""
-    server = TTSServer(primary, fallback, host="127.0.0.1", port=0, **options)
+async def running_server(*engines: EngineSlot | None, wait_loaded: bool = True, **options):
+    """A started server (engines in chain order); by default the test begins once every engine finished loading
+    (or failing)."""
+    server = TTSServer(*engines, host="127.0.0.1", port=0, **options)
     await server.start()
     if wait_loaded:
         for slot in server.scheduler.slots.values():
@@ -136,12 +152,12 @@ async def running_server(primary: EngineSlot, fallback: EngineSlot | None = None
 
 
 @contextlib.contextmanager
-def server_in_thread(primary: EngineSlot, **options):
+def server_in_thread(*engines: EngineSlot, **options):
     """A started server on its own thread and event loop (as in production), for synchronous clients."""
     import threading
 
     loop = asyncio.new_event_loop()
-    server = TTSServer(primary, host="127.0.0.1", port=0, **options)
+    server = TTSServer(*engines, host="127.0.0.1", port=0, **options)
     started = threading.Event()
 
     def run():

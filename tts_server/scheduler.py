@@ -50,7 +50,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.sample_rate = sample_rate
         self.metrics = metrics or Metrics()
-        self.cache = cache or AudioCache(0)
+        self.cache = cache if cache is not None else AudioCache(0)
         self.stream_buffer_seconds = stream_buffer_seconds
         self.generation_timeout = generation_timeout
         self._queue: collections.deque[Job] = collections.deque()

@@ -1,0 +1,105 @@
+"""The engine chain's pure rules: language matching, voice folders, the response cache's LRU and keys, and the
+settings that build a chain (no server; the server-level behaviour is in test_routing, test_remote, test_cache)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import piper_voice_in
+from tts_server.cache import AudioCache, Entry, key
+from tts_server.config import load_settings
+from tts_server.engines.piper import voice_files
+from tts_server.engines.remote import parse_voices
+from tts_server.languages import normalize, pick, speaks
+from tts_server.protocol import SynthesisRequest
+
+
+def test_language_codes_match_exactly_first_then_by_language():
+    assert normalize("en-us") == "en_US" and normalize("DE") == "de"
+    assert pick("en_GB", ["de_DE", "en_US", "en_GB"]) == 2
+    assert pick("en_GB", ["de_DE", "en_US"]) == 1
+    assert pick("de", ["en_US", "de_DE"]) == 1
+    assert pick("fr", ["en_US", "de_DE"]) is None
+    assert speaks(None, "fr") and speaks(["en"], None) and not speaks(["en"], "fr")
+
+
+def test_a_voice_folder_gives_every_voice_in_it_sorted(tmp_path):
+    german = piper_voice_in("de_DE", tmp_path)
+    english = piper_voice_in("en_US", tmp_path)
+    assert voice_files([tmp_path]) == [german, english]
+    assert voice_files([english, tmp_path / "missing.onnx"]) == [english, tmp_path / "missing.onnx"]
+
+
+def entry(size: int) -> Entry:
+    return Entry(bytes(size), "csm", {})
+
+
+def test_the_cache_drops_least_recently_used_entries_to_stay_within_its_bytes():
+    cache = AudioCache(100)
+    for name in "abc":
+        assert cache.put((name,), entry(40))
+    assert cache.bytes <= 100 and cache.get(("a",)) is None and cache.evictions == 1
+    assert cache.get(("b",)) is not None  # b is now the most recently used: d pushes c out, not b
+    cache.put(("d",), entry(40))
+    assert cache.get(("c",)) is None and cache.get(("b",)) is not None and cache.bytes == 80
+    assert not cache.put(("huge",), entry(101)) and cache.bytes == 80
+    assert (cache.hits, cache.misses) == (2, 2) and cache.describe()["hit_rate"] == 0.5
+
+
+def test_only_seeded_requests_without_context_have_a_cache_key():
+    request = SynthesisRequest(text="Hi.", request_id="r", seed=1, context=False)
+    assert key(request, "salt") is not None
+    assert key(SynthesisRequest(text="Hi.", request_id="r", context=False), "salt") is None
+    assert key(SynthesisRequest(text="Hi.", request_id="r", seed=1), "salt") is None
+    other_id = SynthesisRequest(text="Hi.", request_id="other", seed=1, context=False)
+    assert key(other_id, "salt") == key(request, "salt") != key(request, "other salt")
+    for change in ({"seed": 2}, {"speaker": 1}, {"format": "flac"}, {"engine": "csm"}, {"temperature": 0.5}):
+        assert key(SynthesisRequest(**{**request.__dict__, **change}), "salt") != key(request, "salt")
+
+
+def test_remote_voices_map_speaker_ids_and_openai_names():
+    assert parse_voices("0=af_bella, nova=am_adam,12=x") == {0: "af_bella", 7: "am_adam", 12: "x"}
+    for bad in ("0", "=x", "bob=x"):
+        with pytest.raises(ValueError):
+            parse_voices(bad)
+
+
+def test_the_chain_comes_from_engines_or_from_the_engine_and_fallback_shorthands():
+    def chain(*argv: str, **environ: str) -> list[str]:
+        return load_settings(list(argv), environ=environ, dotenv_path=None).chain()
+
+    assert chain() == ["csm", "piper"]
+    assert chain("--fallback", "none") == ["csm"] and chain("--engine", "piper") == ["piper"]
+    assert chain("--engines", "piper,csm") == ["piper", "csm"]
+    assert chain(TTS_ENGINES="csm,remote,piper", TTS_REMOTE_URL="http://x/v1") == ["csm", "remote", "piper"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--engines", "csm,csm"], "twice"),
+    (["--engines", "csm,gpt"], "list engines from"),
+    (["--engines", "csm,remote"], "needs --remote-url"),
+    (["--overflow-engine", "csm"], "must be an engine of the chain after the first"),
+    (["--engines", "csm", "--overflow-engine", "piper"], "must be an engine of the chain after the first"),
+    (["--engine-cost", "remote"], "ENGINE=USD_PER_MILLION_CHARS"),
+    (["--remote-voices", "0"], "SPEAKER=REMOTE_VOICE"),
+    (["--remote-languages", "english"], "not a language code"),
+    (["--cache-mb", "-1"], "0 or more"),
+])
+def test_bad_chain_settings_stop_the_start_with_a_reason(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        load_settings(argv, environ={}, dotenv_path=None)
+    assert says in capsys.readouterr().err
+
+
+def test_piper_voices_repeat_on_the_command_line_and_separate_with_commas_in_the_environment():
+    settings = load_settings(["--piper-voice", "a.onnx", "--piper-voice", "voices/"], environ={}, dotenv_path=None)
+    assert settings.piper_voice == ("a.onnx", "voices/")
+    settings = load_settings([], environ={"TTS_PIPER_VOICE": "a.onnx,b.onnx", "TTS_ENGINE_COST": "remote=15,csm=0"},
+                             dotenv_path=None)
+    assert settings.piper_voice == ("a.onnx", "b.onnx") and settings.costs() == {"remote": 15.0, "csm": 0.0}
+
+
+def test_the_remote_key_comes_from_the_environment_and_never_shows_in_the_settings():
+    settings = load_settings(["--engines", "remote", "--remote-url", "http://x/v1"],
+                             environ={"TTS_REMOTE_API_KEY": "sk-do-not-print"}, dotenv_path=None)
+    assert settings.remote_api_key == "sk-do-not-print" and "sk-do-not-print" not in repr(settings)

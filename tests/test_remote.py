@@ -1,0 +1,151 @@
+"""The remote engine, proven with two real server processes: B speaks with Piper behind its OpenAI API, A runs
+``--engines csm,remote,piper`` with its remote pointing at B (as an operator chains a GPU box to a hosted voice)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import websockets
+from openai import OpenAI
+
+from conftest import ServerProcess, collect, http_get
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+KEY = "b-secret-key-4242"  # B's API key: A must send it, and must never log it
+TEXT = "The remote engine speaks this. It has two sentences."
+
+
+def wait_ready(server: ServerProcess, engine: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"server exited: {server.log_path.read_text()}")
+        try:
+            status, body = http_get(server.port, "/ready", {"Authorization": f"Bearer {KEY}"})
+        except OSError:
+            status, body = 0, "{}"
+        if status == 200 and json.loads(body)["engine"] == engine:
+            return json.loads(body)
+        time.sleep(0.2)
+    raise AssertionError(f"{engine} never served: {server.log_path.read_text()}")
+
+
+def info(server: ServerProcess) -> dict:
+    status, body = http_get(server.port, "/v1/info", {"Authorization": f"Bearer {KEY}"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def remote_args(b: ServerProcess, *more: str) -> list[str]:
+    return ["--remote-url", f"http://127.0.0.1:{b.port}/v1", *more]
+
+
+@pytest.fixture(scope="module")
+def b_and_a(tmp_path_factory, broken_model_dir):
+    """B: Piper behind its OpenAI API, with a key.  A: a CSM that cannot load, then the remote (B), then Piper."""
+    b = ServerProcess(tmp_path_factory.mktemp("b"), ["--engine", "piper", "--api-key", KEY])
+    a = ServerProcess(tmp_path_factory.mktemp("a"),
+                      ["--engines", "csm,remote,piper", "--mode", "reuse", "--model-path", str(broken_model_dir),
+                       *remote_args(b), "--log-level", "DEBUG", "--engine-cost", "remote=15"],
+                      env={"TTS_REMOTE_API_KEY": KEY})
+    try:
+        wait_ready(b, "piper")
+        wait_ready(a, "remote")
+        yield b, a
+    finally:
+        a_log = a.stop()
+        b.stop()
+        assert KEY not in a_log, "the remote's key reached A's log"
+
+
+async def speak(server: ServerProcess, **request) -> tuple[dict, bytes, list[dict]]:
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}") as ws:
+        await ws.send(json.dumps(request))
+        return await collect(ws, timeout=120)
+
+
+async def test_a_broken_csm_hands_requests_to_the_remote_which_answers_with_b_s_audio(b_and_a):
+    b, a = b_and_a
+    before = info(b)["engines"]["piper"]["stats"]["requests"]
+    reply, audio, _ = await speak(a, text=TEXT, format="wav")
+    assert reply["status"] == "success" and reply["engine"] == "remote" and reply["voice"] == "alloy"
+    assert reply["duration_s"] > 1.0 and len(audio) > 24000
+    assert info(b)["engines"]["piper"]["stats"]["requests"] == before + 1  # B's Piper made it (the key was sent)
+    engines = info(a)["engines"]
+    assert engines["csm"]["state"] == "failed" and [e["position"] for e in engines.values()] == [1, 2, 3]
+    stats = engines["remote"]["stats"]
+    assert stats["fallbacks"] >= 1 and stats["characters"] >= len(TEXT) and stats["last_used"] > time.time() - 120
+    assert stats["estimated_spend_usd"] == pytest.approx(stats["characters"] * 15 / 1e6)
+    assert "url" in engines["remote"] and KEY not in json.dumps(info(a))
+
+
+async def test_audio_streams_through_the_remote_as_b_speaks(b_and_a):
+    b, a = b_and_a
+    reply, audio, others = await speak(a, text=TEXT, stream=True, engine="remote")
+    assert [o["status"] for o in others] == ["start"] and others[0]["engine"] == "remote"
+    assert reply["status"] == "success" and reply["chunks"] > 2 and len(audio) == reply["length_bytes"]
+
+
+async def test_the_openai_sdk_through_a_gets_b_s_voice_and_the_engine_header(b_and_a):
+    b, a = b_and_a
+    client = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with client.audio.speech.with_streaming_response.create(model="remote", voice="alloy", input=TEXT,
+                                                            response_format="pcm") as response:
+        assert response.headers["x-tts-engine"] == "remote"
+        body = b"".join(response.iter_bytes())
+    assert len(body) > 48000 and len(body) % 2 == 0
+    metrics = http_get(a.port, "/metrics")[1]
+    assert 'tts_engine_fallbacks_total{engine="remote"}' in metrics
+    assert 'tts_engine_spend_usd_total{engine="remote"}' in metrics
+
+
+async def test_a_full_then_stopped_remote_falls_back_to_piper_and_named_requests_get_busy_then_unavailable(
+        tmp_path_factory):
+    """B allows one request a minute: its 429 is ``busy``; once B is gone, ``model_unavailable``; a request that
+    named no engine is answered by Piper both times."""
+    b = ServerProcess(tmp_path_factory.mktemp("b2"), ["--engine", "piper", "--rate-limit", "1"])
+    a = ServerProcess(tmp_path_factory.mktemp("a2"), ["--engines", "remote,piper", *remote_args(b)])
+    try:
+        wait_ready(b, "piper")
+        wait_ready(a, "remote")
+        first, _, _ = await speak(a, text="One.")
+        assert first["status"] == "success" and first["engine"] == "remote"
+        named, _, _ = await speak(a, text="Two.", engine="remote")
+        assert named["status"] == "error" and named["code"] == "busy" and "429" in named["message"]
+        fallback, audio, _ = await speak(a, text="Three.")
+        assert fallback["status"] == "success" and fallback["engine"] == "piper" and audio
+        b.stop()
+        named, _, _ = await speak(a, text="Four.", engine="remote")
+        assert named["status"] == "error" and named["code"] == "model_unavailable"
+        assert f"127.0.0.1:{b.port}" in named["message"]
+        fallback, _, _ = await speak(a, text="Five.")
+        assert fallback["status"] == "success" and fallback["engine"] == "piper"
+        stats = info(a)["engines"]
+        assert stats["piper"]["stats"]["fallbacks"] == 2 and stats["remote"]["stats"]["failures"] == 4
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_remote_that_never_answers_times_out_into_the_next_engine(tmp_path_factory):
+    """A listener that accepts and says nothing: after --remote-timeout the request moves on to Piper."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    a = ServerProcess(tmp_path_factory.mktemp("a3"), ["--engines", "remote,piper", "--remote-timeout", "1",
+                                                      "--remote-url", f"http://127.0.0.1:{port}/v1"])
+    try:
+        wait_ready(a, "remote")
+        reply, _, _ = await speak(a, text="Anyone there?")
+        assert reply["status"] == "success" and reply["engine"] == "piper"
+        named, _, _ = await speak(a, text="Anyone there?", engine="remote")
+        assert named["code"] == "model_unavailable" and "did not answer within 1 s" in named["message"]
+    finally:
+        a.stop()
+        silent.close()
+
