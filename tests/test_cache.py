@@ -88,7 +88,7 @@ async def test_the_cache_stays_within_its_budget_and_says_so_in_info_and_metrics
     reply, _, _ = await speak(server, **{**REQUEST, "seed": 20}, format="wav")  # the oldest: evicted, made again
     assert "cached" not in reply and runs(server) == ran + 1
     metrics = (await ahttp_get(server.port, "/metrics"))[1]
-    for line in ('tts_cache_hits_total{engine="csm"}', "tts_cache_misses_total", "tts_cache_bytes ",
+    for line in ('tts_cache_hits_total{engine="csm"}', 'tts_cache_misses_total{engine="csm"}', "tts_cache_bytes ",
                  "tts_cache_entries "):
         assert line in metrics
     stats = json.loads((await ahttp_get(server.port, "/v1/info"))[1])["engines"]["csm"]["stats"]

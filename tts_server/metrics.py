@@ -66,7 +66,8 @@ class Metrics:
         self.spend = Counter("tts_engine_spend_usd", "Estimated spend at --engine-cost prices", ["engine"], registry=r)
         self.cache_hits = Counter("tts_cache_hits", "Requests answered from the response cache", ["engine"],
                                   registry=r)
-        self.cache_misses = Counter("tts_cache_misses", "Cacheable requests that had to be generated", registry=r)
+        self.cache_misses = Counter("tts_cache_misses", "Cacheable requests an engine had to generate", ["engine"],
+                                    registry=r)
         self.cache_bytes = Gauge("tts_cache_bytes", "Audio bytes held by the response cache", registry=r)
         self.cache_entries = Gauge("tts_cache_entries", "Responses held by the response cache", registry=r)
         self.queue_depth = Gauge("tts_queue_depth", "Requests waiting for the worker", registry=r)
@@ -88,7 +89,7 @@ class Metrics:
             stats.failures += 1
         if cache_miss:
             stats.cache_misses += 1
-            self.cache_misses.inc()
+            self.cache_misses.labels(engine).inc()
         if status != "success":
             return
         if fallback:
