@@ -103,3 +103,18 @@ def test_the_remote_key_comes_from_the_environment_and_never_shows_in_the_settin
     settings = load_settings(["--engines", "remote", "--remote-url", "http://x/v1"],
                              environ={"TTS_REMOTE_API_KEY": "sk-do-not-print"}, dotenv_path=None)
     assert settings.remote_api_key == "sk-do-not-print" and "sk-do-not-print" not in repr(settings)
+
+
+def test_the_built_server_has_the_chain_overflow_cache_size_and_prices_the_settings_name():
+    from tts_server.app import build_server
+
+    settings = load_settings(["--engines", "piper,remote", "--remote-url", "http://127.0.0.1:9/v1",
+                              "--overflow-engine", "remote", "--cache-mb", "0.5", "--engine-cost", "remote=15",
+                              "--remote-voices", "0=af_bella", "--remote-languages", "en,de"],
+                             environ={"TTS_REMOTE_API_KEY": "k"}, dotenv_path=None)
+    scheduler = build_server(settings).scheduler
+    assert [slot.name for slot in scheduler.chain.slots] == ["piper", "remote"]
+    assert scheduler.chain.overflow is scheduler.slots["remote"] and scheduler.cache.max_bytes == 2**19
+    remote = scheduler.slots["remote"].engine
+    assert remote.voice_for(0) == "af_bella" and remote.voice_for(7) == "nova" and remote.languages() == ("en", "de")
+    assert scheduler.metrics.prices == {"remote": 15.0} and "'k'" not in repr(remote)
