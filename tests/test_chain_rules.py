@@ -57,11 +57,22 @@ def test_only_seeded_requests_without_context_have_a_cache_key():
         assert key(SynthesisRequest(**{**request.__dict__, **change}), "salt") != key(request, "salt")
 
 
-def test_remote_voices_map_speaker_ids_and_openai_names():
+def test_remote_voices_map_speaker_ids_openai_names_and_our_voice_names():
     assert parse_voices("0=af_bella, nova=am_adam,12=x") == {0: "af_bella", 7: "am_adam", 12: "x"}
+    assert parse_voices("narrator=onyx", {"narrator": 5}) == {5: "onyx"}
     for bad in ("0", "=x", "bob=x"):
         with pytest.raises(ValueError):
             parse_voices(bad)
+
+
+def test_remote_voice_names_come_from_the_references_voices_json(tmp_path, capsys):
+    (tmp_path / "voices.json").write_text('{"5": {"path": "voices/5.wav", "text": "Hi.", "name": "narrator"}}')
+    base = ["--engines", "remote", "--remote-url", "http://x/v1", "--references", str(tmp_path)]
+    settings = load_settings([*base, "--remote-voices", "narrator=onyx,1=nova"], environ={}, dotenv_path=None)
+    assert settings.remote_voice_map() == {5: "onyx", 1: "nova"}
+    with pytest.raises(SystemExit):
+        load_settings([*base, "--remote-voices", "villain=onyx"], environ={}, dotenv_path=None)
+    assert "'villain'" in capsys.readouterr().err
 
 
 def test_the_chain_comes_from_engines_or_from_the_engine_and_fallback_shorthands():

@@ -16,7 +16,7 @@ from .config import Settings, load_settings
 from .context import ReferenceLibrary
 from .engines.csm import CsmEngine, pick_device
 from .engines.piper import PiperEngine
-from .engines.remote import RemoteEngine, parse_voices
+from .engines.remote import RemoteEngine
 from .model_source import ModelSourceError, download, resolve_local
 from .jobs import EngineSlot
 from .security import Gate
@@ -56,7 +56,7 @@ def engine_slot(name: str, settings: Settings) -> EngineSlot:
     if name == "piper":
         return EngineSlot(PiperEngine(settings.piper_voice))
     return EngineSlot(RemoteEngine(settings.remote_url or "", settings.remote_api_key, settings.remote_model,
-                                   parse_voices(settings.remote_voices), _split(settings.remote_languages),
+                                   settings.remote_voice_map(), _split(settings.remote_languages),
                                    settings.remote_timeout))
 
 

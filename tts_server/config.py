@@ -63,13 +63,11 @@ def _engines(text: str) -> str:
 
 
 def _remote_voices(text: str) -> str:
-    from .engines.remote import parse_voices
-
-    try:
-        parse_voices(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        ours, sep, theirs = (s.strip() for s in entry.partition("="))
+        if not (sep and ours and theirs):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not SPEAKER=REMOTE_VOICE")
+    return text  # the names are checked once the references folder is known (load_settings)
 
 
 def _languages(text: str) -> str:
@@ -156,7 +154,7 @@ OPTIONS = [
     Option("remote_url", None, "base URL of an OpenAI-compatible speech API for the 'remote' engine, e.g. "
            "https://api.openai.com/v1 or http://gpu-box:8765/v1 (key: env TTS_REMOTE_API_KEY)"),
     Option("remote_model", "tts-1", "model name sent to the remote engine"),
-    Option("remote_voices", None, "speaker ids (or OpenAI voice names) to the remote's voices, e.g. "
+    Option("remote_voices", None, "speaker ids (or OpenAI or voices.json voice names) to the remote's voices, e.g. "
            "0=af_bella,1=am_adam; unmapped ids take OpenAI's voice of that number (0 alloy, 1 ash, ...)",
            _remote_voices),
     Option("remote_languages", None, "comma-separated languages the remote engine speaks (e.g. en,de,fr); unset: "
@@ -269,6 +267,13 @@ class Settings:
             return ["csm"] + (["piper"] if self.fallback == "piper" else [])
         return [self.engine]
 
+    def remote_voice_map(self) -> dict[int, str]:
+        """``--remote-voices`` as {speaker id: remote voice}, names resolved with the references' voices.json."""
+        from .engines.remote import parse_voices
+        from .references import voice_names
+
+        return parse_voices(self.remote_voices, voice_names(self.references))
+
     def costs(self) -> dict[str, float]:
         return {name.strip(): float(price) for name, _, price in (c.partition("=") for c in self.engine_cost)}
 
@@ -321,6 +326,10 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
     chain = settings.chain()
     if "remote" in chain and not settings.remote_url:
         parser.error("the 'remote' engine needs --remote-url (or TTS_REMOTE_URL)")
+    try:
+        settings.remote_voice_map()
+    except ValueError as exc:
+        parser.error(f"--remote-voices: {exc}")
     if settings.overflow_engine and settings.overflow_engine not in chain[1:]:
         parser.error(f"--overflow-engine {settings.overflow_engine} must be an engine of the chain after the first "
                      f"({','.join(chain)})")

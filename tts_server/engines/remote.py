@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 READ_BYTES = 4800  # 0.1 s of 24 kHz 16-bit audio: the most we wait for before passing audio on
 
 
-def parse_voices(text: str | None) -> dict[int, str]:
-    """``"0=alloy,nova=af_bella,3=onyx"`` -> {speaker id: remote voice}; an OpenAI voice name as the key means
-    its speaker id.  Raises ``ValueError`` naming a bad entry."""
+def parse_voices(text: str | None, names: dict[str, int] | None = None) -> dict[int, str]:
+    """``"0=alloy,nova=af_bella,narrator=onyx"`` -> {speaker id: remote voice}; an OpenAI voice name, or one of
+    ``names`` (voices.json's), as the key means its speaker id.  Raises ``ValueError`` naming a bad entry."""
     mapping: dict[int, str] = {}
     for entry in filter(None, (part.strip() for part in (text or "").split(","))):
         ours, sep, theirs = (s.strip() for s in entry.partition("="))
@@ -39,10 +39,13 @@ def parse_voices(text: str | None) -> dict[int, str]:
             raise ValueError(f"{entry!r} is not SPEAKER=REMOTE_VOICE")
         if ours.isascii() and ours.isdigit():
             mapping[int(ours)] = theirs
+        elif names and ours in names:
+            mapping[names[ours]] = theirs
         elif ours.lower() in OPENAI_VOICES:
             mapping[OPENAI_VOICES.index(ours.lower())] = theirs
         else:
-            raise ValueError(f"{ours!r} in {entry!r} is neither a speaker id nor an OpenAI voice name")
+            raise ValueError(f"{ours!r} in {entry!r} is neither a speaker id, an OpenAI voice name nor a name in "
+                             "voices.json")
     return mapping
 
 

@@ -131,6 +131,17 @@ def load_clip(root: Path, entry: Any, where: str) -> Clip:
                 name.strip() if isinstance(name, str) and name.strip() else None)
 
 
+def voice_names(root: str | Path) -> dict[str, int]:
+    """``voices.json``'s voice names -> speaker ids, read without loading any audio (for settings checks)."""
+    try:
+        data = _read_map(Path(root) / VOICE_MAP)
+    except (ValueError, OSError):
+        return {}
+    return {entry["name"].strip(): int(key) for key, entry in data.items()
+            if str(key).isascii() and str(key).isdigit() and isinstance(entry, dict)
+            and isinstance(entry.get("name"), str) and entry["name"].strip()}
+
+
 def _read_map(path: Path) -> dict:
     if not path.is_file():
         return {}
