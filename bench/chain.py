@@ -75,7 +75,7 @@ async def websocket_times(port: int, seed: int, stream: bool) -> tuple[float, fl
     async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
         started = time.perf_counter()
         await ws.send(json.dumps(request))
-        first = None
+        first, reply = None, {}
         while True:
             frame = await ws.recv()
             if isinstance(frame, bytes):
