@@ -3,6 +3,8 @@ settings that build a chain (no server; the server-level behaviour is in test_ro
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import piper_voice_in
@@ -122,10 +124,11 @@ def test_the_built_server_has_the_chain_overflow_cache_size_and_prices_the_setti
     settings = load_settings(["--engines", "piper,remote", "--remote-url", "http://127.0.0.1:9/v1",
                               "--overflow-engine", "remote", "--cache-mb", "0.5", "--engine-cost", "remote=15",
                               "--remote-voices", "0=af_bella", "--remote-languages", "en,de"],
-                             environ={"TTS_REMOTE_API_KEY": "k"}, dotenv_path=None)
+                             environ={"TTS_REMOTE_API_KEY": "sk-test-key-77"}, dotenv_path=None)
     scheduler = build_server(settings).scheduler
     assert [slot.name for slot in scheduler.chain.slots] == ["piper", "remote"]
     assert scheduler.chain.overflow is scheduler.slots["remote"] and scheduler.cache.max_bytes == 2**19
     remote = scheduler.slots["remote"].engine
     assert remote.voice_for(0) == "af_bella" and remote.voice_for(7) == "nova" and remote.languages() == ("en", "de")
-    assert scheduler.metrics.prices == {"remote": 15.0} and "'k'" not in repr(remote)
+    assert scheduler.metrics.prices == {"remote": 15.0}
+    assert "sk-test-key-77" not in repr(remote) + json.dumps(remote.describe())

@@ -34,7 +34,6 @@ class Outcome:
     ttfa: float | None
     final: tuple
     audio: bytes | None = None
-    meta: dict | None = None  # engine and voice, as the replies said
 
 
 def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: float, started: float,
@@ -93,13 +92,13 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     if request.stream:
         reply = p.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
                                 chunks=len(pieces), **meta, **timing)
-        return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None, meta)
+        return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None)
     data = encode_file(np.concatenate(pieces), sample_rate, request.format)
     job.unsent_bytes(len(data))
     job.audio_sent = True
     reply = p.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
                             **meta, **timing)
-    return Outcome("success", duration, first_audio, (reply, data), data if keep else None, meta)
+    return Outcome("success", duration, first_audio, (reply, data), data if keep else None)
 
 
 def _engine_chunks(engine: Engine, task: SynthesisTask):

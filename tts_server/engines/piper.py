@@ -94,12 +94,13 @@ class PiperEngine(Engine):
         codes = [v.language for v in self.voices if v.language]
         return tuple(dict.fromkeys(codes)) if self.voices else None
 
-    def voice_for(self, request: SynthesisRequest) -> Voice:
-        """The voice that speaks ``request.language`` (the routing already checked one does), else the first."""
-        if request.language is None or not self.voices:
-            return self.voices[0] if self.voices else None  # type: ignore[return-value]
-        chosen = pick(request.language, [v.language or "" for v in self.voices])
-        return self.voices[chosen if chosen is not None else 0]
+    def voice_for(self, request: SynthesisRequest) -> Voice | None:
+        """The voice that speaks ``request.language`` (the routing already checked one does), else the first;
+        ``None`` before ``load``."""
+        if not self.voices:
+            return None
+        chosen = pick(request.language, [v.language or "" for v in self.voices]) if request.language else None
+        return self.voices[chosen or 0]
 
     def output_rate(self, request: SynthesisRequest) -> int:
         voice = self.voice_for(request)
