@@ -149,3 +149,21 @@ async def test_a_remote_that_never_answers_times_out_into_the_next_engine(tmp_pa
         a.stop()
         silent.close()
 
+
+
+async def test_a_remote_at_another_sample_rate_is_resampled_not_sped_up(tmp_path_factory):
+    """Our own server at --sample-rate 16000 sends 16 kHz pcm and says so (X-Sample-Rate): A's audio keeps its
+    length (read as OpenAI's 24 kHz it would last two thirds as long)."""
+    b = ServerProcess(tmp_path_factory.mktemp("b4"), ["--engine", "piper", "--sample-rate", "16000"])
+    a = ServerProcess(tmp_path_factory.mktemp("a4"), ["--engines", "remote", *remote_args(b)])
+    try:
+        wait_ready(b, "piper")
+        wait_ready(a, "remote")
+        direct, _, _ = await speak(b, text=TEXT)
+        through, audio, _ = await speak(a, text=TEXT, format="pcm")
+        assert direct["sample_rate"] == 16000 and through["sample_rate"] == 24000
+        assert through["duration_s"] == pytest.approx(direct["duration_s"], rel=0.1)
+        assert len(audio) == pytest.approx(2 * 24000 * through["duration_s"], abs=4)
+    finally:
+        a.stop()
+        b.stop()

@@ -1,7 +1,8 @@
 """A remote engine: any OpenAI-compatible speech endpoint (OpenAI, Kokoro-FastAPI, AllTalk, another of us, ...).
 
 Each request becomes one ``POST {url}/audio/speech`` made with the official
-``openai`` SDK, asking for ``pcm`` (OpenAI's 24 kHz, 16-bit mono) and reading
+``openai`` SDK, asking for ``pcm`` (OpenAI's 24 kHz, 16-bit mono; another rate
+named in an ``X-Sample-Rate`` header, as ours sends, is resampled) and reading
 the body as it arrives, so audio flows on to the client while the remote still
 speaks.  The remote's failures become ours: 429 -> ``busy``, unreachable,
 timed out, 401/403 or 5xx -> ``model_unavailable``, any other refusal ->
@@ -22,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..audio import Resampler
 from ..openai_protocol import OPENAI_VOICES
 from .base import Engine, EngineError, SynthesisTask
 
@@ -103,13 +105,16 @@ class RemoteEngine(Engine):
             params["speed"] = request.speed
         try:
             with self._client.audio.speech.with_streaming_response.create(**params) as response:
+                # OpenAI's pcm is 24 kHz; a server that says otherwise (ours at another --sample-rate) is resampled
+                resample = Resampler(_rate(response.headers.get("x-sample-rate"), self.sample_rate), self.sample_rate)
                 odd = b""  # a byte of a sample split across two reads
                 for data in response.iter_bytes(READ_BYTES):
                     if task.cancel.is_set():
                         return
                     data, odd = _whole_samples(odd + data)
                     if data:
-                        yield np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+                        yield resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0)
+                yield resample(np.zeros(0, np.float32), last=True)
         except openai.RateLimitError as exc:
             raise EngineError("busy", f"the remote engine at {self.url} is busy (429): {_said(exc)}") from None
         except openai.APITimeoutError:
@@ -127,6 +132,11 @@ class RemoteEngine(Engine):
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _rate(header: str | None, default: int) -> int:
+    return int(header) if header and header.isascii() and header.isdigit() and 8000 <= int(header) <= 192000 \
+        else default
 
 
 def _whole_samples(data: bytes) -> tuple[bytes, bytes]:
