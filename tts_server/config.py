@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .protocol import ENGINES, LANGUAGE_CODE
+
 DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent / "references"
 
 
@@ -49,14 +51,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-ENGINE_NAMES = ("csm", "piper", "remote")
-
-
 def _engines(text: str) -> str:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in ENGINE_NAMES]
+    unknown = [name for name in names if name not in ENGINES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"{text!r}: list engines from {', '.join(ENGINE_NAMES)}, e.g. csm,piper")
+        raise argparse.ArgumentTypeError(f"{text!r}: list engines from {', '.join(ENGINES)}, e.g. csm,piper")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names an engine twice")
     return ",".join(names)
@@ -71,8 +70,6 @@ def _remote_voices(text: str) -> str:
 
 
 def _languages(text: str) -> str:
-    from .protocol import LANGUAGE_CODE
-
     for part in filter(None, (p.strip() for p in text.split(","))):
         if not LANGUAGE_CODE.fullmatch(part):
             raise argparse.ArgumentTypeError(f"{part!r} is not a language code such as en, de or en_US")
@@ -82,7 +79,7 @@ def _languages(text: str) -> str:
 def _cost(text: str) -> str:
     name, sep, price = text.partition("=")
     try:
-        ok = bool(sep) and name.strip() in ENGINE_NAMES and float(price) >= 0
+        ok = bool(sep) and name.strip() in ENGINES and float(price) >= 0
     except ValueError:
         ok = False
     if not ok:
@@ -150,7 +147,7 @@ OPTIONS = [
     Option("fallback", "piper", "the engine after CSM in auto mode (shorthand for --engines csm,piper)",
            choices=["piper", "none"]),
     Option("overflow_engine", None, "when the queue is full, requests that named no engine go to this engine of "
-           "the chain instead of getting 'busy'; off when unset", choices=list(ENGINE_NAMES)),
+           "the chain instead of getting 'busy'; off when unset", choices=list(ENGINES)),
     Option("remote_url", None, "base URL of an OpenAI-compatible speech API for the 'remote' engine, e.g. "
            "https://api.openai.com/v1 or http://gpu-box:8765/v1 (key: env TTS_REMOTE_API_KEY)"),
     Option("remote_model", "tts-1", "model name sent to the remote engine"),

@@ -86,11 +86,6 @@ class ReferenceLibrary:
         voice = self.voices.get(request.speaker)
         task.context = [voice] if voice else []
 
-    def voice_key(self, speaker: int) -> int | None:
-        """Tells apart the default voices a speaker has had (pinning may give it one while the server runs)."""
-        voice = self.voices.get(speaker)
-        return None if voice is None else id(voice)
-
     def wants_pin(self, speaker: int, turns: list[ContextTurn]) -> bool:
         return (self.pin_voices and self.root is not None and speaker not in self.voices and speaker not in self._pinning
                 and sum(t.duration_s for t in turns) >= PIN_MIN_SECONDS)

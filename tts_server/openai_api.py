@@ -89,7 +89,9 @@ class OpenAIApi:
             raise o.ApiError(400, SPEED_UNSUPPORTED, "speed")
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: server.library.stateless_prompt(j.task),
                   interface="http")
-        job.cache_salt = ("http", server.library.voice_key(request.speaker))  # its prompt holds the default voice
+        # Its prompt holds the speaker's default voice, which pinning may set while the server runs: the turn itself
+        # (hashed by identity) keeps audio made with another voice from answering.
+        job.cache_salt = ("http", server.library.voices.get(request.speaker))
         try:
             server.scheduler.submit(job)
         except Busy as exc:
@@ -111,14 +113,14 @@ class OpenAIApi:
         resample = Resampler(rate, out_rate)
         sse = speech.stream_format == "sse"
         samples = 0
-        engine: list[tuple[str, str]] = []  # the start reply names the engine that answers
+        answered_by: list[tuple[str, str]] = []  # the header naming the engine, from its start reply
 
         async def send(data: bytes) -> None:
             if not exchange.started:
                 content_type = "text/event-stream" if sse else o.CONTENT_TYPES[speech.response_format]
                 await exchange.start(200, [("content-type", content_type), ("cache-control", "no-store"),
                                            ("x-request-id", job.request_id), ("x-sample-rate", str(out_rate)),
-                                           *engine, *cors])
+                                           *answered_by, *cors])
             if data:
                 await exchange.send(o.sse_event({"type": "speech.audio.delta",
                                                  "audio": base64.b64encode(data).decode()}) if sse else data)
@@ -135,7 +137,7 @@ class OpenAIApi:
                     continue
                 reply = json.loads(frame)
                 if reply["status"] == "start":
-                    engine[:] = [("x-tts-engine", reply["engine"])]
+                    answered_by.append(("x-tts-engine", reply["engine"]))
                 if reply["status"] == "error":
                     raise o.ApiError.from_reply(reply)
                 if reply["status"] == "cancelled":

@@ -21,7 +21,7 @@ from .audio import STREAM_RATES
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
                  "marin", "cedar")
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
-# Model names clients send -> our engine (None: the server's primary engine, with its fallback).
+# Model names clients send -> our engine (None: the engine chain's routing).
 MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper",
           "remote": "remote"}
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",

@@ -30,6 +30,7 @@ MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may b
 MAX_TRANSCRIPT_CHARS = 2000
 DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOP_K = 50
+ENGINES = ("csm", "piper", "remote")  # the engines a chain may hold (--engines) and a request may name
 LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 
 
@@ -72,7 +73,7 @@ class Limits:
 
     max_text_chars: int = 4000
     emotions: tuple[str, ...] = ()
-    engines: tuple[str, ...] = ("csm", "piper", "remote")
+    engines: tuple[str, ...] = ENGINES
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,13 @@ class Chain:
             found.update(codes)
         return sorted(found)
 
+    def _pool(self, request: p.SynthesisRequest) -> list[EngineSlot]:
+        """The engines ``request`` may go to: its named engine alone, if it names one, else the whole chain."""
+        return [self.by_name[request.engine]] if request.engine in self.by_name else self.slots
+
     def candidates(self, request: p.SynthesisRequest) -> list[EngineSlot]:
-        """The chain's engines that may answer ``request``, in order (its named engine alone, if it names one)."""
-        slots = [self.by_name[request.engine]] if request.engine in self.by_name else self.slots
-        return [slot for slot in slots if speaks(slot.engine.languages(), request.language)]
+        """The engines of ``_pool`` that speak ``request``'s language, in chain order."""
+        return [slot for slot in self._pool(request) if _speaks(slot, request)]
 
     def first_choice(self, request: p.SynthesisRequest) -> EngineSlot | None:
         """The engine that answers ``request`` when every engine is up (so any other one is a fallback)."""
@@ -81,20 +84,22 @@ class Chain:
         if request.engine is not None or slot not in self.slots:
             return None
         later = self.slots[self.slots.index(slot) + 1:]
-        return next((s for s in later if s.state == "ready" and speaks(s.engine.languages(), request.language)),
-                    None)
+        return next((s for s in later if s.state == "ready" and _speaks(s, request)), None)
 
     def overflow_slot(self, request: p.SynthesisRequest) -> EngineSlot | None:
         """The overflow engine, when it is ready and may take ``request`` instead of a ``busy``."""
         slot = self.overflow
         if slot is None or request.engine is not None or slot.state != "ready":
             return None
-        return slot if speaks(slot.engine.languages(), request.language) else None
+        return slot if _speaks(slot, request) else None
 
     def _unsupported(self, request: p.SynthesisRequest) -> p.ProtocolError:
-        slots = [self.by_name[request.engine]] if request.engine else self.slots
-        spoken = sorted({code for slot in slots for code in (slot.engine.languages() or ())})
+        spoken = sorted({code for slot in self._pool(request) for code in (slot.engine.languages() or ())})
         where = f"engine {request.engine!r}" if request.engine else "this server"
         return p.ProtocolError(p.ErrorCode.UNSUPPORTED_LANGUAGE,
                                f"No engine speaks {request.language!r}; {where} speaks: {', '.join(spoken)}",
                                request.request_id)
+
+
+def _speaks(slot: EngineSlot, request: p.SynthesisRequest) -> bool:
+    return speaks(slot.engine.languages(), request.language)

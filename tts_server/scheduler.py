@@ -113,8 +113,9 @@ class Scheduler:
             for offset in range(0, len(audio), step):
                 if job.cancel_event.is_set():
                     break
-                job.unsent_bytes(len(audio[offset:offset + step]))
-                job.post(audio[offset:offset + step])
+                chunk = audio[offset:offset + step]
+                job.unsent_bytes(len(chunk))
+                job.post(chunk)
                 await asyncio.sleep(0)  # let the writer send while the rest waits
         else:
             job.unsent_bytes(len(audio))

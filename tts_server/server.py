@@ -183,7 +183,8 @@ class TTSServer:
     """Listens at once, loads engines in the background, serves until ``stop``."""
 
     def __init__(self, *engines: EngineSlot | None, overflow_engine: str | None = None, cache_bytes: int = 0,
-                 engine_costs: dict[str, float] | None = None, host: str = "127.0.0.1", port: int = 8765, max_queue: int = 32,
+                 engine_costs: dict[str, float] | None = None, host: str = "127.0.0.1", port: int = 8765,
+                 max_queue: int = 32,
                  max_text_chars: int = 4000, sample_rate: int = 24000, max_frame_bytes: int = 16 * 2**20,
                  stream_buffer_seconds: float = 30, library: ReferenceLibrary | None = None,
                  max_context_turns: int = 8, gate: Gate | None = None, max_connections: int = 256,

@@ -44,12 +44,12 @@ def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
                                    languages=[LANGUAGE]) for v in voices.listing()]
             tts_voices.append(TtsVoice(name="speaker", attribution=attribution, installed=True,
                                        description="CSM by speaker id", version=None, languages=[LANGUAGE],
-                                       speakers=[TtsVoiceSpeaker(name=str(i)) for i in range(SPEAKER_CHOICES)]))
+                                       speakers=_speakers(SPEAKER_CHOICES)))
         else:  # a remote engine: one voice, its name, by speaker id
             tts_voices = [TtsVoice(name=name, attribution=attribution, installed=True,
                                    description=f"{name} ({described.get('model', '')})", version=None,
                                    languages=list(described.get("languages") or [LANGUAGE]),
-                                   speakers=[TtsVoiceSpeaker(name=str(i)) for i in range(SPEAKER_CHOICES)])]
+                                   speakers=_speakers(SPEAKER_CHOICES))]
         programs.append(TtsProgram(name=name, attribution=attribution, installed=True,
                                    description=_DESCRIPTION.get(name, name), version=VERSION, voices=tts_voices,
                                    supports_synthesize_streaming=True))
@@ -57,10 +57,14 @@ def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
 
 
 def _piper_voice(voice: dict[str, Any], attribution: Attribution) -> TtsVoice:
-    speakers = [TtsVoiceSpeaker(name=str(i)) for i in range(int(voice.get("speakers", 1)))]
+    speakers = _speakers(int(voice.get("speakers", 1)))
     return TtsVoice(name=voice["name"], attribution=attribution, installed=True, description=f"Piper {voice['name']}",
                     version=None, languages=[str(voice.get("language") or LANGUAGE)],
                     speakers=speakers if len(speakers) > 1 else None)
+
+
+def _speakers(count: int) -> list[TtsVoiceSpeaker]:
+    return [TtsVoiceSpeaker(name=str(i)) for i in range(count)]
 
 
 Choice = tuple[int, "str | None", "str | None"]  # speaker id, engine (None: the server's routing), language
