@@ -32,9 +32,9 @@ from _common import machine, median, table
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
 from tts_server.engines.remote import RemoteEngine
-from tts_server.jobs import EngineSlot
-from tts_server.server import TTSServer
-from tts_server.tiny_csm import build_checkpoint
+from tts_server.core.jobs import EngineSlot
+from tts_server.api.server import TTSServer
+from tts_server.engines.tiny_csm import build_checkpoint
 
 TEXT = "A repeated greeting is made once and then served from memory."
 

@@ -5,7 +5,7 @@
 
 Prints the same tables as bench/decode_loop.py: per-frame cost of transformers' generate vs our loop at batch 1,
 and aggregate frames/s for N concurrent streams batched vs one after another. It runs on any device, so it can be
-smoke-tested on a CPU with a tiny checkpoint (python -m tts_server.tiny_csm DIR; --model-path DIR --device cpu).
+smoke-tested on a CPU with a tiny checkpoint (python -m tts_server.engines.tiny_csm DIR; --model-path DIR --device cpu).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from _common import machine, table
 from decode_loop import concurrency_table, per_frame
 from tts_server.engines.csm import CsmEngine
-from tts_server.model_source import resolve_local
+from tts_server.engines.model_source import resolve_local
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ from wyoming.tts import Synthesize
 from _common import machine, median, table
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
-from tts_server.jobs import EngineSlot
-from tts_server.server import TTSServer
-from tts_server.tiny_csm import build_checkpoint
+from tts_server.core.jobs import EngineSlot
+from tts_server.api.server import TTSServer
+from tts_server.engines.tiny_csm import build_checkpoint
 
 TEXT = "The first words should arrive as soon as they exist."
 

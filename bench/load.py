@@ -76,9 +76,9 @@ async def main(engine: str, connections: int, requests: int, extra_rounds: int, 
     from tts_server.app import limit_malloc_arenas
     from tts_server.engines.csm import CsmEngine
     from tts_server.engines.piper import PiperEngine
-    from tts_server.jobs import EngineSlot
-    from tts_server.server import TTSServer
-    from tts_server.tiny_csm import build_checkpoint
+    from tts_server.core.jobs import EngineSlot
+    from tts_server.api.server import TTSServer
+    from tts_server.engines.tiny_csm import build_checkpoint
 
     limit_malloc_arenas()  # as run_server.py does
     if engine == "csm":

@@ -8,7 +8,7 @@ import time
 import torch
 
 from tts_server.engines.csm import CsmEngine
-from tts_server.tiny_csm import CHAT_TEMPLATE, build_checkpoint, build_config, build_tokenizer, randomize_codebooks
+from tts_server.engines.tiny_csm import CHAT_TEMPLATE, build_checkpoint, build_config, build_tokenizer, randomize_codebooks
 
 
 def tiny_engine(**options) -> CsmEngine:

@@ -41,8 +41,8 @@ async def server_rtf(port: int) -> float:
 
 async def main(runs: int) -> None:
     from tts_server.engines.piper import PiperEngine
-    from tts_server.jobs import EngineSlot
-    from tts_server.server import TTSServer
+    from tts_server.core.jobs import EngineSlot
+    from tts_server.api.server import TTSServer
 
     engine = PiperEngine()
     server = TTSServer(EngineSlot(engine), host="127.0.0.1", port=0)

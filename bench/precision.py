@@ -35,8 +35,8 @@ from tts_server.engines.csm import CsmEngine
 from tts_server.engines.csm_decode import Sampling
 from tts_server.engines.fidelity import logits_along
 from tts_server.engines.quantize import Int8Linear
-from tts_server.jobs import EngineSlot
-from tts_server.server import TTSServer
+from tts_server.core.jobs import EngineSlot
+from tts_server.api.server import TTSServer
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it takes a nap."
 

@@ -19,7 +19,7 @@ import torch
 
 from _common import machine, median, table
 from tts_server.engines.base import ContextTurn
-from tts_server.tiny_csm import randomize_codebooks
+from tts_server.engines.tiny_csm import randomize_codebooks
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from models import full_engine, tiny_engine
 from tts_server.engines.base import SynthesisTask
 from tts_server.engines.csm_decode import Sampling
 from tts_server.engines.mimi_stream import MimiStreamDecoder
-from tts_server.protocol import SynthesisRequest
+from tts_server.engines.request import SynthesisRequest
 
 TEXT = "Streaming lets the listener hear the first words while the rest is still being generated."
 

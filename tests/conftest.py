@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tts_server.engines.csm import CsmEngine  # noqa: E402
-from tts_server.jobs import EngineSlot  # noqa: E402
-from tts_server.server import TTSServer  # noqa: E402
-from tts_server.tiny_csm import build_checkpoint  # noqa: E402
+from tts_server.core.jobs import EngineSlot  # noqa: E402
+from tts_server.api.server import TTSServer  # noqa: E402
+from tts_server.engines.tiny_csm import build_checkpoint  # noqa: E402
 
 TERMINAL = {"success", "error", "cancelled"}
 
@@ -88,7 +88,7 @@ def codes_of(engine: CsmEngine, text: str, seed: int, frames: int, top_k: int = 
     import torch
 
     from tts_server.engines.base import SynthesisTask
-    from tts_server.protocol import SynthesisRequest
+    from tts_server.engines.request import SynthesisRequest
 
     task = SynthesisTask(SynthesisRequest(text=text, request_id="t", seed=seed, top_k=top_k, context=False,
                                           max_audio_length_ms=frames * 80))

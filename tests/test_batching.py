@@ -15,7 +15,7 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 from conftest import codes_beside_neighbours, codes_of, collect, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.csm_decode import Sampling, skinny_linear
-from tts_server.jobs import EngineSlot
+from tts_server.core.jobs import EngineSlot
 
 
 @pytest.fixture(scope="module")

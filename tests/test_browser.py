@@ -10,7 +10,7 @@ import pytest
 
 from audio_fixtures import speechlike, write_audio
 from conftest import ROOT, csm_slot, running_server
-from tts_server.security import Gate
+from tts_server.core.security import Gate
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -40,7 +40,7 @@ async def page_and_errors():
 
 async def test_page_streams_gaplessly_stops_and_shows_errors(tiny_model_dir, page_and_errors, tmp_path):
     page, errors = page_and_errors
-    from tts_server.context import ReferenceLibrary
+    from tts_server.core.context import ReferenceLibrary
 
     refs = tmp_path / "refs"
     write_audio(refs / "happy.wav", speechlike(1.0))

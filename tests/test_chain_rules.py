@@ -8,12 +8,12 @@ import json
 import pytest
 
 from conftest import piper_voice_in
-from tts_server.cache import AudioCache, Entry, key
-from tts_server.config import load_settings
+from tts_server.core.cache import AudioCache, Entry, key
+from tts_server.settings import load_settings
 from tts_server.engines.piper import voice_files
 from tts_server.engines.remote import parse_voices
-from tts_server.languages import normalize, pick, speaks
-from tts_server.protocol import SynthesisRequest
+from tts_server.audio.languages import normalize, pick, speaks
+from tts_server.engines.request import SynthesisRequest
 
 
 def test_language_codes_match_exactly_first_then_by_language():
@@ -37,14 +37,18 @@ def entry(size: int) -> Entry:
 
 
 def test_the_cache_drops_least_recently_used_entries_to_stay_within_its_bytes():
-    cache = AudioCache(100)
+    probe = AudioCache(10**6)
+    probe.put(("a",), entry(4000))
+    one = probe.bytes  # an entry's weight: its audio plus its key and replies
+    assert one > 4000
+    cache = AudioCache(2 * one + one // 2)
     for name in "abc":
-        assert cache.put((name,), entry(40))
-    assert cache.bytes <= 100 and cache.get(("a",)) is None and cache.evictions == 1
+        assert cache.put((name,), entry(4000))
+    assert cache.bytes <= cache.max_bytes and cache.get(("a",)) is None and cache.evictions == 1
     assert cache.get(("b",)) is not None  # b is now the most recently used: d pushes c out, not b
-    cache.put(("d",), entry(40))
-    assert cache.get(("c",)) is None and cache.get(("b",)) is not None and cache.bytes == 80
-    assert not cache.put(("huge",), entry(101)) and cache.bytes == 80
+    cache.put(("d",), entry(4000))
+    assert cache.get(("c",)) is None and cache.get(("b",)) is not None and cache.bytes == 2 * one
+    assert not cache.put(("huge",), entry(3 * one)) and cache.bytes == 2 * one
     assert (cache.hits, cache.misses) == (2, 2) and cache.describe()["hit_rate"] == 0.5
 
 
@@ -85,6 +89,13 @@ def test_the_chain_comes_from_engines_or_from_the_engine_and_fallback_shorthands
     assert chain("--fallback", "none") == ["csm"] and chain("--engine", "piper") == ["piper"]
     assert chain("--engines", "piper,csm") == ["piper", "csm"]
     assert chain(TTS_ENGINES="csm,remote,piper", TTS_REMOTE_URL="http://x/v1") == ["csm", "remote", "piper"]
+
+
+def test_the_cache_counts_an_entrys_key_so_a_long_text_with_short_audio_is_not_nearly_free():
+    cache = AudioCache(10**6)
+    text = "\N{GRINNING FACE}" * 4000
+    cache.put((text, 0), entry(3840))  # 80 ms of 24 kHz audio
+    assert cache.bytes >= 3840 + 4 * 4000  # Python holds an emoji string in 4 bytes a character
 
 
 @pytest.mark.parametrize("argv, says", [

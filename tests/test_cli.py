@@ -12,8 +12,8 @@ import pytest
 import websockets
 
 from conftest import ROOT, ServerProcess, ahttp_get, collect, free_port
-from tts_server.config import load_settings
-from tts_server.model_source import ModelSourceError, resolve_local
+from tts_server.settings import load_settings
+from tts_server.engines.model_source import ModelSourceError, resolve_local
 
 SECRET = "hf_TopSecretTokenValue1234567890"
 
@@ -144,7 +144,7 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
 
 
 def test_every_option_is_documented_in_the_readme_and_the_env_template():
-    from tts_server.config import OPTIONS
+    from tts_server.settings import OPTIONS
 
     readme, template = (ROOT / "README.md").read_text(), (ROOT / ".env.template").read_text()
     assert [o.flag for o in OPTIONS if f"| `{o.flag}` | `{o.env}` |" not in readme] == []

@@ -12,10 +12,10 @@ import websockets
 
 from audio_fixtures import audio_bytes, speechlike, write_audio
 from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
-from tts_server.context import Conversation, ReferenceLibrary
+from tts_server.core.context import Conversation, ReferenceLibrary
 from tts_server.engines.base import ContextTurn, EngineError, SynthesisTask
 from tts_server.engines.csm import CsmEngine
-from tts_server.protocol import SynthesisRequest
+from tts_server.engines.request import SynthesisRequest
 
 SHORT = {"max_audio_length_ms": 480}
 

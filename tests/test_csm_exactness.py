@@ -15,7 +15,7 @@ import websockets
 from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from conftest import collect, csm_slot, read_wav, running_server, url
-from tts_server.audio import to_int16
+from tts_server.audio.codec import to_int16
 from tts_server.engines.base import ContextTurn
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.csm_decode import Sampling

@@ -16,7 +16,7 @@ from conftest import ahttp_get, collect, csm_slot, piper_slot, recv_json, runnin
 from tts_server.engines.base import EngineError
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
-from tts_server.jobs import EngineSlot
+from tts_server.core.jobs import EngineSlot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
@@ -155,7 +155,7 @@ async def test_metrics_and_info_count_requests_per_engine(tiny_model_dir):
     assert samples[("tts_audio_seconds_total", (("engine", "csm"),))] == pytest.approx(0.16)
     assert samples[("tts_generation_seconds_count", (("engine", "piper"),))] == 2
     assert samples[("tts_time_to_first_audio_seconds_count", (("engine", "csm"),))] == 1
-    assert samples[("tts_active_connections", ())] == 1
+    assert samples[("tts_active_connections", ())] == 2  # the WebSocket and the HTTP request reading /metrics
     assert samples[("tts_queue_depth", ())] == 0
     assert samples[("tts_engine_state", (("engine", "csm"), ("state", "ready")))] == 1
     assert samples[("tts_engine_state", (("engine", "csm"), ("state", "loading")))] == 0
@@ -180,7 +180,7 @@ async def test_ready_is_503_with_the_reason_when_no_engine_can_serve(broken_mode
 
 def test_piper_engine_refuses_to_speak_before_loading():
     from tts_server.engines.base import SynthesisTask
-    from tts_server.protocol import SynthesisRequest
+    from tts_server.engines.request import SynthesisRequest
 
     with pytest.raises(EngineError):
         list(PiperEngine().synthesize(SynthesisTask(SynthesisRequest(text="x", request_id="r"))))

@@ -14,7 +14,7 @@ import websockets
 
 from conftest import ServerProcess, collect, csm_slot, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
-from tts_server.jobs import EngineSlot
+from tts_server.core.jobs import EngineSlot
 
 LONG = {"text": "A long answer that keeps going. " * 10, "stream": True, "max_audio_length_ms": 60_000}
 

@@ -58,7 +58,7 @@ def test_compiled_depth_step_compiles_a_few_graphs_at_load_not_one_per_layer(tin
 
     from tts_server.engines.base import SynthesisTask
     from tts_server.engines.csm import CsmEngine
-    from tts_server.protocol import SynthesisRequest
+    from tts_server.engines.request import SynthesisRequest
 
     folder = tmp_path / "four-depth-layers"
     shutil.copytree(tiny_model_dir, folder)

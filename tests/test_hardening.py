@@ -21,9 +21,9 @@ import websockets
 from conftest import ROOT, collect, csm_slot, piper_slot, recv_json, running_server, url
 from tts_server.engines.base import SynthesisTask
 from tts_server.engines.csm import CsmEngine
-from tts_server.jobs import EngineSlot
-from tts_server.protocol import SynthesisRequest
-from tts_server.text import split_sentences
+from tts_server.core.jobs import EngineSlot
+from tts_server.engines.request import SynthesisRequest
+from tts_server.audio.text import split_sentences
 
 GOOD = {"text": "Keep my voice please.", "seed": 7, "context": False, "format": "pcm", "max_audio_length_ms": 1200}
 
@@ -330,7 +330,7 @@ async def test_bfloat16_on_cpu_serves_with_the_codec_loaded_exactly_in_float32(t
 def test_download_fetches_what_loading_needs_and_not_the_original_checkpoint(tiny_model_dir):
     from huggingface_hub.utils import filter_repo_objects
 
-    from tts_server.model_source import MODEL_FILES
+    from tts_server.engines.model_source import MODEL_FILES
 
     needed = sorted(p.name for p in tiny_model_dir.iterdir())
     offered = needed + ["ckpt.pt", "README.md", ".gitattributes", "prompts/conversational_a.wav"]

@@ -1,4 +1,4 @@
-"""The wire format's validation rules, without sockets."""
+"""The WebSocket wire format's validation rules (the pydantic schemas), without sockets."""
 
 from __future__ import annotations
 
@@ -6,24 +6,27 @@ import json
 
 import pytest
 
-from tts_server import protocol as p
+from tts_server.api import schemas as p
+from tts_server.core import replies
+from tts_server.engines.request import SynthesisRequest
 
 LIMITS = p.Limits(max_text_chars=50, emotions=("happy",), engines=("csm", "piper"))
 
 
-def parse(obj) -> p.Message:
-    return p.parse_message(obj if isinstance(obj, (str, bytes)) else json.dumps(obj), LIMITS)
+def parse(obj):
+    message = p.parse_message(obj if isinstance(obj, (str, bytes)) else json.dumps(obj), LIMITS)
+    return message.request() if isinstance(message, p.SynthesizeMessage) else message
 
 
 def error_code(obj) -> str:
-    with pytest.raises(p.ProtocolError) as info:
+    with pytest.raises(replies.ProtocolError) as info:
         parse(obj)
     return info.value.code.value
 
 
 def test_minimal_request_gets_documented_defaults():
     req = parse({"text": "  Hello  "})
-    assert isinstance(req, p.SynthesisRequest)
+    assert isinstance(req, SynthesisRequest)
     assert (req.text, req.speaker, req.seed, req.temperature, req.top_k, req.format) == ("Hello", 0, None, 0.9, 50, "wav")
     assert req.stream is False and req.context is True and len(req.request_id) == 16
 
@@ -80,16 +83,17 @@ def test_deeply_nested_json_is_invalid_json_not_a_crash():
 
 
 def test_unknown_emotion_lists_the_available_ones():
-    with pytest.raises(p.ProtocolError) as info:
+    with pytest.raises(replies.ProtocolError) as info:
         parse({"text": "x", "emotion": "furious", "request_id": "r1"})
     assert "happy" in info.value.message and info.value.request_id == "r1"
 
 
 def test_control_messages():
-    assert parse({"type": "cancel", "request_id": "r"}) == p.CancelRequest("r")
-    assert isinstance(parse({"type": "reset"}), p.ResetRequest)
+    cancel = parse({"type": "cancel", "request_id": "r"})
+    assert isinstance(cancel, p.CancelMessage) and cancel.request_id == "r"
+    assert isinstance(parse({"type": "reset"}), p.ResetMessage)
 
 
 def test_error_reply_shape():
-    assert p.error_reply(p.ErrorCode.BUSY, "full", "r") == {
+    assert replies.error_reply(replies.ErrorCode.BUSY, "full", "r") == {
         "status": "error", "code": "busy", "message": "full", "request_id": "r"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import websockets
 from openai import OpenAI
@@ -167,3 +168,88 @@ async def test_a_remote_at_another_sample_rate_is_resampled_not_sped_up(tmp_path
     finally:
         a.stop()
         b.stop()
+
+
+class _Misbehaving:
+    """An HTTP server on loopback that answers OpenAI's speech route as a broken remote would: ``html`` (a 200 with
+    an error page), ``json`` (a 200 with JSON), or ``forever`` (pcm that never ends)."""
+
+    def __init__(self, mode: str) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                if mode == "forever":
+                    self.send_header("content-type", "audio/pcm")
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    tone = (np.sin(np.arange(2400) / 5) * 8000).astype("<i2").tobytes()  # 0.1 s at 24 kHz
+                    try:
+                        for _ in range(10 * 600):  # ten minutes of audio, unless the client hangs up first
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(tone), tone))
+                            self.wfile.flush()
+                            owner.sent += len(tone)
+                    except OSError:
+                        pass
+                    return
+                body = b"<html><body>Bad gateway</body></html>" if mode == "html" else b'{"ok": true}'
+                self.send_header("content-type", "text/html" if mode == "html" else "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        owner = self
+        self.sent = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["html", "json"])
+async def test_a_remote_answering_with_something_that_is_not_audio_falls_through_to_the_next_engine(mode):
+    from conftest import piper_slot, running_server, url
+    from tts_server.core.jobs import EngineSlot
+    from tts_server.engines.remote import RemoteEngine
+
+    remote = _Misbehaving(mode)
+    try:
+        async with running_server(EngineSlot(RemoteEngine(remote.url)), piper_slot()) as server:
+            async with websockets.connect(url(server)) as ws:
+                await ws.send(json.dumps({"text": "Is this audio?"}))
+                reply, audio, _ = await collect(ws)
+                assert reply["status"] == "success" and reply["engine"] == "piper"
+                await ws.send(json.dumps({"text": "Is this audio?", "engine": "remote"}))
+                named, _, _ = await collect(ws)
+                assert named["code"] == "generation_failed" and "not audio" in named["message"]
+    finally:
+        remote.close()
+
+
+async def test_a_remote_that_streams_forever_is_cut_at_the_audio_cap():
+    from conftest import running_server, url
+    from tts_server.core.jobs import EngineSlot
+    from tts_server.engines.remote import RemoteEngine
+
+    remote = _Misbehaving("forever")
+    try:
+        async with running_server(EngineSlot(RemoteEngine(remote.url))) as server:
+            async with websockets.connect(url(server)) as ws:
+                await ws.send(json.dumps({"text": "Go on.", "max_audio_length_ms": 1500, "format": "pcm"}))
+                reply, audio, _ = await collect(ws)
+        assert reply["status"] == "success" and reply["truncated"] is True
+        assert len(audio) == 2 * 24000 * 1.5
+        assert remote.sent < 2 * 24000 * 60  # we hung up: the remote did not get to send a minute of audio
+    finally:
+        remote.close()

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosedError
 
 from conftest import ahttp_get, collect, csm_slot, read_wav, recv_json, running_server, url
 from tts_server.engines.csm import CsmEngine
-from tts_server.jobs import EngineSlot
+from tts_server.core.jobs import EngineSlot
 
 SHORT = {"max_audio_length_ms": 400}  # 5 frames: keeps the suite fast
 

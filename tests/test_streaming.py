@@ -14,7 +14,7 @@ from transformers import CsmForConditionalGeneration, MimiConfig, MimiModel
 
 from conftest import collect, csm_slot, recv_json, running_server, url
 from tts_server.engines.mimi_stream import FRAME_SAMPLES, MimiStreamDecoder
-from tts_server.tiny_csm import randomize_codebooks
+from tts_server.engines.tiny_csm import randomize_codebooks
 
 FRAME_BYTES = FRAME_SAMPLES * 2
 

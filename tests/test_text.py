@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_server.text import SentenceStream, split_sentences
+from tts_server.audio.text import SentenceStream, split_sentences
 
 WORDS = st.lists(st.sampled_from(["Hello", "there,", "friend.", "How", "are", "you?", "I'm", "fine!", "3.5", "ok;",
                                   "averyveryverylongwordwithoutanyend", "\n", "well", "…", "yes."]), max_size=120)

@@ -19,7 +19,7 @@ from wyoming.tts import (Synthesize, SynthesizeChunk, SynthesizeStart, Synthesiz
                          SynthesizeVoice)
 
 from conftest import ServerProcess, ahttp_get, csm_slot, free_port, piper_slot, running_server
-from tts_server.text import estimate_ms, frames_for_ms
+from tts_server.audio.text import estimate_ms, frames_for_ms
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 RATE = 24000
@@ -266,3 +266,80 @@ async def test_a_failed_csm_is_left_out_of_the_info_and_piper_answers_csm_voices
             events = await read_until(c, "audio-stop")
     assert [p.name for p in info.tts] == ["piper"]
     assert len(pcm_of(events)) > 0 and server.metrics.stats["piper"].requests == 1
+
+
+async def test_an_event_declaring_a_huge_payload_is_refused_before_it_is_read(server):
+    """300 MB declared: nothing is buffered, an error says why, the connection ends, the server serves on."""
+    host, port = "127.0.0.1", urlparse(server.wyoming.uri).port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        header = {"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1},
+                  "payload_length": 300 * 2**20}
+        writer.write(json.dumps(header).encode() + b"\n" + b"\0" * 65536)  # the first bytes of the payload
+        await writer.drain()
+        error = await asyncio.wait_for(async_read_event(reader), 10)
+        assert Error.is_type(error.type) and "payload_length" in Error.from_event(error).text
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+    finally:
+        writer.close()
+    async with client(server) as c:
+        await c.write_event(Ping().event())
+        assert (await read(c)).type == "pong"
+
+
+async def test_deeply_nested_json_is_an_error_event_and_the_connection_lives_on(server):
+    events = await raw_exchange(server, [b'{"type": "ping", "data": ' + b"[" * 5000 + b"\n",
+                                         b'{"type": "ping", "data": {}}\n'], until={"pong"})
+    assert [e.type for e in events] == ["error", "pong"]
+    assert Error.from_event(events[0]).code == "invalid_json"
+
+
+async def test_every_streamed_sentence_counts_against_the_rate_limit_and_the_queue_is_bounded(server):
+    """400 sentences on one stream, at the default --rate-limit 120: about 120 are spoken, each refused one gets an
+    error event, and the connection never holds more than --max-queued-per-connection sentences."""
+    limit, queued = server.max_queued_per_connection, []
+
+    async def watch() -> None:
+        while True:
+            queued.extend(c._work.qsize() for c in server.wyoming.connections)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    began = asyncio.get_running_loop().time()
+    try:
+        async with client(server) as c:
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            for i in range(400):
+                await c.write_event(SynthesizeChunk(text=f"Sentence number {i}. ").event())
+            await c.write_event(SynthesizeStop().event())
+            events = await read_until(c, "synthesize-stopped")
+    finally:
+        watcher.cancel()
+    took = asyncio.get_running_loop().time() - began
+    spoken = sum(e.type == "audio-stop" for e in events)
+    refused = [Error.from_event(e) for e in events if Error.is_type(e.type)]
+    assert 120 <= spoken <= 120 + 2 * took + 1  # the bucket's 120, plus its refill (2 a second) while they ran
+    assert spoken + len(refused) == 400 and {e.code for e in refused} == {"rate_limited"}
+    assert queued and max(queued) <= limit
+
+
+async def test_describe_while_piper_loads_lists_its_voices_from_the_voice_files():
+    """Home Assistant reads the info once at set-up: a loading engine's voices must already be there."""
+    from tts_server.core.jobs import EngineSlot
+    from tts_server.engines.piper import PiperEngine
+
+    class SlowPiper(PiperEngine):
+        def load(self) -> None:
+            import time
+
+            time.sleep(3)
+            super().load()
+
+    async with running_server(EngineSlot(SlowPiper()), wait_loaded=False,
+                              wyoming_uri=f"tcp://127.0.0.1:{free_port()}") as server:
+        async with client(server) as c:
+            await c.write_event(Describe().event())
+            info = Info.from_event(await read(c))
+        assert server.scheduler.primary.state == "loading"
+    (program,) = info.tts
+    assert [(v.name, v.languages) for v in program.voices] == [("en_US-joe-medium", ["en_US"])]

@@ -12,15 +12,15 @@ from typing import Sequence
 
 import torch
 
-from .config import Settings, load_settings
-from .context import ReferenceLibrary
+from .api.server import TTSServer
+from .core.context import ReferenceLibrary
+from .core.jobs import EngineSlot
+from .core.security import Gate, redact_logs
 from .engines.csm import CsmEngine, pick_device
+from .engines.model_source import ModelSourceError, download, resolve_local
 from .engines.piper import PiperEngine
 from .engines.remote import RemoteEngine
-from .model_source import ModelSourceError, download, resolve_local
-from .jobs import EngineSlot
-from .security import Gate
-from .server import TTSServer
+from .settings import Settings, load_settings
 
 log = logging.getLogger("tts_server")
 
@@ -77,7 +77,8 @@ def build_server(settings: Settings) -> TTSServer:
                      max_frame_bytes=settings.max_frame_bytes, max_voice_bytes=settings.max_voice_bytes,
                      max_voice_seconds=settings.max_voice_seconds, generation_timeout=settings.generation_timeout,
                      trusted_proxies=_split(settings.trusted_proxies), wyoming_uri=settings.wyoming_uri,
-                     wyoming_zeroconf=settings.wyoming_zeroconf)
+                     wyoming_zeroconf=settings.wyoming_zeroconf, request_timeout=settings.request_timeout,
+                     write_timeout=settings.write_timeout)
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs((*_split(settings.api_key), *(s for s in (settings.hf_token, settings.remote_api_key) if s)))
     try:
         asyncio.run(serve(settings))
     except ModelSourceError as exc:

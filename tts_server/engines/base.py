@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..protocol import SynthesisRequest
+from .request import SynthesisRequest
 
 
 class EngineError(Exception):

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..protocol import SynthesisRequest
-from ..text import estimate_ms, frames_for_ms, split_sentences
+from .request import SynthesisRequest
+from ..audio.text import estimate_ms, frames_for_ms, split_sentences
 from .base import ContextTurn, Engine, EngineError, SynthesisTask
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..languages import pick
-from ..protocol import SynthesisRequest
+from ..audio.languages import pick
+from .request import SynthesisRequest
 from .base import Engine, EngineError, SynthesisTask
 
 
@@ -85,10 +85,34 @@ class PiperEngine(Engine):
         self.sample_rate = voices[0].sample_rate
 
     def describe(self) -> dict[str, Any]:
-        first = self.voices[0].describe() if self.voices else {"name": None, "speakers": 1, "language": None}
+        """The voices, loaded or not: before ``load`` they come from the voice files' configs, so a client that
+        reads them once while Piper loads (Home Assistant's Wyoming set-up) still sees every voice."""
+        voices = [v.describe() for v in self.voices] or self.configured()
+        first = voices[0] if voices else {"name": None, "speakers": 1, "language": None}
+        languages = list(dict.fromkeys(v["language"] for v in voices if v["language"]))
         return {"voice": first["name"], "speakers": first["speakers"], "device": "cpu",
-                "sample_rate": self.sample_rate, "language": first["language"],
-                "languages": list(self.languages() or ()), "voices": [v.describe() for v in self.voices]}
+                "sample_rate": self.sample_rate, "language": first["language"], "languages": languages,
+                "voices": voices}
+
+    def configured(self) -> list[dict[str, Any]]:
+        """Each configured voice as its ``.onnx.json`` describes it (nothing is loaded); unreadable ones are left
+        out (``load`` reports them)."""
+        listed = []
+        try:
+            models = voice_files(self._paths) if self._paths else [default_voice()]
+        except ImportError:
+            return []
+        for model in models:
+            try:
+                meta = json.loads(Path(f"{model}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            language = meta.get("language")
+            listed.append({"name": model.name.removesuffix(".onnx"),
+                           "language": language.get("code") if isinstance(language, dict) else None,
+                           "speakers": int(meta.get("num_speakers", 1)),
+                           "sample_rate": int(meta.get("audio", {}).get("sample_rate", self.sample_rate))})
+        return listed
 
     def languages(self) -> tuple[str, ...] | None:
         codes = [v.language for v in self.voices if v.language]

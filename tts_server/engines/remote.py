@@ -23,12 +23,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..audio import Resampler
-from ..openai_protocol import OPENAI_VOICES
+from ..audio.codec import Resampler
 from .base import Engine, EngineError, SynthesisTask
+from .request import MAX_AUDIO_MS, OPENAI_VOICES
 
 log = logging.getLogger(__name__)
 READ_BYTES = 4800  # 0.1 s of 24 kHz 16-bit audio: the most we wait for before passing audio on
+AUDIO_TYPES = ("audio/", "application/octet-stream")  # what a remote's pcm may be labelled
 
 
 def parse_voices(text: str | None, names: dict[str, int] | None = None) -> dict[int, str]:
@@ -105,15 +106,27 @@ class RemoteEngine(Engine):
             params["speed"] = request.speed
         try:
             with self._client.audio.speech.with_streaming_response.create(**params) as response:
+                kind = response.headers.get("content-type", "")
+                if not kind.lower().startswith(AUDIO_TYPES):  # an error page or JSON played as audio is noise
+                    raise EngineError("generation_failed", f"the remote engine at {self.url} answered with "
+                                                           f"{kind or 'no content type'}, not audio")
                 # OpenAI's pcm is 24 kHz; a server that says otherwise (ours at another --sample-rate) is resampled
-                resample = Resampler(_rate(response.headers.get("x-sample-rate"), self.sample_rate), self.sample_rate)
+                rate = _rate(response.headers.get("x-sample-rate"), self.sample_rate)
+                resample = Resampler(rate, self.sample_rate)
+                # capped as our own engines are: the request's max_audio_length_ms, else MAX_AUDIO_MS
+                left = 2 * int(rate * (request.max_audio_length_ms or MAX_AUDIO_MS) / 1000)
                 odd = b""  # a byte of a sample split across two reads
                 for data in response.iter_bytes(READ_BYTES):
                     if task.cancel.is_set():
                         return
                     data, odd = _whole_samples(odd + data)
+                    data, left = data[:left], left - len(data)
                     if data:
                         yield resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0)
+                    if left <= 0:
+                        task.truncated = True
+                        log.info("The remote engine at %s sent more audio than the cap; the rest was dropped", self.url)
+                        break
                 yield resample(np.zeros(0, np.float32), last=True)
         except openai.RateLimitError as exc:
             raise EngineError("busy", f"the remote engine at {self.url} is busy (429): {_said(exc)}") from None

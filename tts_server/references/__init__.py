@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from ..audio import resample
+from ..audio.codec import resample
 
 log = logging.getLogger(__name__)
 RATE = 24000
+DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent.parent / "references"  # the checkout's folder
 CLIP_SECONDS = (0.5, 30.0)
 RATES = (8000, 96000)  # sample rates accepted for clips and uploads
 MAX_CHANNELS = 2

@@ -16,9 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..config import DEFAULT_REFERENCES
-from . import (ReferenceError, add_emotion_clip, load_emotions, load_voices, read_audio, save_voice,
-               write_wav_atomic)
+from . import (DEFAULT_REFERENCES, ReferenceError, add_emotion_clip, load_emotions, load_voices, read_audio,
+               save_voice, write_wav_atomic)
 from .datasets import PARSERS
 
 

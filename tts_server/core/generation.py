@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import protocol as p
-from .audio import Resampler, encode_file, pcm_bytes, streaming_wav_header
-from .engines.base import Engine, EngineError, SynthesisTask
+from . import replies as r
+from ..engines.request import SynthesisRequest
+from ..audio.codec import Resampler, encode_file, pcm_bytes, streaming_wav_header
+from ..engines.base import Engine, EngineError, SynthesisTask
 from .jobs import ClientTooSlow, Job
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
         data = pcm_bytes(chunk)
         if not job.audio_sent:
             job.audio_sent = True
-            job.post_threadsafe(p.start_reply(request, sample_rate=sample_rate, **meta))
+            job.post_threadsafe(r.start_reply(request, sample_rate=sample_rate, **meta))
             if request.format == "wav":
                 data = streaming_wav_header(sample_rate) + data
         if job.unsent_bytes(len(data)) > stream_buffer_seconds * sample_rate * 2:
@@ -82,7 +83,7 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
             job.progress_at = time.monotonic()
             emit(resample(chunk))
     if job.cancel_event.is_set():
-        return Outcome("cancelled", samples / sample_rate, first_audio, (p.cancelled_reply(request.request_id),))
+        return Outcome("cancelled", samples / sample_rate, first_audio, (r.cancelled_reply(request.request_id),))
     emit(resample(np.zeros(0, dtype=np.float32), last=True))
     if samples == 0:
         raise EngineError("generation_failed", f"{engine.name} produced no audio")
@@ -90,13 +91,13 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
               "truncated": cut or job.task.truncated}
     if request.stream:
-        reply = p.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
+        reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
                                 chunks=len(pieces), **meta, **timing)
         return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None)
     data = encode_file(np.concatenate(pieces), sample_rate, request.format)
     job.unsent_bytes(len(data))
     job.audio_sent = True
-    reply = p.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
+    reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
                             **meta, **timing)
     return Outcome("success", duration, first_audio, (reply, data), data if keep else None)
 

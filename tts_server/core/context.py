@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines.base import ContextTurn, SynthesisTask
-from .references import Clip, load_emotions, load_voices, save_voice
+from ..engines.base import ContextTurn, SynthesisTask
+from ..references import Clip, load_emotions, load_voices, save_voice
 
 log = logging.getLogger(__name__)
 PIN_MIN_SECONDS = 2.0

@@ -13,9 +13,10 @@ decides when; ``overflow_slot`` says whether it can).
 
 from __future__ import annotations
 
-from . import protocol as p
+from . import replies as r
+from ..engines.request import SynthesisRequest
 from .jobs import EngineSlot
-from .languages import speaks
+from ..audio.languages import speaks
 
 
 class Chain:
@@ -44,23 +45,23 @@ class Chain:
             found.update(codes)
         return sorted(found)
 
-    def _pool(self, request: p.SynthesisRequest) -> list[EngineSlot]:
+    def _pool(self, request: SynthesisRequest) -> list[EngineSlot]:
         """The engines ``request`` may go to: its named engine alone, if it names one, else the whole chain."""
         return [self.by_name[request.engine]] if request.engine in self.by_name else self.slots
 
-    def candidates(self, request: p.SynthesisRequest) -> list[EngineSlot]:
+    def candidates(self, request: SynthesisRequest) -> list[EngineSlot]:
         """The engines of ``_pool`` that speak ``request``'s language, in chain order."""
         return [slot for slot in self._pool(request) if _speaks(slot, request)]
 
-    def first_choice(self, request: p.SynthesisRequest) -> EngineSlot | None:
+    def first_choice(self, request: SynthesisRequest) -> EngineSlot | None:
         """The engine that answers ``request`` when every engine is up (so any other one is a fallback)."""
         found = self.candidates(request)
         return found[0] if found else None
 
-    def route(self, request: p.SynthesisRequest, overflow: bool = False) -> EngineSlot | p.ProtocolError:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.ProtocolError:
         """The slot that should serve ``request`` now (possibly still loading), or the error to answer."""
         if request.engine is not None and request.engine not in self.by_name:
-            return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: "
+            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: "
                                                                   "not configured on this server", request.request_id)
         found = self.candidates(request)
         if not found:
@@ -71,35 +72,35 @@ class Chain:
             if slot.state != "failed":
                 return slot
         if request.engine is not None:
-            return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE,
+            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE,
                                    f"Engine {request.engine!r} is unavailable: {found[0].reason}", request.request_id)
         if len(found) == 1:
-            return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
+            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
                                    request.request_id)
         reasons = "; ".join(f"{slot.name}: {slot.reason}" for slot in found)
-        return p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
+        return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
 
-    def next_after(self, slot: EngineSlot, request: p.SynthesisRequest) -> EngineSlot | None:
+    def next_after(self, slot: EngineSlot, request: SynthesisRequest) -> EngineSlot | None:
         """The ready engine after ``slot`` that may take over ``request`` (one that named no engine)."""
         if request.engine is not None or slot not in self.slots:
             return None
         later = self.slots[self.slots.index(slot) + 1:]
         return next((s for s in later if s.state == "ready" and _speaks(s, request)), None)
 
-    def overflow_slot(self, request: p.SynthesisRequest) -> EngineSlot | None:
+    def overflow_slot(self, request: SynthesisRequest) -> EngineSlot | None:
         """The overflow engine, when it is ready and may take ``request`` instead of a ``busy``."""
         slot = self.overflow
         if slot is None or request.engine is not None or slot.state != "ready":
             return None
         return slot if _speaks(slot, request) else None
 
-    def _unsupported(self, request: p.SynthesisRequest) -> p.ProtocolError:
+    def _unsupported(self, request: SynthesisRequest) -> r.ProtocolError:
         spoken = sorted({code for slot in self._pool(request) for code in (slot.engine.languages() or ())})
         where = f"engine {request.engine!r}" if request.engine else "this server"
-        return p.ProtocolError(p.ErrorCode.UNSUPPORTED_LANGUAGE,
+        return r.ProtocolError(r.ErrorCode.UNSUPPORTED_LANGUAGE,
                                f"No engine speaks {request.language!r}; {where} speaks: {', '.join(spoken)}",
                                request.request_id)
 
 
-def _speaks(slot: EngineSlot, request: p.SynthesisRequest) -> bool:
+def _speaks(slot: EngineSlot, request: SynthesisRequest) -> bool:
     return speaks(slot.engine.languages(), request.language)

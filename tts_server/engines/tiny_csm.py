@@ -11,7 +11,7 @@ tokens, a 24 kHz ``EncodecFeatureExtractor`` and a chat template that renders
 CSM-1B's prompt layout ``<bos>[speaker]text<eos>`` followed by
 ``<|AUDIO|><|audio_eos|>`` when the turn carries audio.
 
-Run ``python -m tts_server.tiny_csm OUT_DIR [--size tiny|full] [--seed N]``.
+Run ``python -m tts_server.engines.tiny_csm OUT_DIR [--size tiny|full] [--seed N]``.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class ProxyTrust:
     def client(self, peer: str, headers) -> str:
         if not self.trusted(peer):
             return peer
-        chain = [a.strip() for h in headers.get_all("X-Forwarded-For") for a in h.split(",") if a.strip()]
+        chain = [a.strip() for h in headers.getlist("X-Forwarded-For") for a in h.split(",") if a.strip()]
         while chain and self.trusted(chain[-1]):
             peer = chain.pop()
         return chain[-1] if chain else peer
@@ -158,19 +158,16 @@ class RateLimiter:
         return False
 
 
-_CREDENTIALS = re.compile(r"(?i)(authorization:\s*\w+\s+|api_key=)[^&\s'\"]+")
+_CREDENTIALS = re.compile(r"(?i)(authorization[\"']?[:,]\s*[\"']?(?:\w+\s+)?|api_key=|x-api-key[\"']?[:,]\s*[\"']?)"
+                          r"[^&\s'\"]+")
 
 
-class RedactingLogger(logging.LoggerAdapter):
-    """Hands websockets a logger that strips credentials from what it logs.
+class RedactingFilter(logging.Filter):
+    """Strips credentials from every record it sees: the ``Authorization`` header, ``?api_key=`` and every
+    configured secret become ``***`` (uvicorn logs a WebSocket's path with its query at INFO, for one)."""
 
-    At DEBUG level websockets logs request lines and headers, i.e. the
-    ``Authorization`` header and ``?api_key=``; those and every configured
-    secret are replaced by ``***`` before the record exists.
-    """
-
-    def __init__(self, logger: logging.Logger, secrets: tuple[str, ...] = ()) -> None:
-        super().__init__(logger, {})
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
         self.secrets = tuple(s for s in secrets if s)
 
     def redact(self, text: str) -> str:
@@ -179,7 +176,24 @@ class RedactingLogger(logging.LoggerAdapter):
             text = text.replace(secret, "***")
         return text
 
-    def log(self, level, msg, *args, **kwargs):
-        if self.isEnabledFor(level):
-            text = str(msg) % args if args else str(msg)
-            self.logger.log(level, "%s", self.redact(text), **kwargs)
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def redact_logs(secrets: tuple[str, ...]) -> RedactingFilter:
+    """Install one ``RedactingFilter`` on the root logger's handlers (every record that is written passes them)
+    and on uvicorn's loggers (for handlers of their own)."""
+    redacting = RedactingFilter(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(redacting)
+    return redacting

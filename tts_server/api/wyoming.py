@@ -21,27 +21,24 @@ import json
 import logging
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event
 from wyoming.info import Describe
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from . import protocol as p
-from . import wyoming_protocol as w
-from .context import Conversation
-from .jobs import END, Busy, Job
-from .openai_protocol import Voices
-from .security import RateLimiter, is_loopback
-from .text import SentenceStream
-
-if TYPE_CHECKING:
-    from .server import TTSServer
+from ..audio.text import SentenceStream
+from ..core import replies as p
+from ..core.context import Conversation
+from ..core.jobs import END, Busy, Job
+from ..core.security import RateLimiter, is_loopback
+from ..core.service import Service
+from . import wyoming_events as w
+from .openai_schemas import Voices
 
 log = logging.getLogger(__name__)
 MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
@@ -50,7 +47,7 @@ MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
 class WyomingApi:
     """The Wyoming server beside the WebSocket/HTTP port, on the same core."""
 
-    def __init__(self, server: "TTSServer", uri: str, zeroconf_name: str | None = None) -> None:
+    def __init__(self, server: Service, uri: str, zeroconf_name: str | None = None) -> None:
         self.server, self.uri, self.zeroconf_name = server, uri, zeroconf_name
         self.connections: set[WyomingConnection] = set()
         self._server: AsyncServer | None = None
@@ -136,7 +133,9 @@ class WyomingConnection(AsyncEventHandler):
         self.api, self.server = api, api.server
         self.conversation = Conversation(self.server.library, self.server.max_context_turns)
         self._rate = RateLimiter(self.server.rate_limit)
-        self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue()
+        # bounded: a client that sends text faster than it is spoken waits (its reading pauses)
+        self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue(
+            self.server.max_queued_per_connection)
         self._waiting = 0  # whole synthesize requests queued on this connection, not yet finished
         self._stream: _Stream | None = None
         self._job: Job | None = None
@@ -152,7 +151,7 @@ class WyomingConnection(AsyncEventHandler):
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else "local"
-        refusal = self.server.admit_connection(address)
+        refusal = self.server.admit(self, address)
         if refusal is not None:
             with contextlib.suppress(ConnectionError):
                 await self._error(refusal.code, refusal.message)
@@ -162,41 +161,53 @@ class WyomingConnection(AsyncEventHandler):
         deliver = asyncio.create_task(self._deliver())
         try:
             if await self._read_events():  # the client half-closed: it still gets what it asked for
-                self._work.put_nowait(None)
+                await self._work.put(None)
                 await deliver
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except w.EventTooLarge as exc:  # refused before its bytes are read: the stream cannot be resynchronised
+            with contextlib.suppress(ConnectionError):
+                await self._error(exc.code, exc.message)
         finally:
             deliver.cancel()
             await asyncio.gather(deliver, return_exceptions=True)
             self.cancel()
             self.api.connections.discard(self)
-            self.server.connection_limits.release(address)
+            self.server.release(self)
             self.writer.close()
 
     async def _read_events(self) -> bool:
         """Handle events until the client stops sending (True) or must be dropped (False).
 
-        The ``wyoming`` reader returns ``None`` both at the end of the stream
-        and for a line that is not JSON; the reader's EOF tells them apart.
+        Events are read here, not with ``wyoming``'s reader, so that declared
+        lengths are capped before anything is buffered (``w.EventTooLarge``)
+        and no line, however nested, can raise past this loop.
         """
         malformed = 0
         while not self.writer.is_closing():
             try:
-                event = await async_read_event(self.reader)
-            except (AttributeError, KeyError, TypeError):  # valid JSON, but not an event object
-                event = None
-            if event is None and self.reader.at_eof():
+                line = await self.reader.readline()
+            except ValueError:  # a line over the reader's 64 KiB limit
+                raise w.EventTooLarge(p.ErrorCode.INVALID_REQUEST, "An event header line is over 64 KiB") from None
+            if not line:
                 return True
-            if event is None or not isinstance(event.data, dict) or not isinstance(event.type, str):
+            try:
+                header = w.parse_header(line)
+                data = header.data
+                if header.data_length:
+                    data = {**data, **w.parse_data(await self.reader.readexactly(header.data_length))}
+                if header.payload_length:
+                    await self.reader.readexactly(header.payload_length)  # a TTS server reads no client audio
+            except w.EventTooLarge:
+                raise
+            except p.ProtocolError as exc:
                 malformed += 1
-                await self._error(p.ErrorCode.INVALID_JSON, "Not a Wyoming event: each event is one line of JSON "
-                                                            "with a string 'type' and an object 'data'")
+                await self._error(exc.code, exc.message)
                 if malformed >= MAX_MALFORMED:
                     return False
                 continue
             malformed = 0
-            await self.handle_event(event)
+            await self.handle_event(Event(type=header.type, data=data))
         return False
 
     async def handle_event(self, event: Event) -> bool:
@@ -207,13 +218,13 @@ class WyomingConnection(AsyncEventHandler):
                 await self.write_event(Pong(text=event.data.get("text")).event())
             elif Synthesize.is_type(event.type):
                 if self._stream is None:  # inside a stream it is the reply's full text, sent for old servers
-                    self._synthesize(event.data)
+                    await self._synthesize(event.data)
             elif SynthesizeStart.is_type(event.type):
                 self._start(event.data)
             elif SynthesizeChunk.is_type(event.type):
-                self._chunk(event.data)
+                await self._chunk(event.data)
             elif SynthesizeStop.is_type(event.type):
-                self._stop()
+                await self._stop()
             else:
                 log.debug("Wyoming: ignored a %r event", event.type)
         except p.ProtocolError as exc:
@@ -230,7 +241,7 @@ class WyomingConnection(AsyncEventHandler):
     def _voice(self, data: dict) -> w.Choice:
         return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.named_voices())
 
-    def _synthesize(self, data: dict) -> None:
+    async def _synthesize(self, data: dict) -> None:
         """A whole text; its refusal, like its failure, is answered in order and ends the connection."""
         if self._waiting >= self.server.max_queued_per_connection:
             raise p.too_many_queued(self.server.max_queued_per_connection)
@@ -241,7 +252,7 @@ class WyomingConnection(AsyncEventHandler):
                                                        self.server.max_text_chars), streamed=False)
         except p.ProtocolError as exc:
             work = _Refused(exc)
-        self._work.put_nowait(work)
+        await self._work.put(work)
 
     def _start(self, data: dict) -> None:
         if self._stream is not None:
@@ -250,7 +261,7 @@ class WyomingConnection(AsyncEventHandler):
         self._admit()
         self._stream.voice = self._voice(data)
 
-    def _chunk(self, data: dict) -> None:
+    async def _chunk(self, data: dict) -> None:
         stream = self._stream
         if stream is None:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
@@ -261,17 +272,25 @@ class WyomingConnection(AsyncEventHandler):
         if len(stream.sentences.pending) + len(text) > self.server.max_text_chars:
             raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.server.max_text_chars} characters "
                                                              "without a sentence end; this chunk was dropped")
-        for sentence in stream.sentences.add(text):
-            self._work.put_nowait(_Speak(w.request(sentence, *stream.voice, self.server.max_text_chars), True))
+        await self._queue_sentences(stream.sentences.add(text), stream.voice)
 
-    def _stop(self) -> None:
+    async def _stop(self) -> None:
         stream, self._stream = self._stream, None
         if stream is None:
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-stop outside a stream")
         if stream.voice is not None:
-            for sentence in stream.sentences.finish():
-                self._work.put_nowait(_Speak(w.request(sentence, *stream.voice, self.server.max_text_chars), True))
-        self._work.put_nowait(_Stopped())
+            await self._queue_sentences(stream.sentences.finish(), stream.voice)
+        await self._work.put(_Stopped())
+
+    async def _queue_sentences(self, sentences: list[str], voice: w.Choice) -> None:
+        """Each sentence is one request: it counts against the rate limit (a refused one is answered with an
+        ``error`` event and left out), and waits for room in the connection's bounded queue (reading pauses)."""
+        for sentence in sentences:
+            if not self._rate.allow():
+                await self._error(p.ErrorCode.RATE_LIMITED, f"More than {self.server.rate_limit} sentences a "
+                                                            f"minute on this connection; this one was dropped")
+                continue
+            await self._work.put(_Speak(w.request(sentence, *voice, self.server.max_text_chars), True))
 
     # -- delivering: one generation at a time, as audio events -----------------------------
     async def _deliver(self) -> None:

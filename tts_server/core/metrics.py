@@ -71,7 +71,8 @@ class Metrics:
         self.cache_bytes = Gauge("tts_cache_bytes", "Audio bytes held by the response cache", registry=r)
         self.cache_entries = Gauge("tts_cache_entries", "Responses held by the response cache", registry=r)
         self.queue_depth = Gauge("tts_queue_depth", "Requests waiting for the worker", registry=r)
-        self.connections = Gauge("tts_active_connections", "Open WebSocket connections", registry=r)
+        self.connections = Gauge("tts_active_connections", "Open connections of every interface (WebSocket, HTTP, "
+                                 "Wyoming), as --max-connections counts them", registry=r)
         self.engine_state = Gauge("tts_engine_state", "1 for the engine's current state", ["engine", "state"],
                                   registry=r)
         self.stats: dict[str, EngineStats] = {}

@@ -7,18 +7,21 @@ a ``salt`` from the front door for prompt state the request does not show (the
 speaker's default voice an HTTP request is given).  An entry holds the exact
 bytes that were sent, so a hit answers byte for byte what the first request
 got.  Least recently used entries go first once the entries' bytes would pass
-``max_bytes``.  Entries are put from worker threads, looked up on the loop:
+``max_bytes``, counted with their keys (a 4,000-character text weighs more than
+a short clip) by cachetools' ``LRUCache``.  Entries are put from worker threads, looked up on the loop:
 one lock guards the map.
 """
 
 from __future__ import annotations
 
-import collections
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-from .protocol import SynthesisRequest
+import cachetools
+
+from ..engines.request import SynthesisRequest
 
 
 @dataclass(frozen=True)
@@ -37,21 +40,43 @@ def key(request: SynthesisRequest, salt: Hashable) -> tuple | None:
             request.language, salt)
 
 
+class _Lru(cachetools.LRUCache):
+    """cachetools' LRU map, counting what it evicts."""
+
+    evictions = 0
+
+    def popitem(self):
+        self.evictions += 1
+        return super().popitem()
+
+
+def _size(cache_key: tuple, entry: Entry) -> int:
+    """What an entry holds in memory: its audio, its key (a long text can outweigh short audio) and its replies."""
+    return len(entry.audio) + sys.getsizeof(cache_key) + sum(sys.getsizeof(part) for part in cache_key) + \
+        sys.getsizeof(entry.meta) + sum(sys.getsizeof(v) for v in entry.meta.values())
+
+
 class AudioCache:
-    """An LRU map from request keys to ``Entry``, bounded by the entries' audio bytes."""
+    """An LRU map from request keys to ``Entry``, bounded by the bytes of entries and keys together."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self.evictions = 0
-        self._entries: collections.OrderedDict[tuple, Entry] = collections.OrderedDict()
+        self._entries = _Lru(max(max_bytes, 1), getsizeof=lambda item: item[1])
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
+
+    @property
+    def bytes(self) -> int:
+        return int(self._entries.currsize)
+
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,29 +84,20 @@ class AudioCache:
     def get(self, cache_key: tuple) -> Entry | None:
         """The entry for ``cache_key`` (now the most recently used), counting a hit or a miss."""
         with self._lock:
-            entry = self._entries.get(cache_key)
-            if entry is None:
+            item = self._entries.get(cache_key)
+            if item is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(cache_key)
             self.hits += 1
-            return entry
+            return item[0]
 
     def put(self, cache_key: tuple, entry: Entry) -> bool:
         """Keep ``entry``, dropping the least recently used ones to stay within ``max_bytes``."""
-        size = len(entry.audio)
+        size = _size(cache_key, entry)
         if size > self.max_bytes:
             return False
         with self._lock:
-            old = self._entries.pop(cache_key, None)
-            if old is not None:
-                self.bytes -= len(old.audio)
-            while self._entries and self.bytes + size > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self.bytes -= len(dropped.audio)
-                self.evictions += 1
-            self._entries[cache_key] = entry
-            self.bytes += size
+            self._entries[cache_key] = (entry, size)
             return True
 
     def describe(self) -> dict[str, Any]:

@@ -78,7 +78,17 @@ def resample(samples: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
 _STREAMED = {"mp3": ("mp3", "libmp3lame", {}), "opus": ("ogg", "libopus", {"page_duration": "20000"}),
              "aac": ("adts", "aac", {})}
 STREAM_RATES = {"opus": (8000, 12000, 16000, 24000, 48000),
-                "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)}
+                "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+                "aac": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)}
+
+
+def codec_rate(fmt: str, rate: int) -> int:
+    """``rate`` if the format's codec takes it, else the nearest rate above it that it takes (else its highest):
+    any ``--sample-rate`` works with every format."""
+    rates = STREAM_RATES.get(fmt)
+    if not rates or rate in rates:
+        return rate
+    return next((r for r in rates if r >= rate), rates[-1])
 
 
 class StreamEncoder:

@@ -30,9 +30,10 @@ import logging
 import time
 
 from . import cache
-from . import protocol as p
+from . import replies as r
+from ..engines.request import SynthesisRequest
 from .cache import AudioCache
-from .engines.base import EngineError
+from ..engines.base import EngineError
 from .generation import Outcome, generate
 from .jobs import Busy, EngineSlot, Job
 from .metrics import Metrics
@@ -83,7 +84,7 @@ class Scheduler:
                 return None
             job.cache_key = key
         slot = self.route(job.request)
-        if isinstance(slot, p.ProtocolError):
+        if isinstance(slot, r.ProtocolError):
             raise slot
         if self.depth >= self.max_queue:
             overflow = self.chain.overflow_slot(job.request)
@@ -96,7 +97,7 @@ class Scheduler:
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
 
-    def route(self, request: p.SynthesisRequest, overflow: bool = False) -> EngineSlot | p.ProtocolError:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.ProtocolError:
         """The slot that should serve ``request`` now (possibly still loading); see ``routing.Chain``."""
         return self.chain.route(request, overflow)
 
@@ -106,7 +107,7 @@ class Scheduler:
         job.started = job.audio_sent = True
         reply = {**entry.meta, "request_id": request.request_id, "generation_s": 0.0, "ttfa_ms": 0.0, "cached": True}
         if request.stream:
-            job.post(p.start_reply(request, sample_rate=self.sample_rate, engine=entry.engine,
+            job.post(r.start_reply(request, sample_rate=self.sample_rate, engine=entry.engine,
                                    **({"voice": entry.meta["voice"]} if "voice" in entry.meta else {})))
             step = self.sample_rate // 2 * 2  # half a second of 16-bit samples: whole samples in every chunk
             reply["chunks"] = -(-len(audio) // step)
@@ -123,7 +124,7 @@ class Scheduler:
         job.status = status
         self.metrics.cache_hit(entry.engine, status, job.interface)
         if status == "cancelled":
-            job.finish(p.cancelled_reply(request.request_id))
+            job.finish(r.cancelled_reply(request.request_id))
         else:
             job.finish(reply, *(() if request.stream else (audio,)))
 
@@ -146,7 +147,7 @@ class Scheduler:
                 self._queue.remove(job)
                 continue
             slot = self.route(job.request, job.overflow)
-            if isinstance(slot, p.ProtocolError):
+            if isinstance(slot, r.ProtocolError):
                 self._queue.remove(job)
                 job.finish(slot.reply())
                 continue
@@ -172,7 +173,7 @@ class Scheduler:
                 slot = await self._run_watched(job, slot)
         except Exception:  # preparing the prompt failed: answer the job, keep serving
             log.exception("request %s failed around the worker", job.request_id)
-            job.finish(p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
+            job.finish(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
         finally:
             self.running.discard(job)
             self.wake()
@@ -200,7 +201,7 @@ class Scheduler:
         log.error("%s made no progress on %s for %g s; abandoning its worker thread", slot.name,
                   job.request_id, self.generation_timeout)
         job.cancel_event.set()
-        job.finish(p.error_reply(p.ErrorCode.GENERATION_TIMEOUT,
+        job.finish(r.error_reply(r.ErrorCode.GENERATION_TIMEOUT,
                                  f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
                                  job.request_id))
         job.status, job.abandoned = "error", True
@@ -209,13 +210,13 @@ class Scheduler:
         slot.engine.recover(self.generation_timeout / 2)  # a thread stuck in one step that long is hung
         return None
 
-    def refuse_queued(self, code: p.ErrorCode, message: str) -> int:
+    def refuse_queued(self, code: r.ErrorCode, message: str) -> int:
         """Answer every job still waiting with an error (shutdown); returns how many."""
         refused = 0
         while self._queue:
             job = self._queue.popleft()
             if not job.finished:
-                job.finish(p.error_reply(code, message, job.request_id))
+                job.finish(r.error_reply(code, message, job.request_id))
                 refused += 1
         return refused
 
@@ -237,11 +238,11 @@ class Scheduler:
                 self._count(job, slot, Outcome("error", 0.0, None, ()), started)
                 job.task.produced.clear()
                 return retry
-            outcome = Outcome("error", 0.0, None, (p.error_reply(_code(exc.code), exc.message, job.request_id),))
+            outcome = Outcome("error", 0.0, None, (r.error_reply(_code(exc.code), exc.message, job.request_id),))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
             outcome = Outcome("error", 0.0, None,
-                              (p.error_reply(p.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+                              (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
         self._count(job, slot, outcome, started)
         if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
             meta = {k: v for k, v in outcome.final[0].items() if k not in ("request_id", "generation_s", "ttfa_ms")}
@@ -285,8 +286,8 @@ class Scheduler:
             slot.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _code(code: str) -> p.ErrorCode:
+def _code(code: str) -> r.ErrorCode:
     try:
-        return p.ErrorCode(code)
+        return r.ErrorCode(code)
     except ValueError:
-        return p.ErrorCode.GENERATION_FAILED
+        return r.ErrorCode.GENERATION_FAILED

@@ -15,8 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import protocol as p
-from .engines.base import Engine, EngineError, SynthesisTask
+from . import replies as r
+from ..engines.request import SynthesisRequest
+from ..engines.base import Engine, EngineError, SynthesisTask
 
 log = logging.getLogger(__name__)
 END = None  # outbox sentinel: the job's last reply has been posted
@@ -35,7 +36,7 @@ class ClientTooSlow(EngineError):
 class Job:
     """One accepted synthesis request and the replies it produces, in order."""
 
-    def __init__(self, request: p.SynthesisRequest, loop: asyncio.AbstractEventLoop,
+    def __init__(self, request: SynthesisRequest, loop: asyncio.AbstractEventLoop,
                  prepare: Callable[["Job"], None] | None = None,
                  on_success: Callable[["Job"], None] | None = None, interface: str = "websocket") -> None:
         self.request = request
@@ -74,7 +75,7 @@ class Job:
     # called on the event loop
     def post(self, *frames: Any) -> None:
         if not self.finished:
-            self.outbox.put_nowait(tuple(p.encode(f) if isinstance(f, dict) else f for f in frames))
+            self.outbox.put_nowait(tuple(r.encode(f) if isinstance(f, dict) else f for f in frames))
 
     def finish(self, *frames: Any) -> None:
         if not self.finished:
@@ -88,7 +89,7 @@ class Job:
             return False
         self.cancel_event.set()
         if not self.started:
-            self.finish(p.cancelled_reply(self.request_id))
+            self.finish(r.cancelled_reply(self.request_id))
         return True
 
     # called from the worker thread

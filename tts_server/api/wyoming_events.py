@@ -1,7 +1,7 @@
 """Wyoming's text-to-speech events, as rules: what the server describes, and a synthesize event as our request.
 
-Pure functions only (no sockets, no model), like ``protocol`` for the WebSocket
-and ``openai_protocol`` for HTTP; ``wyoming_api`` does the I/O and
+Pure functions only (no sockets, no model), like ``schemas`` for the WebSocket
+and ``openai_schemas`` for HTTP; ``wyoming`` does the I/O and
 ``docs/wyoming.md`` is the prose version.  Events are the ``wyoming`` package's
 own classes; a bad field becomes a ``ProtocolError`` with one of the
 WebSocket's stable codes, sent back as Wyoming's ``error`` event.
@@ -9,13 +9,16 @@ WebSocket's stable codes, sent back as Wyoming's ``error`` event.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeaker
 from wyoming.tts import SynthesizeVoice
 
-from . import protocol as p
-from .openai_protocol import ApiError, Voices
+from ..core import replies as p
+from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
+from .openai_schemas import ApiError, Voices
 
 LANGUAGE = "en"  # CSM-1B speaks English
 VERSION = "1.0"
@@ -25,6 +28,52 @@ _ATTRIBUTION = {
 }
 _DESCRIPTION = {"csm": "Sesame CSM-1B, conversational speech", "piper": "Piper, fast local speech"}
 SPEAKER_CHOICES = 8  # speaker ids the CSM voice "speaker" lists (any id up to MAX_SPEAKER is accepted)
+MAX_DATA = 256 * 1024  # bytes of an event's extra data (a synthesize text is at most --max-text-chars)
+MAX_PAYLOAD = 64 * 1024  # bytes of an event's payload: a TTS server reads no client audio
+NOT_AN_EVENT = ("Not a Wyoming event: each event is one line of JSON with a string 'type' and an object 'data' "
+                "(optional non-negative 'data_length' and 'payload_length')")
+
+
+class EventTooLarge(p.ProtocolError):
+    """An event that declares more bytes than a TTS server reads: answered, then the connection is closed."""
+
+
+@dataclass(frozen=True)
+class Header:
+    type: str
+    data: dict[str, Any]
+    data_length: int
+    payload_length: int
+
+
+def parse_header(line: bytes) -> Header:
+    """An event's header line, checked before any of its declared bytes are read."""
+    try:
+        header = json.loads(line)
+    except (ValueError, RecursionError):
+        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT) from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
+    data = header.get("data") or {}
+    lengths = [header.get("data_length") or 0, header.get("payload_length") or 0]
+    if not isinstance(data, dict) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in lengths):
+        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
+    for name, length, cap in zip(("data_length", "payload_length"), lengths, (MAX_DATA, MAX_PAYLOAD)):
+        if length > cap:
+            raise EventTooLarge(p.ErrorCode.INVALID_REQUEST, f"'{name}' {length} is over this server's limit of "
+                                                             f"{cap} bytes; the connection is closed")
+    return Header(header["type"], data, *lengths)
+
+
+def parse_data(raw: bytes) -> dict[str, Any]:
+    """An event's extra data (``data_length`` bytes of JSON), merged into its ``data``."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, "An event's extra data must be a JSON object")
+    return data
 
 
 def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
@@ -83,7 +132,7 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
     if voice is None:
         return 0, None, None
     language = voice.language
-    if language is not None and not p.LANGUAGE_CODE.fullmatch(language):
+    if language is not None and not LANGUAGE_CODE.fullmatch(language):
         raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'language' must be a language code such as 'en' or "
                                                            f"'de_DE', got {language!r}")
     speaker, engine = 0, None
@@ -100,9 +149,9 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
                                                                    f"{known}") from None
     if voice.speaker is not None:
         text = str(voice.speaker)
-        if not (text.isascii() and text.isdigit() and int(text) <= p.MAX_SPEAKER):
+        if not (text.isascii() and text.isdigit() and int(text) <= MAX_SPEAKER):
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
-                                  f"'speaker' must be a speaker id from 0 to {p.MAX_SPEAKER}, got {text!r}")
+                                  f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {text!r}")
         speaker = int(text)
     return speaker, engine, language
 
@@ -127,13 +176,13 @@ def read_text(data: dict[str, Any], field: str = "text") -> str:
 
 
 def request(text: str, speaker: int, engine: str | None, language: str | None,
-            max_text_chars: int) -> p.SynthesisRequest:
+            max_text_chars: int) -> SynthesisRequest:
     """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a voice."""
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
     if len(text) > max_text_chars:
         raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")
-    return p.SynthesisRequest(text=text, request_id=p.new_request_id(), speaker=speaker, format="pcm",
+    return SynthesisRequest(text=text, request_id=new_request_id(), speaker=speaker, format="pcm",
                               stream=True, context=True, engine=engine, language=language)
 
 

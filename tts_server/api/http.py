@@ -1,0 +1,192 @@
+"""The ASGI application: one FastAPI app for the WebSocket, the OpenAI API, the GET endpoints and the page.
+
+``/health`` says the process is alive; ``/ready`` whether a request without an
+``engine`` would be answered now (load balancers route on it); ``/metrics`` is
+Prometheus text; ``/v1/info`` describes engines, formats and limits;
+``/v1/websocket.schema.json`` is the WebSocket protocol's JSON Schema; ``/``
+and ``/static/*`` serve the page; ``/openapi.json`` and ``/docs`` describe the
+HTTP API.  ``Guard`` (outermost but CORS) admits every connection through the
+same limits as the WebSocket and asks for the API key; errors under ``/v1/``
+come in OpenAI's JSON shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
+
+from ..core.replies import PROTOCOL_VERSION
+from ..core.service import Service
+from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
+from . import openai, schemas, websocket
+from .openai_schemas import ApiError, Voices, models
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATIC = Path(__file__).resolve().parent.parent / "static"
+OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no key needed: they hold no data
+GET = ["GET", "HEAD"]  # load balancers health-check with HEAD
+
+
+def build_app(service: Service, max_frame_bytes: int) -> FastAPI:
+    app = FastAPI(title="CSM TTS server", version=f"protocol {PROTOCOL_VERSION}", redoc_url=None,
+                  description="OpenAI-compatible speech API of the CSM-1B TTS server; the WebSocket protocol is in "
+                              "docs/protocol.md and /v1/websocket.schema.json.")
+    app.state.service = service
+    app.state.websockets = set()
+    app.state.max_frame_bytes = max_frame_bytes
+    app.include_router(openai.router)
+    for path in websocket.PATHS:
+        app.add_api_websocket_route(path, websocket.serve)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _routes(app)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_middleware(Guard)  # added last = outermost but CORS
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                       allow_headers=["authorization", "content-type"],
+                       expose_headers=["x-request-id", "x-tts-engine", "x-sample-rate"])
+    return app
+
+
+def _routes(app: FastAPI) -> None:
+    def svc(request: Request) -> Service:
+        return request.app.state.service
+
+    @app.api_route("/", methods=GET, include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.api_route("/ws", methods=GET, include_in_schema=False)
+    async def ws_over_http() -> PlainTextResponse:
+        return PlainTextResponse("This is a WebSocket endpoint: connect with a WebSocket client.\n", 426)
+
+    @app.api_route("/health", methods=GET, summary="The process is alive")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.api_route("/ready", methods=GET, summary="Whether a request without 'engine' is answered now")
+    async def ready(request: Request) -> JSONResponse:
+        service = svc(request)
+        engine, reason = service.serving()
+        if engine is None:
+            loading = any(slot.state == "loading" for slot in service.scheduler.chain.slots)
+            return JSONResponse({"status": "unavailable", "state": "loading" if loading else "failed",
+                                 "reason": reason}, 503)
+        return JSONResponse({"status": "ready", "engine": engine, "reason": reason})
+
+    @app.api_route("/metrics", methods=GET, summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        service = svc(request)
+        service.refresh_gauges()
+        return Response(service.metrics.render(), media_type=PROMETHEUS_TYPE)
+
+    @app.api_route("/v1/info", methods=GET, summary="Engines, formats, voices and limits")
+    async def info(request: Request) -> dict:
+        return describe(svc(request), request.app.state.max_frame_bytes, len(request.app.state.websockets))
+
+    @app.api_route("/v1/models", methods=GET, summary="OpenAI's model list: the names clients send")
+    async def list_models(request: Request) -> dict:
+        service = svc(request)
+        engines = [name for name, slot in service.scheduler.slots.items() if slot.state != "failed"]
+        return models(service.scheduler.primary.name, engines)
+
+    @app.api_route("/v1/audio/voices", methods=GET, summary="Voice names (Kokoro-FastAPI's shape)")
+    async def voices(request: Request, legacy: bool = False) -> dict:
+        service = svc(request)
+        listed = Voices(service.library.voice_names()).listing()
+        return {"voices": [v["id"] for v in listed] if legacy else listed,
+                "languages": service.scheduler.chain.languages()}
+
+    @app.api_route("/v1/websocket.schema.json", methods=GET, summary="JSON Schema of the WebSocket protocol")
+    async def websocket_schema() -> dict:
+        return schemas.json_schema()
+
+
+def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[str, Any]:
+    scheduler = service.scheduler
+    engine, reason = service.serving()
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "serving": {"engine": engine, "reason": reason},
+        "engines": service.engines_info(),
+        "sample_rate": scheduler.sample_rate,
+        "formats": list(FORMATS),
+        "stream_formats": list(STREAM_FORMATS),
+        "speakers": {"min": 0, "max": MAX_SPEAKER},
+        "languages": scheduler.chain.languages(),
+        "cache": scheduler.cache.describe(),
+        **service.library.describe(),
+        "limits": {"max_text_chars": service.max_text_chars, "max_queue": scheduler.max_queue,
+                   "max_audio_length_ms": MAX_AUDIO_MS, "max_frame_bytes": max_frame_bytes},
+        "queue_depth": scheduler.depth,
+        "interfaces": service.metrics.interfaces,
+        "active_connections": websockets,
+    }
+
+
+# -- errors: OpenAI's JSON shape under /v1/, plain text elsewhere -----------------------------------
+
+def error_response(path: str, status: int, message: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    if path.startswith("/v1/"):
+        return JSONResponse(ApiError(status, message, None, code).body(), status, headers)
+    return PlainTextResponse(message.rstrip("\n") + "\n", status, headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = {404: f"Not found: {request.url.path}", 405: f"{request.url.path} does not take {request.method}"}
+    return error_response(request.url.path, exc.status_code, message.get(exc.status_code, str(exc.detail)),
+                          None, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    error = exc.errors()[0]
+    return error_response(request.url.path, 400, f"{'.'.join(map(str, error['loc']))}: {error['msg']}")
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    headers = {"retry-after": "1"} if exc.status == 429 else None
+    return JSONResponse(exc.body(), exc.status, headers)
+
+
+class Guard:
+    """Admission (every connection counted once, as the WebSocket's) and the API key, for HTTP requests.
+
+    WebSocket handshakes pass through: ``websocket.serve`` applies the same two
+    rules with the WebSocket's own answers (a denial response, or an error
+    message and close 1013).  A CORS preflight needs no key: browsers never send
+    credentials on one.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        service: Service = scope["app"].state.service  # Starlette puts the app in the scope
+        request = Request(scope)
+        path = scope["path"]
+        client = tuple(scope.get("client") or ("?", 0))
+        refusal = service.admit(client, service.proxies.client(client[0], request.headers))
+        if refusal is not None:
+            response = error_response(path, 503, refusal.message, refusal.code.value,
+                                      {"connection": "close", "retry-after": "1"})
+            return await response(scope, receive, send)
+        if scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS):
+            target = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+            verdict = service.gate.check(request.headers, target, websocket=False)
+            if verdict is not None:
+                code = "invalid_api_key" if verdict.status == 401 else None
+                response = error_response(path, verdict.status, verdict.reason, code)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+

@@ -1,0 +1,210 @@
+"""OpenAI's ``POST /v1/audio/speech``: a thin adapter over the shared job/scheduler core.
+
+A request becomes the same ``Job`` a WebSocket request becomes (same queue,
+batching, engines, limits, metrics, cancellation): always streamed 16-bit PCM
+from the scheduler, resampled and encoded here chunk by chunk into the asked
+format off the event loop, and sent as it is generated (chunked transfer
+encoding), or as server-sent events (``stream_format: "sse"``).  The response
+head waits for the first audio, so an error before any audio still gets its
+HTTP status; a failure after it drops the connection before the body's final
+chunk (the client sees an incomplete response, never a short "success").  A
+client that disconnects cancels its generation; one that stops reading is
+dropped after ``--write-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..audio.codec import Resampler, StreamEncoder, codec_rate, pcm_bytes
+from ..core import replies as r
+from ..core.jobs import END, Busy, Job
+from ..core.security import RateLimiter
+from ..core.service import Service
+from ..engines.csm import SPEED_UNSUPPORTED
+from .openai_schemas import CONTENT_TYPES, ApiError, SpeechBody, SpeechRequest, Voices, parse_speech, sse_event
+from .schemas import MAX_TEXT_FRAME, Limits
+
+log = logging.getLogger(__name__)
+MAX_BODY = MAX_TEXT_FRAME  # the largest request body (the WebSocket's text-frame cap)
+router = APIRouter()
+_BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": SpeechBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+_AUDIO = {200: {"description": "The audio, streamed as it is generated (or server-sent events with stream_format "
+                               "'sse')", "content": {t: {} for t in {*CONTENT_TYPES.values(), "text/event-stream"}}}}
+
+
+class PerAddress:
+    """The WebSocket's per-connection limits, per client address: HTTP requests share no connection."""
+
+    def __init__(self) -> None:
+        self.rates: dict[str, RateLimiter] = {}
+        self.live: Counter[str] = Counter()  # requests waiting or running
+
+    def admit(self, service: Service, address: str) -> None:
+        rate = self.rates.setdefault(address, RateLimiter(service.rate_limit))
+        if len(self.rates) > 10_000:  # forget idle addresses rather than grow without bound
+            self.rates = {address: rate}
+        if not rate.allow():
+            raise ApiError.from_reply(r.rate_limited(service.rate_limit, who="your address").reply())
+        if self.live[address] >= service.max_queued_per_connection:
+            raise ApiError.from_reply(r.too_many_queued(service.max_queued_per_connection,
+                                                        who="Your address").reply())
+        self.live[address] += 1
+
+    def done(self, address: str) -> None:
+        self.live[address] -= 1
+        if self.live[address] <= 0:
+            del self.live[address]
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body, refused with 413 past ``limit`` (before reading it when Content-Length says so)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"The request body is too large: the limit is {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is too large: the limit is {limit} bytes")
+    return bytes(body)
+
+
+@router.post("/v1/audio/speech", openapi_extra=_BODY_SCHEMA, responses=_AUDIO, summary="Speak text (OpenAI's API)")
+async def speech(request: Request) -> Response:
+    service: Service = request.app.state.service
+    if service.draining:
+        raise ApiError.from_reply(r.shutting_down().reply())
+    body = await read_body(request)
+    limits = Limits(max_text_chars=service.max_text_chars, emotions=service.emotions)
+    spoken = parse_speech(body, limits, Voices(service.library.voice_names()))
+    synthesis = spoken.synthesis
+    slot = service.scheduler.route(synthesis)
+    if isinstance(slot, r.ProtocolError):
+        raise ApiError.from_reply(slot.reply())
+    if synthesis.speed != 1.0 and slot.name == "csm":
+        raise ApiError(400, SPEED_UNSUPPORTED, "speed")
+    address = service.proxies.client(request.client.host if request.client else "?", request.headers)
+    per_address: PerAddress = request.app.state.per_address
+    per_address.admit(service, address)
+    job = Job(synthesis, asyncio.get_running_loop(), prepare=lambda j: service.library.stateless_prompt(j.task),
+              interface="http")
+    # Its prompt holds the speaker's default voice, which pinning may set while the server runs: the turn itself
+    # (hashed by identity) keeps audio made with another voice from answering.
+    job.cache_salt = ("http", service.library.voices.get(synthesis.speaker))
+    try:
+        service.scheduler.submit(job)
+    except Busy as exc:
+        per_address.done(address)
+        raise ApiError(429, str(exc), None, "busy") from None
+    return SpeechStream(job, spoken, service.scheduler.sample_rate, lambda: per_address.done(address))
+
+
+class SpeechStream(Response):
+    """The response of one accepted speech request: an ASGI app that streams its job's audio."""
+
+    def __init__(self, job: Job, speech: SpeechRequest, rate: int, done) -> None:
+        self.background = None
+        self.job, self.speech, self.rate, self._done = job, speech, rate, done
+        # a rate the codec takes (opus has five): resample to the nearest one above, else the highest
+        self.out_rate = speech.sample_rate or codec_rate(speech.response_format, rate)
+        self.encoder = StreamEncoder(speech.response_format, self.out_rate)
+        self.resample = Resampler(rate, self.out_rate)
+        self.samples = 0
+        self.started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["app"]
+        client = tuple(scope.get("client") or ())
+        write_timeout = app.state.write_timeout
+        watcher = asyncio.create_task(self._cancel_on_disconnect(receive))
+
+        async def deliver(message: dict) -> None:
+            try:
+                await asyncio.wait_for(send(message), write_timeout)
+            except asyncio.TimeoutError:
+                raise ConnectionAbortedError(f"the client read nothing for {write_timeout:g} s") from None
+
+        try:
+            await self._stream(deliver)
+        except ApiError as exc:
+            if not self.started:
+                await send({"type": "http.response.start", "status": exc.status, "headers": [
+                    (b"content-type", b"application/json"),
+                    *([(b"retry-after", b"1")] if exc.status == 429 else [])]})
+                await send({"type": "http.response.body", "body": json.dumps(exc.body()).encode()})
+            else:  # no final chunk: the client sees an incomplete body, never a short success
+                app.state.connections.abort(client)
+        except ConnectionAbortedError as exc:
+            log.info("Dropped an HTTP client at %s: %s", client[0] if client else "?", exc)
+            app.state.connections.abort(client)
+        finally:
+            watcher.cancel()
+            self.job.cancel()  # a no-op once it has finished; else the client left or we failed: stop the work
+            self._done()
+
+    async def _cancel_on_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.job.cancel()
+
+    async def _stream(self, send) -> None:
+        job, speech = self.job, self.speech
+        sse = speech.stream_format == "sse"
+        engine = b""
+        while (item := await job.outbox.get()) is not END:
+            for frame in item:
+                if isinstance(frame, bytes):
+                    data = await asyncio.to_thread(self._encode, frame, False)
+                    await self._send(send, data, engine, sse)
+                    job.unsent_bytes(-len(frame))  # the scheduler's backpressure: this much has left
+                    continue
+                reply = json.loads(frame)
+                status = reply["status"]
+                if status == "start":
+                    engine = reply["engine"].encode()
+                elif status == "error":
+                    raise ApiError.from_reply(reply)
+                elif status == "cancelled":
+                    raise ApiError(503, "The request was cancelled", None, "cancelled")
+                elif status == "success":
+                    data = await asyncio.to_thread(self._encode, b"", True)
+                    await self._send(send, data, engine, sse)
+                    if sse:  # usage: words in, 80 ms audio frames (CSM's unit) out
+                        words, frames = len(speech.synthesis.text.split()), round(self.samples / self.out_rate / 0.08)
+                        await send({"type": "http.response.body", "more_body": True, "body": sse_event({
+                            "type": "speech.audio.done",
+                            "usage": {"input_tokens": words, "output_tokens": frames,
+                                      "total_tokens": words + frames}})})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+
+    def _encode(self, pcm: bytes, last: bool) -> bytes:
+        """Resample and encode one chunk (on a worker thread: mp3 and FLAC cost real CPU)."""
+        if self.out_rate != self.rate:
+            pcm = pcm_bytes(self.resample(np.frombuffer(pcm, "<i2") / 32767.0, last=last))
+        self.samples += len(pcm) // 2
+        data = self.encoder.encode(pcm) if pcm else b""
+        return data + self.encoder.finish() if last else data
+
+    async def _send(self, send, data: bytes, engine: bytes, sse: bool) -> None:
+        if not self.started:
+            self.started = True
+            content_type = "text/event-stream" if sse else CONTENT_TYPES[self.speech.response_format]
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", content_type.encode()), (b"cache-control", b"no-store"),
+                (b"x-request-id", self.job.request_id.encode()), (b"x-sample-rate", str(self.out_rate).encode()),
+                *([(b"x-tts-engine", engine)] if engine else [])]})
+        if data:
+            body = sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+            await send({"type": "http.response.body", "body": body, "more_body": True})

@@ -1,0 +1,185 @@
+"""OpenAI's speech API as a pydantic model and rules: the ``/v1/audio/speech`` body, voices, models, errors.
+
+Pure (no sockets, no model), like ``schemas`` for the WebSocket; ``openai``
+does the I/O.  The contract is OpenAI's (``input``, ``voice``,
+``response_format``, ``speed``, ``instructions``, ``stream_format``) plus
+fields of ours; the same model gives ``/openapi.json`` its request schema.
+docs/openai.md is the prose version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..audio.codec import STREAM_RATES
+from ..core.replies import ErrorCode, ProtocolError
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
+                               MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
+from .schemas import LANGUAGE_RULE, Limits, field_message
+
+VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
+# Model names clients send -> our engine (None: the engine chain's routing).
+MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper",
+          "remote": "remote"}
+CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                 "wav": "audio/wav", "pcm": "audio/pcm"}
+MAX_INSTRUCTIONS = 4096
+# Our error codes as HTTP statuses.
+STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_emotion": 400, "unsupported_language": 400,
+          "text_too_long": 413, "busy": 429, "rate_limited": 429, "too_many_queued": 429,
+          "too_many_connections": 503, "model_unavailable": 503, "shutting_down": 503, "cancelled": 503,
+          "generation_timeout": 504, "generation_failed": 500, "internal_error": 500, "client_too_slow": 408}
+
+
+class ApiError(Exception):
+    """A request answered with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any], param: str | None = None) -> "ApiError":
+        """An error reply of the shared core (our stable codes) as an HTTP error."""
+        return cls(STATUS.get(reply["code"], 500), reply["message"], param, reply["code"])
+
+
+class SpeechBody(BaseModel):
+    """``POST /v1/audio/speech``: OpenAI's fields, then ours (a client that sends only OpenAI's is served)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str = Field("tts-1", description=f"one of: {', '.join(MODELS)}")
+    input: str = Field(description="a non-empty string (it is required)")
+    voice: str | dict[str, Any] = Field(description="a voice name (e.g. 'alloy', or one from GET /v1/audio/voices), "
+                                                    "a speaker id as a string, or {\"id\": name}")
+    response_format: Literal[tuple(CONTENT_TYPES)] = Field("mp3", description=f"one of: {', '.join(CONTENT_TYPES)}")
+    speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False, description="a number from 0.25 to 4.0")
+    instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS,
+                                     description=f"a string of at most {MAX_INSTRUCTIONS} characters; one naming a "
+                                                 "configured emotion picks it")
+    stream_format: Literal["audio", "sse"] = Field("audio", description="one of: audio, sse")
+    # ours
+    speaker: int | None = Field(None, ge=0, le=MAX_SPEAKER, description=f"an integer from 0 to {MAX_SPEAKER} "
+                                                                        "(wins over the voice's speaker)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0.0, le=2.0, allow_inf_nan=False,
+                               description="a number above 0 and at most 2")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
+    max_audio_length_ms: float | None = Field(None, ge=MIN_AUDIO_MS, le=MAX_AUDIO_MS, allow_inf_nan=False,
+                                              description=f"a number from {MIN_AUDIO_MS} to {MAX_AUDIO_MS}")
+    context: bool = Field(False, description="true or false (the speaker's default voice as context)")
+    emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
+    sample_rate: int | None = Field(None, ge=8000, le=48000, description="an integer from 8000 to 48000")
+    language: str | None = Field(None, pattern=LANGUAGE_CODE.pattern, description=LANGUAGE_RULE)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("empty")
+        return text.strip()
+
+    @field_validator("response_format", "stream_format", "temperature", "top_k", "context", "speed", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info) -> Any:
+        """OpenAI's SDK may send ``null`` for an unset optional field: the default then applies."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    synthesis: SynthesisRequest  # what the scheduler runs: always streamed 16-bit PCM
+    response_format: str = "mp3"
+    stream_format: str = "audio"
+    sample_rate: int | None = None  # None: the server's --sample-rate
+
+
+@dataclass(frozen=True)
+class Voices:
+    """What a ``voice`` may name on this server: OpenAI's names, speaker ids, and names from voices.json."""
+
+    named: dict[str, int]  # voices.json "name" -> speaker id
+
+    def resolve(self, voice: Any) -> int:
+        if isinstance(voice, dict):  # OpenAI also accepts {"id": "..."}
+            voice = voice.get("id")
+        if not isinstance(voice, str) or not voice:
+            raise ApiError(400, "'voice' is required: a voice name (e.g. 'alloy') or a speaker id", "voice")
+        if voice in self.named:
+            return self.named[voice]
+        if voice.lower() in VOICE_SPEAKERS:
+            return VOICE_SPEAKERS[voice.lower()]
+        if voice.isascii() and voice.isdigit() and len(voice) < 12 and int(voice) <= MAX_SPEAKER:
+            return int(voice)
+        raise ApiError(400, f"Voice {voice!r} not found; see GET /v1/audio/voices", "voice", "voice_not_found")
+
+    def listing(self) -> list[dict[str, Any]]:
+        listed = [{"id": name, "name": name, "speaker": speaker} for name, speaker in VOICE_SPEAKERS.items()]
+        return listed + [{"id": name, "name": name, "speaker": speaker} for name, speaker in sorted(self.named.items())]
+
+
+def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
+    """Validate a ``/v1/audio/speech`` body; ``ApiError`` names the offending field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object")
+    try:
+        body = SpeechBody.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        param = str(error["loc"][0]) if error["loc"] else None
+        status, code = (404, "model_not_found") if param == "model" else (400, None)
+        raise ApiError(status, field_message(SpeechBody, exc), param, code) from None
+    if body.model not in MODELS:
+        raise ApiError(404, f"Model {body.model!r} not found; use one of: {', '.join(MODELS)}", "model",
+                       "model_not_found")
+    if len(body.input) > limits.max_text_chars:
+        raise ApiError(413, f"'input' has {len(body.input)} characters; the limit is {limits.max_text_chars}",
+                       "input", "text_too_long")
+    speaker = body.speaker if body.speaker is not None else voices.resolve(body.voice)
+    emotion = body.emotion
+    if emotion is None and body.instructions and body.instructions.strip().lower() in limits.emotions:
+        emotion = body.instructions.strip().lower()  # instructions naming one of our emotions pick it; else ignored
+    if emotion is not None and emotion not in limits.emotions:
+        known = ", ".join(limits.emotions) or "none are configured"
+        raise ApiError(400, f"Unknown emotion {emotion!r}; available: {known}", "emotion", "unknown_emotion")
+    rates = STREAM_RATES.get(body.response_format)
+    if body.sample_rate is not None and rates and body.sample_rate not in rates:
+        raise ApiError(400, f"'sample_rate' {body.sample_rate} is not possible for {body.response_format}; use one "
+                            f"of: {', '.join(map(str, rates))}", "sample_rate")
+    synthesis = SynthesisRequest(
+        text=body.input, request_id=new_request_id(), speaker=speaker, seed=body.seed, temperature=body.temperature,
+        top_k=body.top_k, max_audio_length_ms=body.max_audio_length_ms, format="pcm", stream=True,
+        context=body.context, emotion=emotion, engine=MODELS[body.model], speed=body.speed, language=body.language)
+    return SpeechRequest(synthesis, body.response_format, body.stream_format, body.sample_rate)
+
+
+def models(primary: str, engines: list[str]) -> dict[str, Any]:
+    """``GET /v1/models`` in OpenAI's list shape: the names clients send, and the engine each one means."""
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": f"csm-tts-server:{engine or primary}"}
+            for name, engine in MODELS.items() if (engine or primary) in engines]
+    return {"object": "list", "data": data}
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def api_error(exc: ProtocolError) -> ApiError:
+    return ApiError.from_reply(exc.reply())
+
+
+__all__ = ["ApiError", "ErrorCode", "SpeechBody", "SpeechRequest", "Voices", "parse_speech", "models", "sse_event"]

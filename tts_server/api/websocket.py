@@ -1,0 +1,204 @@
+"""The WebSocket interface (``/`` and ``/ws``): a thin adapter from frames to jobs of the shared core.
+
+Each connection runs two tasks, in the manner of wyoming-piper's handler:
+
+- the *reader* parses every frame (``schemas``), answers bad input at once
+  with a JSON error, and hands synthesis requests to the scheduler;
+- the *writer* sends each accepted job's replies in the order the requests
+  arrived, so answers on one connection never overtake each other.
+
+Rejections (validation errors, ``busy``, ``loading`` notices) are sent at once
+rather than queued behind audio; they carry the ``request_id`` they answer.
+Closing a connection cancels all of its queued and running jobs.  The
+handshake is refused with HTTP 401/403 and a body (ASGI's denial response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..core import replies as r
+from ..core.context import Conversation
+from ..core.jobs import END, Busy, Job
+from ..core.security import RateLimiter
+from ..core.service import Service
+from ..references import ReferenceError
+from ..references.quality import check_voice_prompt
+from . import schemas as s
+
+log = logging.getLogger(__name__)
+PATHS = ("/", "/ws")
+
+
+class Connection:
+    """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
+
+    def __init__(self, service: Service, ws: WebSocket) -> None:
+        self.service = service
+        self.ws = ws
+        self.jobs: asyncio.Queue[Job] = asyncio.Queue()
+        self.live: dict[str, Job] = {}
+        self.conversation = Conversation(service.library, service.max_context_turns)
+        self._voice: s.VoiceMessage | None = None  # a voice message waiting for its binary frame
+        # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
+        self._told_loading = False
+        self._rate = RateLimiter(service.rate_limit)
+        self._send_lock = asyncio.Lock()
+
+    def limits(self) -> s.Limits:
+        return s.Limits(max_text_chars=self.service.max_text_chars, emotions=self.service.emotions)
+
+    async def send(self, *frames: Any) -> None:
+        """Send frames back to back (metadata + audio must not be split by another reply)."""
+        async with self._send_lock:
+            for frame in frames:
+                if isinstance(frame, bytes):
+                    await self.ws.send_bytes(frame)
+                else:
+                    await self.ws.send_text(r.encode(frame) if isinstance(frame, dict) else frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code, reason)
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            pass  # already closed
+
+    async def run(self) -> None:
+        notice = self.service.loading_notice()
+        if notice:
+            self._told_loading = True
+            await self.send(r.loading_reply(notice))
+        writer = asyncio.create_task(self._write_replies())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                await self._handle(raw if raw is not None else message.get("bytes") or b"")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for job in list(self.live.values()):
+                job.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _handle(self, raw: str | bytes) -> None:
+        try:
+            voice, self._voice = self._voice, None
+            if voice is not None:
+                if isinstance(raw, bytes):
+                    return await self._save_voice(voice, raw)
+                await self.send(r.error_reply(r.ErrorCode.INVALID_REQUEST,
+                                              "Voice upload abandoned: the voice message must be followed by one "
+                                              "binary frame holding the audio file"))
+            message = s.parse_message(raw, self.limits())
+            if isinstance(message, (s.SynthesizeMessage, s.VoiceMessage)) and not self._rate.allow():
+                raise r.rate_limited(self.service.rate_limit, message.request_id)
+            if isinstance(message, s.SynthesizeMessage):
+                await self._synthesize(message.request())
+            elif isinstance(message, s.CancelMessage):
+                await self._cancel(message.request_id)
+            elif isinstance(message, s.VoiceMessage):
+                await self._voice_message(message)
+            else:
+                self.conversation.reset()
+                await self.send({"status": "reset"})
+        except r.ProtocolError as exc:
+            await self.send(exc.reply())
+        except (WebSocketDisconnect, OSError):
+            raise
+        except Exception:  # a bug must cost one reply, not the connection
+            log.exception("internal error while handling a message")
+            await self.send(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    async def _synthesize(self, request) -> None:
+        if self.service.draining:
+            raise r.shutting_down(request.request_id)
+        if request.request_id in self.live:
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST,
+                                  f"request_id {request.request_id!r} is already in use on this connection",
+                                  request.request_id)
+        if sum(not job.finished for job in self.live.values()) >= self.service.max_queued_per_connection:
+            raise r.too_many_queued(self.service.max_queued_per_connection, request.request_id)
+        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
+                  on_success=self._remember)
+        job.owner = self
+        job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
+        try:
+            notice = self.service.scheduler.submit(job)
+        except Busy as exc:
+            raise r.ProtocolError(r.ErrorCode.BUSY, str(exc), request.request_id) from None
+        self.live[request.request_id] = job
+        self.jobs.put_nowait(job)
+        if notice and not self._told_loading:
+            self._told_loading = True
+            await self.send(r.loading_reply(notice, request.request_id))
+
+    def _remember(self, job: Job) -> None:
+        """After a success: extend the history, and pin the speaker's voice if it has none yet."""
+        self.conversation.remember(job.task)
+        speaker, produced = job.request.speaker, list(job.task.produced)
+        library = self.service.library
+        if job.request.context and speaker not in self.conversation.voices and library.wants_pin(speaker, produced):
+            self.service.background(asyncio.to_thread(library.pin, speaker, produced))
+
+    async def _voice_message(self, message: s.VoiceMessage) -> None:
+        if message.clear:
+            cleared = self.conversation.clear_voice(message.speaker)
+            await self.send({"status": "voice_cleared", "speaker": message.speaker, "cleared": cleared})
+        else:
+            self._voice = message
+
+    async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
+        try:
+            audio = await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
+                                            self.service.max_voice_seconds)
+        except ReferenceError as exc:
+            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Voice prompt rejected: {exc}") from None
+        turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
+        await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
+
+    async def _cancel(self, request_id: str) -> None:
+        job = self.live.get(request_id)
+        if job is None or not job.cancel():
+            raise r.ProtocolError(r.ErrorCode.UNKNOWN_REQUEST,
+                                  f"No queued or running request {request_id!r} on this connection", request_id)
+
+    async def _write_replies(self) -> None:
+        while True:
+            job = await self.jobs.get()
+            try:
+                while (item := await job.outbox.get()) is not END:
+                    await self.send(*item)
+                    job.unsent_bytes(-sum(len(f) for f in item if isinstance(f, bytes)))
+            finally:
+                self.live.pop(job.request_id, None)
+
+
+async def serve(ws: WebSocket) -> None:
+    """One WebSocket, from the handshake to the close (the route for ``/`` and ``/ws``)."""
+    service: Service = ws.app.state.service
+    open_connections: set[Connection] = ws.app.state.websockets
+    target = ws.scope["path"] + ("?" + ws.scope["query_string"].decode("latin-1") if ws.scope["query_string"] else "")
+    verdict = service.gate.check(ws.headers, target, websocket=True)
+    if verdict is not None:
+        return await ws.send_denial_response(PlainTextResponse(verdict.reason, verdict.status))
+    client = tuple(ws.scope["client"] or ("?", 0))
+    refusal = service.admit(client, service.proxies.client(client[0], ws.headers))
+    await ws.accept()
+    if refusal is not None:
+        await ws.send_text(r.encode(refusal.reply()))
+        return await ws.close(1013, "try again later")
+    connection = Connection(service, ws)
+    open_connections.add(connection)
+    try:
+        await connection.run()
+    finally:
+        open_connections.discard(connection)

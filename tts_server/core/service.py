@@ -1,0 +1,127 @@
+"""The shared core every interface adapter talks to: scheduler, voices, limits, metrics, admission.
+
+One ``Service`` per process.  It holds no sockets: the interfaces (``api``)
+translate their wire formats into ``Job``s and hand them to ``scheduler``, and
+ask this object who may connect and what the server can do right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Hashable
+
+from . import replies as r
+from .cache import AudioCache
+from .context import ReferenceLibrary
+from .jobs import EngineSlot
+from .metrics import Metrics
+from .routing import Chain
+from .scheduler import Scheduler
+from .security import ConnectionLimits, Gate, ProxyTrust
+
+
+class Service:
+    """Everything a request needs besides its connection (see the module docstring)."""
+
+    def __init__(self, *engines: EngineSlot | None, overflow_engine: str | None = None, cache_bytes: int = 0,
+                 engine_costs: dict[str, float] | None = None, max_queue: int = 32, max_text_chars: int = 4000,
+                 sample_rate: int = 24000, stream_buffer_seconds: float = 30,
+                 library: ReferenceLibrary | None = None, max_context_turns: int = 8, gate: Gate | None = None,
+                 max_connections: int = 256, max_connections_per_address: int = 16, rate_limit: int = 120,
+                 max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
+                 max_voice_seconds: float = 30, generation_timeout: float = 120,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
+        self.proxies = ProxyTrust(trusted_proxies)
+        self.gate = gate or Gate()
+        self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
+        self._admitted: dict[Hashable, str] = {}  # connection -> the address it is counted under
+        self.rate_limit = rate_limit
+        self.max_queued_per_connection = max_queued_per_connection
+        self.max_voice_bytes, self.max_voice_seconds = max_voice_bytes, max_voice_seconds
+        self.max_text_chars = max_text_chars
+        self.max_context_turns = max_context_turns
+        self.library = library or ReferenceLibrary(None)
+        self.draining = False
+        self.metrics = Metrics(engine_costs)
+        chain = Chain([slot for slot in engines if slot is not None], overflow_engine)
+        self.scheduler = Scheduler(chain, max_queue=max_queue, sample_rate=sample_rate, metrics=self.metrics,
+                                   stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
+                                   cache=AudioCache(cache_bytes))
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def emotions(self) -> tuple[str, ...]:
+        return tuple(sorted(self.library.emotions))
+
+    # -- admission: every connection, whatever it speaks ----------------------------------------------
+    def admit(self, connection: Hashable, address: str) -> r.ProtocolError | None:
+        """Count ``connection`` (once, however many requests it carries) under ``address``, or say why it is
+        refused.  Admitted connections are released with ``release(connection)`` when they close."""
+        if connection in self._admitted:
+            return None
+        if self.draining:
+            return r.ProtocolError(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+        refusal = self.connection_limits.admit(address)
+        if refusal is not None:
+            return r.ProtocolError(r.ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+        self._admitted[connection] = address
+        return None
+
+    def release(self, connection: Hashable) -> None:
+        address = self._admitted.pop(connection, None)
+        if address is not None:
+            self.connection_limits.release(address)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._admitted)
+
+    # -- state for replies, /ready and /v1/info --------------------------------------------------------
+    def background(self, work) -> None:
+        """Run ``work`` (a coroutine) without awaiting it, keeping a reference until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def loading_notice(self) -> str | None:
+        primary = self.scheduler.primary
+        if primary.state == "loading":
+            return f"The {primary.name} model is loading; requests are queued until it is ready"
+        return None
+
+    def serving(self) -> tuple[str | None, str]:
+        """Which engine answers a request without ``engine`` now, and why, in one sentence."""
+        why: list[str] = []
+        for slot in self.scheduler.chain.slots:
+            if slot.state == "ready":
+                return slot.name, "; ".join([*why, f"serving with {_label(slot)}"])
+            if slot.state == "loading":
+                return None, "; ".join([*why, f"{_label(slot)} is loading; requests wait for it"])
+            why.append(f"{_label(slot)} unavailable: {slot.reason}")
+        return None, "; ".join(why)
+
+    def refresh_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        self.metrics.connections.set(self.open_connections)
+        for name, slot in self.scheduler.slots.items():
+            self.metrics.set_engine_state(name, slot.state)
+        cache = self.scheduler.cache
+        self.metrics.cache_bytes.set(cache.bytes)
+        self.metrics.cache_entries.set(len(cache))
+
+    def engines_info(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        return {slot.name: {"role": "primary" if index == 0 else "fallback", "position": index + 1,
+                            "overflow": slot is scheduler.chain.overflow, "state": slot.state, "reason": slot.reason,
+                            **slot.engine.describe(), "stats": self.metrics.summary(slot.name)}
+                for index, slot in enumerate(scheduler.chain.slots)}
+
+    async def close_background(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _label(slot: EngineSlot) -> str:
+    described = slot.engine.describe()
+    name = {"csm": "CSM-1B"}.get(slot.name, slot.name)
+    voice = described.get("voice")
+    return f"{name} {voice}" if voice else name
