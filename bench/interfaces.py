@@ -7,7 +7,12 @@ RUNS times each, and the client measures from sending the request to
 receiving its first audio byte.  Prints medians, the WebSocket as the
 baseline, the ratio and the difference (the goal: under 10 ms apart).
 
-    python bench/interfaces.py [--runs 30] [--engine csm|piper]
+With ``--against REV`` it compares two servers instead: ``run_server.py`` of
+git revision REV (checked out in a temporary worktree) and of this tree, each
+a process of its own with the same engine, measured in turn on every interface
+in the same run; one row per interface: REV's median, this tree's, the ratio.
+
+    python bench/interfaces.py [--runs 30] [--engine csm|piper] [--against 4b48925]
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import argparse
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 import websockets
 from wyoming.client import AsyncTcpClient
@@ -51,7 +60,7 @@ async def over_http(port: int) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
     writer.write(b"POST /v1/audio/speech HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                 b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     await reader.readuntil(b"\r\n")  # the first chunk's size line; its data is the first audio
@@ -105,10 +114,79 @@ async def main(runs: int, engine: str) -> None:
                  for label, name in rows]))
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_process(root: Path, engine: str, model: Path, work: Path) -> tuple[subprocess.Popen, int, int]:
+    """``run_server.py`` of the tree at ``root``; returns once it serves."""
+    port, wyoming_port = free_port(), free_port()
+    args = ["--engine", "piper"] if engine == "piper" else ["--engine", "csm", "--mode", "reuse", "--model-path",
+                                                             str(model)]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "references").mkdir(exist_ok=True)
+    (work / "references" / "emotion_map.json").write_text("{}")
+    proc = subprocess.Popen([sys.executable, str(root / "run_server.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--wyoming-uri", f"tcp://127.0.0.1:{wyoming_port}", "--references",
+                             str(work / "references"), *args], cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    return proc, port, wyoming_port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server of {root} did not become ready")
+
+
+async def compare(runs: int, engine: str, revision: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "baseline"), revision],
+                       check=True, capture_output=True)
+        model = build_checkpoint(tmp / "model") if engine == "csm" else tmp
+        servers = {}
+        try:
+            servers = {"baseline": start_process(tmp / "baseline", engine, model, tmp / "b"),
+                       "now": start_process(root, engine, model, tmp / "n")}
+            measures = {"websocket": over_websocket, "http": over_http, "wyoming": over_wyoming}
+            times = {(who, name): [] for who in servers for name in measures}
+            for who, (_, port, wyoming_port) in servers.items():
+                for name, measure in measures.items():
+                    await measure(wyoming_port if name == "wyoming" else port)  # warm-up
+            for _ in range(runs):
+                for name, measure in measures.items():
+                    for who, (_, port, wyoming_port) in servers.items():
+                        times[who, name].append(await measure(wyoming_port if name == "wyoming" else port))
+        finally:
+            for proc, _, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "baseline")],
+                           capture_output=True)
+    print(f"{machine()}; engine {engine}; {runs} runs each, in turn; median time to first audio byte; "
+          f"baseline = {revision}")
+    rows = []
+    for name in measures:
+        before, after = median(times["baseline", name]), median(times["now", name])
+        rows.append([name, before * 1000, after * 1000, after / before, (after - before) * 1000])
+    print(table(["interface", f"{revision} (ms)", "this tree (ms)", "ratio", "difference (ms)"], rows))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--engine", choices=["csm", "piper"], default="csm")
+    parser.add_argument("--against", metavar="REV", help="compare with run_server.py of this git revision")
     args = parser.parse_args()
     socket.setdefaulttimeout(60)
-    asyncio.run(main(args.runs, args.engine))
+    if args.against:
+        asyncio.run(compare(args.runs, args.engine, args.against))
+    else:
+        asyncio.run(main(args.runs, args.engine))

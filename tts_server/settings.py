@@ -195,8 +195,8 @@ class Settings(BaseSettings):
         "en_US-joe-medium")
     request_timeout: Positive = Field(30, description="seconds a client has to send a whole HTTP request, head and "
                                                       "body; slower ones get 408 and are disconnected")
-    write_timeout: Positive = Field(30, description="seconds an HTTP client may go without reading its streamed "
-                                                    "audio before it is disconnected")
+    write_timeout: Positive = Field(30, description="seconds an HTTP or WebSocket client may go without reading "
+                                                    "what it was sent before it is disconnected")
     hf_token: str | None = Field(None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"), repr=False)
     hf_home: str | None = Field(None, validation_alias=AliasChoices("hf_home", "HF_HOME"))
     remote_api_key: str | None = Field(None, repr=False)

@@ -13,13 +13,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..audio.codec import STREAM_RATES
 from ..core.replies import ErrorCode, ProtocolError
-from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
-from .schemas import LANGUAGE_RULE, Limits, field_message
+from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, null_is_unset
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).
@@ -80,7 +80,7 @@ class SpeechBody(BaseModel):
     context: bool = Field(False, description="true or false (the speaker's default voice as context)")
     emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
     sample_rate: int | None = Field(None, ge=8000, le=48000, description="an integer from 8000 to 48000")
-    language: str | None = Field(None, pattern=LANGUAGE_CODE.pattern, description=LANGUAGE_RULE)
+    language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
 
     @field_validator("input")
     @classmethod
@@ -89,11 +89,7 @@ class SpeechBody(BaseModel):
             raise ValueError("empty")
         return text.strip()
 
-    @field_validator("response_format", "stream_format", "temperature", "top_k", "context", "speed", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: Any, info) -> Any:
-        """OpenAI's SDK may send ``null`` for an unset optional field: the default then applies."""
-        return cls.model_fields[info.field_name].default if value is None else value
+    _nulls = model_validator(mode="before")(null_is_unset)  # OpenAI's SDKs may send null for unset fields
 
 
 @dataclass(frozen=True)

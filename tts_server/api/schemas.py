@@ -26,6 +26,7 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may be larger: voice uploads)
 MAX_TRANSCRIPT_CHARS = 2000
 LANGUAGE_RULE = "a language code such as 'en', 'de' or 'en_US'"
+LANGUAGE_PATTERN = f"^(?:{LANGUAGE_CODE.pattern})$"  # anchored: a schema's pattern matches anywhere otherwise
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,17 @@ RequestId = Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS,
 Speaker = Annotated[int, Field(ge=0, le=MAX_SPEAKER, description=f"an integer from 0 to {MAX_SPEAKER}")]
 
 
+def null_is_unset(data: Any) -> Any:
+    """A field sent as ``null`` gets its default, as if it were left out (clients serialize unset options so)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored (newer clients)
 
     request_id: RequestId | None = None
+
+    _nulls = model_validator(mode="before")(null_is_unset)
 
 
 def _speaker_digits(value: Any) -> Any:
@@ -80,29 +88,16 @@ class SynthesizeMessage(_Message):
     context: bool = Field(True, description="true or false")
     emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
     engine: Literal[ENGINES] | None = Field(None, description=f"one of: {', '.join(ENGINES)}")
-    language: str | None = Field(None, pattern=LANGUAGE_CODE.pattern, description=LANGUAGE_RULE)
+    language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
 
     _speaker = field_validator("speaker", mode="before")(_speaker_digits)
 
     @field_validator("text")
     @classmethod
-    def _text(cls, text: str, info: ValidationInfo) -> str:
-        text = text.strip()
-        if not text:
+    def _text(cls, text: str) -> str:
+        if not text.strip():
             raise ValueError("empty")
-        limit = _limits(info).max_text_chars
-        if len(text) > limit:
-            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(text)} characters; the limit is {limit}")
-        return text
-
-    @field_validator("emotion")
-    @classmethod
-    def _emotion(cls, emotion: str | None, info: ValidationInfo) -> str | None:
-        known = _limits(info).emotions
-        if emotion is not None and emotion not in known:
-            raise ProtocolError(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {emotion!r}; available: "
-                                                           f"{', '.join(known) or 'none are configured'}")
-        return emotion
+        return text.strip()
 
     @field_validator("engine")
     @classmethod
@@ -112,9 +107,17 @@ class SynthesizeMessage(_Message):
         return engine
 
     @model_validator(mode="after")
-    def _streamable(self) -> "SynthesizeMessage":
+    def _server_rules(self, info: ValidationInfo) -> "SynthesizeMessage":
+        """Rules across fields and against this server's limits, once every field has its type."""
         if self.stream and self.format is not None and self.format not in STREAM_FORMATS:
             raise ValueError(f"'format' {self.format!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
+        limits = _limits(info)
+        if len(self.text) > limits.max_text_chars:
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
+                                                         f"{limits.max_text_chars}")
+        if self.emotion is not None and self.emotion not in limits.emotions:
+            raise ProtocolError(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {self.emotion!r}; available: "
+                                                           f"{', '.join(limits.emotions) or 'none are configured'}")
         return self
 
     def request(self) -> SynthesisRequest:

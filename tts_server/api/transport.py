@@ -5,7 +5,8 @@
   a trickled head would reset it (uvicorn issue 157).  A request not complete
   in time gets 408 and the connection is closed.
 - A bounded kernel send buffer, so a client that stops reading is noticed
-  within seconds of audio (``client_too_slow``) instead of megabytes later.
+  within seconds of audio (``client_too_slow``) instead of megabytes later,
+  and TCP_NODELAY (see ``_tune_socket``).
 - ``Connections``: every open TCP connection by its client ``(host, port)``
   (the ASGI scope's ``client``), so the app can abort one (a stalled reader)
   and its admission is released when it closes, whatever it spoke (HTTP,
@@ -55,13 +56,14 @@ class Connections:
         return len(self._transports)
 
 
-def _bound_send_buffer(transport: asyncio.BaseTransport) -> None:
+def _tune_socket(transport: asyncio.BaseTransport) -> None:
+    """A bounded send buffer, and no Nagle delay: a small reply written right after another must not wait for the
+    client's delayed ACK (~40 ms). asyncio sets TCP_NODELAY itself only on sockets made with proto IPPROTO_TCP,
+    which a listening socket bound by ``uvicorn.Config.bind_socket`` is not."""
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        except OSError:  # not a TCP socket (a Unix socket in some setups): nothing to bound
-            pass
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def protocols(connections: Connections, request_timeout: float) -> tuple[type, type]:
@@ -79,7 +81,7 @@ def protocols(connections: Connections, request_timeout: float) -> tuple[type, t
     class GuardedHttp(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            _bound_send_buffer(transport)
+            _tune_socket(transport)
             connections.opened(get_remote_addr(transport), transport)
             self._deadline: asyncio.TimerHandle | None = None
             self._arm()

@@ -49,18 +49,24 @@ class Connection:
         self._told_loading = False
         self._rate = RateLimiter(service.rate_limit)
         self._send_lock = asyncio.Lock()
+        self._write_timeout: float = ws.app.state.write_timeout
 
     def limits(self) -> s.Limits:
         return s.Limits(max_text_chars=self.service.max_text_chars, emotions=self.service.emotions)
 
     async def send(self, *frames: Any) -> None:
-        """Send frames back to back (metadata + audio must not be split by another reply)."""
+        """Send frames back to back (metadata + audio must not be split by another reply).  A client that takes
+        none of them for ``--write-timeout`` seconds is dropped: its socket and send buffer are freed."""
         async with self._send_lock:
             for frame in frames:
-                if isinstance(frame, bytes):
-                    await self.ws.send_bytes(frame)
-                else:
-                    await self.ws.send_text(r.encode(frame) if isinstance(frame, dict) else frame)
+                message = {"type": "websocket.send", "bytes": frame} if isinstance(frame, bytes) else \
+                    {"type": "websocket.send", "text": r.encode(frame) if isinstance(frame, dict) else frame}
+                try:
+                    await asyncio.wait_for(self.ws.send(message), self._write_timeout)
+                except asyncio.TimeoutError:
+                    log.info("Dropped a WebSocket client that read nothing for %g s", self._write_timeout)
+                    self.ws.app.state.connections.abort(self.ws.scope.get("client"))
+                    raise WebSocketDisconnect(1006) from None
 
     async def close(self, code: int, reason: str) -> None:
         try:

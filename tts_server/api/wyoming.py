@@ -198,6 +198,10 @@ class WyomingConnection(AsyncEventHandler):
                     data = {**data, **w.parse_data(await self.reader.readexactly(header.data_length))}
                 if header.payload_length:
                     await self.reader.readexactly(header.payload_length)  # a TTS server reads no client audio
+            except asyncio.IncompleteReadError as exc:
+                await self._error(p.ErrorCode.INVALID_REQUEST, f"The connection ended {len(exc.partial)} bytes into "
+                                                               f"an event that declared {exc.expected}")
+                return True
             except w.EventTooLarge:
                 raise
             except p.ProtocolError as exc:

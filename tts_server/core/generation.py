@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import replies as r
-from ..engines.request import SynthesisRequest
 from ..audio.codec import Resampler, encode_file, pcm_bytes, streaming_wav_header
 from ..engines.base import Engine, EngineError, SynthesisTask
 from .jobs import ClientTooSlow, Job

@@ -39,6 +39,16 @@ def voice_files(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+def _facts(model: Path) -> dict[str, Any]:
+    """A voice's name, language, speakers and rate, from its ``.onnx.json`` alone."""
+    meta = json.loads(Path(f"{model}.json").read_text())
+    language = meta.get("language")
+    return {"name": model.name.removesuffix(".onnx"),
+            "language": language.get("code") if isinstance(language, dict) else None,
+            "speakers": int(meta.get("num_speakers", 1)),
+            "sample_rate": int((meta.get("audio") or {}).get("sample_rate", 22050))}
+
+
 @dataclass
 class Voice:
     """One loaded Piper voice and the facts its config gives."""
@@ -67,7 +77,7 @@ class PiperEngine(Engine):
     def load(self) -> None:
         from piper import PiperVoice
 
-        models = voice_files(self._paths) if self._paths else [default_voice()]
+        models = self._models()
         if not models:
             raise RuntimeError(f"no Piper voice (.onnx) in {', '.join(map(str, self._paths))}")
         voices = []
@@ -75,14 +85,15 @@ class PiperEngine(Engine):
             config = Path(f"{model}.json")
             if not model.is_file() or not config.is_file():
                 raise RuntimeError(f"Piper voice {model} or its {config.name} is missing")
-            meta = json.loads(config.read_text())
-            language = meta.get("language")
+            facts = _facts(model)
             loaded = PiperVoice.load(model, config_path=config)
-            voices.append(Voice(model.name.removesuffix(".onnx"),
-                                language.get("code") if isinstance(language, dict) else None,
-                                int(meta.get("num_speakers", 1)), int(loaded.config.sample_rate), loaded))
+            voices.append(Voice(facts["name"], facts["language"], facts["speakers"], int(loaded.config.sample_rate),
+                                loaded))
         self.voices = voices
         self.sample_rate = voices[0].sample_rate
+
+    def _models(self) -> list[Path]:
+        return voice_files(self._paths) if self._paths else [default_voice()]
 
     def describe(self) -> dict[str, Any]:
         """The voices, loaded or not: before ``load`` they come from the voice files' configs, so a client that
@@ -98,20 +109,11 @@ class PiperEngine(Engine):
         """Each configured voice as its ``.onnx.json`` describes it (nothing is loaded); unreadable ones are left
         out (``load`` reports them)."""
         listed = []
-        try:
-            models = voice_files(self._paths) if self._paths else [default_voice()]
-        except ImportError:
-            return []
-        for model in models:
+        for model in self._models():
             try:
-                meta = json.loads(Path(f"{model}.json").read_text())
+                listed.append(_facts(model))
             except (OSError, ValueError):
                 continue
-            language = meta.get("language")
-            listed.append({"name": model.name.removesuffix(".onnx"),
-                           "language": language.get("code") if isinstance(language, dict) else None,
-                           "speakers": int(meta.get("num_speakers", 1)),
-                           "sample_rate": int(meta.get("audio", {}).get("sample_rate", self.sample_rate))})
         return listed
 
     def languages(self) -> tuple[str, ...] | None:
