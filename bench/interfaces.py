@@ -159,11 +159,12 @@ async def compare(runs: int, engine: str, revision: str) -> None:
             times = {(who, name): [] for who in servers for name in measures}
             for who, (_, port, wyoming_port) in servers.items():
                 for name, measure in measures.items():
-                    await measure(wyoming_port if name == "wyoming" else port)  # warm-up
+                    await asyncio.wait_for(measure(wyoming_port if name == "wyoming" else port), 120)  # warm-up
             for _ in range(runs):
                 for name, measure in measures.items():
                     for who, (_, port, wyoming_port) in servers.items():
-                        times[who, name].append(await measure(wyoming_port if name == "wyoming" else port))
+                        times[who, name].append(await asyncio.wait_for(
+                            measure(wyoming_port if name == "wyoming" else port), 120))
         finally:
             for proc, _, _ in servers.values():
                 proc.terminate()

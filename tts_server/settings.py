@@ -110,33 +110,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore", frozen=True, env_ignore_empty=True,
                                       populate_by_name=True)
 
-    host: str = Field('0.0.0.0', description="address to listen on")
+    host: str = Field("0.0.0.0", description="address to listen on")
     port: Port = Field(8765, description="port for WebSocket and HTTP (0 picks a free one)")
-    mode: Literal['download', 'reuse'] = Field('download', description="download: fetch --model-id from the hub; "
+    mode: Literal["download", "reuse"] = Field("download", description="download: fetch --model-id from the hub; "
         "reuse: load --model-path")
     model_path: str | None = Field(None, description="model folder (with config.json) or hub cache folder "
         "models--org--name")
-    model_id: str = Field('sesame/csm-1b', description="hub repository to download in download mode")
-    device: Literal['auto', 'cuda', 'mps', 'cpu'] = Field('auto', description="auto = cuda, then mps, then cpu")
-    dtype: Literal['auto', 'float32', 'bfloat16', 'float16'] = Field('auto', description="auto = bfloat16 on CUDA when "
+    model_id: str = Field("sesame/csm-1b", description="hub repository to download in download mode")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto = cuda, then mps, then cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA when "
         "supported, and on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX) or with --quantize int8; else "
         "float32")
     references: str = Field(str(DEFAULT_REFERENCES), description="folder with emotion_map.json and reference clips")
-    log_level: Literal['DEBUG', 'INFO', 'WARNING', 'ERROR'] = Field('INFO', description="logging level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging level")
     max_text_chars: Positive = Field(4000, description="longest accepted text, in characters")
     max_queue: Positive = Field(32, description="most requests waiting at once; beyond it requests get 'busy'")
     engines: EngineList | None = Field(None, description="the engine chain, in routing order, e.g. csm,remote,piper: a "
         "request goes to the first engine that has not failed (waiting while it loads) and is retried on the next "
         "when one fails before any audio; unset: as --engine and --fallback say (csm,piper)")
-    engine: Literal['auto', 'csm', 'piper'] = Field('auto', description="shorthand for --engines: auto = csm,FALLBACK; "
+    engine: Literal["auto", "csm", "piper"] = Field("auto", description="shorthand for --engines: auto = csm,FALLBACK; "
         "csm or piper: that engine only")
-    fallback: Literal['piper', 'none'] = Field('piper', description="the engine after CSM in auto mode (shorthand for "
+    fallback: Literal["piper", "none"] = Field("piper", description="the engine after CSM in auto mode (shorthand for "
         "--engines csm,piper)")
-    overflow_engine: Literal['csm', 'piper', 'remote'] | None = Field(None, description="when the queue is full, "
+    overflow_engine: Literal["csm", "piper", "remote"] | None = Field(None, description="when the queue is full, "
         "requests that named no engine go to this engine of the chain instead of getting 'busy'; off when unset")
     remote_url: str | None = Field(None, description="base URL of an OpenAI-compatible speech API for the 'remote' "
         "engine, e.g. https://api.openai.com/v1 or http://gpu-box:8765/v1 (key: env TTS_REMOTE_API_KEY)")
-    remote_model: str = Field('tts-1', description="model name sent to the remote engine")
+    remote_model: str = Field("tts-1", description="model name sent to the remote engine")
     remote_voices: RemoteVoices | None = Field(None, description="speaker ids (or OpenAI or voices.json voice names) "
         "to the remote's voices, e.g. 0=af_bella,1=am_adam; unmapped ids take OpenAI's voice of that number (0 alloy, "
         "1 ash, ...)")
@@ -155,14 +155,14 @@ class Settings(BaseSettings):
         "4 on CPU (where more rows than 4 cost a lone request more than they save), 1 on MPS")
     threads: NonNegative = Field(0, description="CPU threads for CSM's compute; 0 = torch's default (all cores). "
         "Running several servers on one machine's CPU, give each cores / servers")
-    quantize: Literal['none', 'int8'] = Field('none', description="int8: CSM's backbone, depth decoder and heads with "
+    quantize: Literal["none", "int8"] = Field("none", description="int8: CSM's backbone, depth decoder and heads with "
         "int8 weights (per-output-channel scales, weight-only), ~4x fewer bytes read than float32; none: as --dtype "
         "says")
-    compile: Literal['on', 'off'] = Field('off', description="on: torch.compile CSM's depth-decoder step (for CUDA; "
+    compile: Literal["on", "off"] = Field("off", description="on: torch.compile CSM's depth-decoder step (for CUDA; "
         "~30 s warm-up, no gain on CPU)")
     stream_buffer_seconds: Positive = Field(30, description="most seconds of audio a connection may leave unread "
         "before its stream is stopped with 'client_too_slow'")
-    pin_voices: Literal['on', 'off'] = Field('off', description="on: a speaker's first CSM generation of 2 s or more "
+    pin_voices: Literal["on", "off"] = Field("off", description="on: a speaker's first CSM generation of 2 s or more "
         "becomes its default voice for every client (for a server whose clients you trust: one client's request picks "
         "everyone's voice)")
     max_context_turns: Positive = Field(8, description="turns of conversation history kept per connection")
@@ -173,7 +173,8 @@ class Settings(BaseSettings):
     trusted_proxies: Networks | None = Field(None, description="comma-separated addresses or networks of reverse "
         "proxies (e.g. 127.0.0.1 for nginx on this host) whose X-Forwarded-For names the client for the per-address "
         "limits")
-    max_connections: Positive = Field(256, description="most open WebSocket connections")
+    max_connections: Positive = Field(256, description="most open connections, every interface "
+        "counted (WebSocket, HTTP, Wyoming)")
     max_connections_per_address: Positive = Field(16, description="most open connections from one client address")
     rate_limit: Positive = Field(120, description="most synthesis and voice requests a minute per connection")
     max_queued_per_connection: Positive = Field(8, description="most requests one connection may have waiting or "

@@ -24,10 +24,13 @@ SPEECH = {"model": "piper", "voice": "alloy", "input": "Hello there, this is a t
 KEY = "sk-hardening-Secret-0123456789"
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send ``data`` on a fresh socket and read until the server closes it (or ``timeout``)."""
+def raw_exchange(port: int, data: bytes, timeout: float = 10, half_close: bool = False) -> bytes:
+    """Send ``data`` on a fresh socket (then, with ``half_close``, say nothing more is coming) and read until the
+    server closes it (or ``timeout``)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         received = bytearray()
         try:
             while chunk := sock.recv(65536):

@@ -18,6 +18,7 @@ from wyoming.error import Error
 from wyoming.event import read_event
 
 from conftest import free_port, piper_slot, server_in_thread
+from test_http_hardening import raw_exchange
 
 FUZZ_SEED = 20261130
 
@@ -29,17 +30,8 @@ def threaded_server():
         yield server
 
 
-def exchange(port: int, data: bytes, timeout: float = 6) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # nothing more is coming: the server answers what it has
-        received = bytearray()
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return bytes(received)
+def exchange(port: int, data: bytes) -> bytes:
+    return raw_exchange(port, data, timeout=6, half_close=True)  # the server answers what it has
 
 
 token = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
