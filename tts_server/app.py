@@ -78,7 +78,9 @@ def build_server(settings: Settings) -> TTSServer:
                      max_voice_seconds=settings.max_voice_seconds, generation_timeout=settings.generation_timeout,
                      trusted_proxies=_split(settings.trusted_proxies), wyoming_uri=settings.wyoming_uri,
                      wyoming_zeroconf=settings.wyoming_zeroconf, request_timeout=settings.request_timeout,
-                     write_timeout=settings.write_timeout)
+                     write_timeout=settings.write_timeout, session_store=settings.session_store,
+                     session_ttl=settings.session_ttl, max_sessions=settings.max_sessions,
+                     max_session_bytes=settings.max_session_bytes)
 
 
 def _split(value: str | None) -> tuple[str, ...]:

@@ -81,6 +81,12 @@ def _wyoming_uri(text: str) -> str:
     raise ValueError(f"{text!r} is not tcp://HOST:PORT or unix:///PATH")
 
 
+def _session_store(text: str) -> str:
+    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
+        return text
+    raise ValueError(f"{text!r} is not sqlite:///PATH or memory")
+
+
 def _non_negative(value: float) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"must be a number, 0 or more, got {value}")
@@ -101,6 +107,7 @@ RemoteVoices = Annotated[str, AfterValidator(_remote_voices)]
 Languages = Annotated[str, AfterValidator(_languages)]
 Networks = Annotated[str, AfterValidator(_networks)]
 WyomingUri = Annotated[str, AfterValidator(_wyoming_uri)]
+SessionStoreUrl = Annotated[str, AfterValidator(_session_store)]
 Many = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_many)]
 Costs = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_many), AfterValidator(_costs)]
 ENV_ONLY = ("hf_token", "hf_home", "remote_api_key")  # secrets and the hub's own variables: never flags
@@ -194,6 +201,14 @@ class Settings(BaseSettings):
     piper_voice: Many = Field((), description="a Piper voice .onnx (with its .onnx.json beside it) or a folder of "
         "them; repeat for several languages (a request's 'language' picks one; the first is the default); default "
         "en_US-joe-medium")
+    session_store: SessionStoreUrl = Field("sqlite:///sessions.db", description="where conversation sessions are "
+        "kept: sqlite:///PATH (a file; relative to the working directory; survives restarts) or memory (this "
+        "process only)")
+    session_ttl: Positive = Field(86400, description="seconds of inactivity after which a session and its turns "
+                                                    "are deleted")
+    max_sessions: Positive = Field(10000, description="most sessions kept at once")
+    max_session_bytes: Positive = Field(4 * 2**20, description="most bytes of turns one session keeps (codes and "
+                                                               "text); the oldest turns go beyond it")
     request_timeout: Positive = Field(30, description="seconds a client has to send a whole HTTP request, head and "
                                                       "body; slower ones get 408 and are disconnected")
     write_timeout: Positive = Field(30, description="seconds an HTTP or WebSocket client may go without reading "

@@ -26,7 +26,8 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value
 json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
                                                                                           max_size=4), max_leaves=12)
 fields = {
-    "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance"]) | json_values,
+    "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance", "session", "session_delete", "turn"])
+    | json_values, "session": st.sampled_from(["", "x" * 70, "no-such-id"]) | json_values,
     "text": st.text(max_size=5) | st.sampled_from(["<|AUDIO|>", "<|audio_eos|>", "<|begin_of_text|>[7]"])
     | json_values,
     "speaker": st.integers(-3, 2**40) | st.text(alphabet="0123456789²³¹３٣߃", max_size=4) | json_values,

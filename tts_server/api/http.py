@@ -12,6 +12,7 @@ come in OpenAI's JSON shape.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from ..core.replies import PROTOCOL_VERSION
+from ..core.replies import PROTOCOL_VERSION, ProtocolError
+from ..core.security import Gate
 from ..core.service import Service
+from ..core.sessions import owner_of
 from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
 from . import openai, schemas, websocket
-from .openai_schemas import ApiError, Voices, models
+from .openai_schemas import STATUS, ApiError, Voices, models
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -49,6 +52,7 @@ def build_app(service: Service, max_frame_bytes: int) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ProtocolError, _protocol_error)
     app.add_middleware(Guard)  # added last = outermost but CORS
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
                        allow_headers=["authorization", "content-type"],
@@ -105,6 +109,16 @@ def _routes(app: FastAPI) -> None:
         return {"voices": [v["id"] for v in listed] if legacy else listed,
                 "languages": service.scheduler.chain.languages()}
 
+    @app.api_route("/v1/sessions/{session}", methods=GET, summary="A session's turns, oldest first (never audio)")
+    async def session_turns(request: Request, session: str) -> dict:
+        turns = await asyncio.to_thread(svc(request).sessions.turns, session, _owner(request))
+        return {"session": session, "turns": [turn.describe() for turn in turns]}
+
+    @app.delete("/v1/sessions/{session}", summary="Delete a session and its turns")
+    async def delete_session(request: Request, session: str) -> dict:
+        await asyncio.to_thread(svc(request).sessions.delete, session, _owner(request))
+        return {"session": session, "deleted": True}
+
     @app.api_route("/v1/websocket.schema.json", methods=GET, summary="JSON Schema of the WebSocket protocol")
     async def websocket_schema() -> dict:
         return schemas.json_schema()
@@ -132,6 +146,12 @@ def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[st
     }
 
 
+def _owner(request: Request) -> str:
+    """Whose sessions a request may see: the hash of the key it offers (a session is visible only with the key
+    that created it)."""
+    return owner_of(Gate.offered_key(request.headers, request.url.path + "?" + request.url.query))
+
+
 # -- errors: OpenAI's JSON shape under /v1/, plain text elsewhere -----------------------------------
 
 def error_response(path: str, status: int, message: str, code: str | None = None,
@@ -150,6 +170,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     error = exc.errors()[0]
     return error_response(request.url.path, 400, f"{'.'.join(map(str, error['loc']))}: {error['msg']}")
+
+
+async def _protocol_error(request: Request, exc: ProtocolError) -> Response:
+    return error_response(request.url.path, STATUS.get(exc.code.value, 400), exc.message, exc.code.value)
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:

@@ -29,7 +29,7 @@ CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "
                  "wav": "audio/wav", "pcm": "audio/pcm"}
 MAX_INSTRUCTIONS = 4096
 # Our error codes as HTTP statuses.
-STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_emotion": 400, "unsupported_language": 400,
+STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_session": 404, "unknown_emotion": 400, "unsupported_language": 400,
           "text_too_long": 413, "busy": 429, "rate_limited": 429, "too_many_queued": 429,
           "too_many_connections": 503, "model_unavailable": 503, "shutting_down": 503, "cancelled": 503,
           "generation_timeout": 504, "generation_failed": 500, "internal_error": 500, "client_too_slow": 408}

@@ -162,9 +162,49 @@ class VoiceMessage(_Message):
         return self
 
 
+SessionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                 description="a session id as the server gave it")]
+
+
+class SessionMessage(_Message):
+    """Bind this connection to a session: a new one (no ``session``), or the one named (resumed, from any
+    connection or server sharing the store).  Reply ``{"status": "session", "session", "turns"}``."""
+
+    type: Literal["session"]
+    session: SessionId | None = None
+
+
+class SessionDeleteMessage(_Message):
+    """Delete the bound session and its turns; the connection keeps its memory until it closes."""
+
+    type: Literal["session_delete"]
+
+
+class TurnMessage(_Message):
+    """A turn of the other side: what they said, then one binary frame with its audio (WAV, FLAC or OGG).
+    Reply ``{"status": "turn_saved", "speaker", "text", "duration_s", "turns"}`` once it is stored."""
+
+    type: Literal["turn"]
+    speaker: Speaker = Field(description=f"the speaker who said it: an integer from 0 to {MAX_SPEAKER}")
+    text: str = Field(min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
+                      description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; required: this server "
+                                  "has no speech recognition); then send the audio file as one binary frame")
+
+    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
+
+    @field_validator("text")
+    @classmethod
+    def _said(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("empty")
+        return text.strip()
+
+
 MESSAGES: dict[str, type[_Message]] = {"synthesize": SynthesizeMessage, "cancel": CancelMessage,
-                                       "reset": ResetMessage, "voice": VoiceMessage}
-Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage]
+                                       "reset": ResetMessage, "voice": VoiceMessage, "session": SessionMessage,
+                                       "session_delete": SessionDeleteMessage, "turn": TurnMessage}
+Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage, SessionMessage, SessionDeleteMessage,
+                TurnMessage]
 
 
 def parse_message(raw: str | bytes, limits: Limits) -> Message:
@@ -285,8 +325,27 @@ class VoiceClearedReply(_Reply):
     cleared: bool
 
 
+class SessionReply(_Reply):
+    status: Literal["session"]
+    session: str
+    turns: int
+
+
+class SessionDeletedReply(_Reply):
+    status: Literal["session_deleted"]
+    session: str
+
+
+class TurnSavedReply(_Reply):
+    status: Literal["turn_saved"]
+    speaker: int
+    text: str
+    duration_s: float
+    turns: int
+
+
 Reply = Union[StartReply, SuccessReply, ErrorReply, LoadingReply, CancelledReply, ResetReply, VoiceSavedReply,
-              VoiceClearedReply]
+              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply]
 
 
 class _Protocol(BaseModel):

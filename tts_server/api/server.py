@@ -116,3 +116,4 @@ class TTSServer(Service):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.close_background()
         self.scheduler.close()
+        self.sessions.close()

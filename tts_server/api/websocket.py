@@ -27,6 +27,8 @@ from ..core.context import Conversation
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
+from ..core.sessions import StoredTurn, owner_of
+from ..engines.base import ContextTurn
 from ..references import ReferenceError
 from ..references.quality import check_voice_prompt
 from . import schemas as s
@@ -38,9 +40,12 @@ PATHS = ("/", "/ws")
 class Connection:
     """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
 
-    def __init__(self, service: Service, ws: WebSocket) -> None:
+    def __init__(self, service: Service, ws: WebSocket, owner: str = "") -> None:
         self.service = service
         self.ws = ws
+        self.owner = owner  # whose sessions this connection may bind (a hash of its API key)
+        self.session: str | None = None
+        self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
         self.conversation = Conversation(service.library, service.max_context_turns)
@@ -74,11 +79,16 @@ class Connection:
         except (RuntimeError, OSError, WebSocketDisconnect):
             pass  # already closed
 
-    async def run(self) -> None:
+    async def run(self, session: str | None = None) -> None:
         notice = self.service.loading_notice()
         if notice:
             self._told_loading = True
             await self.send(r.loading_reply(notice))
+        if session is not None:  # ?session=<id> on the URL: resumed right after the handshake
+            try:
+                await self._bind(session)
+            except r.ProtocolError as exc:
+                await self.send(exc.reply())
         writer = asyncio.create_task(self._write_replies())
         try:
             while True:
@@ -97,15 +107,17 @@ class Connection:
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
-            voice, self._voice = self._voice, None
-            if voice is not None:
+            pending, self._voice, self._turn = self._voice or self._turn, None, None
+            if pending is not None:
                 if isinstance(raw, bytes):
-                    return await self._save_voice(voice, raw)
+                    save = self._save_voice if isinstance(pending, s.VoiceMessage) else self._save_turn
+                    return await save(pending, raw)
+                what = "Voice upload" if isinstance(pending, s.VoiceMessage) else "Turn"
                 await self.send(r.error_reply(r.ErrorCode.INVALID_REQUEST,
-                                              "Voice upload abandoned: the voice message must be followed by one "
-                                              "binary frame holding the audio file"))
+                                              f"{what} abandoned: its message must be followed by one binary frame "
+                                              "holding the audio file"))
             message = s.parse_message(raw, self.limits())
-            if isinstance(message, (s.SynthesizeMessage, s.VoiceMessage)) and not self._rate.allow():
+            if isinstance(message, (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage)) and not self._rate.allow():
                 raise r.rate_limited(self.service.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
                 await self._synthesize(message.request())
@@ -113,6 +125,12 @@ class Connection:
                 await self._cancel(message.request_id)
             elif isinstance(message, s.VoiceMessage):
                 await self._voice_message(message)
+            elif isinstance(message, s.TurnMessage):
+                self._turn = message
+            elif isinstance(message, s.SessionMessage):
+                await self._bind(message.session)
+            elif isinstance(message, s.SessionDeleteMessage):
+                await self._delete_session()
             else:
                 self.conversation.reset()
                 await self.send({"status": "reset"})
@@ -137,6 +155,9 @@ class Connection:
                   on_success=self._remember)
         job.owner = self
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
+        if self.session is not None and request.context:
+            session = self.session
+            job.persist = lambda j: self._store(session, j.task.produced)
         try:
             notice = self.service.scheduler.submit(job)
         except Busy as exc:
@@ -171,6 +192,47 @@ class Connection:
         turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
         await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
 
+    # -- sessions and the other side's turns -----------------------------------------------------------------
+    async def _bind(self, session: str | None) -> None:
+        """A new session (``None``) or a stored one: its turns become this connection's history."""
+        store = self.service.sessions
+        if session is None:
+            session, turns = await asyncio.to_thread(store.create, self.owner), []
+        else:
+            turns = await asyncio.to_thread(store.turns, session, self.owner)
+        self.session = session
+        self.conversation.history.clear()
+        self.conversation.history.extend(turn.context() for turn in turns)
+        await self.send({"status": "session", "session": session, "turns": len(turns)})
+
+    async def _delete_session(self) -> None:
+        if self.session is None:
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
+        session, self.session = self.session, None
+        await asyncio.to_thread(self.service.sessions.delete, session, self.owner)
+        await self.send({"status": "session_deleted", "session": session})
+
+    async def _save_turn(self, message: s.TurnMessage, data: bytes) -> None:
+        """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
+        try:
+            audio = await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
+                                            self.service.max_voice_seconds)
+        except ReferenceError as exc:
+            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Turn audio rejected: {exc}") from None
+        turn = ContextTurn(message.speaker, message.text, audio, {"csm": await self.service.codes_of(audio)})
+        turns = len(self.conversation.history) + 1
+        if self.session is not None:
+            turns = await asyncio.to_thread(self.service.sessions.append, self.session, self.owner,
+                                            StoredTurn.of(turn))
+        self.conversation.history.append(turn)
+        await self.send({"status": "turn_saved", "speaker": message.speaker, "text": message.text,
+                         "duration_s": round(turn.duration_s, 3), "turns": turns})
+
+    def _store(self, session: str, produced: list[ContextTurn]) -> None:
+        """A reply's turns into its session (on the worker thread, before the reply is sent)."""
+        for turn in produced:
+            self.service.sessions.append(session, self.owner, StoredTurn.of(turn))
+
     async def _cancel(self, request_id: str) -> None:
         job = self.live.get(request_id)
         if job is None or not job.cancel():
@@ -202,9 +264,9 @@ async def serve(ws: WebSocket) -> None:
     if refusal is not None:
         await ws.send_text(r.encode(refusal.reply()))
         return await ws.close(1013, "try again later")
-    connection = Connection(service, ws)
+    connection = Connection(service, ws, owner_of(service.gate.offered_key(ws.headers, target)))
     open_connections.add(connection)
     try:
-        await connection.run()
+        await connection.run(ws.query_params.get("session"))
     finally:
         open_connections.discard(connection)

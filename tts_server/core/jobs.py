@@ -46,6 +46,7 @@ class Job:
         self.cancel_event = self.task.cancel
         self.prepare = prepare  # on the loop, right before work starts: fill task.context
         self.on_success = on_success  # on the loop, after success, before the reply: remember task.produced
+        self.persist: Callable[["Job"], None] | None = None  # worker thread, after success, before the reply: store
         self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)

@@ -34,6 +34,7 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"
     GENERATION_TIMEOUT = "generation_timeout"
     UNSUPPORTED_LANGUAGE = "unsupported_language"
+    UNKNOWN_SESSION = "unknown_session"
     MODEL_UNAVAILABLE = "model_unavailable"
     GENERATION_FAILED = "generation_failed"
     INTERNAL_ERROR = "internal_error"

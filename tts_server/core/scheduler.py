@@ -243,6 +243,14 @@ class Scheduler:
             log.exception("internal error on request %s", job.request_id)
             outcome = Outcome("error", 0.0, None,
                               (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+        if outcome.status == "success" and job.persist is not None and not job.abandoned:
+            try:
+                job.persist(job)  # durable before the client can see the reply (a session's turns)
+            except Exception:
+                log.exception("request %s: its turns could not be stored", job.request_id)
+                outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (r.error_reply(
+                    r.ErrorCode.INTERNAL_ERROR, "The reply was made but could not be stored in its session",
+                    job.request_id),))
         self._count(job, slot, outcome, started)
         if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
             meta = {k: v for k, v in outcome.final[0].items() if k not in ("request_id", "generation_s", "ttfa_ms")}

@@ -50,16 +50,17 @@ class Gate:
     def requires_key(self) -> bool:
         return bool(self._keys)
 
+    @staticmethod
+    def offered_key(headers, path: str) -> str:
+        """The key a request offers (``Authorization: Bearer``, else ``?api_key=``); empty when none."""
+        auth = headers.get("Authorization", "")
+        offered = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        return offered or (parse_qs(urlsplit(path).query).get("api_key") or [""])[0]
+
     def key_ok(self, headers, path: str) -> bool:
         if not self._keys:
             return True
-        offered = ""
-        auth = headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            offered = auth[7:].strip()
-        if not offered:
-            offered = (parse_qs(urlsplit(path).query).get("api_key") or [""])[0]
-        candidate = offered.encode()
+        candidate = self.offered_key(headers, path).encode()
         matched = False
         for key in self._keys:  # no early exit: time does not depend on which key matched
             matched |= hmac.compare_digest(candidate, key)
@@ -158,13 +159,14 @@ class RateLimiter:
         return False
 
 
-_CREDENTIALS = re.compile(r"(?i)(authorization[\"']?[:,]\s*[\"']?(?:\w+\s+)?|api_key=|x-api-key[\"']?[:,]\s*[\"']?)"
+_CREDENTIALS = re.compile(r"(?i)(authorization[\"']?[:,]\s*[\"']?(?:\w+\s+)?|api_key=|[?&]session=|x-api-key[\"']?[:,]\s*[\"']?)"
                           r"[^&\s'\"]+")
 
 
 class RedactingFilter(logging.Filter):
-    """Strips credentials from every record it sees: the ``Authorization`` header, ``?api_key=`` and every
-    configured secret become ``***`` (uvicorn logs a WebSocket's path with its query at INFO, for one)."""
+    """Strips credentials from every record it sees: the ``Authorization`` header, ``?api_key=``, a session id in
+    ``?session=`` (on a keyless server it is all a client needs to read a session) and every configured secret
+    become ``***`` (uvicorn logs a WebSocket's path with its query at INFO, for one)."""
 
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()

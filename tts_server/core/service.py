@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Hashable
 
+from ..engines.base import ContextTurn
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
@@ -18,6 +19,7 @@ from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
+from .sessions import SessionStore
 
 
 class Service:
@@ -30,7 +32,8 @@ class Service:
                  max_connections: int = 256, max_connections_per_address: int = 16, rate_limit: int = 120,
                  max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
                  max_voice_seconds: float = 30, generation_timeout: float = 120,
-                 trusted_proxies: tuple[str, ...] = ()) -> None:
+                 trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
+                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20) -> None:
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -48,6 +51,21 @@ class Service:
                                    stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
                                    cache=AudioCache(cache_bytes))
         self._background: set[asyncio.Task] = set()
+        self.sessions = SessionStore.open(session_store, ttl=session_ttl, max_sessions=max_sessions,
+                                          max_bytes=max_session_bytes)
+
+    async def codes_of(self, audio) -> Any:
+        """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on CSM's worker threads; waits while CSM
+        loads.  Turns are stored as codes, so a server without CSM cannot take them."""
+        slot = self.scheduler.slots.get("csm")
+        if slot is not None:
+            await slot.loaded.wait()
+        if slot is None or slot.state != "ready":
+            why = slot.reason if slot else "not configured"
+            raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is "
+                                                                 f"not available here: {why}")
+        turn = ContextTurn(0, "", audio)
+        return await asyncio.get_running_loop().run_in_executor(slot.executor, slot.engine.codes_for, turn)
 
     @property
     def emotions(self) -> tuple[str, ...]:

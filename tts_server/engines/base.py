@@ -53,10 +53,13 @@ class ContextTurn:
     audio: np.ndarray | None = None  # 24 kHz mono float32
     cache: dict[str, Any] = field(default_factory=dict)
     pinned: bool = False
+    duration: float | None = None  # for a turn restored from its codes alone (a stored session turn)
 
     @property
     def duration_s(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) / 24000
+        if self.audio is None:
+            return self.duration or 0.0
+        return len(self.audio) / 24000
 
 
 @dataclass(eq=False)

@@ -153,6 +153,8 @@ class CsmEngine(Engine):
                 raise EngineError("internal_error", "a context turn has neither audio nor codes")
             codes = self.decoder.encode_audio(torch.from_numpy(np.ascontiguousarray(turn.audio)))
             turn.cache["csm"] = codes
+        elif isinstance(codes, np.ndarray):  # a stored session turn
+            codes = turn.cache["csm"] = torch.from_numpy(codes).to(self.device)
         return codes
 
     def prompt_ids(self, turns: list[ContextTurn], text: str, speaker: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Conversation sessions: the turns of a dialogue, kept as what CSM needs, so any connection can resume them.
+
+A turn is stored as its speaker, text, duration and Mimi codes (16-bit, frames x
+codebooks), never as audio: a minute of conversation is tens of KB.  A session
+belongs to the API key that created it (stored as a hash); an unknown, expired
+or foreign id is the same ``unknown_session`` to the caller.  Ids carry 128
+random bits.  Limits: ``ttl`` seconds of inactivity, ``max_sessions``, and
+``max_bytes`` per session (the oldest turns are dropped to stay under it).
+
+Stores: ``memory`` (tests, one process) and ``sqlite:///path`` (the default; a
+file, WAL journal, ``synchronous=FULL``: a turn acknowledged is on disk).  Calls
+block; the interfaces run them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..engines.base import ContextTurn
+from . import replies as r
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    speaker: int
+    text: str
+    duration_s: float
+    codes: np.ndarray  # (frames, codebooks) int64, CSM's Mimi codes
+
+    @property
+    def size(self) -> int:
+        return self.codes.size * 2 + len(self.text.encode())
+
+    def describe(self) -> dict:
+        return {"speaker": self.speaker, "text": self.text, "duration_s": round(self.duration_s, 3)}
+
+    def context(self) -> ContextTurn:
+        """As a prompt turn: CSM reads the codes from the turn's cache; there is no audio to re-encode."""
+        return ContextTurn(self.speaker, self.text, None, {"csm": self.codes}, duration=self.duration_s)
+
+    @classmethod
+    def of(cls, turn: ContextTurn) -> "StoredTurn":
+        codes = turn.cache["csm"]
+        codes = codes.cpu().numpy() if hasattr(codes, "cpu") else np.asarray(codes)  # a tensor, maybe on a GPU
+        return cls(turn.speaker, turn.text, turn.duration_s, codes.astype(np.int64))
+
+
+def owner_of(api_key: str | None) -> str:
+    """Who a session belongs to: a hash of the key that created it (no key: everyone on a keyless server)."""
+    return hashlib.sha256((api_key or "").encode()).hexdigest()
+
+
+def unknown(session: str) -> r.ProtocolError:
+    return r.ProtocolError(r.ErrorCode.UNKNOWN_SESSION, f"No session {session[:64]!r}: it never existed, expired, was "
+                                                        "deleted, or belongs to another API key")
+
+
+class SessionStore:
+    """SQLite (a file) or memory (``:memory:``), behind one lock: every call is one short transaction."""
+
+    def __init__(self, path: str, ttl: float = 86400, max_sessions: int = 10000, max_bytes: int = 4 * 2**20,
+                 clock=time.time) -> None:
+        self.ttl, self.max_sessions, self.max_bytes, self._clock = ttl, max_sessions, max_bytes, clock
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+                             "touched REAL NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS turns (session TEXT NOT NULL, seq INTEGER NOT NULL, "
+                             "speaker INTEGER NOT NULL, text TEXT NOT NULL, duration REAL NOT NULL, "
+                             "frames INTEGER NOT NULL, codes BLOB NOT NULL, PRIMARY KEY (session, seq))")
+
+    @classmethod
+    def open(cls, url: str, **limits) -> "SessionStore":
+        """``memory`` or ``sqlite:///path`` (``--session-store``)."""
+        if url == "memory":
+            return cls(":memory:", **limits)
+        if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+            return cls(url[len("sqlite:///"):], **limits)
+        raise ValueError(f"{url!r} is not memory or sqlite:///PATH")
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    def create(self, owner: str) -> str:
+        session = secrets.token_urlsafe(16)  # 128 random bits
+        with self._tx():
+            self._expire()
+            (count,) = self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+            if count >= self.max_sessions:
+                raise r.ProtocolError(r.ErrorCode.BUSY, f"The server holds its maximum of {self.max_sessions} "
+                                                        "sessions; retry later")
+            self._db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (session, owner, self._clock()))
+        return session
+
+    def turns(self, session: str, owner: str) -> list[StoredTurn]:
+        """The session's turns, oldest first (and the session is touched); ``unknown_session`` if it is not
+        this owner's live session."""
+        with self._tx():
+            self._check(session, owner)
+            rows = self._db.execute("SELECT speaker, text, duration, frames, codes FROM turns WHERE session = ? "
+                                    "ORDER BY seq", (session,)).fetchall()
+        return [StoredTurn(speaker, text, duration, _codes(blob, frames)) for speaker, text, duration, frames, blob
+                in rows]
+
+    def append(self, session: str, owner: str, turn: StoredTurn) -> int:
+        """Store ``turn`` (durably) and return the session's turn count; the oldest turns go past ``max_bytes``."""
+        blob = turn.codes.astype("<i2").tobytes()
+        with self._tx():
+            self._check(session, owner)
+            (last,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) FROM turns WHERE session = ?",
+                                       (session,)).fetchone()
+            self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (session, last + 1, turn.speaker, turn.text, turn.duration_s, len(turn.codes), blob))
+            self._trim(session)
+            (count,) = self._db.execute("SELECT COUNT(*) FROM turns WHERE session = ?", (session,)).fetchone()
+        return count
+
+    def delete(self, session: str, owner: str) -> None:
+        with self._tx():
+            self._check(session, owner)
+            self._drop(session)
+
+    # -- internals (under the lock, inside a transaction) ---------------------------------------------------
+    def _check(self, session: str, owner: str) -> None:
+        row = self._db.execute("SELECT owner, touched FROM sessions WHERE id = ?", (session,)).fetchone()
+        now = self._clock()
+        if row is None or row[0] != owner or now - row[1] > self.ttl:
+            if row is not None and now - row[1] > self.ttl:
+                self._drop(session)
+            raise unknown(session)
+        self._db.execute("UPDATE sessions SET touched = ? WHERE id = ?", (now, session))
+
+    def _trim(self, session: str) -> None:
+        sizes = self._db.execute("SELECT seq, LENGTH(codes) + LENGTH(CAST(text AS BLOB)) FROM turns WHERE session = ? "
+                                 "ORDER BY seq DESC", (session,)).fetchall()
+        total, keep = 0, None
+        for seq, size in sizes:
+            total += size
+            if total > self.max_bytes:
+                keep = seq
+                break
+        if keep is not None:
+            self._db.execute("DELETE FROM turns WHERE session = ? AND seq <= ?", (session, keep))
+
+    def _expire(self) -> None:
+        for (session,) in self._db.execute("SELECT id FROM sessions WHERE touched < ?",
+                                           (self._clock() - self.ttl,)).fetchall():
+            self._drop(session)
+
+    def _drop(self, session: str) -> None:
+        self._db.execute("DELETE FROM turns WHERE session = ?", (session,))
+        self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """One transaction under the lock; committed (and, with synchronous=FULL, on disk) when it ends."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _codes(blob: bytes, frames: int) -> np.ndarray:
+    return np.frombuffer(blob, "<i2").reshape(frames, -1).astype(np.int64)
