@@ -168,3 +168,74 @@ async def test_acknowledged_turns_survive_sigkill_and_the_restarted_server_answe
         steady.stop()
     assert bound == {"status": "session", "session": session, "turns": 2}
     assert after_restart == never_died
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
+
+
+async def stream_turn(ws, audio: np.ndarray, rate: int, text: str | None, piece: int = 2401) -> dict:
+    await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": rate}))
+    data = pcm16(audio)
+    for start in range(0, len(data), piece):  # odd sizes: samples split across frames
+        await ws.send(data[start:start + piece])
+    await ws.send(json.dumps({"type": "turn_end", **({"text": text} if text else {})}))
+    return await recv_json(ws)
+
+
+async def test_a_turn_streamed_while_spoken_is_the_turn_sent_whole(tiny_model_dir):
+    """The same 24 kHz speech streamed in odd-sized PCM pieces or sent as one WAV file: the same context, so the
+    same seeded reply; a 16 kHz stream is resampled and keeps its length."""
+    speech = np.round(speechlike(2.3, seed=3) * 32767) / 32767  # exactly representable in 16 bits
+    async with running_server(csm_slot(tiny_model_dir)) as server:
+        async with websockets.connect(url(server)) as ws:
+            streamed = await stream_turn(ws, speech, 24000, "Streamed words.")
+            after_stream = await reply(ws, 9, "And my answer.")
+        async with websockets.connect(url(server)) as ws:
+            whole = await turn(ws, audio_bytes(speech), "Streamed words.")
+            after_whole = await reply(ws, 9, "And my answer.")
+        async with websockets.connect(url(server)) as ws:
+            slower = await stream_turn(ws, speechlike(1.5, rate=16000, seed=4), 16000, "At sixteen kilohertz.")
+            no_text = await stream_turn(ws, speechlike(1.0, seed=4), 24000, None)
+            await ws.send(json.dumps({"type": "turn_end", "text": "Nothing was started."}))
+            unopened = await recv_json(ws)
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 4000}))
+            bad_rate = await recv_json(ws)
+    assert streamed["status"] == whole["status"] == "turn_saved" and streamed["duration_s"] == whole["duration_s"]
+    assert after_stream == after_whole
+    assert slower["status"] == "turn_saved" and slower["duration_s"] == pytest.approx(1.5, abs=0.01)
+    assert no_text["code"] == "invalid_request" and "'text'" in no_text["message"]
+    assert unopened["code"] == "invalid_request" and "turn_start" in unopened["message"]
+    assert bad_rate["code"] == "invalid_request" and "'sample_rate'" in bad_rate["message"]
+
+
+async def test_the_openai_api_reads_and_extends_a_session(tiny_model_dir):
+    """``session`` on POST /v1/audio/speech (our extra field, through the official SDK): the session's turns are
+    the context (the same audio as the WebSocket with the same turns) and the reply joins the session."""
+    from test_openai import client_for
+
+    async with running_server(csm_slot(tiny_model_dir)) as server:
+        async with websockets.connect(url(server)) as ws:
+            session = (await bind(ws))["session"]
+            await turn(ws, USER_A, "Hello, how are you?")
+        client = client_for(server)
+
+        def speak(**extra) -> bytes:
+            return client.audio.speech.create(model="csm", voice="alloy", input="I am fine, thank you.",
+                                              response_format="pcm", extra_body={"seed": 7, "max_audio_length_ms": 400,
+                                                                                 **extra}).read()
+        over_http = await asyncio.to_thread(speak, session=session)
+        without = await asyncio.to_thread(speak)
+        async with websockets.connect(url(server)) as ws:
+            await turn(ws, USER_A, "Hello, how are you?")
+            await ws.send(json.dumps({"text": "I am fine, thank you.", "seed": 7, "speaker": 0,
+                                      "max_audio_length_ms": 400, "format": "pcm"}))
+            _, over_ws, _ = await collect(ws)
+        _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
+        from openai import NotFoundError
+
+        with pytest.raises(NotFoundError) as refused:
+            await asyncio.to_thread(speak, session="no-such-session")
+    assert over_http == over_ws and over_http != without
+    assert [t["speaker"] for t in json.loads(listed)["turns"]] == [1, 0]  # the user's turn, then the reply
+    assert refused.value.body["code"] == "unknown_session"

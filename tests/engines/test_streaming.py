@@ -154,3 +154,28 @@ async def test_a_client_that_does_not_read_gets_client_too_slow_and_others_are_s
         await slow.close()
     assert reply["code"] == "client_too_slow" and reply["request_id"] == "slow"
     assert 0 < len(audio) < 90 * 24000 * 2
+
+
+def test_a_clip_encoded_as_it_arrives_gives_the_codes_of_encoding_it_whole(tiny_model_dir):
+    """Pieces of any size (under a frame, across frames) give the codes of one encode of the whole clip, both
+    zero-padded to whole frames: a streamed turn costs only its last partial frame at its end."""
+    from audio_fixtures import speechlike
+    from tts_server.engines.base import ContextTurn
+    from tts_server.engines.csm import CsmEngine
+
+    engine = CsmEngine(lambda: tiny_model_dir, device="cpu")
+    engine.load()
+    clip = speechlike(2.3, seed=5)  # not a whole number of frames
+    padded = np.pad(clip, (0, -len(clip) % FRAME_SAMPLES))
+    whole = engine.codes_for(ContextTurn(1, "", padded))
+    for sizes in ([len(clip)], [500] * 200, [1920, 7, 4000, 333, 100_000]):
+        encoder, start = engine.stream_encoder(), 0
+        for size in sizes:
+            encoder.feed(torch.from_numpy(clip[start:start + size]))
+            start += size
+        streamed = encoder.finish()
+        assert streamed.shape == whole.shape == (len(padded) // FRAME_SAMPLES, 32)
+        assert torch.equal(streamed, whole), sizes
+    other = engine.stream_encoder()
+    other.feed(torch.from_numpy(speechlike(2.3, seed=6)))
+    assert not torch.equal(other.finish(), whole)  # the comparison can fail

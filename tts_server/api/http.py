@@ -24,9 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from ..core.replies import PROTOCOL_VERSION, ProtocolError
-from ..core.security import Gate
 from ..core.service import Service
-from ..core.sessions import owner_of
 from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
 from . import openai, schemas, websocket
 from .openai_schemas import STATUS, ApiError, Voices, models
@@ -34,7 +32,6 @@ from .openai_schemas import STATUS, ApiError, Voices, models
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATIC = Path(__file__).resolve().parent.parent / "static"
 OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no key needed: they hold no data
-GET = ["GET", "HEAD"]  # load balancers health-check with HEAD
 
 
 def build_app(service: Service, max_frame_bytes: int) -> FastAPI:
@@ -60,23 +57,32 @@ def build_app(service: Service, max_frame_bytes: int) -> FastAPI:
     return app
 
 
+def get(app: FastAPI, path: str, **options):
+    """A GET route that answers HEAD too (load balancers health-check with HEAD); HEAD stays out of the schema."""
+    def register(endpoint):
+        app.add_api_route(path, endpoint, methods=["GET"], **options)
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+        return endpoint
+    return register
+
+
 def _routes(app: FastAPI) -> None:
     def svc(request: Request) -> Service:
         return request.app.state.service
 
-    @app.api_route("/", methods=GET, include_in_schema=False)
+    @get(app, "/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
-    @app.api_route("/ws", methods=GET, include_in_schema=False)
+    @get(app, "/ws", include_in_schema=False)
     async def ws_over_http() -> PlainTextResponse:
         return PlainTextResponse("This is a WebSocket endpoint: connect with a WebSocket client.\n", 426)
 
-    @app.api_route("/health", methods=GET, summary="The process is alive")
+    @get(app, "/health", summary="The process is alive")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.api_route("/ready", methods=GET, summary="Whether a request without 'engine' is answered now")
+    @get(app, "/ready", summary="Whether a request without 'engine' is answered now")
     async def ready(request: Request) -> JSONResponse:
         service = svc(request)
         engine, reason = service.serving()
@@ -86,30 +92,30 @@ def _routes(app: FastAPI) -> None:
                                  "reason": reason}, 503)
         return JSONResponse({"status": "ready", "engine": engine, "reason": reason})
 
-    @app.api_route("/metrics", methods=GET, summary="Prometheus metrics")
+    @get(app, "/metrics", summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
         service = svc(request)
         service.refresh_gauges()
         return Response(service.metrics.render(), media_type=PROMETHEUS_TYPE)
 
-    @app.api_route("/v1/info", methods=GET, summary="Engines, formats, voices and limits")
+    @get(app, "/v1/info", summary="Engines, formats, voices and limits")
     async def info(request: Request) -> dict:
         return describe(svc(request), request.app.state.max_frame_bytes, len(request.app.state.websockets))
 
-    @app.api_route("/v1/models", methods=GET, summary="OpenAI's model list: the names clients send")
+    @get(app, "/v1/models", summary="OpenAI's model list: the names clients send")
     async def list_models(request: Request) -> dict:
         service = svc(request)
         engines = [name for name, slot in service.scheduler.slots.items() if slot.state != "failed"]
         return models(service.scheduler.primary.name, engines)
 
-    @app.api_route("/v1/audio/voices", methods=GET, summary="Voice names (Kokoro-FastAPI's shape)")
+    @get(app, "/v1/audio/voices", summary="Voice names (Kokoro-FastAPI's shape)")
     async def voices(request: Request, legacy: bool = False) -> dict:
         service = svc(request)
         listed = Voices(service.library.voice_names()).listing()
         return {"voices": [v["id"] for v in listed] if legacy else listed,
                 "languages": service.scheduler.chain.languages()}
 
-    @app.api_route("/v1/sessions/{session}", methods=GET, summary="A session's turns, oldest first (never audio)")
+    @get(app, "/v1/sessions/{session}", summary="A session's turns, oldest first (never audio)")
     async def session_turns(request: Request, session: str) -> dict:
         turns = await asyncio.to_thread(svc(request).sessions.turns, session, _owner(request))
         return {"session": session, "turns": [turn.describe() for turn in turns]}
@@ -119,7 +125,7 @@ def _routes(app: FastAPI) -> None:
         await asyncio.to_thread(svc(request).sessions.delete, session, _owner(request))
         return {"session": session, "deleted": True}
 
-    @app.api_route("/v1/websocket.schema.json", methods=GET, summary="JSON Schema of the WebSocket protocol")
+    @get(app, "/v1/websocket.schema.json", summary="JSON Schema of the WebSocket protocol")
     async def websocket_schema() -> dict:
         return schemas.json_schema()
 
@@ -147,9 +153,8 @@ def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[st
 
 
 def _owner(request: Request) -> str:
-    """Whose sessions a request may see: the hash of the key it offers (a session is visible only with the key
-    that created it)."""
-    return owner_of(Gate.offered_key(request.headers, request.url.path + "?" + request.url.query))
+    """Whose sessions a request may see (a session is visible only with the key that created it)."""
+    return request.app.state.service.owner(request.headers, f"{request.url.path}?{request.url.query}")
 
 
 # -- errors: OpenAI's JSON shape under /v1/, plain text elsewhere -----------------------------------

@@ -94,14 +94,24 @@ async def speech(request: Request) -> Response:
         raise ApiError.from_reply(slot.reply())
     if synthesis.speed != 1.0 and slot.name == "csm":
         raise ApiError(400, SPEED_UNSUPPORTED, "speed")
+    owner = service.owner(request.headers, f"{request.url.path}?{request.url.query}")
+    history = [] if spoken.session is None else \
+        [turn.context() for turn in await asyncio.to_thread(service.sessions.turns, spoken.session, owner)]
     address = service.proxies.client(request.client.host if request.client else "?", request.headers)
     per_address: PerAddress = request.app.state.per_address
     per_address.admit(service, address)
-    job = Job(synthesis, asyncio.get_running_loop(), prepare=lambda j: service.library.stateless_prompt(j.task),
-              interface="http")
-    # Its prompt holds the speaker's default voice, which pinning may set while the server runs: the turn itself
-    # (hashed by identity) keeps audio made with another voice from answering.
-    job.cache_salt = ("http", service.library.voices.get(synthesis.speaker))
+
+    def prepare(job: Job) -> None:  # the speaker's default voice, then the session's turns, oldest first
+        service.library.stateless_prompt(job.task)
+        job.task.context += history[-service.max_context_turns:]
+
+    job = Job(synthesis, asyncio.get_running_loop(), prepare=prepare, interface="http")
+    if spoken.session is None:
+        # Its prompt holds the speaker's default voice, which pinning may set while the server runs: the turn itself
+        # (hashed by identity) keeps audio made with another voice from answering.
+        job.cache_salt = ("http", service.library.voices.get(synthesis.speaker))
+    else:  # the reply joins the session before its last byte is sent
+        job.persist = lambda j: service.sessions.extend(spoken.session, owner, j.task.produced)
     try:
         service.scheduler.submit(job)
     except Busy as exc:

@@ -19,7 +19,7 @@ from ..audio.codec import STREAM_RATES
 from ..core.replies import ErrorCode, ProtocolError
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
-from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, null_is_unset
+from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, SessionId, field_message, null_is_unset
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).
@@ -81,6 +81,8 @@ class SpeechBody(BaseModel):
     emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
     sample_rate: int | None = Field(None, ge=8000, le=48000, description="an integer from 8000 to 48000")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
+    session: SessionId | None = Field(None, description="a session (from the WebSocket's 'session' message): its "
+                                                        "turns are the context, and this reply joins them")
 
     @field_validator("input")
     @classmethod
@@ -98,6 +100,7 @@ class SpeechRequest:
     response_format: str = "mp3"
     stream_format: str = "audio"
     sample_rate: int | None = None  # None: the server's --sample-rate
+    session: str | None = None  # a session whose turns are the context, and which the reply extends
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,9 @@ def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
     synthesis = SynthesisRequest(
         text=body.input, request_id=new_request_id(), speaker=speaker, seed=body.seed, temperature=body.temperature,
         top_k=body.top_k, max_audio_length_ms=body.max_audio_length_ms, format="pcm", stream=True,
-        context=body.context, emotion=emotion, engine=MODELS[body.model], speed=body.speed, language=body.language)
-    return SpeechRequest(synthesis, body.response_format, body.stream_format, body.sample_rate)
+        context=body.context or body.session is not None, emotion=emotion, engine=MODELS[body.model], speed=body.speed,
+        language=body.language)
+    return SpeechRequest(synthesis, body.response_format, body.stream_format, body.sample_rate, body.session)
 
 
 def models(primary: str, engines: list[str]) -> dict[str, Any]:

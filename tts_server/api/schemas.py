@@ -200,11 +200,33 @@ class TurnMessage(_Message):
         return text.strip()
 
 
+class TurnStartMessage(_Message):
+    """A turn of the other side streamed while they speak: binary frames of 16-bit mono PCM follow, then
+    ``turn_end``.  No reply unless refused."""
+
+    type: Literal["turn_start"]
+    speaker: Speaker = Field(description=f"the speaker who is talking: an integer from 0 to {MAX_SPEAKER}")
+    sample_rate: int = Field(24000, ge=8000, le=48000, description="the rate of the PCM frames that follow: an integer "
+                                                                    "from 8000 to 48000")
+
+    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
+
+
+class TurnEndMessage(_Message):
+    """The streamed turn is complete; reply ``turn_saved`` once it is stored."""
+
+    type: Literal["turn_end"]
+    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
+                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; required: this "
+                                         "server has no speech recognition)")
+
+
 MESSAGES: dict[str, type[_Message]] = {"synthesize": SynthesizeMessage, "cancel": CancelMessage,
                                        "reset": ResetMessage, "voice": VoiceMessage, "session": SessionMessage,
-                                       "session_delete": SessionDeleteMessage, "turn": TurnMessage}
+                                       "session_delete": SessionDeleteMessage, "turn": TurnMessage,
+                                       "turn_start": TurnStartMessage, "turn_end": TurnEndMessage}
 Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage, SessionMessage, SessionDeleteMessage,
-                TurnMessage]
+                TurnMessage, TurnStartMessage, TurnEndMessage]
 
 
 def parse_message(raw: str | bytes, limits: Limits) -> Message:

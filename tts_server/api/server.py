@@ -117,3 +117,4 @@ class TTSServer(Service):
         await self.close_background()
         self.scheduler.close()
         self.sessions.close()
+        self.turn_encoding.shutdown(wait=False)

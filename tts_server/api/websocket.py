@@ -27,7 +27,8 @@ from ..core.context import Conversation
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
-from ..core.sessions import StoredTurn, owner_of
+from ..core.sessions import StoredTurn
+from ..core.turns import StreamedTurn
 from ..engines.base import ContextTurn
 from ..references import ReferenceError
 from ..references.quality import check_voice_prompt
@@ -46,6 +47,7 @@ class Connection:
         self.owner = owner  # whose sessions this connection may bind (a hash of its API key)
         self.session: str | None = None
         self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
+        self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
         self.conversation = Conversation(service.library, service.max_context_turns)
@@ -107,6 +109,8 @@ class Connection:
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
+            if isinstance(raw, bytes) and self._voice is None and self._turn is None and self._streaming is not None:
+                return await self._stream_audio(raw)
             pending, self._voice, self._turn = self._voice or self._turn, None, None
             if pending is not None:
                 if isinstance(raw, bytes):
@@ -117,7 +121,8 @@ class Connection:
                                               f"{what} abandoned: its message must be followed by one binary frame "
                                               "holding the audio file"))
             message = s.parse_message(raw, self.limits())
-            if isinstance(message, (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage)) and not self._rate.allow():
+            counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage)
+            if isinstance(message, counted) and not self._rate.allow():
                 raise r.rate_limited(self.service.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
                 await self._synthesize(message.request())
@@ -131,6 +136,11 @@ class Connection:
                 await self._bind(message.session)
             elif isinstance(message, s.SessionDeleteMessage):
                 await self._delete_session()
+            elif isinstance(message, s.TurnStartMessage):
+                self._streaming = None  # a turn left open is dropped for the new one
+                self._streaming = await self.service.stream_turn(message.speaker, message.sample_rate)
+            elif isinstance(message, s.TurnEndMessage):
+                await self._end_turn(message.text)
             else:
                 self.conversation.reset()
                 await self.send({"status": "reset"})
@@ -157,7 +167,7 @@ class Connection:
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
         if self.session is not None and request.context:
             session = self.session
-            job.persist = lambda j: self._store(session, j.task.produced)
+            job.persist = lambda j: self.service.sessions.extend(session, self.owner, j.task.produced)
         try:
             notice = self.service.scheduler.submit(job)
         except Busy as exc:
@@ -212,6 +222,26 @@ class Connection:
         await asyncio.to_thread(self.service.sessions.delete, session, self.owner)
         await self.send({"status": "session_deleted", "session": session})
 
+    async def _stream_audio(self, pcm: bytes) -> None:
+        turn, loop = self._streaming, asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.service.turn_encoding, turn.feed, pcm)
+        except r.ProtocolError:
+            self._streaming = None
+            raise
+
+    async def _end_turn(self, text: str | None) -> None:
+        turn, self._streaming = self._streaming, None
+        if turn is None:
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' "
+                                                               "and the audio first")
+        if not (text or "").strip():
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'text' is required on 'turn_end': this server has "
+                                                               "no speech recognition; the turn was dropped")
+        finished = await asyncio.get_running_loop().run_in_executor(self.service.turn_encoding, turn.finish,
+                                                                    text.strip())
+        await self._keep_turn(finished)
+
     async def _save_turn(self, message: s.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
         try:
@@ -219,19 +249,18 @@ class Connection:
                                             self.service.max_voice_seconds)
         except ReferenceError as exc:
             raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Turn audio rejected: {exc}") from None
-        turn = ContextTurn(message.speaker, message.text, audio, {"csm": await self.service.codes_of(audio)})
+        await self._keep_turn(ContextTurn(message.speaker, message.text, audio,
+                                          {"csm": await self.service.codes_of(audio)}))
+
+    async def _keep_turn(self, turn: ContextTurn) -> None:
+        """Into the history, and the session's store when one is bound; then ``turn_saved``."""
         turns = len(self.conversation.history) + 1
         if self.session is not None:
             turns = await asyncio.to_thread(self.service.sessions.append, self.session, self.owner,
                                             StoredTurn.of(turn))
         self.conversation.history.append(turn)
-        await self.send({"status": "turn_saved", "speaker": message.speaker, "text": message.text,
+        await self.send({"status": "turn_saved", "speaker": turn.speaker, "text": turn.text,
                          "duration_s": round(turn.duration_s, 3), "turns": turns})
-
-    def _store(self, session: str, produced: list[ContextTurn]) -> None:
-        """A reply's turns into its session (on the worker thread, before the reply is sent)."""
-        for turn in produced:
-            self.service.sessions.append(session, self.owner, StoredTurn.of(turn))
 
     async def _cancel(self, request_id: str) -> None:
         job = self.live.get(request_id)
@@ -264,7 +293,7 @@ async def serve(ws: WebSocket) -> None:
     if refusal is not None:
         await ws.send_text(r.encode(refusal.reply()))
         return await ws.close(1013, "try again later")
-    connection = Connection(service, ws, owner_of(service.gate.offered_key(ws.headers, target)))
+    connection = Connection(service, ws, service.owner(ws.headers, target))
     open_connections.add(connection)
     try:
         await connection.run(ws.query_params.get("session"))

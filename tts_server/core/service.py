@@ -8,9 +8,13 @@ ask this object who may connect and what the server can do right now.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Hashable
 
+import numpy as np
+
 from ..engines.base import ContextTurn
+from ..engines.mimi_stream import FRAME_SAMPLES
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
@@ -19,7 +23,8 @@ from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
-from .sessions import SessionStore
+from .sessions import SessionStore, owner_of
+from .turns import StreamedTurn
 
 
 class Service:
@@ -51,12 +56,24 @@ class Service:
                                    stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
                                    cache=AudioCache(cache_bytes))
         self._background: set[asyncio.Task] = set()
+        self.turn_encoding = ThreadPoolExecutor(1, thread_name_prefix="turn-encoder")  # the other side's audio
         self.sessions = SessionStore.open(session_store, ttl=session_ttl, max_sessions=max_sessions,
                                           max_bytes=max_session_bytes)
 
     async def codes_of(self, audio) -> Any:
         """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on CSM's worker threads; waits while CSM
         loads.  Turns are stored as codes, so a server without CSM cannot take them."""
+        slot = await self._csm_for_turns()
+        audio = np.pad(audio, (0, -len(audio) % FRAME_SAMPLES))  # whole frames, as a streamed turn is encoded
+        return await asyncio.get_running_loop().run_in_executor(self.turn_encoding, slot.engine.codes_for,
+                                                                ContextTurn(0, "", audio))
+
+    async def stream_turn(self, speaker: int, sample_rate: int) -> StreamedTurn:
+        """A turn to be fed as it is spoken (``StreamedTurn``; feed it on ``turn_encoding``)."""
+        slot = await self._csm_for_turns()
+        return StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder())
+
+    async def _csm_for_turns(self) -> EngineSlot:
         slot = self.scheduler.slots.get("csm")
         if slot is not None:
             await slot.loaded.wait()
@@ -64,8 +81,12 @@ class Service:
             why = slot.reason if slot else "not configured"
             raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is "
                                                                  f"not available here: {why}")
-        turn = ContextTurn(0, "", audio)
-        return await asyncio.get_running_loop().run_in_executor(slot.executor, slot.engine.codes_for, turn)
+        return slot
+
+    def owner(self, headers, target: str) -> str:
+        """Whose sessions a request may use: the hash of the API key it offers; on a server without keys, one
+        owner for all (a key a client sends anyway does not split them)."""
+        return owner_of(self.gate.offered_key(headers, target) if self.gate.requires_key else None)
 
     @property
     def emotions(self) -> tuple[str, ...]:

@@ -127,6 +127,11 @@ class SessionStore:
             (count,) = self._db.execute("SELECT COUNT(*) FROM turns WHERE session = ?", (session,)).fetchone()
         return count
 
+    def extend(self, session: str, owner: str, turns: list[ContextTurn]) -> None:
+        """A reply's turns (as an engine produced them) into the session."""
+        for turn in turns:
+            self.append(session, owner, StoredTurn.of(turn))
+
     def delete(self, session: str, owner: str) -> None:
         with self._tx():
             self._check(session, owner)

@@ -26,7 +26,7 @@ from .base import ContextTurn, Engine, EngineError, SynthesisTask
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
 from .quantize import quantize_model
-from .mimi_stream import MimiStreamDecoder
+from .mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 
 log = logging.getLogger(__name__)
 # CSM has no speaking-rate control, and a time-stretch of streamed audio would need a streaming, pitch-keeping
@@ -156,6 +156,13 @@ class CsmEngine(Engine):
         elif isinstance(codes, np.ndarray):  # a stored session turn
             codes = turn.cache["csm"] = torch.from_numpy(codes).to(self.device)
         return codes
+
+    def stream_encoder(self) -> MimiStreamEncoder:
+        """Codes of a clip that arrives in pieces (``MimiStreamEncoder``); equal to ``codes_for`` on the whole
+        clip zero-padded to whole frames."""
+        if self.model is None:
+            raise EngineError("model_unavailable", "CSM is not loaded")
+        return MimiStreamEncoder(self.model.codec_model, self.decoder.num_codebooks)
 
     def prompt_ids(self, turns: list[ContextTurn], text: str, speaker: int) -> torch.Tensor:
         """Token ids of the CSM prompt: ``turns`` as context, then ``text`` to speak.

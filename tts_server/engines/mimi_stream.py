@@ -97,3 +97,48 @@ class MimiStreamDecoder:
         self._state[id(layer)] = y[..., ready:]
         y = y[..., :ready]
         return y if bias is None else y + bias[None, :, None]
+
+
+class MimiStreamEncoder:
+    """Mimi codes of a clip that arrives in pieces (a turn streamed while someone speaks).
+
+    Whole 80 ms frames are encoded as soon as they are in, carrying transformers'
+    own streaming state (the causal convolutions' ``padding_cache`` and the
+    encoder transformer's ``encoder_past_key_values``) from call to call; the
+    last partial frame waits for ``finish``, which pads it with zeros.  The codes
+    equal one encode of the whole clip zero-padded to whole frames
+    (``tests/engines/test_streaming.py``), so at the end only the last fraction of
+    a frame is left to encode, however long the clip.
+    """
+
+    def __init__(self, codec, num_codebooks: int) -> None:
+        self.codec, self.num_codebooks = codec, num_codebooks
+        self._held = torch.zeros(0)
+        self._past = self._padding = None
+        self._codes: list[torch.Tensor] = []
+        self.samples = 0
+
+    @torch.inference_mode()
+    def feed(self, samples: torch.Tensor) -> None:
+        """Add 24 kHz mono float samples; encodes every whole frame now in."""
+        self.samples += len(samples)
+        self._held = torch.cat([self._held, samples.float()])
+        whole = len(self._held) // FRAME_SAMPLES * FRAME_SAMPLES
+        if whole:
+            self._encode(self._held[:whole])
+            self._held = self._held[whole:]
+
+    @torch.inference_mode()
+    def finish(self) -> torch.Tensor:
+        """All codes ``(frames, num_codebooks)``, the last partial frame zero-padded."""
+        if len(self._held):
+            self._encode(nn.functional.pad(self._held, (0, FRAME_SAMPLES - len(self._held))))
+            self._held = torch.zeros(0)
+        return torch.cat(self._codes) if self._codes else torch.zeros(0, self.num_codebooks, dtype=torch.long)
+
+    def _encode(self, samples: torch.Tensor) -> None:
+        values = samples.to(self.codec.device, self.codec.dtype).view(1, 1, -1)
+        out = self.codec.encode(values, encoder_past_key_values=self._past, padding_cache=self._padding,
+                                use_streaming=True)
+        self._past, self._padding = out.encoder_past_key_values, out.padding_cache
+        self._codes.append(out.audio_codes[0, : self.num_codebooks].transpose(0, 1))
