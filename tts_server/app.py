@@ -20,6 +20,7 @@ from .engines.csm import CsmEngine, pick_device
 from .engines.model_source import ModelSourceError, download, resolve_local
 from .engines.piper import PiperEngine
 from .engines.remote import RemoteEngine
+from .engines.stt import Transcriber
 from .settings import Settings, load_settings
 
 log = logging.getLogger("tts_server")
@@ -80,7 +81,9 @@ def build_server(settings: Settings) -> TTSServer:
                      wyoming_zeroconf=settings.wyoming_zeroconf, request_timeout=settings.request_timeout,
                      write_timeout=settings.write_timeout, session_store=settings.session_store,
                      session_ttl=settings.session_ttl, max_sessions=settings.max_sessions,
-                     max_session_bytes=settings.max_session_bytes)
+                     max_session_bytes=settings.max_session_bytes,
+                     stt=Transcriber(settings.stt_model, settings.device, local_only=settings.mode == "reuse")
+                     if settings.stt_model else None)
 
 
 def _split(value: str | None) -> tuple[str, ...]:

@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     piper_voice: Many = Field((), description="a Piper voice .onnx (with its .onnx.json beside it) or a folder of "
         "them; repeat for several languages (a request's 'language' picks one; the first is the default); default "
         "en_US-joe-medium")
+    stt_model: str | None = Field(None, description="speech recognition for turns sent without text: a "
+        "faster-whisper model (a size such as base or small, or a hub repository, fetched in download mode) or a "
+        "folder holding one; off when unset")
     session_store: SessionStoreUrl = Field("sqlite:///sessions.db", description="where conversation sessions are "
         "kept: sqlite:///PATH (a file; relative to the working directory; survives restarts) or memory (this "
         "process only)")

@@ -239,3 +239,118 @@ async def test_the_openai_api_reads_and_extends_a_session(tiny_model_dir):
     assert over_http == over_ws and over_http != without
     assert [t["speaker"] for t in json.loads(listed)["turns"]] == [1, 0]  # the user's turn, then the reply
     assert refused.value.body["code"] == "unknown_session"
+
+
+async def test_barge_in_keeps_only_what_was_heard_of_a_finished_or_running_reply(tiny_model_dir):
+    async with running_server(csm_slot(tiny_model_dir)) as server:
+        async with websockets.connect(url(server)) as ws:
+            session = (await bind(ws))["session"]
+            await turn(ws, USER_A, "Hello, how are you?")
+            await ws.send(json.dumps({"text": "I am fine, thank you very much for asking me.", "seed": 7,
+                                      "request_id": "done", "max_audio_length_ms": 1200, "format": "pcm"}))
+            finished, _, _ = await collect(ws, "done")
+            await ws.send(json.dumps({"type": "cancel", "request_id": "done", "played_ms": 500}))
+            cut = await recv_json(ws)
+            _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
+            await ws.send(json.dumps({"text": "One. Two. Three. Four. Five. Six.", "seed": 3, "stream": True,
+                                      "request_id": "running"}))
+            assert (await recv_json(ws))["status"] == "start"
+            await ws.send(json.dumps({"type": "cancel", "request_id": "running", "played_ms": 100}))
+            ended, _, _ = await collect(ws, "running")
+            running_cut = await recv_json(ws)
+            await ws.send(json.dumps({"type": "cancel", "request_id": "never", "played_ms": 100}))
+            unknown = await recv_json(ws)
+    turns = json.loads(listed)["turns"]
+    assert finished["status"] == "success" and finished["duration_s"] > 0.5
+    assert cut == {"status": "truncated", "request_id": "done", "kept_s": 0.48}  # 6 whole frames of 80 ms
+    assert [t["speaker"] for t in turns] == [1, 0] and turns[1]["duration_s"] == 0.48
+    spoken = "I am fine, thank you very much for asking me.".split()
+    assert 1 <= len(turns[1]["text"].split()) < len(spoken) and spoken[0] == turns[1]["text"].split()[0]
+    assert ended["status"] == "cancelled" and running_cut["status"] == "truncated"
+    assert running_cut["request_id"] == "running" and running_cut["kept_s"] <= 0.1
+    assert unknown["code"] == "unknown_request"
+
+
+def test_hostile_streamed_turns_end_in_turn_saved_or_an_error_and_the_connection_lives(tiny_model_dir):
+    """Generated sequences of turn_start (any rate), PCM pieces of any size (odd ones too) and turn_end (with or
+    without text): every turn_end is answered, nothing is an internal error, and the connection serves on."""
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+    from websockets.sync.client import connect
+
+    from conftest import server_in_thread
+
+    steps = st.lists(st.one_of(
+        st.builds(lambda rate, speaker: {"type": "turn_start", "speaker": speaker, "sample_rate": rate},
+                  st.sampled_from([8000, 16000, 24000, 44100, 48000]) | st.integers(-5, 10**6), st.integers(-1, 3)),
+        st.binary(min_size=1, max_size=9000),
+        st.builds(lambda text: {"type": "turn_end", **({"text": text} if text is not None else {})},
+                  st.none() | st.text(max_size=12)),
+    ), min_size=1, max_size=8)
+
+    with server_in_thread(csm_slot(tiny_model_dir), rate_limit=10**6) as server:
+        with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
+            @seed(20261130)
+            @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(steps)
+            def one(sequence):
+                ends = 0
+                for step in sequence:
+                    ws.send(step if isinstance(step, bytes) else json.dumps(step))
+                    ends += isinstance(step, dict) and step["type"] == "turn_end"
+                ws.send(json.dumps({"type": "reset"}))
+                answers = []
+                while (answer := json.loads(ws.recv(timeout=60))) != {"status": "reset"}:
+                    answers.append(answer)
+                assert all(a.get("code") not in ("internal_error", "generation_failed") for a in answers), answers
+                saved = [a for a in answers if a["status"] == "turn_saved"]
+                assert len(saved) <= ends and all(a["status"] in ("turn_saved", "error") for a in answers), answers
+
+            one()
+            ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000}))
+            ws.send(pcm16(speechlike(1.0, rate=16000)))
+            ws.send(json.dumps({"type": "turn_end", "text": "Still here."}))
+            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+
+
+def word_error_rate(said: str, heard: str) -> float:
+    import re
+
+    a, b = (re.findall(r"[a-z']+", text.lower()) for text in (said, heard))
+    distance = list(range(len(b) + 1))
+    for i, word in enumerate(a, 1):
+        previous, distance[0] = distance[0], i
+        for j, other in enumerate(b, 1):
+            previous, distance[j] = distance[j], min(distance[j] + 1, distance[j - 1] + 1, previous + (word != other))
+    return distance[-1] / max(len(a), 1)
+
+
+async def test_turns_without_text_are_transcribed_when_the_server_has_speech_recognition(tiny_model_dir,
+                                                                                         whisper_dir):
+    """Piper speaks a known sentence; sent as a whole turn and as a streamed one without text, the packaged
+    Whisper base (``--stt-model``) transcribes it, and the transcript is what the session stores."""
+    from conftest import piper_slot
+    from tts_server.audio.codec import resample
+    from tts_server.engines.base import SynthesisTask
+    from tts_server.engines.request import SynthesisRequest
+    from tts_server.engines.stt import Transcriber
+
+    said = "The quick brown fox jumps over the lazy dog."
+    voice = piper_slot().engine
+    voice.load()
+    speech = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=said, request_id="p")))))
+    speech = resample(speech, voice.sample_rate, 24000)
+    async with running_server(csm_slot(tiny_model_dir), stt=Transcriber(str(whisper_dir), "cpu", local_only=True)) \
+            as server:
+        async with websockets.connect(url(server)) as ws:
+            session = (await bind(ws))["session"]
+            await ws.send(json.dumps({"type": "turn", "speaker": 1}))
+            await ws.send(audio_bytes(speech))
+            whole = await recv_json(ws)
+            streamed = await stream_turn(ws, resample(speech, 24000, 16000), 16000, None)
+            silent = await stream_turn(ws, np.zeros(24000, np.float32), 24000, None)
+        _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
+    assert whole["status"] == streamed["status"] == "turn_saved"
+    assert word_error_rate(said, whole["text"]) <= 0.2 and word_error_rate(said, streamed["text"]) <= 0.2
+    assert [t["text"] for t in json.loads(listed)["turns"]] == [whole["text"], streamed["text"]]
+    assert silent["code"] == "invalid_request" and "No speech" in silent["message"]

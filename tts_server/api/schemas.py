@@ -134,6 +134,10 @@ class CancelMessage(_Message):
 
     type: Literal["cancel"]
     request_id: RequestId = Field(description="the id of the request to cancel (1 to 128 characters)")
+    played_ms: float | None = Field(None, ge=0, le=MAX_AUDIO_MS, allow_inf_nan=False,
+                                    description=f"how much of the reply the listener heard, a number from 0 to "
+                                                f"{MAX_AUDIO_MS} (barge-in): only that stays in the history; also "
+                                                "for a reply that already finished")
 
 
 class ResetMessage(_Message):
@@ -186,18 +190,17 @@ class TurnMessage(_Message):
 
     type: Literal["turn"]
     speaker: Speaker = Field(description=f"the speaker who said it: an integer from 0 to {MAX_SPEAKER}")
-    text: str = Field(min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
-                      description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; required: this server "
-                                  "has no speech recognition); then send the audio file as one binary frame")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
+                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
+                                         "server transcribes the audio, when it runs with --stt-model); then send "
+                                         "the audio file as one binary frame")
 
     _speaker = field_validator("speaker", mode="before")(_speaker_digits)
 
     @field_validator("text")
     @classmethod
-    def _said(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("empty")
-        return text.strip()
+    def _said(cls, text: str | None) -> str | None:
+        return text.strip() or None if text is not None else None
 
 
 class TurnStartMessage(_Message):
@@ -217,8 +220,8 @@ class TurnEndMessage(_Message):
 
     type: Literal["turn_end"]
     text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
-                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; required: this "
-                                         "server has no speech recognition)")
+                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
+                                         "server transcribes the turn, when it runs with --stt-model)")
 
 
 MESSAGES: dict[str, type[_Message]] = {"synthesize": SynthesizeMessage, "cancel": CancelMessage,
@@ -331,6 +334,12 @@ class CancelledReply(_Reply):
     request_id: str
 
 
+class TruncatedReply(_Reply):
+    status: Literal["truncated"]
+    request_id: str
+    kept_s: float
+
+
 class ResetReply(_Reply):
     status: Literal["reset"]
 
@@ -367,7 +376,7 @@ class TurnSavedReply(_Reply):
 
 
 Reply = Union[StartReply, SuccessReply, ErrorReply, LoadingReply, CancelledReply, ResetReply, VoiceSavedReply,
-              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply]
+              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply, TruncatedReply]
 
 
 class _Protocol(BaseModel):

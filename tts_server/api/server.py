@@ -73,6 +73,7 @@ class TTSServer(Service):
         if self.wyoming is not None:
             await self.wyoming.start()
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
+        self._tasks.append(asyncio.create_task(self.load_stt(), name="load-stt"))
         for slot in self.scheduler.slots.values():
             if slot.state == "loading":
                 self._tasks.append(asyncio.create_task(self._load(slot), name=f"load-{slot.name}"))

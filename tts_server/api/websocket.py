@@ -16,6 +16,7 @@ handshake is refused with HTTP 401/403 and a body (ASGI's denial response).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
@@ -23,7 +24,7 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..core import replies as r
-from ..core.context import Conversation
+from ..core.context import Conversation, heard
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
@@ -48,6 +49,10 @@ class Connection:
         self.session: str | None = None
         self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
         self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
+        # barge-in: recent replies' turns (and their places in the session), and replies to cut once they end
+        self._replies: collections.OrderedDict[str, list[ContextTurn]] = collections.OrderedDict()
+        self._stored: dict[str, list[int]] = {}
+        self._cuts: dict[str, float] = {}
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
         self.conversation = Conversation(service.library, service.max_context_turns)
@@ -127,10 +132,12 @@ class Connection:
             if isinstance(message, s.SynthesizeMessage):
                 await self._synthesize(message.request())
             elif isinstance(message, s.CancelMessage):
-                await self._cancel(message.request_id)
+                await self._cancel(message.request_id, message.played_ms)
             elif isinstance(message, s.VoiceMessage):
                 await self._voice_message(message)
             elif isinstance(message, s.TurnMessage):
+                if message.text is None and self.service.stt is None:
+                    await self.service.transcript(None)  # refused now, before the client sends its audio
                 self._turn = message
             elif isinstance(message, s.SessionMessage):
                 await self._bind(message.session)
@@ -167,7 +174,8 @@ class Connection:
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
         if self.session is not None and request.context:
             session = self.session
-            job.persist = lambda j: self.service.sessions.extend(session, self.owner, j.task.produced)
+            job.persist = lambda j: self._stored.__setitem__(
+                j.request_id, self.service.sessions.extend(session, self.owner, j.task.produced))
         try:
             notice = self.service.scheduler.submit(job)
         except Busy as exc:
@@ -182,6 +190,10 @@ class Connection:
         """After a success: extend the history, and pin the speaker's voice if it has none yet."""
         self.conversation.remember(job.task)
         speaker, produced = job.request.speaker, list(job.task.produced)
+        if job.request.context:
+            self._replies[job.request_id] = produced
+            while len(self._replies) > 2 * self.service.max_context_turns:
+                self._stored.pop(self._replies.popitem(last=False)[0], None)
         library = self.service.library
         if job.request.context and speaker not in self.conversation.voices and library.wants_pin(speaker, produced):
             self.service.background(asyncio.to_thread(library.pin, speaker, produced))
@@ -235,12 +247,10 @@ class Connection:
         if turn is None:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' "
                                                                "and the audio first")
-        if not (text or "").strip():
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'text' is required on 'turn_end': this server has "
-                                                               "no speech recognition; the turn was dropped")
-        finished = await asyncio.get_running_loop().run_in_executor(self.service.turn_encoding, turn.finish,
-                                                                    text.strip())
-        await self._keep_turn(finished)
+        loop = asyncio.get_running_loop()
+        audio = await loop.run_in_executor(self.service.turn_encoding, turn.end)
+        text = (text or "").strip() or await self.service.transcript(audio)
+        await self._keep_turn(await loop.run_in_executor(self.service.turn_encoding, turn.finish, text))
 
     async def _save_turn(self, message: s.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
@@ -249,8 +259,8 @@ class Connection:
                                             self.service.max_voice_seconds)
         except ReferenceError as exc:
             raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Turn audio rejected: {exc}") from None
-        await self._keep_turn(ContextTurn(message.speaker, message.text, audio,
-                                          {"csm": await self.service.codes_of(audio)}))
+        text = message.text or await self.service.transcript(audio)
+        await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": await self.service.codes_of(audio)}))
 
     async def _keep_turn(self, turn: ContextTurn) -> None:
         """Into the history, and the session's store when one is bound; then ``turn_saved``."""
@@ -262,11 +272,35 @@ class Connection:
         await self.send({"status": "turn_saved", "speaker": turn.speaker, "text": turn.text,
                          "duration_s": round(turn.duration_s, 3), "turns": turns})
 
-    async def _cancel(self, request_id: str) -> None:
+    async def _cancel(self, request_id: str, played_ms: float | None = None) -> None:
+        """Stop a request; with ``played_ms`` (barge-in) also keep only what was heard of its reply, whether it
+        still runs (cut once it has ended ``cancelled``) or already finished."""
         job = self.live.get(request_id)
-        if job is None or not job.cancel():
+        if job is not None and (job.cancel() or played_ms is not None):
+            if played_ms is not None:
+                self._cuts[request_id] = played_ms  # the writer cuts it after the reply's last frame
+            return
+        if played_ms is None or request_id not in self._replies:
             raise r.ProtocolError(r.ErrorCode.UNKNOWN_REQUEST,
                                   f"No queued or running request {request_id!r} on this connection", request_id)
+        await self._cut(request_id, played_ms, None)
+
+    async def _cut(self, request_id: str, played_ms: float, job: Job | None) -> None:
+        """The reply's turns become what was heard of them, in the history and the session; then ``truncated``."""
+        old = self._replies.pop(request_id, None)
+        if old is None:  # cancelled while it ran: never remembered; its finished sentences were heard first
+            old = list(job.task.produced) if job is not None and job.request.context else []
+        kept = heard(old, played_ms / 1000)
+        self.conversation.replace(old, kept)
+        seqs = self._stored.pop(request_id, None)
+        if self.session is not None and (seqs or kept):
+            store = self.service.sessions
+            if seqs:
+                await asyncio.to_thread(store.replace, self.session, self.owner, seqs, kept)
+            else:
+                await asyncio.to_thread(store.extend, self.session, self.owner, kept)
+        await self.send({"status": "truncated", "request_id": request_id,
+                         "kept_s": round(sum(turn.duration_s for turn in kept), 3)})
 
     async def _write_replies(self) -> None:
         while True:
@@ -277,6 +311,8 @@ class Connection:
                     job.unsent_bytes(-sum(len(f) for f in item if isinstance(f, bytes)))
             finally:
                 self.live.pop(job.request_id, None)
+            if (played_ms := self._cuts.pop(job.request_id, None)) is not None:
+                await self._cut(job.request_id, played_ms, job)
 
 
 async def serve(ws: WebSocket) -> None:

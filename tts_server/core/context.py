@@ -148,3 +148,35 @@ class Conversation:
     def remember(self, task: SynthesisTask) -> None:
         if task.request.context:
             self.history.extend(task.produced)
+
+    def replace(self, old: list[ContextTurn], new: list[ContextTurn]) -> None:
+        """Put ``new`` where ``old`` were in the history (a reply cut to what was heard); appended if they were not
+        there (a reply cancelled while it ran was never remembered)."""
+        turns = list(self.history)
+        at = next((i for i, turn in enumerate(turns) if any(turn is o for o in old)), len(turns))
+        turns = [turn for turn in turns if not any(turn is o for o in old)]
+        self.history.clear()
+        self.history.extend(turns[:at] + new + turns[at:])
+
+
+FRAME_SECONDS = 0.08  # one CSM frame
+
+
+def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
+    """The part of a reply's turns a listener heard in ``played_s`` (barge-in): whole turns, then the turn it
+    stopped in cut at its last whole frame, its text cut at a word boundary in proportion."""
+    kept, left = [], played_s
+    for turn in turns:
+        if turn.duration_s <= left:
+            kept.append(turn)
+            left -= turn.duration_s
+            continue
+        codes = turn.cache["csm"]
+        frames = min(len(codes), int(left / FRAME_SECONDS + 1e-9))
+        if frames:
+            words = turn.text.split()
+            share = frames * FRAME_SECONDS / max(turn.duration_s, FRAME_SECONDS)
+            kept.append(ContextTurn(turn.speaker, " ".join(words[:max(1, round(len(words) * share))]), None,
+                                    {"csm": codes[:frames]}, duration=frames * FRAME_SECONDS))
+        break
+    return kept

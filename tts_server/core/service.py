@@ -8,6 +8,7 @@ ask this object who may connect and what the server can do right now.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Hashable
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..engines.base import ContextTurn
 from ..engines.mimi_stream import FRAME_SAMPLES
+from ..engines.stt import Transcriber
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
@@ -25,6 +27,8 @@ from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
 from .sessions import SessionStore, owner_of
 from .turns import StreamedTurn
+
+log = logging.getLogger(__name__)
 
 
 class Service:
@@ -38,7 +42,7 @@ class Service:
                  max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
                  max_voice_seconds: float = 30, generation_timeout: float = 120,
                  trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
-                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20) -> None:
+                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, stt: Transcriber | None = None) -> None:
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -57,6 +61,9 @@ class Service:
                                    cache=AudioCache(cache_bytes))
         self._background: set[asyncio.Task] = set()
         self.turn_encoding = ThreadPoolExecutor(1, thread_name_prefix="turn-encoder")  # the other side's audio
+        self.stt, self.stt_failure = stt, None  # speech recognition for turns sent without text
+        self._stt_loaded = asyncio.Event()
+        self._stt_thread = ThreadPoolExecutor(1, thread_name_prefix="stt")
         self.sessions = SessionStore.open(session_store, ttl=session_ttl, max_sessions=max_sessions,
                                           max_bytes=max_session_bytes)
 
@@ -67,6 +74,32 @@ class Service:
         audio = np.pad(audio, (0, -len(audio) % FRAME_SAMPLES))  # whole frames, as a streamed turn is encoded
         return await asyncio.get_running_loop().run_in_executor(self.turn_encoding, slot.engine.codes_for,
                                                                 ContextTurn(0, "", audio))
+
+    async def load_stt(self) -> None:
+        try:
+            if self.stt is not None:
+                await asyncio.to_thread(self.stt.load)
+        except Exception as exc:  # the server serves on; turns without text are refused with the reason
+            self.stt_failure = str(exc) or exc.__class__.__name__
+            log.error("Speech recognition unavailable: %s", self.stt_failure)
+        finally:
+            self._stt_loaded.set()
+
+    async def transcript(self, audio: np.ndarray | None) -> str:
+        """What was said in a turn sent without text (24 kHz audio), on the transcriber's thread; without
+        speech recognition, the refusal."""
+        if self.stt is None:
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'text' is required: this server has no speech "
+                                                               "recognition (start it with --stt-model)")
+        await self._stt_loaded.wait()
+        if self.stt_failure is not None:
+            raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Speech recognition is unavailable: "
+                                                                 f"{self.stt_failure}")
+        text = await asyncio.get_running_loop().run_in_executor(self._stt_thread, self.stt.transcribe, audio)
+        if not text:
+            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its "
+                                                               "'text'; the turn was dropped")
+        return text
 
     async def stream_turn(self, speaker: int, sample_rate: int) -> StreamedTurn:
         """A turn to be fed as it is spoken (``StreamedTurn``; feed it on ``turn_encoding``)."""

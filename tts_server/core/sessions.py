@@ -116,6 +116,10 @@ class SessionStore:
 
     def append(self, session: str, owner: str, turn: StoredTurn) -> int:
         """Store ``turn`` (durably) and return the session's turn count; the oldest turns go past ``max_bytes``."""
+        return self._add(session, owner, turn)[1]
+
+    def _add(self, session: str, owner: str, turn: StoredTurn) -> tuple[int, int]:
+        """(the turn's sequence number, the session's turn count)."""
         blob = turn.codes.astype("<i2").tobytes()
         with self._tx():
             self._check(session, owner)
@@ -125,12 +129,25 @@ class SessionStore:
                              (session, last + 1, turn.speaker, turn.text, turn.duration_s, len(turn.codes), blob))
             self._trim(session)
             (count,) = self._db.execute("SELECT COUNT(*) FROM turns WHERE session = ?", (session,)).fetchone()
-        return count
+        return last + 1, count
 
-    def extend(self, session: str, owner: str, turns: list[ContextTurn]) -> None:
-        """A reply's turns (as an engine produced them) into the session."""
-        for turn in turns:
-            self.append(session, owner, StoredTurn.of(turn))
+    def extend(self, session: str, owner: str, turns: list[ContextTurn]) -> list[int]:
+        """A reply's turns (as an engine produced them) into the session; their sequence numbers, for ``replace``."""
+        return [self._add(session, owner, StoredTurn.of(turn))[0] for turn in turns]
+
+    def replace(self, session: str, owner: str, seqs: list[int], turns: list[ContextTurn]) -> None:
+        """The turns ``seqs`` (a reply) become ``turns`` (what was heard of it, no more of them), in place."""
+        with self._tx():
+            self._check(session, owner)
+            doomed = list(seqs)
+            if not doomed:
+                return
+            self._db.execute(f"DELETE FROM turns WHERE session = ? AND seq IN ({','.join('?' * len(doomed))})",
+                             (session, *doomed))
+            for seq, turn in zip(doomed, map(StoredTurn.of, turns)):
+                self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (session, seq, turn.speaker, turn.text, turn.duration_s, len(turn.codes),
+                                  turn.codes.astype("<i2").tobytes()))
 
     def delete(self, session: str, owner: str) -> None:
         with self._tx():

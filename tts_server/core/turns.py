@@ -26,6 +26,7 @@ class StreamedTurn:
         self._encoder = encoder
         self._odd = b""  # a byte of a sample split across two frames
         self.received = 0  # samples at the client's rate
+        self._audio: list[np.ndarray] = []  # at 24 kHz, for speech recognition when the turn ends without text
 
     def feed(self, pcm: bytes) -> None:
         data, self._odd = self._odd + pcm, b""
@@ -35,12 +36,19 @@ class StreamedTurn:
         if self.received > MAX_TURN_SECONDS * self.sample_rate:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
                                                                "this one was dropped")
-        samples = self._resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0)
+        self._take(self._resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0))
+
+    def end(self) -> np.ndarray:
+        """No more audio is coming: the whole turn at 24 kHz (for a transcript)."""
+        self._take(self._resample(np.zeros(0, np.float32), last=True))
+        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+
+    def _take(self, samples: np.ndarray) -> None:
+        self._audio.append(samples)
         self._encoder.feed(torch.from_numpy(samples))
 
     def finish(self, text: str) -> ContextTurn:
-        """The whole turn as a context turn: its codes, its text, its duration (no audio is kept)."""
-        self._encoder.feed(torch.from_numpy(self._resample(np.zeros(0, np.float32), last=True)))
+        """After ``end``: the whole turn as a context turn: its codes, its text, its duration (no audio kept)."""
         codes = self._encoder.finish()
         if len(codes) == 0:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "The streamed turn holds no audio")
