@@ -285,3 +285,22 @@ def whisper_dir(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "vocabulary.json", "config.json"):
         shutil.copy(parts[1] / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """Debian's redis-server on a free loopback port, for the session store (``.ci/run`` installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("Debian's redis-server is not installed (.ci/run installs it)")
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

@@ -82,9 +82,11 @@ def _wyoming_uri(text: str) -> str:
 
 
 def _session_store(text: str) -> str:
-    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
+    parsed = urlparse(text)
+    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")) or \
+            (parsed.scheme == "redis" and parsed.hostname):
         return text
-    raise ValueError(f"{text!r} is not sqlite:///PATH or memory")
+    raise ValueError(f"{text!r} is not sqlite:///PATH, redis://HOST:PORT/DB or memory")
 
 
 def _non_negative(value: float) -> float:
@@ -205,8 +207,8 @@ class Settings(BaseSettings):
         "faster-whisper model (a size such as base or small, or a hub repository, fetched in download mode) or a "
         "folder holding one; off when unset")
     session_store: SessionStoreUrl = Field("sqlite:///sessions.db", description="where conversation sessions are "
-        "kept: sqlite:///PATH (a file; relative to the working directory; survives restarts) or memory (this "
-        "process only)")
+        "kept: sqlite:///PATH (a file; relative to the working directory; survives restarts), redis://HOST:PORT/DB "
+        "(shared by several replicas) or memory (this process only)")
     session_ttl: Positive = Field(86400, description="seconds of inactivity after which a session and its turns "
                                                     "are deleted")
     max_sessions: Positive = Field(10000, description="most sessions kept at once")

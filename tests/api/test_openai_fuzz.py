@@ -25,6 +25,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 optional_fields = {
     "speed": json_values, "stream_format": json_values, "seed": json_values, "instructions": json_values,
     "response_format": st.sampled_from(["mp3", "pcm", "wav"]) | json_values, "sample_rate": json_values,
+    "session": st.sampled_from(["no-such-session", ""]) | json_values,
 }
 bodies = st.one_of(
     st.fixed_dictionaries({"model": st.just("tts-1"), "voice": st.sampled_from(["alloy", "3"]),

@@ -33,20 +33,15 @@ def served(port: int) -> int:
     return json.loads(http_get(port, "/v1/info")[1])["engines"]["csm"]["stats"]["requests"]
 
 
-async def speak(port: int, text: str) -> dict:
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
-        await ws.send(json.dumps({"text": text, "max_audio_length_ms": 240}))
-        return (await collect(ws, timeout=60))[0]
-
-
-async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir, tmp_path):
+def behind_nginx(tmp_path, tiny_model_dir, *args: str) -> tuple[list[ServerProcess], int, subprocess.Popen]:
+    """Two ``run_server.py`` backends (tiny CSM, one thread each: they share the cores) and nginx in front of
+    them with deploy/nginx.conf; returns once both serve."""
     backends = []
     for name in ("a", "b"):
         folder = tmp_path / name
         folder.mkdir()
-        backends.append(ServerProcess(folder, ["--mode", "reuse", "--model-path", str(tiny_model_dir),
-                                               "--engine", "csm", "--shutdown-grace", "60", "--trusted-proxies",
-                                               "127.0.0.1", "--threads", "1"]))  # two servers share the cores
+        backends.append(ServerProcess(folder, ["--mode", "reuse", "--model-path", str(tiny_model_dir), "--engine",
+                                               "csm", "--trusted-proxies", "127.0.0.1", "--threads", "1", *args]))
     listen = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen,
@@ -58,7 +53,23 @@ async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir
             backend.wait_for_log("csm ready")
         time.sleep(0.5)
         assert proxy.poll() is None, proxy.stderr.read().decode()
+    except BaseException:
+        proxy.terminate()
+        for backend in backends:
+            backend.stop()
+        raise
+    return backends, listen, proxy
 
+
+async def speak(port: int, text: str) -> dict:
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        await ws.send(json.dumps({"text": text, "max_audio_length_ms": 240}))
+        return (await collect(ws, timeout=60))[0]
+
+
+async def test_nginx_spreads_load_and_survives_a_draining_backend(tiny_model_dir, tmp_path):
+    backends, listen, proxy = behind_nginx(tmp_path, tiny_model_dir, "--shutdown-grace", "60")
+    try:
         replies = await asyncio.gather(*(speak(listen, f"Through nginx {i}") for i in range(8)))
         assert all(r["status"] == "success" for r in replies)
         counts = [await asyncio.to_thread(served, b.port) for b in backends]
@@ -137,3 +148,40 @@ async def test_through_nginx_the_page_works_and_limits_count_each_client_not_ngi
         proxy.terminate()
         proxy.wait(10)
         backend.stop()
+
+
+async def test_a_session_resumes_on_the_other_replica_when_its_server_goes_away(tiny_model_dir, tmp_path, redis_url):
+    """Two servers sharing a Redis session store behind nginx: the client's server stops, its reconnection lands
+    on the other one, which resumes the session with every acknowledged turn and carries on."""
+    from audio_fixtures import audio_bytes, speechlike
+    from conftest import recv_json
+
+    backends, listen, proxy = behind_nginx(tmp_path, tiny_model_dir, "--session-store", redis_url)
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{listen}/ws") as ws:
+            await ws.send(json.dumps({"type": "session"}))
+            session = (await recv_json(ws))["session"]
+            await ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Hello there."}))
+            await ws.send(audio_bytes(speechlike(1.5)))
+            assert (await recv_json(ws))["status"] == "turn_saved"
+            await ws.send(json.dumps({"text": "Hello to you.", "max_audio_length_ms": 240}))
+            assert (await collect(ws, timeout=60))[0]["status"] == "success"
+            counts = [await asyncio.to_thread(served, b.port) for b in backends]
+        serving = backends[counts.index(1)]
+        serving.proc.send_signal(signal.SIGTERM)  # the client's server goes away
+        assert await asyncio.to_thread(serving.proc.wait, 60) == 0
+        async with websockets.connect(f"ws://127.0.0.1:{listen}/ws?session={session}") as ws:
+            resumed = await recv_json(ws)
+            await ws.send(json.dumps({"text": "And here I am again.", "max_audio_length_ms": 240}))
+            again = (await collect(ws, timeout=60))[0]
+        survivor = backends[1 - counts.index(1)]
+        status, listed = await asyncio.to_thread(http_get, survivor.port, f"/v1/sessions/{session}")
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        for backend in backends:
+            backend.stop()
+    assert sorted(counts) == [0, 1]
+    assert resumed == {"status": "session", "session": session, "turns": 2} and again["status"] == "success"
+    assert status == 200 and [t["text"] for t in json.loads(listed)["turns"]] == [
+        "Hello there.", "Hello to you.", "And here I am again."]

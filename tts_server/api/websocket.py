@@ -205,12 +205,16 @@ class Connection:
         else:
             self._voice = message
 
-    async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
+    async def _checked_audio(self, data: bytes, what: str):
+        """An uploaded file (a voice prompt, a turn) decoded and checked off the loop, or ``invalid_voice``."""
         try:
-            audio = await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
-                                            self.service.max_voice_seconds)
+            return await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
+                                           self.service.max_voice_seconds)
         except ReferenceError as exc:
-            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Voice prompt rejected: {exc}") from None
+            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"{what} rejected: {exc}") from None
+
+    async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
+        audio = await self._checked_audio(data, "Voice prompt")
         turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
         await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
 
@@ -254,11 +258,7 @@ class Connection:
 
     async def _save_turn(self, message: s.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
-        try:
-            audio = await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
-                                            self.service.max_voice_seconds)
-        except ReferenceError as exc:
-            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"Turn audio rejected: {exc}") from None
+        audio = await self._checked_audio(data, "Turn audio")
         text = message.text or await self.service.transcript(audio)
         await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": await self.service.codes_of(audio)}))
 

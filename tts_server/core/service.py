@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
+from .session_redis import RedisSessionStore
 from .sessions import SessionStore, owner_of
 from .turns import StreamedTurn
 
@@ -64,8 +65,9 @@ class Service:
         self.stt, self.stt_failure = stt, None  # speech recognition for turns sent without text
         self._stt_loaded = asyncio.Event()
         self._stt_thread = ThreadPoolExecutor(1, thread_name_prefix="stt")
-        self.sessions = SessionStore.open(session_store, ttl=session_ttl, max_sessions=max_sessions,
-                                          max_bytes=max_session_bytes)
+        limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes}
+        self.sessions = RedisSessionStore(session_store, **limits) if session_store.startswith("redis://") \
+            else SessionStore.open(session_store, **limits)
 
     async def codes_of(self, audio) -> Any:
         """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on CSM's worker threads; waits while CSM
