@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from typing import Any
 
@@ -81,10 +82,8 @@ class Connection:
                     raise WebSocketDisconnect(1006) from None
 
     async def close(self, code: int, reason: str) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):  # it may be closed already
             await self.ws.close(code, reason)
-        except (RuntimeError, OSError, WebSocketDisconnect):
-            pass  # already closed
 
     async def run(self, session: str | None = None) -> None:
         notice = self.service.loading_notice()
