@@ -28,6 +28,7 @@ def wait_ready(server: ServerProcess, engine: str, timeout: float = 120) -> dict
         except OSError:
             status, body = 0, "{}"
         if status == 200 and json.loads(body)["engine"] == engine:
+            wait_loaded(server)  # a fallback must be ready to take over too
             return json.loads(body)
         time.sleep(0.2)
     raise AssertionError(f"{engine} never served: {server.log_path.read_text()}")
@@ -62,7 +63,6 @@ def b_and_a(tmp_path_factory, broken_model_dir):
     try:
         wait_ready(b, "piper")
         wait_ready(a, "remote")
-        wait_loaded(a)
         yield b, a
     finally:
         a_log = a.stop()
@@ -120,7 +120,6 @@ async def test_a_full_then_stopped_remote_falls_back_to_piper_and_named_requests
     try:
         wait_ready(b, "piper")
         wait_ready(a, "remote")
-        wait_loaded(a)
         first, _, _ = await speak(a, text="One.")
         assert first["status"] == "success" and first["engine"] == "remote"
         named, _, _ = await speak(a, text="Two.", engine="remote")
@@ -152,7 +151,6 @@ async def test_a_remote_that_never_answers_times_out_into_the_next_engine(tmp_pa
                                                       "--remote-url", f"http://127.0.0.1:{port}/v1"])
     try:
         wait_ready(a, "remote")
-        wait_loaded(a)
         reply, _, _ = await speak(a, text="Anyone there?")
         assert reply["status"] == "success" and reply["engine"] == "piper"
         named, _, _ = await speak(a, text="Anyone there?", engine="remote")
@@ -171,7 +169,6 @@ async def test_a_remote_at_another_sample_rate_is_resampled_not_sped_up(tmp_path
     try:
         wait_ready(b, "piper")
         wait_ready(a, "remote")
-        wait_loaded(a)
         direct, _, _ = await speak(b, text=TEXT)
         through, audio, _ = await speak(a, text=TEXT, format="pcm")
         assert direct["sample_rate"] == 16000 and through["sample_rate"] == 24000

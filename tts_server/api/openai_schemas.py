@@ -19,7 +19,7 @@ from ..audio.codec import STREAM_RATES
 from ..core.replies import ErrorCode, ProtocolError
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
-from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, SessionId, field_message, null_is_unset
+from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, SessionId, field_message, non_empty, null_is_unset
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).
@@ -84,12 +84,7 @@ class SpeechBody(BaseModel):
     session: SessionId | None = Field(None, description="a session (from the WebSocket's 'session' message): its "
                                                         "turns are the context, and this reply joins them")
 
-    @field_validator("input")
-    @classmethod
-    def _input(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("empty")
-        return text.strip()
+    _input = field_validator("input")(non_empty)
 
     _nulls = model_validator(mode="before")(null_is_unset)  # OpenAI's SDKs may send null for unset fields
 

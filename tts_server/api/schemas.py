@@ -52,6 +52,13 @@ def null_is_unset(data: Any) -> Any:
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+def non_empty(text: str) -> str:
+    """A required text, trimmed; blank is a broken rule (the field's description says so)."""
+    if not text.strip():
+        raise ValueError("empty")
+    return text.strip()
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored (newer clients)
 
@@ -92,12 +99,7 @@ class SynthesizeMessage(_Message):
 
     _speaker = field_validator("speaker", mode="before")(_speaker_digits)
 
-    @field_validator("text")
-    @classmethod
-    def _text(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("empty")
-        return text.strip()
+    _text = field_validator("text")(non_empty)
 
     @field_validator("engine")
     @classmethod
