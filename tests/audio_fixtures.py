@@ -30,3 +30,25 @@ def audio_bytes(audio: np.ndarray, rate: int = 24000, fmt: str = "WAV") -> bytes
     buffer = io.BytesIO()
     sf.write(buffer, audio, rate, format=fmt)
     return buffer.getvalue()
+
+
+_SPOKEN: dict[tuple[str, int], np.ndarray] = {}
+
+
+def spoken(text: str, rate: int = 16000) -> np.ndarray:
+    """``text`` said by the packaged Piper voice, at ``rate`` (float32 mono): speech with known words."""
+    if (text, rate) not in _SPOKEN:
+        from tts_server.audio.codec import resample
+        from tts_server.engines.base import SynthesisTask
+        from tts_server.engines.piper import PiperEngine
+        from tts_server.engines.request import SynthesisRequest
+
+        voice = PiperEngine()
+        voice.load()
+        speech = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=text, request_id="p")))))
+        _SPOKEN[(text, rate)] = resample(speech, voice.sample_rate, rate)
+    return _SPOKEN[(text, rate)]
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()

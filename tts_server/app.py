@@ -20,6 +20,7 @@ from .engines.csm import CsmEngine, pick_device
 from .engines.model_source import ModelSourceError, download, resolve_local
 from .engines.piper import PiperEngine
 from .engines.remote import RemoteEngine
+from .engines.chat import ChatModel
 from .engines.stt import Transcriber
 from .settings import Settings, load_settings
 
@@ -83,7 +84,9 @@ def build_server(settings: Settings) -> TTSServer:
                      session_ttl=settings.session_ttl, max_sessions=settings.max_sessions,
                      max_session_bytes=settings.max_session_bytes,
                      stt=Transcriber(settings.stt_model, settings.device, local_only=settings.mode == "reuse")
-                     if settings.stt_model else None)
+                     if settings.stt_model else None, vad_silence_ms=settings.vad_silence_ms,
+                     chat=ChatModel(settings.chat_url, settings.chat_model, settings.chat_api_key,
+                                    settings.chat_system_prompt) if settings.chat_url else None)
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact_logs((*_split(settings.api_key), *(s for s in (settings.hf_token, settings.remote_api_key) if s)))
+    redact_logs((*_split(settings.api_key), *(s for s in (settings.hf_token, settings.remote_api_key, settings.chat_api_key) if s)))
     try:
         asyncio.run(serve(settings))
     except ModelSourceError as exc:

@@ -112,7 +112,7 @@ WyomingUri = Annotated[str, AfterValidator(_wyoming_uri)]
 SessionStoreUrl = Annotated[str, AfterValidator(_session_store)]
 Many = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_many)]
 Costs = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_many), AfterValidator(_costs)]
-ENV_ONLY = ("hf_token", "hf_home", "remote_api_key")  # secrets and the hub's own variables: never flags
+ENV_ONLY = ("hf_token", "hf_home", "remote_api_key", "chat_api_key")  # secrets and the hub's own variables: never flags
 
 
 class Settings(BaseSettings):
@@ -206,6 +206,14 @@ class Settings(BaseSettings):
     stt_model: str | None = Field(None, description="speech recognition for turns sent without text: a "
         "faster-whisper model (a size such as base or small, or a hub repository, fetched in download mode) or a "
         "folder holding one; off when unset")
+    vad_silence_ms: Positive = Field(600, description="hands-free turns (turn_start with vad): milliseconds of "
+        "silence that end an utterance (Silero VAD)")
+    chat_url: str | None = Field(None, description="an OpenAI-compatible chat-completions API that writes the "
+        "assistant's answers for 'respond' and the voice chat page, e.g. http://localhost:11434/v1 (Ollama) or "
+        "https://api.openai.com/v1 (key: env TTS_CHAT_API_KEY); off when unset")
+    chat_model: str = Field("llama3.2", description="the chat model to ask at --chat-url")
+    chat_system_prompt: str = Field("You are a friendly voice assistant. Answer in one to three short spoken "
+        "sentences, without lists or markup.", description="the system prompt sent before the conversation")
     session_store: SessionStoreUrl = Field("sqlite:///sessions.db", description="where conversation sessions are "
         "kept: sqlite:///PATH (a file; relative to the working directory; survives restarts), redis://HOST:PORT/DB "
         "(shared by several replicas) or memory (this process only)")
@@ -221,6 +229,7 @@ class Settings(BaseSettings):
     hf_token: str | None = Field(None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"), repr=False)
     hf_home: str | None = Field(None, validation_alias=AliasChoices("hf_home", "HF_HOME"))
     remote_api_key: str | None = Field(None, repr=False)
+    chat_api_key: str | None = Field(None, repr=False)
 
     @model_validator(mode="after")
     def _chain_rules(self) -> "Settings":

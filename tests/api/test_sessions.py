@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import websockets
 
-from audio_fixtures import audio_bytes, speechlike
+from audio_fixtures import audio_bytes, pcm16, speechlike
 from conftest import ServerProcess, ahttp_get, collect, csm_slot, recv_json, running_server, url
 from tts_server.core.security import Gate
 
@@ -168,10 +168,6 @@ async def test_acknowledged_turns_survive_sigkill_and_the_restarted_server_answe
         steady.stop()
     assert bound == {"status": "session", "session": session, "turns": 2}
     assert after_restart == never_died
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
 
 
 async def stream_turn(ws, audio: np.ndarray, rate: int, text: str | None, piece: int = 2401) -> dict:

@@ -149,6 +149,7 @@ def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[st
         "queue_depth": scheduler.depth,
         "interfaces": service.metrics.interfaces,
         "active_connections": websockets,
+        "conversation": service.conversation_info(),
     }
 
 

@@ -32,7 +32,7 @@ from ..core.security import RateLimiter
 from ..core.service import Service
 from ..engines.csm import SPEED_UNSUPPORTED
 from .openai_schemas import CONTENT_TYPES, ApiError, SpeechBody, SpeechRequest, Voices, parse_speech, sse_event
-from .schemas import MAX_TEXT_FRAME, Limits
+from .schema_rules import MAX_TEXT_FRAME, Limits
 
 log = logging.getLogger(__name__)
 MAX_BODY = MAX_TEXT_FRAME  # the largest request body (the WebSocket's text-frame cap)

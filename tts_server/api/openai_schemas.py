@@ -19,7 +19,8 @@ from ..audio.codec import STREAM_RATES
 from ..core.replies import ErrorCode, ProtocolError
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
-from .schemas import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, SessionId, field_message, non_empty, null_is_unset
+from .dialogue_schemas import SessionId
+from .schema_rules import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, non_empty, null_is_unset
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).

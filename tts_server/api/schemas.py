@@ -13,69 +13,25 @@ client reads is the rule that is checked.  Rules that depend on the server
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..core.replies import PROTOCOL_VERSION, ErrorCode, ProtocolError
-from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, FORMATS, LANGUAGE_CODE, MAX_AUDIO_MS,
-                               MAX_SEED, MAX_SPEAKER, MIN_AUDIO_MS, STREAM_FORMATS, SynthesisRequest, new_request_id)
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, FORMATS, MAX_AUDIO_MS, MAX_SEED,
+                               MAX_SPEAKER, MIN_AUDIO_MS, STREAM_FORMATS, SynthesisRequest, new_request_id)
+from .dialogue_schemas import (ReplyTextReply, RespondMessage, SessionDeleteMessage, SessionDeletedReply,
+                               SessionMessage, SessionReply, SpeechReply, TruncatedReply, TurnEndMessage, TurnMessage,
+                               TurnSavedReply, TurnStartMessage)
+from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
+                           MAX_TRANSCRIPT_CHARS, Limits, MessageBase, ReplyBase, RequestId, Speaker, field_message,
+                           limits_of, load_json_object, non_empty, null_is_unset, speaker_digits, validate)
 
-MAX_REQUEST_ID_CHARS = 128
-MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may be larger: voice uploads)
-MAX_TRANSCRIPT_CHARS = 2000
-LANGUAGE_RULE = "a language code such as 'en', 'de' or 'en_US'"
-LANGUAGE_PATTERN = f"^(?:{LANGUAGE_CODE.pattern})$"  # anchored: a schema's pattern matches anywhere otherwise
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Server-side bounds a request is validated against (the validation context)."""
-
-    max_text_chars: int = 4000
-    emotions: tuple[str, ...] = ()
-    engines: tuple[str, ...] = ENGINES
+__all__ = ["LANGUAGE_PATTERN", "Limits", "field_message", "json_schema", "non_empty", "null_is_unset",
+           "parse_message", "validate"]
 
 
-def _limits(info: ValidationInfo) -> Limits:
-    return (info.context or {}).get("limits") or Limits()
-
-
-RequestId = Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS,
-                                 description=f"a string of 1 to {MAX_REQUEST_ID_CHARS} characters")]
-Speaker = Annotated[int, Field(ge=0, le=MAX_SPEAKER, description=f"an integer from 0 to {MAX_SPEAKER}")]
-
-
-def null_is_unset(data: Any) -> Any:
-    """A field sent as ``null`` gets its default, as if it were left out (clients serialize unset options so)."""
-    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-def non_empty(text: str) -> str:
-    """A required text, trimmed; blank is a broken rule (the field's description says so)."""
-    if not text.strip():
-        raise ValueError("empty")
-    return text.strip()
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored (newer clients)
-
-    request_id: RequestId | None = None
-
-    _nulls = model_validator(mode="before")(null_is_unset)
-
-
-def _speaker_digits(value: Any) -> Any:
-    """``"3"`` as 3 (the original protocol's clients send strings); not ``"²"`` or ``"３"``, which ``isdigit``
-    also accepts."""
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
-        return int(value)
-    return value
-
-
-class SynthesizeMessage(_Message):
+class SynthesizeMessage(MessageBase):
     """Speak ``text``; the reply is ``success`` + one binary frame, or ``start``, binary chunks and ``success``."""
 
     type: Literal["synthesize"] = "synthesize"
@@ -97,14 +53,14 @@ class SynthesizeMessage(_Message):
     engine: Literal[ENGINES] | None = Field(None, description=f"one of: {', '.join(ENGINES)}")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
 
-    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
+    _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
     _text = field_validator("text")(non_empty)
 
     @field_validator("engine")
     @classmethod
     def _engine(cls, engine: str | None, info: ValidationInfo) -> str | None:
-        if engine is not None and engine not in _limits(info).engines:
+        if engine is not None and engine not in limits_of(info).engines:
             raise ValueError("not an engine of this server")
         return engine
 
@@ -113,7 +69,7 @@ class SynthesizeMessage(_Message):
         """Rules across fields and against this server's limits, once every field has its type."""
         if self.stream and self.format is not None and self.format not in STREAM_FORMATS:
             raise ValueError(f"'format' {self.format!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
-        limits = _limits(info)
+        limits = limits_of(info)
         if len(self.text) > limits.max_text_chars:
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
                                                          f"{limits.max_text_chars}")
@@ -131,7 +87,7 @@ class SynthesizeMessage(_Message):
                                 language=self.language)
 
 
-class CancelMessage(_Message):
+class CancelMessage(MessageBase):
     """Stop a queued or running request of this connection: its terminal reply becomes ``cancelled``."""
 
     type: Literal["cancel"]
@@ -142,13 +98,13 @@ class CancelMessage(_Message):
                                                 "for a reply that already finished")
 
 
-class ResetMessage(_Message):
+class ResetMessage(MessageBase):
     """Forget this connection's conversation history (and uploaded voices): ``{"status": "reset"}``."""
 
     type: Literal["reset"]
 
 
-class VoiceMessage(_Message):
+class VoiceMessage(MessageBase):
     """Set a speaker's voice prompt (one binary frame with the audio file follows), or clear it."""
 
     type: Literal["voice"]
@@ -159,7 +115,7 @@ class VoiceMessage(_Message):
                                          "characters); then send the audio file as one binary frame")
     clear: bool = Field(False, description="true or false")
 
-    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
+    _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
     @model_validator(mode="after")
     def _transcript(self) -> "VoiceMessage":
@@ -168,70 +124,13 @@ class VoiceMessage(_Message):
         return self
 
 
-SessionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
-                                 description="a session id as the server gave it")]
-
-
-class SessionMessage(_Message):
-    """Bind this connection to a session: a new one (no ``session``), or the one named (resumed, from any
-    connection or server sharing the store).  Reply ``{"status": "session", "session", "turns"}``."""
-
-    type: Literal["session"]
-    session: SessionId | None = None
-
-
-class SessionDeleteMessage(_Message):
-    """Delete the bound session and its turns; the connection keeps its memory until it closes."""
-
-    type: Literal["session_delete"]
-
-
-class TurnMessage(_Message):
-    """A turn of the other side: what they said, then one binary frame with its audio (WAV, FLAC or OGG).
-    Reply ``{"status": "turn_saved", "speaker", "text", "duration_s", "turns"}`` once it is stored."""
-
-    type: Literal["turn"]
-    speaker: Speaker = Field(description=f"the speaker who said it: an integer from 0 to {MAX_SPEAKER}")
-    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
-                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
-                                         "server transcribes the audio, when it runs with --stt-model); then send "
-                                         "the audio file as one binary frame")
-
-    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
-
-    @field_validator("text")
-    @classmethod
-    def _said(cls, text: str | None) -> str | None:
-        return text.strip() or None if text is not None else None
-
-
-class TurnStartMessage(_Message):
-    """A turn of the other side streamed while they speak: binary frames of 16-bit mono PCM follow, then
-    ``turn_end``.  No reply unless refused."""
-
-    type: Literal["turn_start"]
-    speaker: Speaker = Field(description=f"the speaker who is talking: an integer from 0 to {MAX_SPEAKER}")
-    sample_rate: int = Field(24000, ge=8000, le=48000, description="the rate of the PCM frames that follow: an integer "
-                                                                    "from 8000 to 48000")
-
-    _speaker = field_validator("speaker", mode="before")(_speaker_digits)
-
-
-class TurnEndMessage(_Message):
-    """The streamed turn is complete; reply ``turn_saved`` once it is stored."""
-
-    type: Literal["turn_end"]
-    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
-                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
-                                         "server transcribes the turn, when it runs with --stt-model)")
-
-
-MESSAGES: dict[str, type[_Message]] = {"synthesize": SynthesizeMessage, "cancel": CancelMessage,
+MESSAGES: dict[str, type[MessageBase]] = {"synthesize": SynthesizeMessage, "cancel": CancelMessage,
                                        "reset": ResetMessage, "voice": VoiceMessage, "session": SessionMessage,
                                        "session_delete": SessionDeleteMessage, "turn": TurnMessage,
-                                       "turn_start": TurnStartMessage, "turn_end": TurnEndMessage}
+                                       "turn_start": TurnStartMessage, "turn_end": TurnEndMessage,
+                                       "respond": RespondMessage}
 Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage, SessionMessage, SessionDeleteMessage,
-                TurnMessage, TurnStartMessage, TurnEndMessage]
+                TurnMessage, TurnStartMessage, TurnEndMessage, RespondMessage]
 
 
 def parse_message(raw: str | bytes, limits: Limits) -> Message:
@@ -253,47 +152,9 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     return validate(model, data, request_id, context={"limits": limits})
 
 
-def load_json_object(raw: str | bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Message must be a JSON object")
-    return data
-
-
-def validate(model: type[BaseModel], data: dict[str, Any], request_id: str | None = None,
-             context: dict[str, Any] | None = None) -> Any:
-    """``model`` from ``data``; a broken rule becomes ``invalid_request`` naming the field (its description)."""
-    try:
-        return model.model_validate(data, context=context)
-    except ProtocolError as exc:
-        exc.request_id = exc.request_id or request_id
-        raise
-    except ValidationError as exc:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, field_message(model, exc), request_id) from None
-
-
-def field_message(model: type[BaseModel], exc: ValidationError) -> str:
-    """The first broken rule in words: the field's description, or a whole-message rule's own message."""
-    error = exc.errors(include_url=False)[0]
-    name = error["loc"][0] if error["loc"] else None
-    field = model.model_fields.get(name) if isinstance(name, str) else None
-    if field is not None and field.description:
-        return f"'{name}' must be {field.description}"
-    if error["type"] == "value_error":
-        return str(error["ctx"]["error"])
-    return f"Invalid message: {error['msg']}"
-
-
 # -- the server's replies, for the published schema (core.replies builds them) ------------------------
 
-class _Reply(BaseModel):
-    model_config = ConfigDict(extra="allow")  # replies may gain fields; clients ignore what they do not know
-
-
-class StartReply(_Reply):
+class StartReply(ReplyBase):
     status: Literal["start"]
     request_id: str
     format: Literal[STREAM_FORMATS]
@@ -303,7 +164,7 @@ class StartReply(_Reply):
     engine: str
 
 
-class SuccessReply(_Reply):
+class SuccessReply(ReplyBase):
     status: Literal["success"]
     message: str
     request_id: str
@@ -317,68 +178,44 @@ class SuccessReply(_Reply):
     chunks: int | None = None
 
 
-class ErrorReply(_Reply):
+class ErrorReply(ReplyBase):
     status: Literal["error"]
     code: ErrorCode
     message: str
     request_id: str | None = None
 
 
-class LoadingReply(_Reply):
+class LoadingReply(ReplyBase):
     status: Literal["loading"]
     message: str
     detail: str
     request_id: str | None = None
 
 
-class CancelledReply(_Reply):
+class CancelledReply(ReplyBase):
     status: Literal["cancelled"]
     request_id: str
 
 
-class TruncatedReply(_Reply):
-    status: Literal["truncated"]
-    request_id: str
-    kept_s: float
-
-
-class ResetReply(_Reply):
+class ResetReply(ReplyBase):
     status: Literal["reset"]
 
 
-class VoiceSavedReply(_Reply):
+class VoiceSavedReply(ReplyBase):
     status: Literal["voice_saved"]
     speaker: int
     duration_s: float
 
 
-class VoiceClearedReply(_Reply):
+class VoiceClearedReply(ReplyBase):
     status: Literal["voice_cleared"]
     speaker: int
     cleared: bool
 
 
-class SessionReply(_Reply):
-    status: Literal["session"]
-    session: str
-    turns: int
-
-
-class SessionDeletedReply(_Reply):
-    status: Literal["session_deleted"]
-    session: str
-
-
-class TurnSavedReply(_Reply):
-    status: Literal["turn_saved"]
-    speaker: int
-    text: str
-    duration_s: float
-    turns: int
-
-
 Reply = Union[StartReply, SuccessReply, ErrorReply, LoadingReply, CancelledReply, ResetReply, VoiceSavedReply,
-              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply, TruncatedReply]
+              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply, TruncatedReply, ReplyTextReply,
+              SpeechReply]
 
 
 class _Protocol(BaseModel):

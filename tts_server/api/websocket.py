@@ -26,21 +26,23 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..core import replies as r
 from ..core.context import Conversation, heard
+from ..core.listening import Listener
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
-from ..core.sessions import StoredTurn
 from ..core.turns import StreamedTurn
 from ..engines.base import ContextTurn
 from ..references import ReferenceError
 from ..references.quality import check_voice_prompt
 from . import schemas as s
+from .dialogue import Dialogue
+from .dialogue_schemas import AnswerOptions
 
 log = logging.getLogger(__name__)
 PATHS = ("/", "/ws")
 
 
-class Connection:
+class Connection(Dialogue):
     """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
 
     def __init__(self, service: Service, ws: WebSocket, owner: str = "") -> None:
@@ -50,6 +52,9 @@ class Connection:
         self.session: str | None = None
         self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
         self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
+        self._listener: Listener | None = None  # hands-free turns (turn_start with vad)
+        self._answering: AnswerOptions | None = None  # answer each saved turn (turn_start's respond)
+        self._answers: set[asyncio.Task] = set()  # LLM streams of respond requests
         # barge-in: recent replies' turns (and their places in the session), and replies to cut once they end
         self._replies: collections.OrderedDict[str, list[ContextTurn]] = collections.OrderedDict()
         self._stored: dict[str, list[int]] = {}
@@ -108,12 +113,15 @@ class Connection:
         finally:
             for job in list(self.live.values()):
                 job.cancel()
+            for task in list(self._answers):
+                task.cancel()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
-            if isinstance(raw, bytes) and self._voice is None and self._turn is None and self._streaming is not None:
+            streaming = self._streaming is not None or self._listener is not None
+            if isinstance(raw, bytes) and self._voice is None and self._turn is None and streaming:
                 return await self._stream_audio(raw)
             pending, self._voice, self._turn = self._voice or self._turn, None, None
             if pending is not None:
@@ -125,7 +133,7 @@ class Connection:
                                               f"{what} abandoned: its message must be followed by one binary frame "
                                               "holding the audio file"))
             message = s.parse_message(raw, self.limits())
-            counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage)
+            counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage, s.RespondMessage)
             if isinstance(message, counted) and not self._rate.allow():
                 raise r.rate_limited(self.service.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
@@ -143,10 +151,11 @@ class Connection:
             elif isinstance(message, s.SessionDeleteMessage):
                 await self._delete_session()
             elif isinstance(message, s.TurnStartMessage):
-                self._streaming = None  # a turn left open is dropped for the new one
-                self._streaming = await self.service.stream_turn(message.speaker, message.sample_rate)
+                await self._turn_start(message)
             elif isinstance(message, s.TurnEndMessage):
                 await self._end_turn(message.text)
+            elif isinstance(message, s.RespondMessage):
+                await self._respond(message, message.request_id)
             else:
                 self.conversation.reset()
                 await self.send({"status": "reset"})
@@ -159,6 +168,21 @@ class Connection:
             await self.send(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
     async def _synthesize(self, request) -> None:
+        job = self._new_job(request)
+        job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
+        try:
+            notice = self.service.scheduler.submit(job)
+        except Busy as exc:
+            raise r.ProtocolError(r.ErrorCode.BUSY, str(exc), request.request_id) from None
+        self.live[request.request_id] = job
+        self.jobs.put_nowait(job)
+        if notice and not self._told_loading:
+            self._told_loading = True
+            await self.send(r.loading_reply(notice, request.request_id))
+
+    def _new_job(self, request) -> Job:
+        """A job for ``request`` on this connection (prompted with its history, stored in its session), or the
+        reason it cannot be taken."""
         if self.service.draining:
             raise r.shutting_down(request.request_id)
         if request.request_id in self.live:
@@ -170,20 +194,11 @@ class Connection:
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
         job.owner = self
-        job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
         if self.session is not None and request.context:
             session = self.session
             job.persist = lambda j: self._stored.__setitem__(
                 j.request_id, self.service.sessions.extend(session, self.owner, j.task.produced))
-        try:
-            notice = self.service.scheduler.submit(job)
-        except Busy as exc:
-            raise r.ProtocolError(r.ErrorCode.BUSY, str(exc), request.request_id) from None
-        self.live[request.request_id] = job
-        self.jobs.put_nowait(job)
-        if notice and not self._told_loading:
-            self._told_loading = True
-            await self.send(r.loading_reply(notice, request.request_id))
+        return job
 
     def _remember(self, job: Job) -> None:
         """After a success: extend the history, and pin the speaker's voice if it has none yet."""
@@ -216,60 +231,6 @@ class Connection:
         audio = await self._checked_audio(data, "Voice prompt")
         turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
         await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
-
-    # -- sessions and the other side's turns -----------------------------------------------------------------
-    async def _bind(self, session: str | None) -> None:
-        """A new session (``None``) or a stored one: its turns become this connection's history."""
-        store = self.service.sessions
-        if session is None:
-            session, turns = await asyncio.to_thread(store.create, self.owner), []
-        else:
-            turns = await asyncio.to_thread(store.turns, session, self.owner)
-        self.session = session
-        self.conversation.history.clear()
-        self.conversation.history.extend(turn.context() for turn in turns)
-        await self.send({"status": "session", "session": session, "turns": len(turns)})
-
-    async def _delete_session(self) -> None:
-        if self.session is None:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
-        session, self.session = self.session, None
-        await asyncio.to_thread(self.service.sessions.delete, session, self.owner)
-        await self.send({"status": "session_deleted", "session": session})
-
-    async def _stream_audio(self, pcm: bytes) -> None:
-        turn, loop = self._streaming, asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self.service.turn_encoding, turn.feed, pcm)
-        except r.ProtocolError:
-            self._streaming = None
-            raise
-
-    async def _end_turn(self, text: str | None) -> None:
-        turn, self._streaming = self._streaming, None
-        if turn is None:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' "
-                                                               "and the audio first")
-        loop = asyncio.get_running_loop()
-        audio = await loop.run_in_executor(self.service.turn_encoding, turn.end)
-        text = (text or "").strip() or await self.service.transcript(audio)
-        await self._keep_turn(await loop.run_in_executor(self.service.turn_encoding, turn.finish, text))
-
-    async def _save_turn(self, message: s.TurnMessage, data: bytes) -> None:
-        """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
-        audio = await self._checked_audio(data, "Turn audio")
-        text = message.text or await self.service.transcript(audio)
-        await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": await self.service.codes_of(audio)}))
-
-    async def _keep_turn(self, turn: ContextTurn) -> None:
-        """Into the history, and the session's store when one is bound; then ``turn_saved``."""
-        turns = len(self.conversation.history) + 1
-        if self.session is not None:
-            turns = await asyncio.to_thread(self.service.sessions.append, self.session, self.owner,
-                                            StoredTurn.of(turn))
-        self.conversation.history.append(turn)
-        await self.send({"status": "turn_saved", "speaker": turn.speaker, "text": turn.text,
-                         "duration_s": round(turn.duration_s, 3), "turns": turns})
 
     async def _cancel(self, request_id: str, played_ms: float | None = None) -> None:
         """Stop a request; with ``played_ms`` (barge-in) also keep only what was heard of its reply, whether it

@@ -278,8 +278,9 @@ class Scheduler:
                              cache_miss=job.cache_key is not None)
 
     def _next_engine(self, job: Job, slot: EngineSlot, exc: EngineError) -> EngineSlot | None:
-        """The engine that takes over ``job`` after ``slot`` failed it, if it may be retried at all."""
-        if not exc.engine_fault or job.audio_sent or job.cancel_event.is_set():
+        """The engine that takes over ``job`` after ``slot`` failed it, if it may be retried at all (not once audio
+        went out, nor a text being written as it is spoken: its sentences were taken)."""
+        if not exc.engine_fault or job.audio_sent or job.cancel_event.is_set() or job.task.feed is not None:
             return None
         retry = self.chain.next_after(slot, job.request)
         if retry is not None:

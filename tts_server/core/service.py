@@ -15,12 +15,14 @@ from typing import Any, Hashable
 import numpy as np
 
 from ..engines.base import ContextTurn
+from ..engines.chat import ChatModel
 from ..engines.mimi_stream import FRAME_SAMPLES
 from ..engines.stt import Transcriber
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
 from .jobs import EngineSlot
+from .listening import Listener
 from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
@@ -43,7 +45,8 @@ class Service:
                  max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
                  max_voice_seconds: float = 30, generation_timeout: float = 120,
                  trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
-                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, stt: Transcriber | None = None) -> None:
+                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, stt: Transcriber | None = None,
+                 chat: ChatModel | None = None, vad_silence_ms: float = 600) -> None:
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -65,6 +68,8 @@ class Service:
         self.stt, self.stt_failure = stt, None  # speech recognition for turns sent without text
         self._stt_loaded = asyncio.Event()
         self._stt_thread = ThreadPoolExecutor(1, thread_name_prefix="stt")
+        self.chat = chat  # the assistant's words (--chat-url), for ``respond``
+        self.vad_silence_ms = vad_silence_ms
         limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes}
         self.sessions = RedisSessionStore(session_store, **limits) if session_store.startswith("redis://") \
             else SessionStore.open(session_store, **limits)
@@ -108,6 +113,16 @@ class Service:
         slot = await self._csm_for_turns()
         return StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder())
 
+    async def listener(self, speaker: int, sample_rate: int) -> Listener:
+        """Hands-free turns of ``speaker``: utterances cut by voice activity detection (feed it on
+        ``turn_encoding``)."""
+        from ..engines.vad import SpeechDetector
+
+        slot = await self._csm_for_turns()
+        loop = asyncio.get_running_loop()
+        detector = await loop.run_in_executor(self.turn_encoding, SpeechDetector, self.vad_silence_ms)
+        return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
+
     async def _csm_for_turns(self) -> EngineSlot:
         slot = self.scheduler.slots.get("csm")
         if slot is not None:
@@ -122,6 +137,13 @@ class Service:
         """Whose sessions a request may use: the hash of the API key it offers; on a server without keys, one
         owner for all (a key a client sends anyway does not split them)."""
         return owner_of(self.gate.offered_key(headers, target) if self.gate.requires_key else None)
+
+    def conversation_info(self) -> dict[str, Any]:
+        """What the voice chat can do here: speech recognition, the end-of-utterance pause, the chat model."""
+        stt = "off" if self.stt is None else "failed" if self.stt_failure else \
+            "ready" if self._stt_loaded.is_set() else "loading"
+        return {"stt": stt, "vad_silence_ms": self.vad_silence_ms,
+                "chat": self.chat.describe() if self.chat is not None else None}
 
     @property
     def emotions(self) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ in the scheduler's worker thread and checks ``task.cancel`` between chunks
 
 from __future__ import annotations
 
+import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -62,6 +63,38 @@ class ContextTurn:
         return len(self.audio) / 24000
 
 
+class SentenceFeed:
+    """The sentences of a text still being written (an LLM's answer): an engine speaks each as it arrives.
+
+    The event loop ``put``s sentences and ``close``s the feed (with an error if
+    the writer failed); the worker thread iterates ``take``, which waits for the
+    next sentence and stops when the task is cancelled.  It can be taken once.
+    """
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, sentence: str) -> None:
+        self._queue.put(sentence)
+
+    def close(self, error: "EngineError | None" = None) -> None:
+        self._queue.put(self._END if error is None else error)
+
+    def take(self, cancel: threading.Event) -> Iterator[str]:
+        while not cancel.is_set():
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                return
+            if isinstance(item, EngineError):
+                raise item
+            yield item
+
+
 @dataclass(eq=False)
 class SynthesisTask:
     """One request as an engine sees it: the request, its prompt context, a cancel flag, and an out-list.
@@ -70,7 +103,7 @@ class SynthesisTask:
     oldest first); ``reference`` (an emotion clip) goes right before the text.
     The engine appends the turns it speaks to ``produced`` (conversation memory)
     and sets ``truncated`` when the request's ``max_audio_length_ms`` ran out
-    before the end of the text.
+    before the end of the text.  Engines read the text through ``texts()``.
     """
 
     request: SynthesisRequest
@@ -79,6 +112,14 @@ class SynthesisTask:
     reference: ContextTurn | None = None
     produced: list[ContextTurn] = field(default_factory=list)
     truncated: bool = False
+    feed: SentenceFeed | None = None  # the text arrives while it is spoken (``request.text`` is its beginning)
+
+    def texts(self) -> Iterator[str]:
+        """What to speak, in pieces: the request's whole text, or each sentence of the feed as it arrives."""
+        if self.feed is None:
+            yield self.request.text
+        else:
+            yield from self.feed.take(self.cancel)
 
 
 class Engine(ABC):

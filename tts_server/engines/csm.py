@@ -239,7 +239,7 @@ class CsmEngine(Engine):
         remaining_ms = request.max_audio_length_ms or float("inf")  # no cap: the whole text is spoken
         spoken: list[ContextTurn] = []
         emitted = 0
-        for sentence in split_sentences(request.text):
+        for sentence in (part for text in task.texts() for part in split_sentences(text)):
             if cancel.is_set():
                 return
             if remaining_ms < 80:

@@ -147,7 +147,9 @@ class PiperEngine(Engine):
         speaker = request.speaker % voice.speakers if voice.speakers > 1 else None
         # speed: Piper's own length scale (phoneme durations), so the pitch is kept
         length = voice.model.config.length_scale / request.speed if request.speed != 1.0 else None
-        for chunk in voice.model.synthesize(request.text, SynthesisConfig(speaker_id=speaker, length_scale=length)):
-            if task.cancel.is_set():
-                return
-            yield chunk.audio_float_array.astype(np.float32, copy=False)
+        config = SynthesisConfig(speaker_id=speaker, length_scale=length)
+        for text in task.texts():
+            for chunk in voice.model.synthesize(text, config):
+                if task.cancel.is_set():
+                    return
+                yield chunk.audio_float_array.astype(np.float32, copy=False)

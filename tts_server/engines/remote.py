@@ -101,7 +101,7 @@ class RemoteEngine(Engine):
             raise EngineError("model_unavailable", "the remote engine is not set up")
         request = task.request
         params: dict[str, Any] = {"model": self.model, "voice": self.voice_for(request.speaker),
-                                  "input": request.text, "response_format": "pcm"}
+                                  "input": " ".join(task.texts()), "response_format": "pcm"}
         if request.speed != 1.0:
             params["speed"] = request.speed
         try:

@@ -1,0 +1,154 @@
+"""Voice chat over the WebSocket: hands-free turns cut by the VAD, transcribed, answered by a chat model (a test
+server speaking OpenAI's streamed wire format) and spoken by CSM while the answer is still being written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import websockets
+
+from audio_fixtures import pcm16, spoken
+from conftest import ahttp_get, csm_slot, recv_json, running_server, url
+from fake_chat import FakeChat
+from test_sessions import bind, turn, word_error_rate
+from audio_fixtures import audio_bytes, speechlike
+
+SAID = "Could you tell me a short story about the sea?"
+ANSWER = "Once upon a time, a boat sailed far away. It found an island of singing birds. The end."
+
+
+def utterance(rate: int = 16000, before: float = 0.5, after: float = 1.2) -> np.ndarray:
+    speech = spoken(SAID, rate)
+    return np.concatenate([np.zeros(int(before * rate), np.float32), speech, np.zeros(int(after * rate), np.float32)])
+
+
+async def send_pcm(ws, audio: np.ndarray, rate: int, piece_s: float = 0.04) -> None:
+    data, step = pcm16(audio), int(rate * piece_s) * 2
+    for offset in range(0, len(data), step):
+        await ws.send(data[offset:offset + step])
+
+
+async def until(ws, status: str, timeout: float = 120) -> tuple[dict, list[dict], bytes]:
+    """Frames up to the first reply with ``status``: (it, the JSON before it, the audio before it)."""
+    seen, audio = [], bytearray()
+    while True:
+        frame = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(frame, bytes):
+            audio += frame
+            continue
+        reply = json.loads(frame)
+        if reply.get("status") == status:
+            return reply, seen, bytes(audio)
+        seen.append(reply)
+
+
+def server_options(whisper_dir, chat: FakeChat | None, **more) -> dict:
+    from tts_server.engines.chat import ChatModel
+    from tts_server.engines.stt import Transcriber
+
+    return {"stt": Transcriber(str(whisper_dir), "cpu", local_only=True),
+            "chat": ChatModel(chat.url, "test-model", chat.key, "Answer briefly.") if chat else None, **more}
+
+
+async def test_hands_free_turns_are_transcribed_answered_and_spoken_while_the_answer_is_written(tiny_model_dir,
+                                                                                                whisper_dir):
+    with FakeChat(ANSWER, delay=0.25) as chat:
+        async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, chat)) as server:
+            async with websockets.connect(url(server)) as ws:
+                session = (await bind(ws))["session"]
+                await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000, "vad": True,
+                                          "respond": {"speaker": 0, "seed": 3}}))
+                await send_pcm(ws, utterance(), 16000)
+                saved, events, _ = await until(ws, "turn_saved")
+                started, before_start, _ = await until(ws, "start")
+                done, after_start, audio = await until(ws, "success")
+                await ws.send(json.dumps({"type": "turn_end"}))  # listening ends; nothing was being said
+                await ws.send(json.dumps({"type": "session"}))  # a marker: turn_end sent nothing back
+                marker = await recv_json(ws)
+            _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
+    assert [e["status"] for e in events] == ["speech_start", "speech_end"]
+    assert saved["speaker"] == 1 and word_error_rate(SAID, saved["text"]) <= 0.2
+    deltas = [r["delta"] for r in before_start + after_start if r["status"] == "reply_text"]
+    assert "".join(deltas) == ANSWER
+    # the first audio went out while the chat model was still writing: deltas came after it
+    assert any(r["status"] == "reply_text" for r in after_start)
+    assert started["request_id"] == done["request_id"] and done["chunks"] >= 1 and len(audio) > 0
+    assert marker["status"] == "session"
+    turns = json.loads(listed)["turns"]
+    assert [t["speaker"] for t in turns] == [1] + [0] * (len(turns) - 1) and len(turns) >= 2
+    assert turns[0]["text"] == saved["text"]
+    assert " ".join(t["text"] for t in turns[1:]) == ANSWER  # the assistant's sentences, as written
+    sent = chat.requests[0]
+    assert sent["stream"] is True and sent["model"] == "test-model"
+    assert sent["messages"] == [{"role": "system", "content": "Answer briefly."},
+                                {"role": "user", "content": saved["text"]}]
+
+
+async def test_respond_answers_the_transcript_and_a_cancel_stops_the_chat_stream(tiny_model_dir, whisper_dir):
+    with FakeChat(ANSWER, delay=0.5) as chat:
+        async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, chat)) as server:
+            async with websockets.connect(url(server)) as ws:
+                nothing = await _respond(ws, "r0")
+                await turn(ws, audio_bytes(speechlike(1.0)), "Hi there.")
+                await turn(ws, audio_bytes(speechlike(1.0)), "Anyone home?")
+                await ws.send(json.dumps({"type": "respond", "request_id": "r1", "speaker": 0}))
+                first_delta, _, _ = await until(ws, "reply_text")
+                await ws.send(json.dumps({"type": "cancel", "request_id": "r1"}))
+                cancelled, _, _ = await until(ws, "cancelled")
+                hung_up = await asyncio.to_thread(chat.hung_up.wait, 20)
+    assert nothing["code"] == "invalid_request" and "Nothing to answer" in nothing["message"]
+    assert first_delta == {"status": "reply_text", "request_id": "r1", "delta": "Once"}
+    assert cancelled == {"status": "cancelled", "request_id": "r1"}
+    assert hung_up  # the server closed the LLM's stream
+    assert chat.requests[0]["messages"][1:] == [{"role": "user", "content": "Hi there. Anyone home?"}]
+
+
+async def _respond(ws, request_id: str, **fields) -> dict:
+    await ws.send(json.dumps({"type": "respond", "request_id": request_id, **fields}))
+    return await recv_json(ws)
+
+
+async def test_chat_failures_reach_the_user_as_errors_that_say_what_to_fix(tiny_model_dir, whisper_dir):
+    from conftest import free_port
+
+    with FakeChat(ANSWER, key="right-key") as chat:
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        wrong_key = FakeChat.__new__(FakeChat)
+        wrong_key.url, wrong_key.key = chat.url, "wrong-key"
+        cases = {"none": None, "dead": type("Dead", (), {"url": dead, "key": None})(), "key": wrong_key}
+        replies = {}
+        for name, remote in cases.items():
+            async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, remote)) as server:
+                async with websockets.connect(url(server)) as ws:
+                    await turn(ws, audio_bytes(speechlike(1.0)), "Hello?")
+                    replies[name] = await _respond(ws, name)
+                    if name == "none":
+                        await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "vad": True,
+                                                  "respond": {"speaker": 0}}))
+                        replies["listen"] = await recv_json(ws)
+                    replies[name + "-after"] = await turn(ws, audio_bytes(speechlike(1.0)), "Still there?")
+    assert replies["none"]["code"] == replies["listen"]["code"] == "invalid_request"
+    assert "--chat-url" in replies["none"]["message"]
+    assert replies["dead"]["code"] == "model_unavailable" and dead in replies["dead"]["message"]
+    assert replies["key"]["code"] == "model_unavailable" and "TTS_CHAT_API_KEY" in replies["key"]["message"]
+    assert all(replies[f"{name}-after"]["status"] == "turn_saved" for name in cases)  # the connection lives on
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+async def test_silence_and_noise_between_utterances_are_never_kept(tiny_model_dir, whisper_dir, rate):
+    """Two utterances with a pause between them become two turns; the silence is not a turn."""
+    async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, None)) as server:
+        async with websockets.connect(url(server)) as ws:
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 2, "sample_rate": rate, "vad": True}))
+            quiet = np.random.default_rng(0).normal(0, 0.002, rate * 2).astype(np.float32)
+            await send_pcm(ws, np.concatenate([quiet, utterance(rate), utterance(rate)]), rate, piece_s=0.1)
+            first, _, _ = await until(ws, "turn_saved")
+            second, events, _ = await until(ws, "turn_saved")
+    assert [e["status"] for e in events] == ["speech_start", "speech_end"]
+    for saved in (first, second):
+        assert word_error_rate(SAID, saved["text"]) <= 0.2
+        # the turn is the speech plus its padding and the pause that ended it, not the silence before it
+        assert len(spoken(SAID)) / 16000 < saved["duration_s"] < len(spoken(SAID)) / 16000 + 1.2

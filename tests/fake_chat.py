@@ -1,0 +1,83 @@
+"""A chat-completions server for tests, speaking OpenAI's streamed wire format (server-sent events of
+``chat.completion.chunk`` objects, then ``data: [DONE]``), so the server's real ``openai`` client is what reads it.
+
+It answers every request with ``reply``, a word per event, ``delay`` seconds apart; it records each request body
+and when each answer's stream started and finished (``time.time()``).  ``key`` set: other keys get OpenAI's 401.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+
+class FakeChat:
+    def __init__(self, reply: str, delay: float = 0.0, key: str | None = None) -> None:
+        self.reply, self.delay, self.key = reply, delay, key
+        self.requests: list[dict] = []
+        self.started: list[float] = []
+        self.finished: list[float] = []
+        self.hung_up = threading.Event()  # a client closed the stream before its end
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                owner.requests.append(body)
+                if owner.key is not None and self.headers.get("authorization") != f"Bearer {owner.key}":
+                    error = json.dumps({"error": {"message": "Incorrect API key provided", "type":
+                                                  "invalid_request_error", "code": "invalid_api_key"}}).encode()
+                    self.send_response(401)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                owner.started.append(time.time())
+                words = owner.reply.split(" ")
+                deltas = [{"role": "assistant", "content": ""}] + \
+                    [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)] + [{}]
+                try:
+                    for i, delta in enumerate(deltas):
+                        if i > 1:
+                            time.sleep(owner.delay)
+                        chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
+                                 "model": body.get("model", ""), "choices": [
+                                     {"index": 0, "delta": delta, "finish_reason": "stop" if not delta else None}]}
+                        self._event(f"data: {json.dumps(chunk)}\n\n")
+                    self._event("data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    owner.finished.append(time.time())
+                except OSError:
+                    owner.hung_up.set()
+
+            def _event(self, text: str) -> None:
+                data = text.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "FakeChat":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""The WebSocket's conversation messages: sessions, the other side's turns (sent whole, streamed, or heard
+hands-free), and ``respond`` (the assistant's answer, written by an LLM and spoken as it is written).  Pure."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED, MAX_SPEAKER, MIN_AUDIO_MS,
+                               STREAM_FORMATS)
+from .schema_rules import MAX_TRANSCRIPT_CHARS, MessageBase, ReplyBase, Speaker, speaker_digits
+
+SessionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                 description="a session id as the server gave it")]
+
+
+class SessionMessage(MessageBase):
+    """Bind this connection to a session: a new one (no ``session``), or the one named (resumed, from any
+    connection or server sharing the store).  Reply ``{"status": "session", "session", "turns"}``."""
+
+    type: Literal["session"]
+    session: SessionId | None = None
+
+
+class SessionDeleteMessage(MessageBase):
+    """Delete the bound session and its turns; the connection keeps its memory until it closes."""
+
+    type: Literal["session_delete"]
+
+
+class TurnMessage(MessageBase):
+    """A turn of the other side: what they said, then one binary frame with its audio (WAV, FLAC or OGG).
+    Reply ``{"status": "turn_saved", "speaker", "text", "duration_s", "turns"}`` once it is stored."""
+
+    type: Literal["turn"]
+    speaker: Speaker = Field(description=f"the speaker who said it: an integer from 0 to {MAX_SPEAKER}")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
+                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
+                                         "server transcribes the audio, when it runs with --stt-model); then send "
+                                         "the audio file as one binary frame")
+
+    _speaker = field_validator("speaker", mode="before")(speaker_digits)
+
+    @field_validator("text")
+    @classmethod
+    def _said(cls, text: str | None) -> str | None:
+        return text.strip() or None if text is not None else None
+
+
+class AnswerOptions(BaseModel):
+    """How the assistant answers: its speaker and CSM's sampling (the fields of ``respond``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    speaker: Speaker = Field(0, description=f"the assistant's speaker: an integer from 0 to {MAX_SPEAKER}")
+    format: Literal[STREAM_FORMATS] = Field("pcm", description=f"one of: {', '.join(STREAM_FORMATS)}")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0.0, le=2.0, allow_inf_nan=False,
+                               description="a number above 0 and at most 2")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
+    max_audio_length_ms: float | None = Field(None, ge=MIN_AUDIO_MS, le=MAX_AUDIO_MS, allow_inf_nan=False,
+                                              description=f"a number at least {MIN_AUDIO_MS} and at most "
+                                                          f"{MAX_AUDIO_MS}")
+
+    _speaker = field_validator("speaker", mode="before")(speaker_digits)
+
+
+class TurnStartMessage(MessageBase):
+    """A turn of the other side streamed while they speak: binary frames of 16-bit mono PCM follow, then
+    ``turn_end``.  With ``vad`` the server listens hands-free instead: each utterance ends at a pause
+    (``speech_start`` / ``speech_end``, then ``turn_saved``) until ``turn_end``.  No reply unless refused."""
+
+    type: Literal["turn_start"]
+    speaker: Speaker = Field(description=f"the speaker who is talking: an integer from 0 to {MAX_SPEAKER}")
+    sample_rate: int = Field(24000, ge=8000, le=48000, description="the rate of the PCM frames that follow: an integer "
+                                                                    "from 8000 to 48000")
+    vad: bool = Field(False, description="true or false (true: the server ends each utterance at a pause)")
+    respond: AnswerOptions | None = Field(None, description="an object with the fields of 'respond' (the assistant "
+                                                            "answers each saved turn)")
+
+    _speaker = field_validator("speaker", mode="before")(speaker_digits)
+
+
+class TurnEndMessage(MessageBase):
+    """The streamed turn is complete; reply ``turn_saved`` once it is stored."""
+
+    type: Literal["turn_end"]
+    text: str | None = Field(None, min_length=1, max_length=MAX_TRANSCRIPT_CHARS,
+                             description=f"what was said (1 to {MAX_TRANSCRIPT_CHARS} characters; without it the "
+                                         "server transcribes the turn, when it runs with --stt-model)")
+
+
+class RespondMessage(AnswerOptions, MessageBase):
+    """The assistant answers the session: the chat model (--chat-url) writes the reply to the transcript, sent as
+    ``reply_text`` deltas, and it is spoken sentence by sentence as one streamed reply (``start``, chunks,
+    ``success``) that joins the history.  Cancel it like any request (``played_ms`` for barge-in)."""
+
+    type: Literal["respond"]
+
+
+# -- replies
+
+class SessionReply(ReplyBase):
+    status: Literal["session"]
+    session: str
+    turns: int
+
+
+class SessionDeletedReply(ReplyBase):
+    status: Literal["session_deleted"]
+    session: str
+
+
+class TurnSavedReply(ReplyBase):
+    status: Literal["turn_saved"]
+    speaker: int
+    text: str
+    duration_s: float
+    turns: int
+
+
+class TruncatedReply(ReplyBase):
+    status: Literal["truncated"]
+    request_id: str
+    kept_s: float
+
+
+class ReplyTextReply(ReplyBase):
+    status: Literal["reply_text"]
+    request_id: str
+    delta: str
+
+
+class SpeechReply(ReplyBase):
+    """Hands-free listening: the speaker started (barge-in: stop playing) or stopped talking."""
+
+    status: Literal["speech_start", "speech_end"]

@@ -1,0 +1,103 @@
+"""What every WebSocket message shares: the validation context, common field types, the base classes, and how
+one broken rule becomes one ``invalid_request`` naming the field.  Pure: no sockets, no model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from ..core.replies import ErrorCode, ProtocolError
+from ..engines.request import ENGINES, LANGUAGE_CODE, MAX_SPEAKER
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may be larger: voice uploads)
+MAX_TRANSCRIPT_CHARS = 2000
+LANGUAGE_RULE = "a language code such as 'en', 'de' or 'en_US'"
+LANGUAGE_PATTERN = f"^(?:{LANGUAGE_CODE.pattern})$"  # anchored: a schema's pattern matches anywhere otherwise
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds a request is validated against (the validation context)."""
+
+    max_text_chars: int = 4000
+    emotions: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ENGINES
+
+
+def limits_of(info: ValidationInfo) -> Limits:
+    return (info.context or {}).get("limits") or Limits()
+
+
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS,
+                                 description=f"a string of 1 to {MAX_REQUEST_ID_CHARS} characters")]
+Speaker = Annotated[int, Field(ge=0, le=MAX_SPEAKER, description=f"an integer from 0 to {MAX_SPEAKER}")]
+
+
+def null_is_unset(data: Any) -> Any:
+    """A field sent as ``null`` gets its default, as if it were left out (clients serialize unset options so)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def non_empty(text: str) -> str:
+    """A required text, trimmed; blank is a broken rule (the field's description says so)."""
+    if not text.strip():
+        raise ValueError("empty")
+    return text.strip()
+
+
+class MessageBase(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored (newer clients)
+
+    request_id: RequestId | None = None
+
+    _nulls = model_validator(mode="before")(null_is_unset)
+
+
+def speaker_digits(value: Any) -> Any:
+    """``"3"`` as 3 (the original protocol's clients send strings); not ``"²"`` or ``"３"``, which ``isdigit``
+    also accepts."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        return int(value)
+    return value
+
+
+def load_json_object(raw: str | bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Message must be a JSON object")
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], request_id: str | None = None,
+             context: dict[str, Any] | None = None) -> Any:
+    """``model`` from ``data``; a broken rule becomes ``invalid_request`` naming the field (its description)."""
+    try:
+        return model.model_validate(data, context=context)
+    except ProtocolError as exc:
+        exc.request_id = exc.request_id or request_id
+        raise
+    except ValidationError as exc:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, field_message(model, exc), request_id) from None
+
+
+def field_message(model: type[BaseModel], exc: ValidationError) -> str:
+    """The first broken rule in words: the field's description, or a whole-message rule's own message."""
+    error = exc.errors(include_url=False)[0]
+    name = error["loc"][0] if error["loc"] else None
+    field = model.model_fields.get(name) if isinstance(name, str) else None
+    if field is not None and field.description:
+        return f"'{name}' must be {field.description}"
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return f"Invalid message: {error['msg']}"
+
+
+class ReplyBase(BaseModel):
+    model_config = ConfigDict(extra="allow")  # replies may gain fields; clients ignore what they do not know

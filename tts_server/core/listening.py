@@ -1,0 +1,69 @@
+"""Hands-free turns: the microphone streams all the time, and voice activity detection cuts it into utterances.
+
+A ``Listener`` takes 16-bit PCM at the client's rate, scores it with the VAD
+(at 16 kHz), and keeps the last second of it.  When speech starts it opens a
+``StreamedTurn`` with the audio from just before the start (``PREROLL_MS``, so
+the first syllable is not clipped) and feeds it everything that follows; when
+the speaker has been silent for ``--vad-silence-ms`` it hands the turn back to
+be ended, transcribed and stored.  Silence between utterances is never kept.
+Blocking (model compute): run ``feed`` on one thread at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..audio.codec import Resampler
+from ..engines.vad import RATE, SpeechDetector
+from . import replies as r
+from .turns import StreamedTurn
+
+PREROLL_MS = 300
+
+
+class Listener:
+    def __init__(self, sample_rate: int, detector: SpeechDetector, open_turn: Callable[[], StreamedTurn]) -> None:
+        self.sample_rate = sample_rate
+        self._detector = detector
+        self._open_turn = open_turn
+        self._to_vad = Resampler(sample_rate, RATE)
+        self._recent = np.zeros(0, np.int16)  # the last second, at the client's rate
+        self._odd = b""
+        self._vad_samples = 0  # 16 kHz samples handed to the detector
+        self.turn: StreamedTurn | None = None
+
+    def feed(self, pcm: bytes) -> list[tuple[str, StreamedTurn | None]]:
+        """Events this audio completes, in order: ``("speech_start", None)``, ``("speech_end", turn)`` (a turn to
+        end and keep), ``("dropped", None)`` (an utterance over the length limit)."""
+        data, self._odd = self._odd + pcm, b""
+        if len(data) % 2:
+            data, self._odd = data[:-1], data[-1:]
+        samples = np.frombuffer(data, "<i2")
+        self._recent = np.concatenate([self._recent, samples])[-self.sample_rate:]
+        scaled = self._to_vad(samples.astype(np.float32) / 32768.0)
+        self._vad_samples += len(scaled)
+        events: list[tuple[str, StreamedTurn | None]] = []
+        fed = False
+        for event in self._detector.feed(scaled):
+            if event.kind == "start":
+                # from PREROLL_MS before the start to now: it holds this piece, so it is not fed again
+                back = (self._vad_samples - event.sample) / RATE + PREROLL_MS / 1000
+                self.turn = self._open_turn()
+                self._feed_turn(self._recent[-int(back * self.sample_rate):].tobytes(), events)
+                fed = True
+                events.append(("speech_start", None))
+            elif self.turn is not None:
+                turn, self.turn = self.turn, None
+                events.append(("speech_end", turn))
+        if self.turn is not None and not fed:
+            self._feed_turn(data, events)
+        return events
+
+    def _feed_turn(self, data: bytes, events: list) -> None:
+        try:
+            self.turn.feed(data)
+        except r.ProtocolError:  # longer than a turn may be: dropped, listening goes on
+            self.turn = None
+            events.append(("dropped", None))

@@ -1,0 +1,79 @@
+"""The assistant's turn: an LLM writes the answer to a session's transcript and CSM speaks it as it is written.
+
+``answer`` runs on the event loop beside the job it speaks through.  The LLM's
+deltas go out at once as ``reply_text`` (through the job's outbox, so they keep
+their place among the connection's replies); complete sentences go into the
+job's ``SentenceFeed``.  The job is queued when the first sentence is complete,
+not before: the engine's worker is not held while the LLM thinks.  Cancelling
+the job (a ``cancel``, barge-in, the connection closing) stops the LLM stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from ..audio.text import SentenceStream
+from ..engines.base import ContextTurn, EngineError, SentenceFeed
+from ..engines.chat import ChatModel
+from . import replies as r
+from .jobs import Job
+
+log = logging.getLogger(__name__)
+
+
+def chat_messages(history: list[ContextTurn], assistant: int) -> list[dict[str, str]]:
+    """The transcript as chat messages: the assistant's speaker is ``assistant``, every other speaker the user;
+    consecutive turns of one side are joined (chat APIs expect the roles to alternate)."""
+    messages: list[dict[str, str]] = []
+    for turn in history:
+        if turn.pinned or not turn.text.strip():
+            continue
+        role = "assistant" if turn.speaker == assistant else "user"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += " " + turn.text.strip()
+        else:
+            messages.append({"role": role, "content": turn.text.strip()})
+    return messages
+
+
+async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]],
+                 submit: Callable[[Job], None]) -> None:
+    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``)."""
+    feed = job.task.feed = SentenceFeed()
+    sentences = SentenceStream()
+    written: list[str] = []
+    queued = False
+
+    def speak(parts: list[str]) -> None:
+        nonlocal queued
+        for sentence in parts:
+            feed.put(sentence)
+        if parts and not queued:
+            queued = True
+            job.request = job.task.request = dataclasses.replace(job.request, text=parts[0])
+            submit(job)
+
+    try:
+        async for delta in chat.stream(messages):
+            if job.cancel_event.is_set() or job.finished:
+                return
+            written.append(delta)
+            job.progress_at = time.monotonic()  # the LLM writing is progress: the watchdog waits for it
+            job.post({"status": "reply_text", "request_id": job.request_id, "delta": delta})
+            speak(sentences.add(delta))
+        speak(sentences.finish())
+        job.request = dataclasses.replace(job.request, text="".join(written).strip() or job.request.text)
+        feed.close()
+    except EngineError as exc:
+        feed.close(exc)
+        if not queued:
+            job.finish(r.error_reply(r.ErrorCode(exc.code), exc.message, job.request_id))
+    except r.ProtocolError as exc:  # the queue refused it
+        feed.close(EngineError(exc.code.value, exc.message))
+        job.finish(exc.reply())
+    finally:
+        if job.cancel_event.is_set() and not job.started:
+            job.finish(r.cancelled_reply(job.request_id))

@@ -1,0 +1,69 @@
+"""The assistant's words: any OpenAI-compatible chat-completions API (Ollama, llama.cpp's server, vLLM, OpenAI).
+
+It is reached through the official ``openai`` SDK, streaming, so the first
+sentence can be spoken while the rest is being written.  Every failure becomes
+an ``EngineError`` a user can act on: ``model_unavailable`` naming the address
+(unreachable, refused key, an error status), ``generation_failed`` for an
+answer with no text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from .base import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class ChatModel:
+    def __init__(self, url: str, model: str, api_key: str | None = None, system_prompt: str = "",
+                 max_tokens: int = 400, timeout: float = 30) -> None:
+        import openai
+
+        self.url, self.model, self.system_prompt = url.rstrip("/"), model, system_prompt
+        self.max_tokens = max_tokens
+        # Servers without keys (Ollama, llama.cpp) take any; the SDK insists on one.
+        self._client = openai.AsyncOpenAI(base_url=self.url, api_key=api_key or "none", max_retries=0,
+                                          timeout=timeout)
+
+    def describe(self) -> dict[str, str]:
+        return {"url": self.url, "model": self.model}
+
+    async def stream(self, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+        """The answer to ``messages`` (after the system prompt), as text deltas in order."""
+        import openai
+
+        prompt = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        wrote = False
+        try:
+            stream = await self._client.chat.completions.create(model=self.model, messages=prompt + messages,
+                                                                stream=True, max_tokens=self.max_tokens)
+            async with stream:
+                async for chunk in stream:
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        wrote = True
+                        yield delta
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise EngineError("model_unavailable", f"The chat model at {self.url} refused the key "
+                                                   f"(HTTP {exc.status_code}): set TTS_CHAT_API_KEY") from None
+        except openai.APIStatusError as exc:
+            raise EngineError("model_unavailable", f"The chat model at {self.url} answered HTTP {exc.status_code}: "
+                                                   f"{_short(exc.message)}") from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise EngineError("model_unavailable", f"The chat model at {self.url} is unreachable: "
+                                                   f"{_short(str(exc.__cause__ or exc))}") from None
+        except openai.OpenAIError as exc:  # a malformed stream
+            raise EngineError("model_unavailable", f"The chat model at {self.url} failed: {_short(str(exc))}") \
+                from None
+        if not wrote:
+            raise EngineError("generation_failed", f"The chat model at {self.url} answered with no text")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:200] + "…"
