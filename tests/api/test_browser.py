@@ -17,6 +17,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
          "--disable-component-update", "--disable-sync", "--disable-quic",
          "--autoplay-policy=no-user-gesture-required"]
 ARTIFACTS = ROOT / "artifacts" / "browser"
+pytestmark: list = []
 
 if not Path(CHROMIUM).exists():
     reason = "Debian's chromium is not installed (.ci/run installs it)"

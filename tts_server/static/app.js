@@ -57,12 +57,16 @@ function fillPickers(info) {
 // ---- connection ----------------------------------------------------------------------------------------------
 function connect() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(withKey(`${proto}://${location.host}/ws`));
+  const session = localStorage.getItem("tts.session");  // resumed on every (re)connection
+  const ws = new WebSocket(withKey(`${proto}://${location.host}/ws${session ? `?session=${encodeURIComponent(session)}` : ""}`));
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   setPill($("conn"), "connecting…", "wait");
   let opened = false;
-  ws.onopen = () => { opened = true; setPill($("conn"), "connected", "on"); showError(""); loadInfo(); };
+  ws.onopen = () => {
+    opened = true; setPill($("conn"), "connected", "on"); showError(""); loadInfo();
+    if (!session) ws.send(JSON.stringify({ type: "session" }));  // a new conversation, kept across reloads
+  };
   ws.onclose = async () => {
     if (state.ws !== ws) return;
     setPill($("conn"), "disconnected", "off");
@@ -85,6 +89,7 @@ function askForKey() {
 }
 
 function onReply(msg) {
+  if (talkReply(msg)) return;  // the voice chat's own messages (talk.js)
   const turn = msg.request_id ? state.turns.get(msg.request_id) : null;
   switch (msg.status) {
     case "loading":
@@ -141,9 +146,9 @@ function speak(text) {
   return turn;
 }
 
-function addTurn({ id, text, speaker, emotion }) {
+function addTurn({ id, text, speaker, emotion, role = "assistant" }) {
   const el = document.createElement("div");
-  el.className = "turn";
+  el.className = `turn ${role}`;
   const body = document.createElement("div");
   body.textContent = text;
   const meta = document.createElement("div");
@@ -216,6 +221,7 @@ function schedule(turn, pcm) {
     turn.nextTime = ctx.currentTime + 0.1;
   }
   const start = turn.nextTime;
+  if (turn.playStart === undefined) turn.playStart = start;  // barge-in measures what was heard from here
   source.start(start);
   turn.nextTime = start + buffer.duration;
   state.sources.add(source);
@@ -348,4 +354,4 @@ $("save-key").onclick = () => {
   state.info = null;
   connect();
 };
-connect();
+window.addEventListener("DOMContentLoaded", connect);  // after talk.js has loaded too
