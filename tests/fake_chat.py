@@ -1,7 +1,8 @@
 """A chat-completions server for tests, speaking OpenAI's streamed wire format (server-sent events of
 ``chat.completion.chunk`` objects, then ``data: [DONE]``), so the server's real ``openai`` client is what reads it.
 
-It answers every request with ``reply``, a word per event, ``delay`` seconds apart; it records each request body
+It answers every request with ``reply``, a word per event, the first after ``first`` seconds (an LLM's time to
+first token) and the rest ``delay`` seconds apart; it records each request body
 and when each answer's stream started and finished (``time.time()``).  ``key`` set: other keys get OpenAI's 401.
 """
 
@@ -14,8 +15,8 @@ import time
 
 
 class FakeChat:
-    def __init__(self, reply: str, delay: float = 0.0, key: str | None = None) -> None:
-        self.reply, self.delay, self.key = reply, delay, key
+    def __init__(self, reply: str, delay: float = 0.0, key: str | None = None, first: float = 0.0) -> None:
+        self.reply, self.delay, self.key, self.first = reply, delay, key, first
         self.requests: list[dict] = []
         self.started: list[float] = []
         self.finished: list[float] = []
@@ -47,8 +48,8 @@ class FakeChat:
                     [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)] + [{}]
                 try:
                     for i, delta in enumerate(deltas):
-                        if i > 1:
-                            time.sleep(owner.delay)
+                        if i > 0:
+                            time.sleep(owner.first if i == 1 else owner.delay)
                         chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
                                  "model": body.get("model", ""), "choices": [
                                      {"index": 0, "delta": delta, "finish_reason": "stop" if not delta else None}]}

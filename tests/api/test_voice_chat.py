@@ -152,3 +152,116 @@ async def test_silence_and_noise_between_utterances_are_never_kept(tiny_model_di
         assert word_error_rate(SAID, saved["text"]) <= 0.2
         # the turn is the speech plus its padding and the pause that ended it, not the silence before it
         assert len(spoken(SAID)) / 16000 < saved["duration_s"] < len(spoken(SAID)) / 16000 + 1.2
+
+
+async def test_an_endless_answer_is_cut_at_the_text_limit_and_its_stream_closed(tiny_model_dir, whisper_dir):
+    with FakeChat(" ".join(["Words keep coming."] * 3000)) as chat:
+        async with running_server(csm_slot(tiny_model_dir), max_text_chars=120,
+                                  **server_options(whisper_dir, chat)) as server:
+            async with websockets.connect(url(server)) as ws:
+                await turn(ws, audio_bytes(speechlike(1.0)), "Talk forever.")
+                await ws.send(json.dumps({"type": "respond", "max_audio_length_ms": 400}))
+                done, seen, _ = await until(ws, "success")
+        hung_up = await asyncio.to_thread(chat.hung_up.wait, 20)
+    written = "".join(r["delta"] for r in seen if r["status"] == "reply_text")
+    assert len(written) == 120 and done["truncated"] is True
+    assert hung_up
+
+
+async def test_a_flood_of_respond_requests_is_limited_and_every_accepted_one_ends(tiny_model_dir, whisper_dir):
+    with FakeChat(ANSWER, delay=0.2) as chat:
+        async with running_server(csm_slot(tiny_model_dir), rate_limit=30, max_queued_per_connection=3,
+                                  **server_options(whisper_dir, chat)) as server:
+            async with websockets.connect(url(server)) as ws:
+                await turn(ws, audio_bytes(speechlike(1.0)), "Answer me, many times.")
+                for i in range(60):
+                    await ws.send(json.dumps({"type": "respond", "request_id": f"r{i}", "max_audio_length_ms": 160}))
+                codes, ended = {}, {}
+                while len(codes) + len(ended) < 60:
+                    reply = json.loads(frame) if isinstance(frame := await asyncio.wait_for(ws.recv(), 120), str) \
+                        else {}
+                    if reply.get("status") == "error" and reply["request_id"] not in ended:
+                        codes[reply["request_id"]] = reply["code"]
+                    elif reply.get("status") in ("success", "cancelled"):
+                        ended[reply["request_id"]] = reply["status"]
+                saved = await turn(ws, audio_bytes(speechlike(1.0)), "Still listening?")
+    assert set(codes.values()) == {"too_many_queued", "rate_limited"}
+    assert 3 <= len(ended) and set(ended.values()) == {"success"}  # each accepted one was answered
+    assert saved["status"] == "turn_saved"
+
+
+def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connection_lives(tiny_model_dir,
+                                                                                         whisper_dir):
+    """Generated sequences of respond (any fields), hands-free or streamed turn_start (any rate, any respond),
+    PCM of speech or noise in odd pieces, turn_end and barge-in cancels: nothing is an internal error, every
+    answer that began ends with one terminal reply, and the connection serves on."""
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+    from websockets.sync.client import connect
+
+    from conftest import server_in_thread
+    from test_fuzz import json_values
+
+    speech = pcm16(spoken(SAID, 16000))
+    respond_fields = st.fixed_dictionaries({}, optional={
+        "speaker": st.integers(-1, 3) | json_values, "format": st.sampled_from(["pcm", "wav", "mp3"]) | json_values,
+        "temperature": st.floats(allow_nan=True) | json_values, "max_audio_length_ms": st.sampled_from([80, 160, -1]),
+        "seed": st.integers(-1, 5)})
+    steps = st.lists(st.one_of(
+        respond_fields.map(lambda f: {"type": "respond", **f}),
+        st.builds(lambda rate, vad, answer: {"type": "turn_start", "speaker": 1, "sample_rate": rate, "vad": vad,
+                                             **({"respond": answer} if answer is not None else {})},
+                  st.sampled_from([16000, 44100]) | st.integers(-5, 10**6), st.booleans() | json_values,
+                  st.none() | respond_fields | json_values),
+        st.binary(min_size=1, max_size=5000),
+        st.integers(0, len(speech) // 4000).map(lambda i: speech[i * 4000:(i + 1) * 4000 + i % 2]),
+        st.just(bytes(32000)),  # a second of silence at 16 kHz: an utterance in progress ends
+        st.builds(lambda text: {"type": "turn_end", **({"text": text} if text else {})}, st.none() | st.text(max_size=8)),
+        st.builds(lambda ms: {"type": "cancel", "request_id": "answer", "played_ms": ms}, st.floats(0, 2000)),
+    ), min_size=1, max_size=10)
+
+    with FakeChat("Fine. Thanks for asking.", delay=0.01) as chat, \
+            server_in_thread(csm_slot(tiny_model_dir), rate_limit=10**6, **server_options(whisper_dir, chat)) as server:
+        with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
+            ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Hello there."}))
+            ws.send(audio_bytes(speechlike(1.0)))
+            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+
+            @seed(20261201)
+            @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(steps)
+            def one(sequence):
+                for step in sequence:
+                    if isinstance(step, dict) and step["type"] == "respond":
+                        step = {**step, "request_id": "answer"}
+                    ws.send(step if isinstance(step, bytes) else json.dumps(step))
+                ws.send(json.dumps({"type": "turn_end"}))  # whatever was open is closed
+                ws.send(json.dumps({"type": "cancel", "request_id": "answer"}))
+                ws.send(json.dumps({"type": "session"}))  # a marker (a new session each time)
+                open_answers, marker = set(), False
+                while not marker or open_answers:
+                    frame = ws.recv(timeout=60)
+                    if isinstance(frame, bytes):
+                        continue
+                    reply = json.loads(frame)
+                    assert reply.get("code") not in ("internal_error", "generation_failed"), reply
+                    if reply["status"] in ("reply_text", "start"):
+                        open_answers.add(reply["request_id"])
+                        if reply["request_id"] != "answer":  # a hands-free turn's own answer: stop it too
+                            ws.send(json.dumps({"type": "cancel", "request_id": reply["request_id"]}))
+                    elif reply["status"] in TERMINAL and reply.get("request_id"):
+                        open_answers.discard(reply["request_id"])
+                    marker = marker or reply["status"] == "session"
+
+            one()
+            ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Are you still there?"}))
+            ws.send(audio_bytes(speechlike(1.0)))
+            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+            ws.send(json.dumps({"type": "respond", "request_id": "last", "max_audio_length_ms": 160}))
+            while (reply := json.loads(frame) if isinstance(frame := ws.recv(timeout=60), str) else {}).get(
+                    "status") not in TERMINAL:
+                pass
+            assert reply["status"] == "success" and reply["request_id"] == "last"
+
+
+TERMINAL = ("success", "error", "cancelled")

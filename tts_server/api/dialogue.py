@@ -139,7 +139,8 @@ class Dialogue:
         job.cache_salt = None  # its text is the LLM's: never answered from the cache
         self.live[request_id] = job
         self.jobs.put_nowait(job)
-        task = asyncio.create_task(answer(job, chat, messages, self._queue_answer), name=f"answer-{request_id}")
+        task = asyncio.create_task(answer(job, chat, messages, self._queue_answer,
+                                          self.service.max_text_chars), name=f"answer-{request_id}")
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 

@@ -10,6 +10,7 @@ the job (a ``cancel``, barge-in, the connection closing) stops the LLM stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -39,9 +40,10 @@ def chat_messages(history: list[ContextTurn], assistant: int) -> list[dict[str, 
     return messages
 
 
-async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]],
-                 submit: Callable[[Job], None]) -> None:
-    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``)."""
+async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], submit: Callable[[Job], None],
+                 max_chars: int = 4000) -> None:
+    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``).  An answer
+    longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``."""
     feed = job.task.feed = SentenceFeed()
     sentences = SentenceStream()
     written: list[str] = []
@@ -57,16 +59,21 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]],
             submit(job)
 
     try:
-        async for delta in chat.stream(messages):
-            if job.cancel_event.is_set() or job.finished:
-                return
-            written.append(delta)
-            job.progress_at = time.monotonic()  # the LLM writing is progress: the watchdog waits for it
-            job.post({"status": "reply_text", "request_id": job.request_id, "delta": delta})
-            speak(sentences.add(delta))
+        async with contextlib.aclosing(chat.stream(messages)) as deltas:  # leaving closes the LLM's stream
+            async for delta in deltas:
+                if job.cancel_event.is_set() or job.finished:
+                    return
+                room = max_chars - sum(map(len, written))
+                if len(delta) >= room:
+                    delta, job.task.truncated = delta[:room], True
+                written.append(delta)
+                job.progress_at = time.monotonic()  # the LLM writing is progress: the watchdog waits for it
+                job.post({"status": "reply_text", "request_id": job.request_id, "delta": delta})
+                speak(sentences.add(delta))
+                if job.task.truncated:
+                    break
         speak(sentences.finish())
         job.request = dataclasses.replace(job.request, text="".join(written).strip() or job.request.text)
-        feed.close()
     except EngineError as exc:
         feed.close(exc)
         if not queued:
@@ -75,5 +82,6 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]],
         feed.close(EngineError(exc.code.value, exc.message))
         job.finish(exc.reply())
     finally:
+        feed.close()  # however it ended, the engine is not left waiting (after an error, it reads that first)
         if job.cancel_event.is_set() and not job.started:
             job.finish(r.cancelled_reply(job.request_id))

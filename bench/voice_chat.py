@@ -1,0 +1,164 @@
+"""Voice chat latency: from the end of the user's speech to the first audio of the answer, stage by stage.
+
+One server (tiny random CSM, the packaged Whisper base as --stt-model, Silero VAD) on loopback; a chat server
+speaking OpenAI's streamed wire format (tests/fake_chat.py) stands in for the LLM with a fixed time to first
+token and per-word delay.  A client streams Piper speech plus silence in real time (40 ms pieces) as a hands-free
+turn with ``respond``, and times: end of speech -> ``speech_end`` (the VAD's decision, which waits
+--vad-silence-ms by design) -> ``turn_saved`` (transcript) -> the first complete sentence of ``reply_text`` ->
+the first audio frame.  The same process then times each model alone on the same input (Whisper on the turn,
+the chat model to its first sentence through the openai SDK, CSM to its first chunk): what the server adds on
+top of them is its own overhead (goal: under 50 ms).
+
+    python bench/voice_chat.py --stt-model DIR [--runs 5] [--silence-ms 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import websockets
+
+from _common import machine, median, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from fake_chat import FakeChat  # noqa: E402
+from tts_server.api.server import TTSServer  # noqa: E402
+from tts_server.audio.codec import resample  # noqa: E402
+from tts_server.audio.text import SentenceStream  # noqa: E402
+from tts_server.core.jobs import EngineSlot  # noqa: E402
+from tts_server.engines.base import SynthesisTask  # noqa: E402
+from tts_server.engines.chat import ChatModel  # noqa: E402
+from tts_server.engines.csm import CsmEngine  # noqa: E402
+from tts_server.engines.request import SynthesisRequest  # noqa: E402
+from tts_server.engines.stt import Transcriber  # noqa: E402
+from tts_server.engines.tiny_csm import build_checkpoint  # noqa: E402
+
+SAID = "Could you tell me a short story about the sea?"
+ANSWER = "Once upon a time, a small boat sailed far away. It found an island of singing birds. The end."
+RATE = 16000
+PIECE = 640  # 40 ms
+
+
+def piper_speech() -> np.ndarray:
+    from tts_server.audio.codec import resample
+    from tts_server.engines.piper import PiperEngine
+
+    voice = PiperEngine()
+    voice.load()
+    audio = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=SAID, request_id="b")))))
+    return resample(audio, voice.sample_rate, RATE)
+
+
+async def one_turn(port: int, speech: np.ndarray) -> dict[str, float]:
+    """Stream the speech in real time; the wall-clock time of each stage's end, relative to the end of speech."""
+    pad = np.zeros(RATE // 2, np.float32)
+    pcm = (np.clip(np.concatenate([pad, speech, np.zeros(RATE * 2, np.float32)]), -1, 1) * 32767).astype("<i2")
+    speech_end_sample = len(pad) + len(speech)
+    marks: dict[str, float] = {}
+    sentences = SentenceStream()
+    async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": RATE, "vad": True,
+                                  "respond": {"speaker": 0, "seed": 1}}))
+
+        async def send() -> None:
+            started = time.perf_counter()
+            for offset in range(0, len(pcm), PIECE):
+                await asyncio.sleep(max(0.0, started + offset / RATE - time.perf_counter()))
+                await ws.send(pcm[offset:offset + PIECE].tobytes())
+                if offset <= speech_end_sample < offset + PIECE:
+                    marks["speech_end"] = time.perf_counter() + (speech_end_sample - offset - PIECE) / RATE
+
+        sender = asyncio.create_task(send())
+        while "audio" not in marks:
+            frame = await asyncio.wait_for(ws.recv(), 60)
+            now = time.perf_counter()
+            if isinstance(frame, bytes):
+                marks["audio"] = now
+                continue
+            reply = json.loads(frame)
+            if reply["status"] == "speech_end":
+                marks["vad"] = now
+            elif reply["status"] == "turn_saved":
+                marks["transcript"] = now
+            elif reply["status"] == "reply_text" and "sentence" not in marks and sentences.add(reply["delta"]):
+                marks["sentence"] = now
+        await sender
+    return {k: v - marks["speech_end"] for k, v in marks.items()}
+
+
+async def run(stt_model: str, runs: int, silence_ms: int, first_token: float, per_word: float) -> None:
+    folder = build_checkpoint(Path(tempfile.mkdtemp()))
+    speech = piper_speech()
+    stt = Transcriber(stt_model, "cpu", local_only=True)
+    with FakeChat(ANSWER, delay=per_word, first=first_token) as chat:
+        csm = CsmEngine(lambda: folder, device="cpu")
+        server = TTSServer(EngineSlot(csm), host="127.0.0.1", port=0, session_store="memory", stt=stt,
+                           chat=ChatModel(chat.url, "bench"), vad_silence_ms=silence_ms, rate_limit=10**6)
+        await server.start()
+        await server.scheduler.primary.loaded.wait()
+        await server._stt_loaded.wait()
+        try:
+            await one_turn(server.port, speech)  # warm-up
+            turns = [await one_turn(server.port, speech) for _ in range(runs)]
+            # each model alone, on the same input, in the same process
+            # the turn as the server keeps it: pre-roll, the speech, the pause that ended it, at 24 kHz
+            turn = np.concatenate([np.zeros(RATE * 3 // 10, np.float32), speech,
+                                   np.zeros(RATE * silence_ms // 1000, np.float32)])
+            audio24 = resample(turn, RATE, 24000)
+            whisper = [_timed(lambda: stt.transcribe(audio24)) for _ in range(runs)]
+            llm = [await _first_sentence(ChatModel(chat.url, "bench")) for _ in range(runs)]
+            first = SentenceStream().add(ANSWER)[0]
+            csm_first = [_timed(lambda: next(csm.synthesize(SynthesisTask(SynthesisRequest(
+                text=first, request_id="b", seed=1, stream=True))))) for _ in range(runs)]
+        finally:
+            await server.stop()
+    stage = {"vad": median([t["vad"] for t in turns]),
+             "transcript": median([t["transcript"] - t["vad"] for t in turns]),
+             "sentence": median([t["sentence"] - t["transcript"] for t in turns]),
+             "audio": median([t["audio"] - t["sentence"] for t in turns])}
+    total = median([t["audio"] for t in turns])
+    alone = {"vad": silence_ms / 1000, "transcript": median(whisper), "sentence": median(llm),
+             "audio": median(csm_first)}
+    names = {"vad": "end of speech -> VAD decision (speech_end)", "transcript": "-> transcript (turn_saved)",
+             "sentence": "-> first LLM sentence (reply_text)", "audio": "-> first reply audio"}
+    print(f"{machine()}; tiny random CSM, Whisper base int8, Silero VAD ({silence_ms} ms), chat: first token "
+          f"{first_token * 1000:.0f} ms, {per_word * 1000:.0f} ms per word; {runs} turns; medians")
+    rows = [[names[k], stage[k] * 1000, stage[k] / total, alone[k] * 1000, stage[k] / alone[k]] for k in stage]
+    rows.append(["end of speech -> first reply audio", total * 1000, 1.0, sum(alone.values()) * 1000,
+                 total / sum(alone.values())])
+    print(table(["stage", "ms", "share", "the model alone (ms)", "ratio"], rows))
+    print(f"\nour overhead on top of the models: {(total - sum(alone.values())) * 1000:.0f} ms")
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+async def _first_sentence(chat: ChatModel) -> float:
+    started, sentences = time.perf_counter(), SentenceStream()
+    async for delta in chat.stream([{"role": "user", "content": SAID}]):
+        if sentences.add(delta):
+            break
+    elapsed = time.perf_counter() - started
+    await chat.close()
+    return elapsed
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stt-model", required=True, help="a faster-whisper model folder")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--silence-ms", type=int, default=600)
+    parser.add_argument("--first-token-ms", type=float, default=200)
+    parser.add_argument("--ms-per-word", type=float, default=30)
+    args = parser.parse_args()
+    asyncio.run(run(args.stt_model, args.runs, args.silence_ms, args.first_token_ms / 1000, args.ms_per_word / 1000))
