@@ -133,5 +133,16 @@ async def test_the_page_says_why_it_cannot_listen(tiny_model_dir, whisper_dir, t
         await page.click("#talk")
         await page.wait_for_function("document.getElementById('error').textContent !== ''")
         denied = await page.inner_text("#error")
+    from conftest import free_port
+
+    dead = type("Dead", (), {"url": f"http://127.0.0.1:{free_port()}/v1", "key": None})()
+    wav = microphone(tmp_path, (SAID, 2.0))
+    async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, dead)) as server, \
+            browser_hearing(wav) as (page, _):
+        await ready(page, server.port)
+        await page.click("#talk")
+        await page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
+        unreachable = await page.inner_text("#error")
     assert "--stt-model" in no_stt
     assert "Microphone permission was denied" in denied
+    assert "The assistant cannot answer" in unreachable and dead.url in unreachable
