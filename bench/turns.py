@@ -41,7 +41,7 @@ def speech(seconds: float) -> bytes:
     """``seconds`` of real speech (Piper's packaged voice, said once and repeated), 24 kHz 16-bit PCM."""
     if not _SPOKEN:
         from tts_server.audio.codec import resample
-        from tts_server.engines.base import SynthesisTask
+        from tts_server.engines.base import SynthesisTask, audio_only
         from tts_server.engines.piper import PiperEngine
         from tts_server.engines.request import SynthesisRequest
 
@@ -49,7 +49,7 @@ def speech(seconds: float) -> bytes:
         voice.load()
         task = SynthesisTask(SynthesisRequest(text="The quick brown fox jumps over the lazy dog. She sells sea "
                                                    "shells by the sea shore.", request_id="bench"))
-        _SPOKEN.append(resample(np.concatenate(list(voice.synthesize(task))), voice.sample_rate, 24000))
+        _SPOKEN.append(resample(np.concatenate(list(audio_only(voice.synthesize(task)))), voice.sample_rate, 24000))
     once = _SPOKEN[0]
     audio = np.tile(once, int(seconds * 24000) // len(once) + 1)[: int(seconds * 24000)]
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()

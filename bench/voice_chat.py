@@ -33,7 +33,7 @@ from tts_server.api.server import TTSServer  # noqa: E402
 from tts_server.audio.codec import resample  # noqa: E402
 from tts_server.audio.text import SentenceStream  # noqa: E402
 from tts_server.core.jobs import EngineSlot  # noqa: E402
-from tts_server.engines.base import SynthesisTask  # noqa: E402
+from tts_server.engines.base import SynthesisTask, audio_only  # noqa: E402
 from tts_server.engines.chat import ChatModel  # noqa: E402
 from tts_server.engines.csm import CsmEngine  # noqa: E402
 from tts_server.engines.request import SynthesisRequest  # noqa: E402
@@ -52,7 +52,7 @@ def piper_speech() -> np.ndarray:
 
     voice = PiperEngine()
     voice.load()
-    audio = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=SAID, request_id="b")))))
+    audio = np.concatenate(list(audio_only(voice.synthesize(SynthesisTask(SynthesisRequest(text=SAID, request_id="b"))))))
     return resample(audio, voice.sample_rate, RATE)
 
 

@@ -39,13 +39,13 @@ def spoken(text: str, rate: int = 16000) -> np.ndarray:
     """``text`` said by the packaged Piper voice, at ``rate`` (float32 mono): speech with known words."""
     if (text, rate) not in _SPOKEN:
         from tts_server.audio.codec import resample
-        from tts_server.engines.base import SynthesisTask
+        from tts_server.engines.base import SynthesisTask, audio_only
         from tts_server.engines.piper import PiperEngine
         from tts_server.engines.request import SynthesisRequest
 
         voice = PiperEngine()
         voice.load()
-        speech = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=text, request_id="p")))))
+        speech = np.concatenate(list(audio_only(voice.synthesize(SynthesisTask(SynthesisRequest(text=text, request_id="p"))))))
         _SPOKEN[(text, rate)] = resample(speech, voice.sample_rate, rate)
     return _SPOKEN[(text, rate)]
 

@@ -155,18 +155,53 @@ async def test_voices_models_and_interface_counts_are_listed(csm_and_piper):
     assert json.loads(info)["interfaces"]["http"]["success"] > 0
 
 
-async def test_speed_is_honoured_by_piper_and_refused_by_csm_naming_it(csm_and_piper):
+async def test_speed_is_honoured_by_piper_natively_and_by_csm_through_time_stretching(csm_and_piper):
     def speak(model, speed):
         return client_for(csm_and_piper).audio.speech.create(model=model, voice="nova", input=TEXT, speed=speed,
-                                                             response_format="wav").content
+                                                             response_format="wav",
+                                                             extra_body={"seed": 3} if model == "tts-1" else None
+                                                             ).content
 
     normal, _ = decode(await asyncio.to_thread(speak, "piper", 1.0), "wav")
     fast, _ = decode(await asyncio.to_thread(speak, "piper", 2.0), "wav")
     assert 0.4 < len(fast) / len(normal) < 0.75  # phonemes at twice the rate; pauses between sentences stay
+    csm, _ = decode(await asyncio.to_thread(speak, "tts-1", 1.0), "wav")
+    quick, _ = decode(await asyncio.to_thread(speak, "tts-1", 1.5), "wav")
+    assert len(quick) / len(csm) == pytest.approx(1 / 1.5, rel=0.02)  # the same tokens, stretched
+
+
+async def test_sse_with_timestamps_adds_word_events_and_vtt_srt_are_captions_with_those_times(csm_and_piper):
+    import srt
+    import webvtt
+
+    def ask():
+        client = client_for(csm_and_piper)
+        with client.audio.speech.with_streaming_response.create(
+                model="piper", voice="alloy", input=TEXT, response_format="pcm", stream_format="sse",
+                extra_body={"timestamps": True}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        captions = {fmt: client.audio.speech.create(model="piper", voice="alloy", input=TEXT,
+                                                    response_format=fmt) for fmt in ("vtt", "srt")}
+        return events, captions
+
+    events, captions = await asyncio.to_thread(ask)
+    words = [w for e in events if e["type"] == "speech.words" for w in e["words"]]
+    assert [w["word"] for w in words] == TEXT.split() and events[-1]["type"] == "speech.audio.done"
+    audio = sum(len(base64.b64decode(e["audio"])) for e in events if e["type"] == "speech.audio.delta") / 48000
+    assert all(0 <= w["start_s"] <= w["end_s"] <= audio for w in words)
+    assert captions["vtt"].response.headers["content-type"] == "text/vtt"
+    cues = webvtt.from_buffer(io.StringIO(captions["vtt"].content.decode()))
+    subtitles = list(srt.parse(captions["srt"].content.decode()))
+    assert " ".join(c.text for c in cues) == " ".join(s.content for s in subtitles) == TEXT
+    assert [c.start for c in cues] == sorted(c.start for c in cues)
+    assert subtitles[-1].end.total_seconds() <= audio + 0.5  # another synthesis: Piper varies a little
+
+
+async def test_captions_from_an_engine_without_word_times_are_refused_saying_why(csm_and_piper):
     with pytest.raises(APIStatusError) as refused:
-        await asyncio.to_thread(speak, "tts-1", 1.5)
-    assert refused.value.status_code == 400 and "csm engine" in refused.value.message
-    assert refused.value.body["param"] == "speed"
+        await asyncio.to_thread(lambda: client_for(csm_and_piper).audio.speech.create(
+            model="csm", voice="alloy", input=TEXT, response_format="vtt"))
+    assert refused.value.status_code == 400 and "--stt-model" in refused.value.message
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -327,14 +327,14 @@ async def test_turns_without_text_are_transcribed_when_the_server_has_speech_rec
     Whisper base (``--stt-model``) transcribes it, and the transcript is what the session stores."""
     from conftest import piper_slot
     from tts_server.audio.codec import resample
-    from tts_server.engines.base import SynthesisTask
+    from tts_server.engines.base import SynthesisTask, audio_only
     from tts_server.engines.request import SynthesisRequest
     from tts_server.engines.stt import Transcriber
 
     said = "The quick brown fox jumps over the lazy dog."
     voice = piper_slot().engine
     voice.load()
-    speech = np.concatenate(list(voice.synthesize(SynthesisTask(SynthesisRequest(text=said, request_id="p")))))
+    speech = np.concatenate(list(audio_only(voice.synthesize(SynthesisTask(SynthesisRequest(text=said, request_id="p"))))))
     speech = resample(speech, voice.sample_rate, 24000)
     async with running_server(csm_slot(tiny_model_dir), stt=Transcriber(str(whisper_dir), "cpu", local_only=True)) \
             as server:

@@ -68,6 +68,8 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
             await page.wait_for_function("window.__tts.stats.talk.saved.length === 1", timeout=60_000)
             await page.wait_for_function("window.__tts.stats.completed.length === 1", timeout=60_000)
             await page.click("#talk")  # stop listening
+            await page.wait_for_function("window.__tts.stats.highlighted >= 3", timeout=30_000)  # words light up
+            spans = await page.eval_on_selector_all(".turn.assistant .word", "s => s.map(x => x.textContent)")
             stats = await page.evaluate("window.__tts.stats")
             session = await page.evaluate("localStorage.getItem('tts.session')")
             _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
@@ -90,6 +92,7 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
     assert turns[0]["speaker"] == 1 and turns[0]["text"] == saved["text"]
     assert " ".join(t["text"] for t in turns[1:]) == ANSWER and {t["speaker"] for t in turns[1:]} == {0}
     assert saved["text"] in shown and ANSWER in shown.replace("\n", " ")
+    assert spans == ANSWER.split()  # the answer's words, each timed (Whisper base aligns tiny CSM's audio)
     assert saved["text"] in restored and "Resumed the conversation" in restored
     assert all(t["text"] in restored for t in turns)
     assert errors == []

@@ -134,7 +134,7 @@ class Dialogue:
         request = SynthesisRequest(text="…", request_id=request_id, speaker=options.speaker, seed=options.seed,
                                    temperature=options.temperature, top_k=options.top_k,
                                    max_audio_length_ms=options.max_audio_length_ms, format=options.format,
-                                   stream=True)
+                                   stream=True, timestamps=options.timestamps)
         job = self._new_job(request)
         job.cache_salt = None  # its text is the LLM's: never answered from the cache
         self.live[request_id] = job

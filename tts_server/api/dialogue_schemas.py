@@ -64,6 +64,8 @@ class AnswerOptions(BaseModel):
                                               description=f"a number at least {MIN_AUDIO_MS} and at most "
                                                           f"{MAX_AUDIO_MS}")
 
+    timestamps: bool = Field(False, description="true or false (word times: 'words' replies)")
+
     _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
 

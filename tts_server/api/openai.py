@@ -25,13 +25,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ..audio import captions
 from ..audio.codec import Resampler, StreamEncoder, codec_rate, pcm_bytes
 from ..core import replies as r
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
-from ..engines.csm import SPEED_UNSUPPORTED
-from .openai_schemas import CONTENT_TYPES, ApiError, SpeechBody, SpeechRequest, Voices, parse_speech, sse_event
+from .openai_schemas import (CAPTIONS, CONTENT_TYPES, ApiError, SpeechBody, SpeechRequest, Voices, parse_speech,
+                             sse_event)
 from .schema_rules import MAX_TEXT_FRAME, Limits
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ async def speech(request: Request) -> Response:
     slot = service.scheduler.route(synthesis)
     if isinstance(slot, r.ProtocolError):
         raise ApiError.from_reply(slot.reply())
-    if synthesis.speed != 1.0 and slot.name == "csm":
-        raise ApiError(400, SPEED_UNSUPPORTED, "speed")
+    if spoken.response_format in CAPTIONS and slot.engine.words and service.scheduler.aligner is None:
+        raise ApiError(400, f"No captions here: {slot.engine.words}", "response_format")
     owner = service.owner(request.headers, f"{request.url.path}?{request.url.query}")
     history = [] if spoken.session is None else \
         [turn.context() for turn in await asyncio.to_thread(service.sessions.turns, spoken.session, owner)]
@@ -127,8 +128,10 @@ class SpeechStream(Response):
         self.background = None
         self.job, self.speech, self.rate, self._done = job, speech, rate, done
         # a rate the codec takes (opus has five): resample to the nearest one above, else the highest
-        self.out_rate = speech.sample_rate or codec_rate(speech.response_format, rate)
-        self.encoder = StreamEncoder(speech.response_format, self.out_rate)
+        self.captions = speech.response_format in CAPTIONS
+        self.out_rate = speech.sample_rate or codec_rate("pcm" if self.captions else speech.response_format, rate)
+        self.encoder = None if self.captions else StreamEncoder(speech.response_format, self.out_rate)
+        self.words: list[dict] = []
         self.resample = Resampler(rate, self.out_rate)
         self.samples = 0
         self.started = False
@@ -174,6 +177,9 @@ class SpeechStream(Response):
         engine = b""
         while (item := await job.outbox.get()) is not END:
             for frame in item:
+                if isinstance(frame, bytes) and self.captions:  # only its length matters: the words' times
+                    job.unsent_bytes(-len(frame))
+                    continue
                 if isinstance(frame, bytes):
                     data = await asyncio.to_thread(self._encode, frame, False)
                     await self._send(send, data, engine, sse)
@@ -187,6 +193,20 @@ class SpeechStream(Response):
                     raise ApiError.from_reply(reply)
                 elif status == "cancelled":
                     raise ApiError(503, "The request was cancelled", None, "cancelled")
+                elif status == "words":
+                    self.words += reply["words"]
+                    if sse:
+                        await self._send(send, b"", engine, sse)
+                        await send({"type": "http.response.body", "more_body": True,
+                                    "body": sse_event({"type": "speech.words", "words": reply["words"]})})
+                elif status == "success" and self.captions:
+                    if "words_unavailable" in reply:
+                        raise ApiError(503, f"No captions: {reply['words_unavailable']}", None,
+                                       "model_unavailable")
+                    make = captions.vtt if self.speech.response_format == "vtt" else captions.srt
+                    await self._send(send, make(self.words).encode(), engine, False)
+                    await send({"type": "http.response.body", "body": b""})
+                    return
                 elif status == "success":
                     data = await asyncio.to_thread(self._encode, b"", True)
                     await self._send(send, data, engine, sse)

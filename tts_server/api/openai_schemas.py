@@ -27,7 +27,8 @@ VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper",
           "remote": "remote"}
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
-                 "wav": "audio/wav", "pcm": "audio/pcm"}
+                 "wav": "audio/wav", "pcm": "audio/pcm", "vtt": "text/vtt", "srt": "application/x-subrip"}
+CAPTIONS = ("vtt", "srt")  # captions of the text with its word times instead of audio
 MAX_INSTRUCTIONS = 4096
 # Our error codes as HTTP statuses.
 STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_session": 404, "unknown_emotion": 400, "unsupported_language": 400,
@@ -84,6 +85,7 @@ class SpeechBody(BaseModel):
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
     session: SessionId | None = Field(None, description="a session (from the WebSocket's 'session' message): its "
                                                         "turns are the context, and this reply joins them")
+    timestamps: bool = Field(False, description="true or false (with stream_format 'sse': speech.words events)")
 
     _input = field_validator("input")(non_empty)
 
@@ -151,6 +153,9 @@ def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
     if emotion is not None and emotion not in limits.emotions:
         known = ", ".join(limits.emotions) or "none are configured"
         raise ApiError(400, f"Unknown emotion {emotion!r}; available: {known}", "emotion", "unknown_emotion")
+    if body.response_format in CAPTIONS and body.stream_format == "sse":
+        raise ApiError(400, f"'{body.response_format}' captions are one file; for audio with word times use "
+                            "stream_format 'sse' with an audio format and 'timestamps': true", "stream_format")
     rates = STREAM_RATES.get(body.response_format)
     if body.sample_rate is not None and rates and body.sample_rate not in rates:
         raise ApiError(400, f"'sample_rate' {body.sample_rate} is not possible for {body.response_format}; use one "
@@ -159,7 +164,7 @@ def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
         text=body.input, request_id=new_request_id(), speaker=speaker, seed=body.seed, temperature=body.temperature,
         top_k=body.top_k, max_audio_length_ms=body.max_audio_length_ms, format="pcm", stream=True,
         context=body.context or body.session is not None, emotion=emotion, engine=MODELS[body.model], speed=body.speed,
-        language=body.language)
+        language=body.language, timestamps=body.timestamps or body.response_format in CAPTIONS)
     return SpeechRequest(synthesis, body.response_format, body.stream_format, body.sample_rate, body.session)
 
 

@@ -52,6 +52,9 @@ class SynthesizeMessage(MessageBase):
     emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
     engine: Literal[ENGINES] | None = Field(None, description=f"one of: {', '.join(ENGINES)}")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
+    speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False, description="a number from 0.25 to 4.0")
+    timestamps: bool = Field(False, description="true or false (word times: 'words' replies, or in 'success')")
+    progress: bool = Field(False, description="true or false (a 'progress' reply after each sentence)")
 
     _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
@@ -84,7 +87,8 @@ class SynthesizeMessage(MessageBase):
                                 seed=self.seed, temperature=self.temperature, top_k=self.top_k,
                                 max_audio_length_ms=self.max_audio_length_ms, format=fmt, stream=self.stream,
                                 context=self.context, emotion=self.emotion, engine=self.engine,
-                                language=self.language)
+                                language=self.language, speed=self.speed, timestamps=self.timestamps,
+                                progress=self.progress)
 
 
 class CancelMessage(MessageBase):
@@ -176,6 +180,32 @@ class SuccessReply(ReplyBase):
     channels: Literal[1]
     speaker: int
     chunks: int | None = None
+    words: list[WordTime] | None = None
+    words_unavailable: str | None = None
+
+
+class WordTime(BaseModel):
+    word: str
+    start_s: float
+    end_s: float
+
+
+class WordsReply(ReplyBase):
+    """Words of a streamed reply (``timestamps``), each sent once the audio holding it has been sent."""
+
+    status: Literal["words"]
+    request_id: str
+    words: list[WordTime]
+
+
+class ProgressReply(ReplyBase):
+    """After each sentence (``progress``): how many are done, of how many (null: still being written)."""
+
+    status: Literal["progress"]
+    request_id: str
+    sentence: int
+    sentences: int | None
+    audio_s: float
 
 
 class ErrorReply(ReplyBase):
@@ -215,7 +245,7 @@ class VoiceClearedReply(ReplyBase):
 
 Reply = Union[StartReply, SuccessReply, ErrorReply, LoadingReply, CancelledReply, ResetReply, VoiceSavedReply,
               VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply, TruncatedReply, ReplyTextReply,
-              SpeechReply]
+              SpeechReply, WordsReply, ProgressReply]
 
 
 class _Protocol(BaseModel):

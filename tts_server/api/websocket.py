@@ -56,7 +56,8 @@ class Connection(Dialogue):
         self._answering: AnswerOptions | None = None  # answer each saved turn (turn_start's respond)
         self._answers: set[asyncio.Task] = set()  # LLM streams of respond requests
         # barge-in: recent replies' turns (and their places in the session), and replies to cut once they end
-        self._replies: collections.OrderedDict[str, list[ContextTurn]] = collections.OrderedDict()
+        # (its turns, its speed: the turns hold unstretched audio)
+        self._replies: collections.OrderedDict[str, tuple[list[ContextTurn], float]] = collections.OrderedDict()
         self._stored: dict[str, list[int]] = {}
         self._cuts: dict[str, float] = {}
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
@@ -205,7 +206,7 @@ class Connection(Dialogue):
         self.conversation.remember(job.task)
         speaker, produced = job.request.speaker, list(job.task.produced)
         if job.request.context:
-            self._replies[job.request_id] = produced
+            self._replies[job.request_id] = produced, job.request.speed
             while len(self._replies) > 2 * self.service.max_context_turns:
                 self._stored.pop(self._replies.popitem(last=False)[0], None)
         library = self.service.library
@@ -247,10 +248,11 @@ class Connection(Dialogue):
 
     async def _cut(self, request_id: str, played_ms: float, job: Job | None) -> None:
         """The reply's turns become what was heard of them, in the history and the session; then ``truncated``."""
-        old = self._replies.pop(request_id, None)
+        old, speed = self._replies.pop(request_id, (None, 1.0))
         if old is None:  # cancelled while it ran: never remembered; its finished sentences were heard first
             old = list(job.task.produced) if job is not None and job.request.context else []
-        kept = heard(old, played_ms / 1000)
+            speed = job.request.speed if job is not None else 1.0
+        kept = heard(old, played_ms / 1000 * speed)
         self.conversation.replace(old, kept)
         seqs = self._stored.pop(request_id, None)
         if self.session is not None and (seqs or kept):

@@ -96,3 +96,32 @@ def estimate_ms(text: str) -> int:
 
 def frames_for_ms(ms: float) -> int:
     return max(1, math.ceil(ms / FRAME_MS))
+
+
+def place_words(words: list[str], pieces: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """Times for ``words`` (a text split on whitespace) from timed ``pieces`` of the same text (an aligner's
+    tokens), matched by character position with whitespace ignored: a word spans the pieces its characters fall in.
+    A word no piece covers gets the previous word's end (zero length).  Times never go backwards."""
+    ends, position = [], 0
+    for piece, start, end in pieces:
+        position += len("".join(piece.split()))
+        ends.append((position, start, end))
+    times: list[tuple[float, float]] = []
+    cursor, index, last = 0, 0, 0.0
+    for word in words:
+        first, cursor = cursor, cursor + len(word)
+        span: list[tuple[float, float]] = []
+        while index < len(ends) and ends[index][0] <= first:  # pieces wholly before this word
+            index += 1
+        probe = index
+        while probe < len(ends):
+            span.append(ends[probe][1:])
+            if ends[probe][0] >= cursor:
+                break
+            probe += 1
+        index = probe
+        start = max(last, span[0][0]) if span else last
+        end = max(start, span[-1][1]) if span else start
+        times.append((start, end))
+        last = start if not span else end
+    return times

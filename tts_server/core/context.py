@@ -164,7 +164,8 @@ FRAME_SECONDS = 0.08  # one CSM frame
 
 def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
     """The part of a reply's turns a listener heard in ``played_s`` (barge-in): whole turns, then the turn it
-    stopped in cut at its last whole frame, its text cut at a word boundary in proportion."""
+    stopped in cut at its last whole frame, its text cut after the last word heard to its end (by the turn's word
+    times when it has them, else in proportion; at least one word)."""
     kept, left = [], played_s
     for turn in turns:
         if turn.duration_s <= left:
@@ -175,8 +176,11 @@ def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
         frames = min(len(codes), int(left / FRAME_SECONDS + 1e-9))
         if frames:
             words = turn.text.split()
-            share = frames * FRAME_SECONDS / max(turn.duration_s, FRAME_SECONDS)
-            kept.append(ContextTurn(turn.speaker, " ".join(words[:max(1, round(len(words) * share))]), None,
+            if turn.words is not None and len(turn.words) == len(words):  # the words heard to their end
+                said = sum(1 for word in turn.words if word.end_s <= left + 0.02)
+            else:  # no word times: in proportion
+                said = round(len(words) * frames * FRAME_SECONDS / max(turn.duration_s, FRAME_SECONDS))
+            kept.append(ContextTurn(turn.speaker, " ".join(words[:max(1, said)]), None,
                                     {"csm": codes[:frames]}, duration=frames * FRAME_SECONDS))
         break
     return kept

@@ -18,8 +18,10 @@ import numpy as np
 
 from . import replies as r
 from ..audio.codec import Resampler, encode_file, pcm_bytes, streaming_wav_header
-from ..engines.base import Engine, EngineError, SynthesisTask
+from ..audio.stretch import Stretcher
+from ..engines.base import Engine, EngineError, SentenceMark, SynthesisTask
 from .jobs import ClientTooSlow, Job
+from .timing import Aligner, Timing
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,13 @@ class Outcome:
 
 
 def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: float, started: float,
-             keep: bool = False) -> Outcome:
+             keep: bool = False, aligner: Aligner | None = None) -> Outcome:
     """Stream or collect ``engine``'s audio for ``job``; raises ``EngineError`` when the engine fails."""
     request = job.request
     resample = Resampler(engine.output_rate(request), sample_rate)
+    stretched = request.speed != 1.0 and not engine.native_speed
+    stretch = Stretcher(engine.output_rate(request), request.speed) if stretched else None
+    timing = Timing(job, engine, aligner, stretched)
     limit = int(request.max_audio_length_ms * sample_rate / 1000) if request.max_audio_length_ms else None
     pieces: list = []
     kept: list[bytes] = []
@@ -75,29 +80,50 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
             kept.append(data)
         job.post_threadsafe(data)
 
+    def words(found: list) -> None:
+        if found and request.stream:
+            job.post_threadsafe({"status": "words", "request_id": request.request_id,
+                                 "words": [vars(word) for word in found]})
+
     with contextlib.closing(_engine_chunks(engine, job.task)) as chunks:
         for chunk in chunks:
             if job.cancel_event.is_set() or cut:
                 break
             job.progress_at = time.monotonic()
-            emit(resample(chunk))
+            if isinstance(chunk, SentenceMark):
+                progress = timing.mark(chunk)
+                if request.progress:
+                    job.post_threadsafe({"status": "progress", "request_id": request.request_id, **progress})
+            else:
+                timing.took(len(chunk))
+                emit(resample(stretch(chunk) if stretch else chunk))
+            if request.stream and request.timestamps:
+                words(timing.due(samples / sample_rate))
     if job.cancel_event.is_set():
         return Outcome("cancelled", samples / sample_rate, first_audio, (r.cancelled_reply(request.request_id),))
-    emit(resample(np.zeros(0, dtype=np.float32), last=True))
+    tail = stretch(np.zeros(0, np.float32), last=True) if stretch else np.zeros(0, dtype=np.float32)
+    emit(resample(tail, last=True))
     if samples == 0:
         raise EngineError("generation_failed", f"{engine.name} produced no audio")
     duration = samples / sample_rate
-    timing = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
-              "truncated": cut or job.task.truncated}
+    heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
+    words(heard)
+    if len(timing.by_sentence) == len(job.task.produced):  # the turns remember their words (a barge-in cut)
+        for turn, placed in zip(job.task.produced, timing.by_sentence):
+            turn.words = placed
+    facts = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
+             "truncated": cut or job.task.truncated, **timing.describe()}
     if request.stream:
         reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
-                                chunks=len(pieces), **meta, **timing)
+                                chunks=len(pieces), **meta, **facts)
         return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None)
     data = encode_file(np.concatenate(pieces), sample_rate, request.format)
     job.unsent_bytes(len(data))
     job.audio_sent = True
+    if request.timestamps and not timing.reason:
+        facts["words"] = [vars(word) for word in heard]
     reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
-                            **meta, **timing)
+                            **meta, **facts)
     return Outcome("success", duration, first_audio, (reply, data), data if keep else None)
 
 

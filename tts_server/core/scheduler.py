@@ -37,6 +37,7 @@ from ..engines.base import EngineError
 from .generation import Outcome, generate
 from .jobs import Busy, EngineSlot, Job
 from .metrics import Metrics
+from .timing import Aligner
 from .routing import Chain
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self.running: set[Job] = set()
         self._tasks: set[asyncio.Task] = set()
+        self.aligner: Aligner | None = None  # word times for engines without their own (set by the service)
 
     @property
     def primary(self) -> EngineSlot:
@@ -231,7 +233,8 @@ class Scheduler:
         started = time.perf_counter()
         keep = job.cache_key is not None and slot.engine.seedable
         try:
-            outcome = generate(job, slot.engine, self.sample_rate, self.stream_buffer_seconds, started, keep)
+            outcome = generate(job, slot.engine, self.sample_rate, self.stream_buffer_seconds, started, keep,
+                               self.aligner)
         except EngineError as exc:
             retry = self._next_engine(job, slot, exc)
             if retry is not None:

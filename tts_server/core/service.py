@@ -68,6 +68,8 @@ class Service:
         self.stt, self.stt_failure = stt, None  # speech recognition for turns sent without text
         self._stt_loaded = asyncio.Event()
         self._stt_thread = ThreadPoolExecutor(1, thread_name_prefix="stt")
+        if stt is not None:
+            self.scheduler.aligner = self._align
         self.chat = chat  # the assistant's words (--chat-url), for ``respond``
         self.vad_silence_ms = vad_silence_ms
         limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes}
@@ -91,6 +93,12 @@ class Service:
             log.error("Speech recognition unavailable: %s", self.stt_failure)
         finally:
             self._stt_loaded.set()
+
+    def _align(self, audio, rate: int, text: str):
+        """Word times of ``audio`` saying ``text`` (CSM's sentences), on the transcriber's thread; from any thread."""
+        if not self._stt_loaded.is_set() or self.stt_failure is not None:
+            raise RuntimeError(f"the aligner (--stt-model) is {'unavailable' if self.stt_failure else 'loading'}")
+        return self._stt_thread.submit(self.stt.align, audio, rate, text)
 
     async def transcript(self, audio: np.ndarray | None) -> str:
         """What was said in a turn sent without text (24 kHz audio), on the transcriber's thread; without

@@ -40,6 +40,35 @@ class EngineError(Exception):
         return self.code in ("generation_failed", "model_unavailable", "busy")
 
 
+@dataclass(frozen=True)
+class Word:
+    """One word of the request's text and when it is heard, in seconds (from a sentence's start in a
+    ``SentenceMark``, from the reply's start once the core has placed it)."""
+
+    word: str
+    start_s: float
+    end_s: float
+
+    def shifted(self, offset: float, scale: float = 1.0) -> "Word":
+        return Word(self.word, round((self.start_s * scale) + offset, 3), round((self.end_s * scale) + offset, 3))
+
+
+@dataclass(eq=False)
+class SentenceMark:
+    """Yielded by an engine after a sentence's last audio chunk: which text that audio said, and its words' times
+    when the engine knows them exactly (Piper); otherwise the core may align ``audio`` (its rate is the engine's)
+    against ``text``.  ``text.split()`` of the marks, in order, is the request's ``text.split()``."""
+
+    text: str
+    words: list[Word] | None = None
+    audio: np.ndarray | None = None
+
+
+def audio_only(items) -> Iterator[np.ndarray]:
+    """An engine's output without its sentence marks (the audio chunks alone)."""
+    return (item for item in items if not isinstance(item, SentenceMark))
+
+
 @dataclass(eq=False)
 class ContextTurn:
     """Something said before the text to speak: who, what, and how it sounded.
@@ -55,6 +84,7 @@ class ContextTurn:
     cache: dict[str, Any] = field(default_factory=dict)
     pinned: bool = False
     duration: float | None = None  # for a turn restored from its codes alone (a stored session turn)
+    words: list[Word] | None = None  # when each word of ``text`` is heard in it (a reply made with timestamps)
 
     @property
     def duration_s(self) -> float:
@@ -128,6 +158,8 @@ class Engine(ABC):
     name: str = "engine"
     sample_rate: int = 24000
     concurrency: int = 1  # requests it may run at once (CSM: its batch rows)
+    native_speed: bool = True  # honours ``request.speed`` itself (else the core time-stretches its audio)
+    words: str | None = None  # why it gives no word times of its own (None: its marks carry them)
     seedable: bool = False  # the same request with the same seed gives the same audio (so it may be cached)
 
     @abstractmethod
@@ -139,8 +171,9 @@ class Engine(ABC):
         """Static facts for ``/v1/info`` and logs (voice, device, dtype, ...)."""
 
     @abstractmethod
-    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
-        """Yield audio chunks (float32, mono, ``sample_rate``) for ``task.request``."""
+    def synthesize(self, task: SynthesisTask) -> Iterator["np.ndarray | SentenceMark"]:
+        """Yield audio chunks (float32, mono, ``sample_rate``) for ``task.request``, each sentence followed by its
+        ``SentenceMark`` (an engine that marks no sentences gets neither progress nor word times)."""
 
     def languages(self) -> tuple[str, ...] | None:
         """Language codes it speaks (``en``, ``de_DE``); ``None``: it does not say (it gets any request)."""

@@ -22,7 +22,7 @@ import torch
 
 from .request import SynthesisRequest
 from ..audio.text import estimate_ms, frames_for_ms, split_sentences
-from .base import ContextTurn, Engine, EngineError, SynthesisTask
+from .base import ContextTurn, Engine, EngineError, SentenceMark, SynthesisTask
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
 from .quantize import quantize_model
@@ -31,7 +31,6 @@ from .mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 log = logging.getLogger(__name__)
 # CSM has no speaking-rate control, and a time-stretch of streamed audio would need a streaming, pitch-keeping
 # stretcher that none of the maintained Python audio libraries offers: refused rather than done badly.
-SPEED_UNSUPPORTED = "the csm engine cannot change its speaking speed: use speed 1.0, or the piper model"
 
 
 def pick_device(requested: str) -> str:
@@ -68,6 +67,8 @@ def native_cpu_bf16() -> bool:
 class CsmEngine(Engine):
     name = "csm"
     seedable = True  # the exactness tests show a seed fixes the tokens (alone or batched)
+    native_speed = False  # other speeds: the core time-stretches its audio
+    words = "CSM's word times come from an aligner: start the server with --stt-model"
     sample_rate = 24000
 
     def __init__(self, locate, device: str = "auto", dtype: str = "float32", label: str = "csm",
@@ -227,8 +228,6 @@ class CsmEngine(Engine):
         """
         assert self.decoder is not None, "load() first"
         request, cancel = task.request, task.cancel
-        if request.speed != 1.0:
-            raise EngineError("invalid_request", SPEED_UNSUPPORTED)
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
         rng = torch.Generator(device=self.device)
         if request.seed is None:
@@ -282,6 +281,7 @@ class CsmEngine(Engine):
             turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
             spoken.append(turn)
             task.produced.append(turn)
+            yield SentenceMark(sentence, audio=turn.audio)  # its words: the core's aligner, if there is one
 
     def recover(self, stalled_for: float) -> None:
         """Replace a batch thread stuck in one step for ``stalled_for`` s; its requests end with an error."""

@@ -13,6 +13,7 @@ never gives the same audio twice: it is not ``seedable`` and never cached.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 
 from ..audio.languages import pick
 from .request import SynthesisRequest
-from .base import Engine, EngineError, SynthesisTask
+from ..audio.text import split_sentences
+from .base import Engine, EngineError, SentenceMark, SynthesisTask
+from .piper_words import phoneme_words, word_times
 
 
 def default_voice() -> Path:
@@ -73,6 +76,9 @@ class PiperEngine(Engine):
         self._paths = list(voice_paths or [])
         self.voices: list[Voice] = []
         self.sample_rate = 22050
+        # word times need Piper's phoneme alignments, which need the onnx package (to patch the voice when loading)
+        self.aligned = importlib.util.find_spec("onnx") is not None
+        self.words = None if self.aligned else "Piper's word times need the onnx package"
 
     def load(self) -> None:
         from piper import PiperVoice
@@ -86,7 +92,7 @@ class PiperEngine(Engine):
             if not model.is_file() or not config.is_file():
                 raise RuntimeError(f"Piper voice {model} or its {config.name} is missing")
             facts = _facts(model)
-            loaded = PiperVoice.load(model, config_path=config)
+            loaded = PiperVoice.load(model, config_path=config, include_alignments=self.aligned)
             voices.append(Voice(facts["name"], facts["language"], facts["speakers"], int(loaded.config.sample_rate),
                                 loaded))
         self.voices = voices
@@ -136,8 +142,9 @@ class PiperEngine(Engine):
         voice = self.voice_for(request)
         return voice.name if voice else None
 
-    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray]:
-        """Piper ignores context turns: it has one fixed voice per speaker."""
+    def synthesize(self, task: SynthesisTask) -> Iterator[np.ndarray | SentenceMark]:
+        """Piper ignores context turns: it has one fixed voice per speaker.  Each sentence is followed by its
+        mark, with exact word times when they were asked for."""
         from piper import SynthesisConfig
 
         request = task.request
@@ -148,8 +155,15 @@ class PiperEngine(Engine):
         # speed: Piper's own length scale (phoneme durations), so the pitch is kept
         length = voice.model.config.length_scale / request.speed if request.speed != 1.0 else None
         config = SynthesisConfig(speaker_id=speaker, length_scale=length)
+        timed = request.timestamps and self.aligned
         for text in task.texts():
-            for chunk in voice.model.synthesize(text, config):
-                if task.cancel.is_set():
-                    return
-                yield chunk.audio_float_array.astype(np.float32, copy=False)
+            for sentence in split_sentences(text):
+                chunks = []
+                for chunk in voice.model.synthesize(sentence, config, include_alignments=timed):
+                    if task.cancel.is_set():
+                        return
+                    chunks.append(chunk)
+                    yield chunk.audio_float_array.astype(np.float32, copy=False)
+                spans = phoneme_words(chunks, voice.sample_rate) if timed else None
+                yield SentenceMark(sentence, None if spans is None else
+                                   word_times(sentence.split(), spans, voice.model.phonemize))

@@ -55,6 +55,7 @@ def parse_voices(text: str | None, names: dict[str, int] | None = None) -> dict[
 class RemoteEngine(Engine):
     name = "remote"
     sample_rate = 24000  # OpenAI's pcm
+    words = "the remote engine's speech API gives no word times"
 
     def __init__(self, url: str, api_key: str | None = None, model: str = "tts-1", voices: dict[int, str] | None = None,
                  languages: Sequence[str] | None = None, timeout: float = 30, concurrency: int = 4) -> None:

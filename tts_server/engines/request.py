@@ -43,8 +43,10 @@ class SynthesisRequest:
     context: bool = True
     emotion: str | None = None
     engine: str | None = None
-    speed: float = 1.0  # speaking rate (the HTTP API's ``speed``; Piper honours it, CSM refuses anything but 1)
+    speed: float = 1.0  # speaking rate, 0.25 to 4 (Piper natively; CSM's audio is time-stretched)
     language: str | None = None  # ISO 639 code, optionally with a region ("de", "en_US", "pt-BR"): picks the engine
+    timestamps: bool = False  # word times: "words" replies while streaming, in "success" for a whole file
+    progress: bool = False  # a "progress" reply after each sentence
 
 
 def new_request_id() -> str:

@@ -11,11 +11,14 @@ stores and what ``turn_saved`` reports.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..audio.codec import resample
+from ..audio.text import place_words
+from .base import Word
 
 log = logging.getLogger(__name__)
 WHISPER_RATE = 16000
@@ -25,6 +28,7 @@ class Transcriber:
     def __init__(self, model: str, device: str = "auto", local_only: bool = False) -> None:
         self.model_name, self.device, self.local_only = model, device, local_only
         self._model = None
+        self._lock = threading.Lock()  # one alignment at a time (the model is shared with transcription)
 
     def load(self) -> None:
         from faster_whisper import WhisperModel
@@ -44,6 +48,31 @@ class Transcriber:
         segments, _ = self._model.transcribe(resample(audio, rate, WHISPER_RATE), beam_size=1,
                                              condition_on_previous_text=False)
         return " ".join(segment.text.strip() for segment in segments).strip()
+
+    def align(self, audio: np.ndarray, rate: int, text: str) -> list[Word]:
+        """When each word of ``text`` (split on whitespace) is said in ``audio``: forced alignment, Whisper's
+        cross-attention over the known text's tokens (no recognition, so every word is placed, in order).  The first
+        30 s are aligned; words past them share the end."""
+        from faster_whisper.tokenizer import Tokenizer
+
+        if self._model is None:
+            raise RuntimeError("the transcriber is not loaded")
+        words = text.split()
+        model = self._model
+        samples = resample(audio, rate, WHISPER_RATE)[: 30 * WHISPER_RATE]
+        duration = len(samples) / WHISPER_RATE
+        features = model.feature_extractor(samples)
+        frames = min(features.shape[-1], model.feature_extractor.nb_max_frames)
+        segment = features[:, :frames]
+        if frames < model.feature_extractor.nb_max_frames:
+            segment = np.pad(segment, ((0, 0), (0, model.feature_extractor.nb_max_frames - frames)))
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en")
+        tokens = tokenizer.encode(" " + " ".join(words))
+        with self._lock:
+            aligned = model.find_alignment(tokenizer, [tokens], model.encode(segment), frames)[0]
+        pieces = [(piece["word"], min(float(piece["start"]), duration), min(float(piece["end"]), duration))
+                  for piece in aligned]
+        return [Word(word, start, end) for word, (start, end) in zip(words, place_words(words, pieces))]
 
     def describe(self) -> dict:
         return {"model": self.model_name, "ready": self._model is not None}

@@ -9,7 +9,7 @@ const state = {
   voiceWav: null, recorder: null, infoTimer: null,
 };
 // Test hook: what arrived and when each chunk was scheduled (seconds on the AudioContext clock).
-const stats = { chunks: 0, scheduled: [], completed: [], cancelled: [], errors: [], underruns: 0 };
+const stats = { chunks: 0, scheduled: [], completed: [], cancelled: [], errors: [], underruns: 0, highlighted: 0 };
 window.__tts = { stats, state };
 
 const keyInAddress = new URLSearchParams(location.search).get("api_key");
@@ -100,6 +100,9 @@ function onReply(msg) {
       state.current = turn;
       if (turn) { turn.engine = msg.engine; turn.meta.textContent = `speaking (${msg.engine})…`; }
       break;
+    case "words":
+      if (turn) addWords(turn, msg.words);
+      break;
     case "success":
       if (turn) finishTurn(turn, msg);
       break;
@@ -138,7 +141,7 @@ function speak(text) {
   const speaker = Number($("speaker").value || 0);
   const emotion = $("emotion").value || null;
   const request = { type: "synthesize", request_id: id, text, speaker, stream: true, format: "pcm",
-                    context: $("context").checked };
+                    context: $("context").checked, timestamps: $("highlight").checked };
   if (emotion) request.emotion = emotion;
   const turn = addTurn({ id, text, speaker, emotion });
   state.ws.send(JSON.stringify(request));
@@ -186,6 +189,38 @@ function finishTurn(turn, msg) {
   stats.completed.push({ request_id: turn.id, chunks: turn.chunks.length, ttfa_ms: ttfa, rtf,
                          duration_s: msg.duration_s, engine: msg.engine });
   settle(turn);
+}
+
+// ---- words: each one lights up as it is heard ------------------------------------------------------------------
+function addWords(turn, words) {
+  turn.words = (turn.words || []).concat(words);
+  const body = turn.el.firstChild;
+  const text = body.textContent.split(/\s+/).filter(Boolean);
+  const spans = turn.words.map((w) => Object.assign(document.createElement("span"), { className: "word",
+                                                                                    textContent: w.word }));
+  const rest = text.slice(turn.words.length).join(" ");
+  body.replaceChildren(...spans.flatMap((span) => [span, " "]), rest);
+  turn.spans = spans;
+  highlight();
+}
+
+function highlight() {
+  if (state.highlighting) return;
+  state.highlighting = true;
+  const step = () => {
+    let active = false;
+    for (const turn of state.turns.values()) {
+      if (!turn.spans || turn.playStart === undefined || !state.ctx) continue;
+      const heard = state.ctx.currentTime - turn.playStart;
+      turn.spans.forEach((span, i) => {
+        const said = turn.status !== "stopping" && turn.words[i].start_s <= heard;
+        if (said && !span.classList.contains("heard")) { span.classList.add("heard"); stats.highlighted++; }
+      });
+      active = active || turn.spans.some((span) => !span.classList.contains("heard"));
+    }
+    if (active) requestAnimationFrame(step); else state.highlighting = false;
+  };
+  requestAnimationFrame(step);
 }
 
 // ---- audio ---------------------------------------------------------------------------------------------------

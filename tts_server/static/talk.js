@@ -31,10 +31,12 @@ function talkReply(msg) {
       addTurn({ id: `said-${msg.turns}`, text: msg.text, speaker: msg.speaker, role: "user" }).status = "said";
       setTalkNote(talk.mode ? "listening…" : "");
       return true;
-    case "reply_text":
-      answerTurn(msg.request_id).body.textContent += msg.delta;
+    case "reply_text": {
+      const turn = answerTurn(msg.request_id);
+      if (turn.spans) turn.body.append(msg.delta); else turn.body.textContent += msg.delta;
       stats.talk.replyText++;
       return true;
+    }
     case "start":
       if (state.turns.has(msg.request_id)) stats.talk.firstAudioAt[msg.request_id] = Date.now();
       return false;
@@ -143,7 +145,7 @@ async function startTalking(mode) {
   talk.answerSpeaker = Number($("speaker").value || 0);
   const request = { type: "turn_start", speaker: userSpeaker(), sample_rate: talk.mic.ctx.sampleRate,
                     vad: mode === "hands-free" };
-  if (canChat()) request.respond = { speaker: talk.answerSpeaker };
+  if (canChat()) request.respond = { speaker: talk.answerSpeaker, timestamps: $("highlight").checked };
   state.ws.send(JSON.stringify(request));
   $("talk").textContent = mode === "hands-free" ? "Stop talking" : "Talking…";
   $("talk").setAttribute("aria-pressed", "true");

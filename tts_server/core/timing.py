@@ -1,0 +1,103 @@
+"""Word times and progress of one run: where each sentence sits in the reply's audio, and when its words are heard.
+
+``generate`` tells a ``Timing`` how much engine audio it has taken (``took``)
+and hands it each ``SentenceMark``.  A mark's words are placed at the
+sentence's offset in the output (scaled when the core time-stretches the
+audio); a mark without words (CSM) is aligned on the aligner's thread, off the
+generation thread, so generation never waits for it.  ``due`` gives the words
+whose audio has been sent; ``rest`` waits for the alignments still running.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from typing import Any, Callable
+
+from ..audio.text import split_sentences
+from ..engines.base import Engine, SentenceMark, Word
+
+# align(audio, rate, text) -> words, run on the aligner's own thread; None: no aligner on this server
+Aligner = Callable[[Any, int, str], "concurrent.futures.Future[list[Word]]"]
+
+
+class Timing:
+    def __init__(self, job, engine: Engine, aligner: Aligner | None, stretched: bool) -> None:
+        request = job.request
+        self.engine_rate = engine.output_rate(request)
+        self.scale = 1 / request.speed if stretched else 1.0  # output seconds per engine second
+        self.wanted = request.timestamps
+        self.total = None if job.task.feed is not None else len(split_sentences(request.text))
+        self.aligner = aligner if engine.words is not None else None
+        self.reason = None
+        if self.wanted and engine.words is not None and aligner is None:
+            self.reason = engine.words
+        self.taken = 0  # engine samples so far
+        self.sentence_start = 0
+        self.sentences = 0
+        self.words: list[Word] = []  # placed, in order
+        self.by_sentence: list[list[Word]] = []  # each sentence's words, from its own start, unstretched
+        self._sent = 0  # how many of them have gone out
+        self._aligning: collections.deque = collections.deque()  # (future of words, sentence offset_s), in order
+
+    def took(self, samples: int) -> None:
+        self.taken += samples
+
+    def mark(self, mark: SentenceMark) -> dict[str, Any]:
+        """A sentence ended: place (or start aligning) its words; the progress it makes."""
+        offset = self.sentence_start / self.engine_rate * self.scale
+        self.sentence_start = self.taken
+        self.sentences += 1
+        if self.wanted and self.reason is None:
+            if mark.words is not None:
+                self._aligning.append((_done(mark.words), offset))
+            elif self.aligner is not None and mark.audio is not None:
+                try:
+                    self._aligning.append((self.aligner(mark.audio, self.engine_rate, mark.text), offset))
+                except Exception as exc:  # not ready, or gone: no words, said why
+                    self.reason = str(exc)
+            else:
+                self.reason = "this engine gives no word times"
+            self._settle()
+        return {"sentence": self.sentences, "sentences": self.total,
+                "audio_s": round(self.taken / self.engine_rate * self.scale, 3)}
+
+    def due(self, sent_s: float) -> list[Word]:
+        """Words whose audio has all been sent (``sent_s`` seconds of output), not given before."""
+        self._settle()
+        ready = self._sent
+        while ready < len(self.words) and self.words[ready].end_s <= sent_s + 1e-6:
+            ready += 1
+        out, self._sent = self.words[self._sent:ready], ready
+        return out
+
+    def rest(self, duration_s: float) -> list[Word]:
+        """At the end: wait for the alignments still running; every word not given yet, inside the audio."""
+        self._settle(wait=True)
+        out, self._sent = self.words[self._sent:], len(self.words)
+        return [Word(w.word, min(w.start_s, duration_s), min(w.end_s, duration_s)) for w in out]
+
+    def _settle(self, wait: bool = False) -> None:
+        while self._aligning and (wait or self._aligning[0][0].done()):
+            future, offset = self._aligning.popleft()
+            try:
+                words = future.result()
+            except Exception as exc:  # the aligner failed: no words, said why (the audio is fine)
+                self.reason, self._aligning = f"word alignment failed: {exc}", collections.deque()
+                return
+            self.by_sentence.append(words)
+            last = self.words[-1].end_s if self.words else 0.0
+            for word in words:
+                placed = word.shifted(offset, self.scale)
+                self.words.append(Word(placed.word, max(last, placed.start_s), max(last, placed.end_s)))
+                last = self.words[-1].end_s
+
+    def describe(self) -> dict[str, Any]:
+        """What ``success`` says about words: the list (whole files), or why there is none."""
+        return {"words_unavailable": self.reason} if self.wanted and self.reason else {}
+
+
+def _done(words: list[Word]) -> "concurrent.futures.Future[list[Word]]":
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(words)
+    return future
