@@ -27,7 +27,7 @@ json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dicti
                                                                                           max_size=4), max_leaves=12)
 fields = {
     "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance", "session", "session_delete", "turn",
-                             "turn_end"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it)
+                             "turn_end", "respond"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it)
     | json_values, "session": st.sampled_from(["", "x" * 70, "no-such-id"]) | json_values,
     "text": st.text(max_size=5) | st.sampled_from(["<|AUDIO|>", "<|audio_eos|>", "<|begin_of_text|>[7]"])
     | json_values,
@@ -40,6 +40,8 @@ fields = {
     "request_id": st.text(max_size=200) | json_values, "emotion": json_values,
     "engine": st.sampled_from(["csm", "piper", "x"]) | json_values, "clear": json_values,
     "played_ms": st.floats(-1, 10**6) | json_values, "sample_rate": st.integers(0, 10**5) | json_values,
+    "speed": st.floats(0, 5) | json_values, "timestamps": st.booleans() | json_values,
+    "progress": st.booleans() | json_values,
 }
 messages = st.fixed_dictionaries({}, optional=fields)
 frames = st.one_of(

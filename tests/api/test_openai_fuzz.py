@@ -24,8 +24,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            max_leaves=10)
 optional_fields = {
     "speed": json_values, "stream_format": json_values, "seed": json_values, "instructions": json_values,
-    "response_format": st.sampled_from(["mp3", "pcm", "wav"]) | json_values, "sample_rate": json_values,
-    "session": st.sampled_from(["no-such-session", ""]) | json_values,
+    "response_format": st.sampled_from(["mp3", "pcm", "wav", "vtt", "srt"]) | json_values, "sample_rate": json_values,
+    "session": st.sampled_from(["no-such-session", ""]) | json_values, "timestamps": st.booleans() | json_values,
 }
 bodies = st.one_of(
     st.fixed_dictionaries({"model": st.just("tts-1"), "voice": st.sampled_from(["alloy", "3"]),
@@ -34,7 +34,8 @@ bodies = st.one_of(
     st.fixed_dictionaries({}, optional={
         "model": st.sampled_from(["tts-1", "piper", "x"]) | json_values, "input": st.text(max_size=30) | json_values,
         "voice": st.sampled_from(["alloy", "3", "²", "nobody"]) | json_values,
-        "response_format": st.sampled_from(["mp3", "pcm", "ogg"]) | json_values, "speed": json_values,
+        "response_format": st.sampled_from(["mp3", "pcm", "ogg", "vtt"]) | json_values, "speed": json_values,
+        "timestamps": json_values,
         "stream_format": json_values, "seed": json_values, "instructions": json_values,
         "max_audio_length_ms": st.sampled_from([80, 160]) | json_values, "sample_rate": json_values,
     }).map(lambda d: json.dumps(d).encode()),

@@ -41,3 +41,40 @@ def test_a_run_on_without_an_end_is_cut_before_it_outgrows_a_generation():
     stream = SentenceStream(max_chars=30)
     spoken = stream.add("one two three four five six seven eight nine ten eleven ")
     assert spoken and all(len(s) <= 30 for s in spoken) and len(stream.pending) <= 30
+
+
+def test_aligner_pieces_become_times_for_each_whitespace_word():
+    from tts_server.audio.text import place_words
+
+    words = "Hello, world! I have 42 apples.".split()
+    pieces = [(" Hello", 0.0, 0.4), (",", 0.4, 0.45), (" world", 0.5, 0.9), ("!", 0.9, 0.95), (" I", 1.2, 1.3),
+              (" have", 1.3, 1.6), (" 4", 1.6, 1.8), ("2", 1.8, 2.1), (" apples", 2.1, 2.6), (".", 2.6, 2.7)]
+    assert place_words(words, pieces) == [(0.0, 0.45), (0.5, 0.95), (1.2, 1.3), (1.3, 1.6), (1.6, 2.1),
+                                          (2.1, 2.7)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab,.", min_size=1, max_size=4), min_size=1, max_size=8),
+       st.lists(st.floats(0, 2), min_size=1, max_size=12))
+def test_placed_words_never_go_backwards_whatever_the_pieces(words, steps):
+    from tts_server.audio.text import place_words
+
+    text = "".join(words)
+    cuts = sorted({min(len(text), round(i * len(text) / len(steps))) for i in range(len(steps) + 1)})
+    times = [sum(steps[:i]) for i in range(len(cuts))]
+    pieces = [(text[a:b], times[i], times[i + 1]) for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
+    placed = place_words(words, pieces)
+    flat = [t for span in placed for t in span]
+    assert len(placed) == len(words) and flat == sorted(flat)
+
+
+def test_captions_group_words_into_timed_cues():
+    from tts_server.audio.captions import srt, vtt
+
+    words = [{"word": w, "start_s": i * 0.3, "end_s": i * 0.3 + 0.25} for i, w in
+             enumerate("One two three. Four five six seven eight nine ten eleven twelve.".split())]
+    assert vtt(words).startswith("WEBVTT\n\n1\n00:00:00.000 --> 00:00:00.850\nOne two three.\n\n2\n00:00:00.900")
+    cues = srt(words).strip().split("\n\n")
+    assert [c.split("\n")[2] for c in cues] == ["One two three.", "Four five six seven eight nine ten eleven",
+                                                "twelve."]
+    assert cues[1].split("\n")[1] == "00:00:00,900 --> 00:00:03,250"

@@ -208,3 +208,21 @@ async def test_info_lists_emotions_with_clip_counts(tiny_model_dir, references):
     async with running_server(csm_slot(tiny_model_dir), library=ReferenceLibrary(references)) as server:
         info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
     assert info["emotions"] == {"happy": 2, "sad": 1} and info["voices"] == []
+
+
+def test_a_barge_in_cut_keeps_the_words_heard_to_their_end_when_the_turn_has_word_times():
+    import torch
+
+    from tts_server.core.context import heard
+    from tts_server.engines.base import ContextTurn, Word
+
+    codes = torch.zeros(25, 32, dtype=torch.long)  # 2 s
+    timed = ContextTurn(0, "one two three four", None, {"csm": codes}, duration=2.0,
+                        words=[Word("one", 0.0, 0.2), Word("two", 0.3, 1.1), Word("three", 1.2, 1.4),
+                               Word("four", 1.5, 1.9)])
+    plain = ContextTurn(0, "one two three four", None, {"csm": codes}, duration=2.0)
+    # 1.0 s heard: by the times only "one" was heard whole; in proportion, two of the four words
+    assert [t.text for t in heard([timed], 1.0)] == ["one"]
+    assert [t.text for t in heard([plain], 1.0)] == ["one two"]
+    assert [t.text for t in heard([timed], 1.45)] == ["one two three"]
+    assert heard([timed], 1.0)[0].duration_s == pytest.approx(0.96)
