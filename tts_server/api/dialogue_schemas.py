@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 
-from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED, MAX_SPEAKER, MIN_AUDIO_MS,
-                               STREAM_FORMATS)
-from .schema_rules import MAX_TRANSCRIPT_CHARS, MessageBase, ReplyBase, Speaker, speaker_digits
+from ..engines.request import MAX_SPEAKER, STREAM_FORMATS
+from .schema_rules import MAX_TRANSCRIPT_CHARS, MessageBase, ReplyBase, SamplingFields, Speaker, speaker_digits
 
 SessionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                                  description="a session id as the server gave it")]
@@ -49,20 +48,11 @@ class TurnMessage(MessageBase):
         return text.strip() or None if text is not None else None
 
 
-class AnswerOptions(BaseModel):
+class AnswerOptions(SamplingFields):
     """How the assistant answers: its speaker and CSM's sampling (the fields of ``respond``)."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
 
     speaker: Speaker = Field(0, description=f"the assistant's speaker: an integer from 0 to {MAX_SPEAKER}")
     format: Literal[STREAM_FORMATS] = Field("pcm", description=f"one of: {', '.join(STREAM_FORMATS)}")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0.0, le=2.0, allow_inf_nan=False,
-                               description="a number above 0 and at most 2")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
-    max_audio_length_ms: float | None = Field(None, ge=MIN_AUDIO_MS, le=MAX_AUDIO_MS, allow_inf_nan=False,
-                                              description=f"a number at least {MIN_AUDIO_MS} and at most "
-                                                          f"{MAX_AUDIO_MS}")
 
     timestamps: bool = Field(False, description="true or false (word times: 'words' replies)")
 

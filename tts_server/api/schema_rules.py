@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from ..core.replies import ErrorCode, ProtocolError
-from ..engines.request import ENGINES, LANGUAGE_CODE, MAX_SPEAKER
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
+                               MAX_SPEAKER, MIN_AUDIO_MS)
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_TEXT_FRAME = 256 * 1024  # bytes of one JSON text frame (binary frames may be larger: voice uploads)
@@ -47,6 +48,20 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("empty")
     return text.strip()
+
+
+class SamplingFields(BaseModel):
+    """CSM's sampling and the audio cap: the fields every message that speaks shares (synthesize, respond)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0.0, le=2.0, allow_inf_nan=False,
+                               description="a number above 0 and at most 2")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
+    max_audio_length_ms: float | None = Field(None, ge=MIN_AUDIO_MS, le=MAX_AUDIO_MS, allow_inf_nan=False,
+                                              description=f"a number at least {MIN_AUDIO_MS} and at most "
+                                                          f"{MAX_AUDIO_MS}")
 
 
 class MessageBase(BaseModel):

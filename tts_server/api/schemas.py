@@ -18,32 +18,26 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..core.replies import PROTOCOL_VERSION, ErrorCode, ProtocolError
-from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, FORMATS, MAX_AUDIO_MS, MAX_SEED,
-                               MAX_SPEAKER, MIN_AUDIO_MS, STREAM_FORMATS, SynthesisRequest, new_request_id)
+from ..engines.request import (ENGINES, FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS, SynthesisRequest,
+                               new_request_id)
 from .dialogue_schemas import (ReplyTextReply, RespondMessage, SessionDeleteMessage, SessionDeletedReply,
                                SessionMessage, SessionReply, SpeechReply, TruncatedReply, TurnEndMessage, TurnMessage,
                                TurnSavedReply, TurnStartMessage)
 from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
-                           MAX_TRANSCRIPT_CHARS, Limits, MessageBase, ReplyBase, RequestId, Speaker, field_message,
+                           MAX_TRANSCRIPT_CHARS, Limits, MessageBase, ReplyBase, RequestId, SamplingFields, Speaker,
+                           field_message,
                            limits_of, load_json_object, non_empty, null_is_unset, speaker_digits, validate)
 
 __all__ = ["LANGUAGE_PATTERN", "Limits", "field_message", "json_schema", "non_empty", "null_is_unset",
            "parse_message", "validate"]
 
 
-class SynthesizeMessage(MessageBase):
+class SynthesizeMessage(MessageBase, SamplingFields):
     """Speak ``text``; the reply is ``success`` + one binary frame, or ``start``, binary chunks and ``success``."""
 
     type: Literal["synthesize"] = "synthesize"
     text: str = Field(description="a non-empty string (it is required)")
     speaker: Speaker = 0
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0.0, le=2.0, allow_inf_nan=False,
-                               description="a number above 0 and at most 2")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
-    max_audio_length_ms: float | None = Field(None, ge=MIN_AUDIO_MS, le=MAX_AUDIO_MS, allow_inf_nan=False,
-                                              description=f"a number at least {MIN_AUDIO_MS} and at most "
-                                                          f"{MAX_AUDIO_MS}")
     format: Literal[FORMATS] | None = Field(None, description=f"one of: {', '.join(FORMATS)} (streams: "
                                                               f"{', '.join(STREAM_FORMATS)}; default wav, or pcm "
                                                               "when streaming)")
