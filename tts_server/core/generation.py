@@ -45,7 +45,9 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     resample = Resampler(engine.output_rate(request), sample_rate)
     stretched = request.speed != 1.0 and not engine.native_speed
     stretch = Stretcher(engine.output_rate(request), request.speed) if stretched else None
-    timing = Timing(job, engine, aligner, stretched)
+    timing = Timing(job, engine, aligner, stretched, post=lambda found: words(found),
+                    sent_s=lambda: samples / sample_rate) if request.timestamps and request.stream else \
+        Timing(job, engine, aligner, stretched)
     limit = int(request.max_audio_length_ms * sample_rate / 1000) if request.max_audio_length_ms else None
     pieces: list = []
     kept: list[bytes] = []
@@ -90,24 +92,28 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
             if job.cancel_event.is_set() or cut:
                 break
             job.progress_at = time.monotonic()
-            if isinstance(chunk, SentenceMark):
-                progress = timing.mark(chunk)
-                if request.progress:
-                    job.post_threadsafe({"status": "progress", "request_id": request.request_id, **progress})
-            else:
-                timing.took(len(chunk))
-                emit(resample(stretch(chunk) if stretch else chunk))
-            if request.stream and request.timestamps:
-                words(timing.due(samples / sample_rate))
+            with timing.lock:  # audio and the words it holds go out in that order, whichever thread sends them
+                if isinstance(chunk, SentenceMark):
+                    progress = timing.mark(chunk)
+                    if request.progress:
+                        job.post_threadsafe({"status": "progress", "request_id": request.request_id, **progress})
+                else:
+                    timing.took(len(chunk))
+                    emit(resample(stretch(chunk) if stretch else chunk))
+                if request.stream and request.timestamps:
+                    words(timing.due(samples / sample_rate))
     if job.cancel_event.is_set():
         return Outcome("cancelled", samples / sample_rate, first_audio, (r.cancelled_reply(request.request_id),))
     tail = stretch(np.zeros(0, np.float32), last=True) if stretch else np.zeros(0, dtype=np.float32)
-    emit(resample(tail, last=True))
+    with timing.lock:
+        emit(resample(tail, last=True))
     if samples == 0:
         raise EngineError("generation_failed", f"{engine.name} produced no audio")
     duration = samples / sample_rate
-    heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
-    words(heard)
+    timing.wait()
+    with timing.lock:
+        heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
+        words(heard)
     if len(timing.by_sentence) == len(job.task.produced):  # the turns remember their words (a barge-in cut)
         for turn, placed in zip(job.task.produced, timing.by_sentence):
             turn.words = placed

@@ -5,13 +5,17 @@ and hands it each ``SentenceMark``.  A mark's words are placed at the
 sentence's offset in the output (scaled when the core time-stretches the
 audio); a mark without words (CSM) is aligned on the aligner's thread, off the
 generation thread, so generation never waits for it.  ``due`` gives the words
-whose audio has been sent; ``rest`` waits for the alignments still running.
+whose audio has been sent; an alignment that ends while the audio is already out
+sends its words at once (``post``); ``rest`` waits for the alignments still
+running.  Callers hold ``lock`` around ``mark``, ``due`` and sending audio, so a
+word is never posted before the audio that holds it.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import threading
 from typing import Any, Callable
 
 from ..audio.text import split_sentences
@@ -22,8 +26,11 @@ Aligner = Callable[[Any, int, str], "concurrent.futures.Future[list[Word]]"]
 
 
 class Timing:
-    def __init__(self, job, engine: Engine, aligner: Aligner | None, stretched: bool) -> None:
+    def __init__(self, job, engine: Engine, aligner: Aligner | None, stretched: bool,
+                 post: Callable[[list[Word]], None] | None = None, sent_s: Callable[[], float] | None = None) -> None:
         request = job.request
+        self.lock = threading.RLock()  # re-entered when an alignment is already done as it is added
+        self._post, self._sent_s = post, sent_s
         self.engine_rate = engine.output_rate(request)
         self.scale = 1 / request.speed if stretched else 1.0  # output seconds per engine second
         self.wanted = request.timestamps
@@ -53,14 +60,25 @@ class Timing:
                 self._aligning.append((_done(mark.words), offset))
             elif self.aligner is not None and mark.audio is not None:
                 try:
-                    self._aligning.append((self.aligner(mark.audio, self.engine_rate, mark.text), offset))
+                    future = self.aligner(mark.audio, self.engine_rate, mark.text)
                 except Exception as exc:  # not ready, or gone: no words, said why
                     self.reason = str(exc)
+                else:
+                    self._aligning.append((future, offset))
+                    if self._post is not None:
+                        future.add_done_callback(self._aligned)
             else:
                 self.reason = "this engine gives no word times"
             self._settle()
         return {"sentence": self.sentences, "sentences": self.total,
                 "audio_s": round(self.taken / self.engine_rate * self.scale, 3)}
+
+    def _aligned(self, _future) -> None:
+        """An alignment ended (on the aligner's thread): its words whose audio is out go now."""
+        with self.lock:
+            found = self.due(self._sent_s())
+        if found:
+            self._post(found)
 
     def due(self, sent_s: float) -> list[Word]:
         """Words whose audio has all been sent (``sent_s`` seconds of output), not given before."""
@@ -71,8 +89,12 @@ class Timing:
         out, self._sent = self.words[self._sent:ready], ready
         return out
 
+    def wait(self) -> None:
+        """Wait for the alignments still running (without ``lock``: their callbacks take it)."""
+        concurrent.futures.wait([future for future, _ in list(self._aligning)])
+
     def rest(self, duration_s: float) -> list[Word]:
-        """At the end: wait for the alignments still running; every word not given yet, inside the audio."""
+        """At the end, after ``wait``: every word not given yet, inside the audio."""
         self._settle(wait=True)
         out, self._sent = self.words[self._sent:], len(self.words)
         return [Word(w.word, min(w.start_s, duration_s), min(w.end_s, duration_s)) for w in out]
