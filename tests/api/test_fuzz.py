@@ -27,7 +27,8 @@ json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dicti
                                                                                           max_size=4), max_leaves=12)
 fields = {
     "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance", "session", "session_delete", "turn",
-                             "turn_end", "respond"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it)
+                             "turn_end"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it);
+    # respond: test_voice_chat fuzzes it against a chat server
     | json_values, "session": st.sampled_from(["", "x" * 70, "no-such-id"]) | json_values,
     "text": st.text(max_size=5) | st.sampled_from(["<|AUDIO|>", "<|audio_eos|>", "<|begin_of_text|>[7]"])
     | json_values,
