@@ -33,6 +33,7 @@ class Dialogue:
     _listener: Listener | None
     _answering: d.AnswerOptions | None
     _answers: set[asyncio.Task]
+    _guess: asyncio.Future | None  # the transcript of a hands-free utterance, begun at its pause
 
     # -- sessions ------------------------------------------------------------------------------------------
     async def _bind(self, session: str | None) -> None:
@@ -74,9 +75,15 @@ class Dialogue:
                                                                                "last was dropped; listening goes on"))
                 elif event == "speech_start":
                     await self.send({"status": "speech_start"})
+                elif event == "pause":  # it may be over: transcribe what was said so far, while the pause lasts
+                    if self._guess is None or self._guess.done():
+                        self._guess = asyncio.ensure_future(self._transcribe_quietly(turn.so_far()))
+                elif event == "resume":
+                    self._guess = None  # it was not over (the transcription runs on; its text is not used)
                 else:
+                    guess, self._guess = self._guess, None
                     await self.send({"status": "speech_end"})
-                    await self._close_turn(turn, None)
+                    await self._close_turn(turn, None, guess)
             return
         try:
             await loop.run_in_executor(self.service.turn_encoding, self._streaming.feed, pcm)
@@ -95,14 +102,23 @@ class Dialogue:
                                                                "and the audio first")
         await self._close_turn(turn, text)
 
-    async def _close_turn(self, turn: StreamedTurn, text: str | None) -> None:
-        """End a streamed turn, transcribe it unless its text was given, keep it; then answer it if asked to."""
+    async def _close_turn(self, turn: StreamedTurn, text: str | None, guess: asyncio.Future | None = None) -> None:
+        """End a streamed turn, transcribe it unless its text was given (or its pause already was: ``guess``), keep
+        it; then answer it if asked to."""
         loop = asyncio.get_running_loop()
         audio = await loop.run_in_executor(self.service.turn_encoding, turn.end)
-        text = (text or "").strip() or await self.service.transcript(audio)
+        text = (text or "").strip() or (await guess if guess is not None else None) or \
+            await self.service.transcript(audio)
         await self._keep_turn(await loop.run_in_executor(self.service.turn_encoding, turn.finish, text))
         if self._answering is not None:
             await self._respond(self._answering, None)
+
+    async def _transcribe_quietly(self, audio) -> str | None:
+        """A transcript, or None where ``transcript`` would refuse (the turn's end asks again, and says why)."""
+        try:
+            return await self.service.transcript(audio)
+        except Exception:
+            return None
 
     async def _save_turn(self, message: d.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""

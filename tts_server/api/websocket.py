@@ -55,6 +55,7 @@ class Connection(Dialogue):
         self._listener: Listener | None = None  # hands-free turns (turn_start with vad)
         self._answering: AnswerOptions | None = None  # answer each saved turn (turn_start's respond)
         self._answers: set[asyncio.Task] = set()  # LLM streams of respond requests
+        self._guess: asyncio.Future | None = None  # a hands-free utterance's transcript, begun at its pause
         # barge-in: recent replies' turns (and their places in the session), and replies to cut once they end
         # (its turns, its speed: the turns hold unstretched audio)
         self._replies: collections.OrderedDict[str, tuple[list[ContextTurn], float]] = collections.OrderedDict()

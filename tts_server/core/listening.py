@@ -5,7 +5,8 @@ A ``Listener`` takes 16-bit PCM at the client's rate, scores it with the VAD
 ``StreamedTurn`` with the audio from just before the start (``PREROLL_MS``, so
 the first syllable is not clipped) and feeds it everything that follows; when
 the speaker has been silent for ``--vad-silence-ms`` it hands the turn back to
-be ended, transcribed and stored.  Silence between utterances is never kept.
+be ended, transcribed and stored (a ``pause`` a third of the way into that
+silence lets the transcription start early).  Silence between utterances is never kept.
 Blocking (model compute): run ``feed`` on one thread at a time.
 """
 
@@ -35,8 +36,9 @@ class Listener:
         self.turn: StreamedTurn | None = None
 
     def feed(self, pcm: bytes) -> list[tuple[str, StreamedTurn | None]]:
-        """Events this audio completes, in order: ``("speech_start", None)``, ``("speech_end", turn)`` (a turn to
-        end and keep), ``("dropped", None)`` (an utterance over the length limit)."""
+        """Events this audio completes, in order: ``("speech_start", None)``, ``("pause", turn)`` and
+        ``("resume", turn)`` (a silence that may end it, or not), ``("speech_end", turn)`` (a turn to end and
+        keep), ``("dropped", None)`` (an utterance over the length limit)."""
         data, self._odd = self._odd + pcm, b""
         if len(data) % 2:
             data, self._odd = data[:-1], data[-1:]
@@ -54,9 +56,13 @@ class Listener:
                 self._feed_turn(self._recent[-int(back * self.sample_rate):].tobytes(), events)
                 fed = True
                 events.append(("speech_start", None))
-            elif self.turn is not None:
+            elif self.turn is None:
+                continue
+            elif event.kind == "end":
                 turn, self.turn = self.turn, None
                 events.append(("speech_end", turn))
+            else:  # "pause" (the utterance may be over: its audio so far can be transcribed) or "resume"
+                events.append((event.kind, self.turn))
         if self.turn is not None and not fed:
             self._feed_turn(data, events)
         return events

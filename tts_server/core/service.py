@@ -46,7 +46,7 @@ class Service:
                  max_voice_seconds: float = 30, generation_timeout: float = 120,
                  trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
                  max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, stt: Transcriber | None = None,
-                 chat: ChatModel | None = None, vad_silence_ms: float = 600) -> None:
+                 chat: ChatModel | None = None, vad_silence_ms: float = 600, vad_pause_ms: float = 200) -> None:
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -71,7 +71,8 @@ class Service:
         if stt is not None:
             self.scheduler.aligner = self._align
         self.chat = chat  # the assistant's words (--chat-url), for ``respond``
-        self.vad_silence_ms = vad_silence_ms
+        # hands-free: the silence that ends an utterance, and the pause after which its transcription starts
+        self.vad_silence_ms, self.vad_pause_ms = vad_silence_ms, vad_pause_ms
         limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes}
         self.sessions = RedisSessionStore(session_store, **limits) if session_store.startswith("redis://") \
             else SessionStore.open(session_store, **limits)
@@ -128,7 +129,8 @@ class Service:
 
         slot = await self._csm_for_turns()
         loop = asyncio.get_running_loop()
-        detector = await loop.run_in_executor(self.turn_encoding, SpeechDetector, self.vad_silence_ms)
+        detector = await loop.run_in_executor(self.turn_encoding, lambda: SpeechDetector(
+            self.vad_silence_ms, pause_ms=self.vad_pause_ms))
         return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
 
     async def _csm_for_turns(self) -> EngineSlot:

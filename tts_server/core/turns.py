@@ -38,6 +38,10 @@ class StreamedTurn:
                                                                "this one was dropped")
         self._take(self._resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0))
 
+    def so_far(self) -> np.ndarray:
+        """The turn's audio until now, at 24 kHz (a transcription may start before it ends)."""
+        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+
     def end(self) -> np.ndarray:
         """No more audio is coming: the whole turn at 24 kHz (for a transcript)."""
         self._take(self._resample(np.zeros(0, np.float32), last=True))
