@@ -45,9 +45,8 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     resample = Resampler(engine.output_rate(request), sample_rate)
     stretched = request.speed != 1.0 and not engine.native_speed
     stretch = Stretcher(engine.output_rate(request), request.speed) if stretched else None
-    timing = Timing(job, engine, aligner, stretched, post=lambda found: words(found),
-                    sent_s=lambda: samples / sample_rate) if request.timestamps and request.stream else \
-        Timing(job, engine, aligner, stretched)
+    timing = Timing(job, engine, aligner, stretched, sent_s=lambda: samples / sample_rate,
+                    post=(lambda found: words(found)) if request.timestamps and request.stream else None)
     limit = int(request.max_audio_length_ms * sample_rate / 1000) if request.max_audio_length_ms else None
     pieces: list = []
     kept: list[bytes] = []
