@@ -188,21 +188,30 @@ async def recv_json(ws, timeout: float = 60) -> dict:
     return json.loads(frame)
 
 
-async def collect(ws, request_id: str | None = None, timeout: float = 120) -> tuple[dict, bytes, list[dict]]:
-    """Read one request's replies up to its terminal one: (terminal reply, audio bytes, other JSON)."""
+async def read_until(ws, stop, timeout: float = 120) -> tuple[dict, bytes, list[tuple[dict, int]]]:
+    """Read frames up to the first JSON reply ``stop(reply)`` accepts: (that reply, the audio bytes before it, each
+    other reply with how many audio bytes had arrived before it).  A whole-file ``success`` brings its one binary
+    frame along."""
     audio = bytearray()
-    others: list[dict] = []
+    others: list[tuple[dict, int]] = []
     while True:
         frame = await asyncio.wait_for(ws.recv(), timeout)
         if isinstance(frame, bytes):
             audio += frame
             continue
         reply = json.loads(frame)
-        if reply.get("status") in TERMINAL and (request_id is None or reply.get("request_id") == request_id):
-            if reply["status"] == "success" and not reply.get("chunks"):
+        if stop(reply):
+            if reply.get("status") == "success" and not reply.get("chunks"):
                 audio += await asyncio.wait_for(ws.recv(), timeout)  # non-streamed: one binary frame follows
             return reply, bytes(audio), others
-        others.append(reply)
+        others.append((reply, len(audio)))
+
+
+async def collect(ws, request_id: str | None = None, timeout: float = 120) -> tuple[dict, bytes, list[dict]]:
+    """Read one request's replies up to its terminal one: (terminal reply, audio bytes, other JSON)."""
+    reply, audio, others = await read_until(ws, lambda r: r.get("status") in TERMINAL and (
+        request_id is None or r.get("request_id") == request_id), timeout)
+    return reply, audio, [other for other, _ in others]
 
 
 def http_get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import websockets
 
-from audio_fixtures import pcm16, spoken
-from conftest import ahttp_get, csm_slot, recv_json, running_server, url
+from audio_fixtures import audio_bytes, pcm16, speechlike, spoken
+from conftest import TERMINAL, ahttp_get, csm_slot, read_until, recv_json, running_server, url
 from fake_chat import FakeChat
 from test_sessions import bind, turn, word_error_rate
-from audio_fixtures import audio_bytes, speechlike
 
 SAID = "Could you tell me a short story about the sea?"
 ANSWER = "Once upon a time, a boat sailed far away. It found an island of singing birds. The end."
@@ -33,24 +32,17 @@ async def send_pcm(ws, audio: np.ndarray, rate: int, piece_s: float = 0.04) -> N
 
 async def until(ws, status: str, timeout: float = 120) -> tuple[dict, list[dict], bytes]:
     """Frames up to the first reply with ``status``: (it, the JSON before it, the audio before it)."""
-    seen, audio = [], bytearray()
-    while True:
-        frame = await asyncio.wait_for(ws.recv(), timeout)
-        if isinstance(frame, bytes):
-            audio += frame
-            continue
-        reply = json.loads(frame)
-        if reply.get("status") == status:
-            return reply, seen, bytes(audio)
-        seen.append(reply)
+    reply, audio, others = await read_until(ws, lambda r: r.get("status") == status, timeout)
+    return reply, [other for other, _ in others], audio
 
 
-def server_options(whisper_dir, chat: FakeChat | None, **more) -> dict:
+def server_options(whisper_dir, chat: FakeChat | None, chat_timeout: float = 30, **more) -> dict:
     from tts_server.engines.chat import ChatModel
     from tts_server.engines.stt import Transcriber
 
     return {"stt": Transcriber(str(whisper_dir), "cpu", local_only=True),
-            "chat": ChatModel(chat.url, "test-model", chat.key, "Answer briefly.") if chat else None, **more}
+            "chat": ChatModel(chat.url, "test-model", chat.key, "Answer briefly.", timeout=chat_timeout)
+            if chat else None, **more}
 
 
 async def test_hands_free_turns_are_transcribed_answered_and_spoken_while_the_answer_is_written(tiny_model_dir,
@@ -168,6 +160,45 @@ async def test_an_endless_answer_is_cut_at_the_text_limit_and_its_stream_closed(
     assert hung_up
 
 
+async def test_a_chat_model_that_trickles_words_without_finishing_a_sentence_is_stopped(tiny_model_dir,
+                                                                                        whisper_dir):
+    """A trickle (a word every 0.4 s, never a sentence's end) would hold the engine's worker between sentences:
+    the answer stops at the chat timeout with an error naming the model, its stream is closed, the connection
+    serves on."""
+    trickle = "Well. " + " ".join(["and"] * 40)  # one short sentence, then words that never end one
+    with FakeChat(trickle, delay=0.4) as chat:
+        async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, chat, chat_timeout=2)) \
+                as server:
+            async with websockets.connect(url(server)) as ws:
+                await turn(ws, audio_bytes(speechlike(1.0)), "Say something.")
+                await ws.send(json.dumps({"type": "respond", "request_id": "t", "max_audio_length_ms": 160}))
+                ended, seen, _ = await until(ws, "error")
+                alive = await turn(ws, audio_bytes(speechlike(1.0)), "Still there?")
+        hung_up = await asyncio.to_thread(chat.hung_up.wait, 20)
+    assert ended["code"] == "model_unavailable" and "no complete sentence for 2 s" in ended["message"]
+    assert chat.url in ended["message"] and ended["request_id"] == "t"
+    assert 3 <= sum(r["status"] == "reply_text" for r in seen) < 40 and hung_up
+    assert alive["status"] == "turn_saved"
+
+
+async def test_a_flood_of_tiny_pcm_frames_while_listening_is_taken_and_the_connection_serves_on(tiny_model_dir,
+                                                                                               whisper_dir):
+    """Thousands of frames of one or two bytes (odd ones split samples) in hands-free mode: no reply for any of
+    them, nothing queued without bound, and a message after them is answered."""
+    async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, None)) as server:
+        async with websockets.connect(url(server)) as ws:
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000, "vad": True}))
+            for i in range(3000):
+                await ws.send(b"\x00" * (1 + i % 2))
+            await ws.send(json.dumps({"type": "cancel", "request_id": "marker"}))  # answered after every frame
+            marker = await recv_json(ws)
+            await ws.send(json.dumps({"type": "turn_end"}))
+            await ws.send(json.dumps({"type": "session"}))
+            after = await recv_json(ws)
+    assert marker["code"] == "unknown_request" and marker["request_id"] == "marker"  # nothing else came first
+    assert after["status"] == "session"  # turn_end closed listening without a reply: nothing was being said
+
+
 async def test_a_flood_of_respond_requests_is_limited_and_every_accepted_one_ends(tiny_model_dir, whisper_dir):
     with FakeChat(ANSWER, delay=0.2) as chat:
         async with running_server(csm_slot(tiny_model_dir), rate_limit=30, max_queued_per_connection=3,
@@ -263,5 +294,3 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
                 pass
             assert reply["status"] == "success" and reply["request_id"] == "last"
 
-
-TERMINAL = ("success", "error", "cancelled")

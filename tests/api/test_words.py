@@ -3,7 +3,6 @@ as --stt-model), and CSM's time-stretched speed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import websockets
 
-from conftest import csm_slot, piper_slot, running_server, url
+from conftest import csm_slot, piper_slot, read_until, running_server, url
 
 TEXT = "The quick brown fox jumps over the lazy dog. I have 42 apples, and a well-known dog named Rex!"
 
@@ -19,18 +18,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. I have 42 apples, and a wel
 async def ask(ws, **request) -> tuple[dict, bytes, list[tuple[dict, int]]]:
     """Send one request; (terminal reply, audio, [(each other reply, audio bytes received before it)])."""
     await ws.send(json.dumps(request))
-    audio, others = bytearray(), []
-    while True:
-        frame = await asyncio.wait_for(ws.recv(), 120)
-        if isinstance(frame, bytes):
-            audio += frame
-            continue
-        reply = json.loads(frame)
-        if reply["status"] in ("success", "error", "cancelled"):
-            if reply["status"] == "success" and not reply.get("chunks"):
-                audio += await asyncio.wait_for(ws.recv(), 120)
-            return reply, bytes(audio), others
-        others.append((reply, len(audio)))
+    return await read_until(ws, lambda r: r["status"] in ("success", "error", "cancelled"))
 
 
 def check_words(words: list[dict], text: str, duration: float) -> None:

@@ -77,7 +77,8 @@ class Dialogue:
                     await self.send({"status": "speech_start"})
                 elif event == "pause":  # it may be over: transcribe what was said so far, while the pause lasts
                     if self._guess is None or self._guess.done():
-                        self._guess = asyncio.ensure_future(self._transcribe_quietly(turn.so_far()))
+                        heard = await loop.run_in_executor(self.service.turn_encoding, turn.so_far)
+                        self._guess = asyncio.ensure_future(self._transcribe_quietly(heard))
                 elif event == "resume":
                     self._guess = None  # it was not over (the transcription runs on; its text is not used)
                 else:

@@ -43,14 +43,19 @@ def chat_messages(history: list[ContextTurn], assistant: int) -> list[dict[str, 
 async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], submit: Callable[[Job], None],
                  max_chars: int = 4000) -> None:
     """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``).  An answer
-    longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``."""
+    longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``.
+    A model that writes no complete sentence for ``chat.timeout`` seconds is stopped (``model_unavailable``): a
+    trickle must not hold the engine's worker, which waits for the next sentence."""
     feed = job.task.feed = SentenceFeed()
     sentences = SentenceStream()
     written: list[str] = []
     queued = False
+    last_sentence = time.monotonic()
 
     def speak(parts: list[str]) -> None:
-        nonlocal queued
+        nonlocal queued, last_sentence
+        if parts:
+            last_sentence = time.monotonic()
         for sentence in parts:
             feed.put(sentence)
         if parts and not queued:
@@ -72,6 +77,9 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
                 speak(sentences.add(delta))
                 if job.task.truncated:
                     break
+                if time.monotonic() - last_sentence > chat.timeout:  # a trickle: characters, never a sentence
+                    raise EngineError("model_unavailable", f"The chat model at {chat.url} wrote no complete "
+                                                           f"sentence for {chat.timeout:g} s; the answer was stopped")
         speak(sentences.finish())
         job.request = dataclasses.replace(job.request, text="".join(written).strip() or job.request.text)
     except EngineError as exc:

@@ -24,6 +24,9 @@ class ChatModel:
 
         self.url, self.model, self.system_prompt = url.rstrip("/"), model, system_prompt
         self.max_tokens = max_tokens
+        # ``timeout`` bounds a silent stream (the SDK's read timeout); a model that trickles characters without
+        # finishing a sentence is bounded by the caller with the same figure (``respond.answer``)
+        self.timeout = timeout
         # Servers without keys (Ollama, llama.cpp) take any; the SDK insists on one.
         self._client = openai.AsyncOpenAI(base_url=self.url, api_key=api_key or "none", max_retries=0,
                                           timeout=timeout)
