@@ -12,7 +12,6 @@ does that after every saved turn.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from ..core import replies as r
 from ..core.jobs import Busy, Job
@@ -24,7 +23,6 @@ from ..engines.base import ContextTurn
 from ..engines.request import SynthesisRequest, new_request_id
 from . import dialogue_schemas as d
 
-log = logging.getLogger(__name__)
 
 
 class Dialogue:

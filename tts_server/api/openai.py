@@ -177,7 +177,7 @@ class SpeechStream(Response):
         engine = b""
         while (item := await job.outbox.get()) is not END:
             for frame in item:
-                if isinstance(frame, bytes) and self.captions:  # only its length matters: the words' times
+                if isinstance(frame, bytes) and self.captions:  # captions: the speech's words go out, not its audio
                     job.unsent_bytes(-len(frame))
                     continue
                 if isinstance(frame, bytes):

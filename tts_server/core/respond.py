@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from typing import Callable
 
@@ -22,7 +21,6 @@ from ..engines.chat import ChatModel
 from . import replies as r
 from .jobs import Job
 
-log = logging.getLogger(__name__)
 
 
 def chat_messages(history: list[ContextTurn], assistant: int) -> list[dict[str, str]]:

@@ -9,12 +9,10 @@ answer with no text.
 
 from __future__ import annotations
 
-import logging
 from typing import AsyncIterator
 
 from .base import EngineError
 
-log = logging.getLogger(__name__)
 
 
 class ChatModel:
