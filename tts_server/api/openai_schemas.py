@@ -20,7 +20,8 @@ from ..core.replies import ErrorCode, ProtocolError
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
 from .dialogue_schemas import SessionId
-from .schema_rules import LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, non_empty, null_is_unset
+from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, loads_shallow, non_empty,
+                           null_is_unset)
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).
@@ -128,7 +129,7 @@ class Voices:
 def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
     """Validate a ``/v1/audio/speech`` body; ``ApiError`` names the offending field."""
     try:
-        data = json.loads(raw)
+        data = loads_shallow(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON", None, "invalid_json") from None
     if not isinstance(data, dict):

@@ -4,6 +4,7 @@ one broken rule becomes one ``invalid_request`` naming the field.  Pure: no sock
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -80,9 +81,28 @@ def speaker_digits(value: Any) -> Any:
     return value
 
 
+MAX_JSON_DEPTH = 32  # our messages are flat; deeper nesting is refused before the parser recurses into it
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def loads_shallow(raw: str | bytes) -> Any:
+    """``json.loads`` for what a client sent, refusing nesting deeper than ``MAX_JSON_DEPTH`` (``ValueError``)
+    first.  The parser recurses once per level: a frame of 100,000 brackets would take it to the interpreter's
+    recursion limit, where any finalizer that happens to run (a socket's, a generator's) fails too."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # only then can it be too deep: look closer
+        depth = 0
+        for bracket in _BRACKET.findall(_JSON_STRING.sub('""', text)):
+            depth += 1 if bracket in "[{" else -1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(raw)
+
+
 def load_json_object(raw: str | bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = loads_shallow(raw)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):

@@ -9,7 +9,6 @@ WebSocket's stable codes, sent back as Wyoming's ``error`` event.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from wyoming.tts import SynthesizeVoice
 from ..core import replies as p
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
 from .openai_schemas import ApiError, Voices
+from .schema_rules import loads_shallow
 
 LANGUAGE = "en"  # CSM-1B speaks English
 VERSION = "1.0"
@@ -49,7 +49,7 @@ class Header:
 def parse_header(line: bytes) -> Header:
     """An event's header line, checked before any of its declared bytes are read."""
     try:
-        header = json.loads(line)
+        header = loads_shallow(line)
     except (ValueError, RecursionError):
         raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT) from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
@@ -68,7 +68,7 @@ def parse_header(line: bytes) -> Header:
 def parse_data(raw: bytes) -> dict[str, Any]:
     """An event's extra data (``data_length`` bytes of JSON), merged into its ``data``."""
     try:
-        data = json.loads(raw)
+        data = loads_shallow(raw)
     except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
