@@ -153,29 +153,38 @@ async def running_server(*engines: EngineSlot | None, wait_loaded: bool = True, 
 
 @contextlib.contextmanager
 def server_in_thread(*engines: EngineSlot, **options):
-    """A started server on its own thread and event loop (as in production), for synchronous clients."""
+    """A started server on its own thread and event loop (as in production), for synchronous clients.
+
+    The loop is ``asyncio.run``'s, so that when the server has stopped its leftover tasks, async generators,
+    default executor and the loop itself are closed, not left to the garbage collector (whose ``unclosed event
+    loop`` warnings would land in whichever later test it happens to run in)."""
     import threading
 
-    loop = asyncio.new_event_loop()
     server = TTSServer(*engines, host="127.0.0.1", port=0, **options)
-    started = threading.Event()
+    started, state = threading.Event(), {}
 
-    def run():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        loop.run_until_complete(server.scheduler.primary.loaded.wait())
-        started.set()
-        loop.run_forever()
+    async def serve():
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        state["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
+        try:
+            await server.start()
+            await server.scheduler.primary.loaded.wait()
+            state["up"] = True
+            started.set()
+            await stop.wait()
+        finally:
+            started.set()  # a failed start is not waited for
+            await server.stop()
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
-    assert started.wait(120)
+    assert started.wait(120) and state.get("up"), "the server did not start"
     try:
         yield server
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
+        state["stop"]()
+        thread.join(60)
+        assert not thread.is_alive(), "the server's thread did not stop"
 
 
 def url(server: TTSServer) -> str:

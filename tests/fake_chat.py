@@ -4,19 +4,26 @@
 It answers every request with ``reply``, a word per event, the first after ``first`` seconds (an LLM's time to
 first token) and the rest ``delay`` seconds apart; it records each request body
 and when each answer's stream started and finished (``time.time()``).  ``key`` set: other keys get OpenAI's 401.
+``error`` (status, body) answers every request with that status and body, as a failing server would.
+``idle`` set: after ``reply`` the stream never ends, sending every ``idle`` seconds what carries no text (an empty
+delta, a reasoning token, a chunk without choices, an SSE comment), as keep-alives and thinking models do, until
+the client hangs up (``hung_up``).
 """
 
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import threading
 import time
 
 
 class FakeChat:
-    def __init__(self, reply: str, delay: float = 0.0, key: str | None = None, first: float = 0.0) -> None:
+    def __init__(self, reply: str, delay: float = 0.0, key: str | None = None, first: float = 0.0,
+                 error: tuple[int, str] | None = None, idle: float | None = None) -> None:
         self.reply, self.delay, self.key, self.first = reply, delay, key, first
+        self.error, self.idle = error, idle
         self.requests: list[dict] = []
         self.started: list[float] = []
         self.finished: list[float] = []
@@ -30,14 +37,10 @@ class FakeChat:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
                 owner.requests.append(body)
                 if owner.key is not None and self.headers.get("authorization") != f"Bearer {owner.key}":
-                    error = json.dumps({"error": {"message": "Incorrect API key provided", "type":
-                                                  "invalid_request_error", "code": "invalid_api_key"}}).encode()
-                    self.send_response(401)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(error)))
-                    self.end_headers()
-                    self.wfile.write(error)
-                    return
+                    return self._refuse(401, json.dumps({"error": {"message": "Incorrect API key provided", "type":
+                                                         "invalid_request_error", "code": "invalid_api_key"}}))
+                if owner.error is not None:
+                    return self._refuse(*owner.error)
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
@@ -47,19 +50,36 @@ class FakeChat:
                 deltas = [{"role": "assistant", "content": ""}] + \
                     [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)] + [{}]
                 try:
-                    for i, delta in enumerate(deltas):
+                    for i, delta in enumerate(deltas[:-1] if owner.idle is not None else deltas):
                         if i > 0:
                             time.sleep(owner.first if i == 1 else owner.delay)
-                        chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
-                                 "model": body.get("model", ""), "choices": [
-                                     {"index": 0, "delta": delta, "finish_reason": "stop" if not delta else None}]}
-                        self._event(f"data: {json.dumps(chunk)}\n\n")
+                        self._chunk(body, [{"index": 0, "delta": delta, "finish_reason": "stop" if not delta else None}])
+                    for i in itertools.count() if owner.idle is not None else ():
+                        time.sleep(owner.idle)
+                        if i % 4 == 3:
+                            self._event(": keep-alive\n\n")
+                        else:
+                            self._chunk(body, [] if i % 4 == 2 else [{"index": 0, "finish_reason": None, "delta": (
+                                {"content": ""} if i % 4 == 0 else {"content": None, "reasoning_content": "hmm"})}])
                     self._event("data: [DONE]\n\n")
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
                     owner.finished.append(time.time())
                 except OSError:
                     owner.hung_up.set()
+
+            def _refuse(self, status: int, body: str) -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _chunk(self, body: dict, choices: list) -> None:
+                chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": body.get("model", ""), "choices": choices}
+                self._event(f"data: {json.dumps(chunk)}\n\n")
 
             def _event(self, text: str) -> None:
                 data = text.encode()

@@ -20,6 +20,7 @@ from .engines.csm import CsmEngine, pick_device
 from .engines.model_source import ModelSourceError, download, resolve_local
 from .engines.piper import PiperEngine
 from .engines.remote import RemoteEngine
+from .engines.addresses import url_secrets
 from .engines.chat import ChatModel
 from .engines.stt import Transcriber
 from .settings import Settings, load_settings
@@ -82,6 +83,7 @@ def build_server(settings: Settings) -> TTSServer:
                      wyoming_zeroconf=settings.wyoming_zeroconf, request_timeout=settings.request_timeout,
                      write_timeout=settings.write_timeout, session_store=settings.session_store,
                      session_ttl=settings.session_ttl, max_sessions=settings.max_sessions,
+                     max_sessions_per_owner=settings.max_sessions_per_owner,
                      max_session_bytes=settings.max_session_bytes,
                      stt=Transcriber(settings.stt_model, settings.device, local_only=settings.mode == "reuse")
                      if settings.stt_model else None, vad_silence_ms=settings.vad_silence_ms,
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact_logs((*_split(settings.api_key), *(s for s in (settings.hf_token, settings.remote_api_key, settings.chat_api_key) if s)))
+    redact_logs((*_split(settings.api_key), *(s for s in (settings.hf_token, settings.remote_api_key, settings.chat_api_key) if s),
+                 *url_secrets(settings.remote_url), *url_secrets(settings.chat_url)))  # an address's password, query
     try:
         asyncio.run(serve(settings))
     except ModelSourceError as exc:

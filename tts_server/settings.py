@@ -185,7 +185,8 @@ class Settings(BaseSettings):
     max_connections: Positive = Field(256, description="most open connections, every interface "
         "counted (WebSocket, HTTP, Wyoming)")
     max_connections_per_address: Positive = Field(16, description="most open connections from one client address")
-    rate_limit: Positive = Field(120, description="most synthesis and voice requests a minute per connection")
+    rate_limit: Positive = Field(120, description="most synthesis, voice and turn requests and new sessions a minute per "
+        "connection")
     max_queued_per_connection: Positive = Field(8, description="most requests one connection may have waiting or "
         "running")
     max_frame_bytes: Positive = Field(16 * 2**20, description="largest WebSocket frame; larger ones close that "
@@ -220,6 +221,8 @@ class Settings(BaseSettings):
     session_ttl: Positive = Field(86400, description="seconds of inactivity after which a session and its turns "
                                                     "are deleted")
     max_sessions: Positive = Field(10000, description="most sessions kept at once")
+    max_sessions_per_owner: Positive = Field(1000, description="most sessions one API key (on a server without "
+        "keys: one client address) may hold at once ('too_many_sessions'), so one client cannot take them all")
     max_session_bytes: Positive = Field(4 * 2**20, description="most bytes of turns one session keeps (codes and "
                                                                "text); the oldest turns go beyond it")
     request_timeout: Positive = Field(30, description="seconds a client has to send a whole HTTP request, head and "

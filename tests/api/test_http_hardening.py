@@ -5,6 +5,7 @@ shapes, and the OpenAPI schema.  Each test drives the real server over a loopbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import io
 import json
@@ -139,13 +140,13 @@ async def test_no_api_key_reaches_the_log_on_any_path(caplog):
 async def test_a_cors_preflight_needs_no_key_and_allows_the_authorization_header():
     async with running_server(piper_slot(), gate=Gate((KEY,))) as server:
         def preflight() -> tuple[int, dict]:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            conn.request("OPTIONS", "/v1/audio/speech", headers={
-                "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization, content-type"})
-            response = conn.getresponse()
-            response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)) as conn:
+                conn.request("OPTIONS", "/v1/audio/speech", headers={
+                    "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type"})
+                response = conn.getresponse()
+                response.read()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}
         status, headers = await asyncio.to_thread(preflight)
         assert status == 200
         assert "authorization" in headers["access-control-allow-headers"].lower()
@@ -155,11 +156,11 @@ async def test_a_cors_preflight_needs_no_key_and_allows_the_authorization_header
 async def test_opus_works_at_a_sample_rate_libopus_refuses():
     async with running_server(piper_slot(), sample_rate=22050) as server:
         def fetch() -> tuple[int, dict, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-            conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "response_format": "opus"}),
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)) as conn:
+                conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "response_format": "opus"}),
+                             {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                return response.status, dict(response.getheaders()), response.read()
         status, headers, body = await asyncio.to_thread(fetch)
         assert status == 200, body[:300]
         assert headers["x-sample-rate"] == "24000"  # the nearest rate above 22050 that Opus takes
@@ -205,16 +206,15 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent():
 async def test_two_requests_share_one_kept_alive_connection():
     async with running_server(piper_slot()) as server:
         def twice() -> list[tuple[int, int]]:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             seen = []
-            for text in ("First request.", "Second request."):
-                conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "input": text,
-                                                                    "response_format": "wav"}),
-                             {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                assert response.read()[:4] == b"RIFF"
-                seen.append((response.status, conn.sock.getsockname()[1]))
-            conn.close()
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)) as conn:
+                for text in ("First request.", "Second request."):
+                    conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "input": text,
+                                                                        "response_format": "wav"}),
+                                 {"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    assert response.read()[:4] == b"RIFF"
+                    seen.append((response.status, conn.sock.getsockname()[1]))
             return seen
         (first, port_a), (second, port_b) = await asyncio.to_thread(twice)
         assert first == second == 200 and port_a == port_b  # the same socket carried both
@@ -234,12 +234,12 @@ async def test_http_encoding_runs_off_the_event_loop(monkeypatch):
     async with running_server(piper_slot()) as server:
         loop_thread = threading.get_ident()
         def fetch() -> int:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-            conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "response_format": "mp3"}),
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            return response.status
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)) as conn:
+                conn.request("POST", "/v1/audio/speech", json.dumps({**SPEECH, "response_format": "mp3"}),
+                             {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                return response.status
         assert await asyncio.to_thread(fetch) == 200
     assert threads and loop_thread not in threads
 
@@ -257,9 +257,9 @@ async def test_v1_errors_come_in_openai_shape_with_the_key_rule_too():
 async def test_openapi_describes_the_speech_endpoint_with_our_extra_fields():
     async with running_server(piper_slot()) as server:
         def fetch() -> dict:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            conn.request("GET", "/openapi.json")
-            return json.loads(conn.getresponse().read())
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)) as conn:
+                conn.request("GET", "/openapi.json")
+                return json.loads(conn.getresponse().read())
         schema = await asyncio.to_thread(fetch)
     operation = schema["paths"]["/v1/audio/speech"]["post"]
     body = operation["requestBody"]["content"]["application/json"]["schema"]

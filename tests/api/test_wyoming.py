@@ -323,6 +323,45 @@ async def test_every_streamed_sentence_counts_against_the_rate_limit_and_the_que
     assert queued and max(queued) <= limit
 
 
+HUGE_SPEAKER = "7" * 5000  # more digits than Python's int() reads (4,300)
+
+
+async def test_a_stream_with_a_5000_digit_speaker_is_an_error_event_and_the_connection_lives_on(server):
+    async with client(server) as c:
+        await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="speaker", speaker=HUGE_SPEAKER)).event())
+        error = Error.from_event(await read(c))
+        await c.write_event(SynthesizeStop().event())
+        stopped = await read(c)
+        await c.write_event(Ping(text="still here").event())
+        pong = await read(c)
+    assert error.code == "invalid_request" and "'speaker'" in error.text and len(error.text) < 300
+    assert (stopped.type, pong.type) == ("synthesize-stopped", "pong")
+
+
+async def test_a_synthesize_with_a_5000_digit_speaker_is_refused_like_any_bad_voice(server):
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="Hello there.",
+                                       voice=SynthesizeVoice(name="speaker", speaker=HUGE_SPEAKER)).event())
+        error = Error.from_event(await read(c))
+        assert await read(c) is None  # a refused synthesize ends the connection (Home Assistant waits for it)
+    assert error.code == "invalid_request"
+
+
+async def test_an_unexpected_failure_in_the_handler_is_an_internal_error_event_and_the_connection_lives_on(
+        server, monkeypatch):
+    """The catch-all, as on the WebSocket: a bug costs one reply, not the connection (the fault is injected)."""
+    def broken():
+        raise RuntimeError("a bug in building the info")
+
+    monkeypatch.setattr(server.wyoming, "info", broken)
+    async with client(server) as c:
+        await c.write_event(Describe().event())
+        error = Error.from_event(await read(c))
+        await c.write_event(Ping().event())
+        pong = await read(c)
+    assert error.code == "internal_error" and "bug" not in error.text and pong.type == "pong"
+
+
 async def test_describe_while_piper_loads_lists_its_voices_from_the_voice_files():
     """Home Assistant reads the info once at set-up: a loading engine's voices must already be there."""
     from tts_server.core.jobs import EngineSlot

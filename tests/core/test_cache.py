@@ -65,6 +65,18 @@ async def test_requests_whose_audio_is_not_fixed_by_their_inputs_are_never_cache
     assert runs(server) == ran + 2
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_cached_request_asked_again_with_timestamps_and_progress_gets_those_replies(server, stream):
+    """The cache holds audio, not the replies beside it: a request that asks for word times or progress is made
+    afresh (this server has no aligner, so its word times come as the reason there are none)."""
+    request = {**REQUEST, "text": f"Asked again with more, {stream}.", "stream": stream, "format": "pcm"}
+    first, audio, _ = await speak(server, **request)
+    again, audio_again, others = await speak(server, **request, timestamps=True, progress=True)
+    assert first["status"] == again["status"] == "success" and audio_again == audio  # seeded: the same audio
+    assert "cached" not in again and "--stt-model" in again["words_unavailable"]
+    assert [o["status"] for o in others if o["status"] == "progress"] == ["progress"]
+
+
 async def test_the_openai_sdk_gets_the_same_bytes_from_the_cache(server):
     def speak_http() -> bytes:
         client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=60)

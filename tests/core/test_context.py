@@ -226,3 +226,21 @@ def test_a_barge_in_cut_keeps_the_words_heard_to_their_end_when_the_turn_has_wor
     assert [t.text for t in heard([plain], 1.0)] == ["one two"]
     assert [t.text for t in heard([timed], 1.45)] == ["one two three"]
     assert heard([timed], 1.0)[0].duration_s == pytest.approx(0.96)
+
+
+def test_a_sentence_cut_off_while_spoken_keeps_only_its_frames_and_the_share_of_its_text_they_say():
+    """A cancel stopped the engine 0.8 s into a sentence that takes 3.2 s to say: however long the listener says it
+    played, the 10 frames are all there is, and they said a quarter of its characters (whole words only)."""
+    import torch
+
+    from tts_server.core.context import heard
+    from tts_server.engines.base import ContextTurn
+
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    whole = ContextTurn(0, "Before it.", None, {"csm": torch.zeros(5, 32, dtype=torch.long)}, duration=0.4)
+    begun = ContextTurn(0, text, None, {"csm": torch.zeros(10, 32, dtype=torch.long)}, duration=0.8, text_s=3.2)
+    kept = heard([whole, begun], 60.0)
+    assert [t.text for t in kept] == ["Before it.", "one two three"]  # 15.5 of its 62 characters
+    assert [t.duration_s for t in kept] == pytest.approx([0.4, 0.8]) and len(kept[1].cache["csm"]) == 10
+    assert [t.text for t in heard([whole, begun], 0.45)] == ["Before it."]  # 50 ms of it: no whole frame
+    assert [t.text for t in heard([whole, begun], 0.5)] == ["Before it.", "one"]  # one frame: at least a word

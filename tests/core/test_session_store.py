@@ -82,3 +82,15 @@ def test_sessions_expire_after_their_time_without_use(tmp_path):
     clock.now += 61
     with pytest.raises(ProtocolError):
         store.turns(session, me)
+
+
+def test_one_owner_holds_at_most_its_share_of_the_sessions(make):
+    store, me = make(max_sessions=10, max_per_owner=2), owner_of(None)
+    mine = [store.create(me, "address A") for _ in range(2)]
+    with pytest.raises(ProtocolError) as capped:
+        store.create(me, "address A")
+    other = store.create(me, "address B")  # another address of the same (keyless) owner
+    store.delete(mine[0], me)
+    again = store.create(me, "address A")  # a deleted one frees its place
+    assert capped.value.code is ErrorCode.TOO_MANY_SESSIONS
+    assert {len(store.turns(s, me)) for s in (other, again, mine[1])} == {0}

@@ -17,11 +17,13 @@ from ..core import replies as r
 from ..core.jobs import Busy, Job
 from ..core.listening import Listener
 from ..core.respond import answer, chat_messages
+from ..core.security import RateLimiter
 from ..core.sessions import StoredTurn
-from ..core.turns import StreamedTurn
+from ..core.turns import TRANSCRIPT_RATE, StreamedTurn
 from ..engines.base import ContextTurn
 from ..engines.request import SynthesisRequest, new_request_id
 from . import dialogue_schemas as d
+from .turn_guard import TurnGuard
 
 
 
@@ -32,66 +34,132 @@ class Dialogue:
     _answering: d.AnswerOptions | None
     _answers: set[asyncio.Task]
     _guess: asyncio.Future | None  # the transcript of a hands-free utterance, begun at its pause
+    _guard: TurnGuard  # the pace of streamed audio, and how long a turn may stay open
+    _rate: RateLimiter  # the connection's requests a minute: answers to hands-free turns count too
+    counted_as: str  # whose share of --max-sessions-per-owner the sessions it creates take
 
     # -- sessions ------------------------------------------------------------------------------------------
     async def _bind(self, session: str | None) -> None:
         """A new session (``None``) or a stored one: its turns become this connection's history."""
         store = self.service.sessions
         if session is None:
-            session, turns = await asyncio.to_thread(store.create, self.owner), []
+            session, turns = await store.create(self.owner, self.counted_as), []
         else:
-            turns = await asyncio.to_thread(store.turns, session, self.owner)
+            turns = await store.turns(session, self.owner)
         self.session = session
         self.conversation.history.clear()
         self.conversation.history.extend(turn.context() for turn in turns)
         await self.send({"status": "session", "session": session, "turns": len(turns)})
 
+    async def _check_session(self, request_id: str) -> None:
+        """Before a reply that joins the bound session is generated: the session is there and the store answers
+        (``store_unavailable``, ``unknown_session`` now, not after the audio)."""
+        if self.session is None:
+            return
+        try:
+            await self.service.sessions.touch(self.session, self.owner)
+        except r.ProtocolError as exc:
+            raise r.ProtocolError(exc.code, exc.message, request_id) from None
+
     async def _delete_session(self) -> None:
         if self.session is None:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
         session, self.session = self.session, None
-        await asyncio.to_thread(self.service.sessions.delete, session, self.owner)
+        await self.service.sessions.delete(session, self.owner)
         await self.send({"status": "session_deleted", "session": session})
 
     # -- the other side's turns ----------------------------------------------------------------------------
     async def _turn_start(self, message: d.TurnStartMessage) -> None:
         self._streaming = self._listener = None  # a turn left open is dropped for the new one
+        self._drop_guess()
+        self._guard.close()
         if message.respond is not None and self.service.chat is None:
             raise self._no_chat(None)
         if message.vad:
             self._listener = await self.service.listener(message.speaker, message.sample_rate)
         else:
             self._streaming = await self.service.stream_turn(message.speaker, message.sample_rate)
+            self._guard.open(lambda turn=self._streaming: self._overstayed(turn))
         self._answering = message.respond
 
+    @property
+    def _client(self) -> tuple:
+        """This connection as the server admitted it: its key for its turn on the shared model threads."""
+        return tuple(self.ws.scope.get("client") or ("?", 0))
+
+    async def _encode(self, fn, *args):
+        """``fn(*args)`` on the turn-encoding thread, in this connection's turn (``fair.Dropped`` once it closed)."""
+        return await self.service.shared(self.service.turn_encoding, self._client, fn, *args)
+
     async def _stream_audio(self, pcm: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        if self._listener is not None:
-            for event, turn in await loop.run_in_executor(self.service.turn_encoding, self._listener.feed, pcm):
+        self._paced(pcm)
+        if (listener := self._listener) is not None:
+            for event, turn in await self._encode(listener.feed, pcm):
+                if self._listener is not listener:  # dropped meanwhile (a new turn_start, the turn timeout)
+                    return
+                if event in ("dropped", "speech_end"):
+                    self._guard.close()
                 if event == "dropped":
                     await self.send(r.error_reply(r.ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may "
                                                                                "last was dropped; listening goes on"))
                 elif event == "speech_start":
+                    self._guard.open(lambda: self._overstayed(listener))
                     await self.send({"status": "speech_start"})
                 elif event == "pause":  # it may be over: transcribe what was said so far, while the pause lasts
-                    if self._guess is None or self._guess.done():
-                        heard = await loop.run_in_executor(self.service.turn_encoding, turn.so_far)
-                        self._guess = asyncio.ensure_future(self._transcribe_quietly(heard))
+                    self._drop_guess()  # (one still waiting from an earlier pause is stale)
+                    heard = await self._encode(turn.so_far)
+                    self._guess = asyncio.ensure_future(self._transcribe_quietly(heard))
                 elif event == "resume":
-                    self._guess = None  # it was not over (the transcription runs on; its text is not used)
+                    self._drop_guess()  # it was not over
                 else:
                     guess, self._guess = self._guess, None
                     await self.send({"status": "speech_end"})
                     await self._close_turn(turn, None, guess)
             return
         try:
-            await loop.run_in_executor(self.service.turn_encoding, self._streaming.feed, pcm)
+            await self._encode(self._streaming.feed, pcm)
         except r.ProtocolError:
             self._streaming = None
+            self._guard.close()
             raise
 
+    def _paced(self, pcm: bytes) -> None:
+        """Refuse a frame beyond the connection's pace before any work is queued for it; its turn (or the
+        listening) is dropped."""
+        try:
+            self._guard.check(len(pcm), (self._listener or self._streaming).sample_rate,
+                              "listening ended (an utterance in progress was dropped): send 'turn_start' to listen "
+                              "again" if self._listener else "the streamed turn was dropped")
+        except r.ProtocolError:
+            self._streaming = self._listener = None
+            self._drop_guess()
+            self._guard.close()
+            raise
+
+    def _overstayed(self, opened: StreamedTurn | Listener) -> None:
+        """The turn timeout of a turn or utterance that is still open: it is dropped (hands-free, with the
+        listening), and the client told."""
+        if self._streaming is opened:
+            self._streaming, what, after = None, "A streamed turn", "it was dropped"
+        elif self._listener is opened and opened.turn is not None:
+            self._listener, what, after = None, "An utterance", "it was dropped and listening ended: send " \
+                                                                "'turn_start' to listen again"
+            self._drop_guess()
+        else:
+            return
+        self.service.background(self._tell(self._guard.overstayed_reply(what, after)))
+
+    async def _tell(self, reply: dict) -> None:
+        """A reply nothing waits for (a timer's): lost without complaint if the client has gone."""
+        try:
+            await self.send(reply)
+        except Exception:
+            pass
+
     async def _end_turn(self, text: str | None) -> None:
+        self._guard.close()
         listener, turn, self._listener, self._streaming = self._listener, self._streaming, None, None
+        self._drop_guess()
         if listener is not None:  # hands-free listening ends; an utterance in progress ends with it
             if listener.turn is not None:
                 await self._close_turn(listener.turn, text)
@@ -104,34 +172,46 @@ class Dialogue:
     async def _close_turn(self, turn: StreamedTurn, text: str | None, guess: asyncio.Future | None = None) -> None:
         """End a streamed turn, transcribe it unless its text was given (or its pause already was: ``guess``), keep
         it; then answer it if asked to."""
-        loop = asyncio.get_running_loop()
-        audio = await loop.run_in_executor(self.service.turn_encoding, turn.end)
+        audio = await self._encode(turn.end)
         text = (text or "").strip() or (await guess if guess is not None else None) or \
-            await self.service.transcript(audio)
-        await self._keep_turn(await loop.run_in_executor(self.service.turn_encoding, turn.finish, text))
-        if self._answering is not None:
-            await self._respond(self._answering, None)
+            await self.service.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
+        await self._keep_turn(await self._encode(turn.finish, text))
+        if self._answering is None:
+            return
+        if not self._rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
+            return await self.send(r.rate_limited(self.service.rate_limit).reply())
+        await self._respond(self._answering, None)
 
     async def _transcribe_quietly(self, audio) -> str | None:
         """A transcript, or None where ``transcript`` would refuse (the turn's end asks again, and says why)."""
         try:
-            return await self.service.transcript(audio)
+            return await self.service.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
         except Exception:
             return None
+
+    def _drop_guess(self) -> None:
+        """At most one speculative transcription per listener: a stale one (the speaker went on, a newer pause came,
+        listening ended) is dropped while it waits for the thread; one already running cannot be stopped, and its
+        text is never used."""
+        guess, self._guess = self._guess, None
+        if guess is not None:
+            guess.cancel()
 
     async def _save_turn(self, message: d.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
         audio = await self._checked_audio(data, "Turn audio")
-        text = message.text or await self.service.transcript(audio)
-        await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": await self.service.codes_of(audio)}))
+        text = message.text or await self.service.transcript(audio, connection=self._client)
+        codes = await self.service.codes_of(audio, self._client)
+        await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": codes}))
 
     async def _keep_turn(self, turn: ContextTurn) -> None:
         """Into the history, and the session's store when one is bound; then ``turn_saved``."""
-        turns = len(self.conversation.history) + 1
+        turns = None
         if self.session is not None:
-            turns = await asyncio.to_thread(self.service.sessions.append, self.session, self.owner,
-                                            StoredTurn.of(turn))
+            turns = await self.service.sessions.append(self.session, self.owner, StoredTurn.of(turn))
         self.conversation.history.append(turn)
+        if turns is None:  # the turns kept: the history holds at most --max-context-turns
+            turns = len(self.conversation.history)
         await self.send({"status": "turn_saved", "speaker": turn.speaker, "text": turn.text,
                          "duration_s": round(turn.duration_s, 3), "turns": turns})
 
@@ -142,7 +222,7 @@ class Dialogue:
         chat = self.service.chat
         if chat is None:
             raise self._no_chat(request_id)
-        messages = chat_messages(list(self.conversation.history), options.speaker)
+        messages = chat_messages(await self._transcript(), options.speaker)
         if not messages:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no "
                                                                "turns with text", request_id)
@@ -158,6 +238,13 @@ class Dialogue:
                                           self.service.max_text_chars), name=f"answer-{request_id}")
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
+
+    async def _transcript(self) -> list[ContextTurn] | list[StoredTurn]:
+        """What the chat model reads: the session's stored turns when one is bound (whole, and those of every
+        connection on it), else this connection's history; ``chat_messages`` keeps the newest that fit."""
+        if self.session is None:
+            return list(self.conversation.history)
+        return await self.service.sessions.turns(self.session, self.owner)
 
     def _queue_answer(self, job: Job) -> None:
         """Its first sentence is written: into the scheduler's queue."""

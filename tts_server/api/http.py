@@ -12,7 +12,6 @@ come in OpenAI's JSON shape.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +116,12 @@ def _routes(app: FastAPI) -> None:
 
     @get(app, "/v1/sessions/{session}", summary="A session's turns, oldest first (never audio)")
     async def session_turns(request: Request, session: str) -> dict:
-        turns = await asyncio.to_thread(svc(request).sessions.turns, session, _owner(request))
+        turns = await svc(request).sessions.turns(session, _owner(request))
         return {"session": session, "turns": [turn.describe() for turn in turns]}
 
     @app.delete("/v1/sessions/{session}", summary="Delete a session and its turns")
     async def delete_session(request: Request, session: str) -> dict:
-        await asyncio.to_thread(svc(request).sessions.delete, session, _owner(request))
+        await svc(request).sessions.delete(session, _owner(request))
         return {"session": session, "deleted": True}
 
     @get(app, "/v1/websocket.schema.json", summary="JSON Schema of the WebSocket protocol")

@@ -97,7 +97,7 @@ async def speech(request: Request) -> Response:
         raise ApiError(400, f"No captions here: {slot.engine.words}", "response_format")
     owner = service.owner(request.headers, f"{request.url.path}?{request.url.query}")
     history = [] if spoken.session is None else \
-        [turn.context() for turn in await asyncio.to_thread(service.sessions.turns, spoken.session, owner)]
+        [turn.context() for turn in await service.sessions.turns(spoken.session, owner)]
     address = service.proxies.client(request.client.host if request.client else "?", request.headers)
     per_address: PerAddress = request.app.state.per_address
     per_address.admit(service, address)
@@ -112,7 +112,7 @@ async def speech(request: Request) -> Response:
         # (hashed by identity) keeps audio made with another voice from answering.
         job.cache_salt = ("http", service.library.voices.get(synthesis.speaker))
     else:  # the reply joins the session before its last byte is sent
-        job.persist = lambda j: service.sessions.extend(spoken.session, owner, j.task.produced)
+        job.persist = lambda j: service.sessions.extend(spoken.session, owner, j.task.produced)  # a coroutine
     try:
         service.scheduler.submit(job)
     except Busy as exc:

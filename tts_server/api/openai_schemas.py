@@ -20,8 +20,8 @@ from ..core.replies import ErrorCode, ProtocolError
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
 from .dialogue_schemas import SessionId
-from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, Limits, field_message, loads_shallow, non_empty,
-                           null_is_unset)
+from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, SPEAKABLE_RULE, Limits, field_message, loads_shallow,
+                           non_empty, null_is_unset)
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
 # Model names clients send -> our engine (None: the engine chain's routing).
@@ -34,6 +34,7 @@ MAX_INSTRUCTIONS = 4096
 # Our error codes as HTTP statuses.
 STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_session": 404, "unknown_emotion": 400, "unsupported_language": 400,
           "text_too_long": 413, "busy": 429, "rate_limited": 429, "too_many_queued": 429,
+          "too_many_sessions": 429, "store_unavailable": 503,
           "too_many_connections": 503, "model_unavailable": 503, "shutting_down": 503, "cancelled": 503,
           "generation_timeout": 504, "generation_failed": 500, "internal_error": 500, "client_too_slow": 408}
 
@@ -62,7 +63,7 @@ class SpeechBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str = Field("tts-1", description=f"one of: {', '.join(MODELS)}")
-    input: str = Field(description="a non-empty string (it is required)")
+    input: str = Field(description=SPEAKABLE_RULE)
     voice: str | dict[str, Any] = Field(description="a voice name (e.g. 'alloy', or one from GET /v1/audio/voices), "
                                                     "a speaker id as a string, or {\"id\": name}")
     response_format: Literal[tuple(CONTENT_TYPES)] = Field("mp3", description=f"one of: {', '.join(CONTENT_TYPES)}")

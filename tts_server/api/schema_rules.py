@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -44,10 +45,20 @@ def null_is_unset(data: Any) -> Any:
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+SPEAKABLE_RULE = "a string with something to speak: at least one letter or digit (it is required)"
+
+
+def speakable(text: str) -> bool:
+    """Whether ``text`` has anything to say: a letter or a digit.  Punctuation, symbols and spaces alone ("—",
+    "?!") are not spoken (Piper makes no audio of them), so such a text is refused, on every interface alike."""
+    return any(unicodedata.category(char)[0] in "LN" for char in text)
+
+
 def non_empty(text: str) -> str:
-    """A required text, trimmed; blank is a broken rule (the field's description says so)."""
-    if not text.strip():
-        raise ValueError("empty")
+    """A required text to speak, trimmed; blank, or nothing to speak, is a broken rule (the field's description
+    says so: ``SPEAKABLE_RULE``)."""
+    if not speakable(text):
+        raise ValueError("nothing to speak")
     return text.strip()
 
 

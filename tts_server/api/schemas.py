@@ -24,9 +24,9 @@ from .dialogue_schemas import (ReplyTextReply, RespondMessage, SessionDeleteMess
                                SessionMessage, SessionReply, SpeechReply, TruncatedReply, TurnEndMessage, TurnMessage,
                                TurnSavedReply, TurnStartMessage)
 from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
-                           MAX_TRANSCRIPT_CHARS, Limits, MessageBase, ReplyBase, RequestId, SamplingFields, Speaker,
-                           field_message,
-                           limits_of, load_json_object, non_empty, null_is_unset, speaker_digits, validate)
+                           MAX_TRANSCRIPT_CHARS, SPEAKABLE_RULE, Limits, MessageBase, ReplyBase, RequestId,
+                           SamplingFields, Speaker, field_message, limits_of, load_json_object, non_empty,
+                           null_is_unset, speaker_digits, validate)
 
 __all__ = ["LANGUAGE_PATTERN", "Limits", "field_message", "json_schema", "non_empty", "null_is_unset",
            "parse_message", "validate"]
@@ -36,7 +36,7 @@ class SynthesizeMessage(MessageBase, SamplingFields):
     """Speak ``text``; the reply is ``success`` + one binary frame, or ``start``, binary chunks and ``success``."""
 
     type: Literal["synthesize"] = "synthesize"
-    text: str = Field(description="a non-empty string (it is required)")
+    text: str = Field(description=SPEAKABLE_RULE)
     speaker: Speaker = 0
     format: Literal[FORMATS] | None = Field(None, description=f"one of: {', '.join(FORMATS)} (streams: "
                                                               f"{', '.join(STREAM_FORMATS)}; default wav, or pcm "

@@ -74,6 +74,8 @@ class TTSServer(Service):
             await self.wyoming.start()
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         self._tasks.append(asyncio.create_task(self.load_stt(), name="load-stt"))
+        self._tasks.append(asyncio.create_task(self.sessions.sweep_every(self.session_sweep_seconds),
+                                               name="session-sweep"))
         for slot in self.scheduler.slots.values():
             if slot.state == "loading":
                 self._tasks.append(asyncio.create_task(self._load(slot), name=f"load-{slot.name}"))
@@ -118,4 +120,5 @@ class TTSServer(Service):
         await self.close_background()
         self.scheduler.close()
         self.sessions.close()
-        self.turn_encoding.shutdown(wait=False)
+        for thread in (self.turn_encoding, self.stt_thread):  # what waits there is for clients that are gone
+            thread.shutdown(wait=False, cancel_futures=True)

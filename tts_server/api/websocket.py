@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..core import replies as r
 from ..core.context import Conversation, heard
+from ..core.fair import Dropped
 from ..core.listening import Listener
 from ..core.jobs import END, Busy, Job
 from ..core.security import RateLimiter
@@ -37,6 +38,7 @@ from ..references.quality import check_voice_prompt
 from . import schemas as s
 from .dialogue import Dialogue
 from .dialogue_schemas import AnswerOptions
+from .turn_guard import TurnGuard
 
 log = logging.getLogger(__name__)
 PATHS = ("/", "/ws")
@@ -45,10 +47,11 @@ PATHS = ("/", "/ws")
 class Connection(Dialogue):
     """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
 
-    def __init__(self, service: Service, ws: WebSocket, owner: str = "") -> None:
+    def __init__(self, service: Service, ws: WebSocket, owner: str = "", counted_as: str = "") -> None:
         self.service = service
         self.ws = ws
         self.owner = owner  # whose sessions this connection may bind (a hash of its API key)
+        self.counted_as = counted_as or owner  # whose share of the sessions those it creates take
         self.session: str | None = None
         self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
         self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
@@ -68,6 +71,7 @@ class Connection(Dialogue):
         # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
         self._told_loading = False
         self._rate = RateLimiter(service.rate_limit)
+        self._guard = TurnGuard(service.audio_pace(), service.turn_timeout)  # streamed audio's pace, open turns
         self._send_lock = asyncio.Lock()
         self._write_timeout: float = ws.app.state.write_timeout
 
@@ -110,13 +114,16 @@ class Connection(Dialogue):
                     break
                 raw = message.get("text")
                 await self._handle(raw if raw is not None else message.get("bytes") or b"")
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, Dropped):  # it closed (its work on the shared threads was dropped)
             pass
         finally:
             for job in list(self.live.values()):
                 job.cancel()
             for task in list(self._answers):
                 task.cancel()
+            self._drop_guess()
+            self._guard.close()
+            self._streaming = self._listener = None  # their buffers go now
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
@@ -136,7 +143,8 @@ class Connection(Dialogue):
                                               "holding the audio file"))
             message = s.parse_message(raw, self.limits())
             counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage, s.RespondMessage)
-            if isinstance(message, counted) and not self._rate.allow():
+            creates = isinstance(message, s.SessionMessage) and message.session is None  # a new session
+            if (isinstance(message, counted) or creates) and not self._rate.allow():
                 raise r.rate_limited(self.service.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
                 await self._synthesize(message.request())
@@ -163,13 +171,15 @@ class Connection(Dialogue):
                 await self.send({"status": "reset"})
         except r.ProtocolError as exc:
             await self.send(exc.reply())
-        except (WebSocketDisconnect, OSError):
+        except (WebSocketDisconnect, OSError, Dropped):
             raise
         except Exception:  # a bug must cost one reply, not the connection
             log.exception("internal error while handling a message")
             await self.send(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
     async def _synthesize(self, request) -> None:
+        if request.context:
+            await self._check_session(request.request_id)
         job = self._new_job(request)
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
         try:
@@ -198,8 +208,10 @@ class Connection(Dialogue):
         job.owner = self
         if self.session is not None and request.context:
             session = self.session
-            job.persist = lambda j: self._stored.__setitem__(
-                j.request_id, self.service.sessions.extend(session, self.owner, j.task.produced))
+
+            async def persist(j: Job) -> None:  # its places in the session, for a cut after a barge-in
+                self._stored[j.request_id] = await self.service.sessions.extend(session, self.owner, j.task.produced)
+            job.persist = persist
         return job
 
     def _remember(self, job: Job) -> None:
@@ -250,8 +262,9 @@ class Connection(Dialogue):
     async def _cut(self, request_id: str, played_ms: float, job: Job | None) -> None:
         """The reply's turns become what was heard of them, in the history and the session; then ``truncated``."""
         old, speed = self._replies.pop(request_id, (None, 1.0))
-        if old is None:  # cancelled while it ran: never remembered; its finished sentences were heard first
-            old = list(job.task.produced) if job is not None and job.request.context else []
+        if old is None:  # cancelled while it ran: never remembered; its finished sentences were heard first, then
+            task = job.task if job is not None and job.request.context else None  # the start of the one cut off
+            old = list(task.produced) + ([task.unfinished] if task.unfinished else []) if task else []
             speed = job.request.speed if job is not None else 1.0
         kept = heard(old, played_ms / 1000 * speed)
         self.conversation.replace(old, kept)
@@ -259,9 +272,9 @@ class Connection(Dialogue):
         if self.session is not None and (seqs or kept):
             store = self.service.sessions
             if seqs:
-                await asyncio.to_thread(store.replace, self.session, self.owner, seqs, kept)
+                await store.replace(self.session, self.owner, seqs, kept)
             else:
-                await asyncio.to_thread(store.extend, self.session, self.owner, kept)
+                await store.extend(self.session, self.owner, kept)
         await self.send({"status": "truncated", "request_id": request_id,
                          "kept_s": round(sum(turn.duration_s for turn in kept), 3)})
 
@@ -287,12 +300,14 @@ async def serve(ws: WebSocket) -> None:
     if verdict is not None:
         return await ws.send_denial_response(PlainTextResponse(verdict.reason, verdict.status))
     client = tuple(ws.scope["client"] or ("?", 0))
-    refusal = service.admit(client, service.proxies.client(client[0], ws.headers))
+    address = service.proxies.client(client[0], ws.headers)
+    refusal = service.admit(client, address)
     await ws.accept()
     if refusal is not None:
         await ws.send_text(r.encode(refusal.reply()))
         return await ws.close(1013, "try again later")
-    connection = Connection(service, ws, service.owner(ws.headers, target))
+    owner = service.owner(ws.headers, target)
+    connection = Connection(service, ws, owner, service.counted_as(owner, address))
     open_connections.add(connection)
     try:
         await connection.run(ws.query_params.get("session"))

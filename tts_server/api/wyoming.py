@@ -39,9 +39,11 @@ from ..core.security import RateLimiter, is_loopback
 from ..core.service import Service
 from . import wyoming_events as w
 from .openai_schemas import Voices
+from .schema_rules import speakable
 
 log = logging.getLogger(__name__)
 MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
+INTERNAL = p.ProtocolError(p.ErrorCode.INTERNAL_ERROR, "Internal server error")  # a bug: said without its details
 
 
 class WyomingApi:
@@ -233,6 +235,11 @@ class WyomingConnection(AsyncEventHandler):
                 log.debug("Wyoming: ignored a %r event", event.type)
         except p.ProtocolError as exc:
             await self._error(exc.code, exc.message)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise
+        except Exception:  # a bug must cost one reply, not the connection (as on the WebSocket)
+            log.exception("Wyoming: internal error while handling a %r event", event.type)
+            await self._error(INTERNAL.code, INTERNAL.message)
         return True
 
     # -- reading: events become work, in order -------------------------------------------
@@ -256,6 +263,9 @@ class WyomingConnection(AsyncEventHandler):
                                                        self.server.max_text_chars), streamed=False)
         except p.ProtocolError as exc:
             work = _Refused(exc)
+        except Exception:  # a bug: refused in its turn like any other synthesize (its count is given back)
+            log.exception("Wyoming: internal error while taking a synthesize event")
+            work = _Refused(INTERNAL)
         await self._work.put(work)
 
     def _start(self, data: dict) -> None:
@@ -288,8 +298,9 @@ class WyomingConnection(AsyncEventHandler):
 
     async def _queue_sentences(self, sentences: list[str], voice: w.Choice) -> None:
         """Each sentence is one request: it counts against the rate limit (a refused one is answered with an
-        ``error`` event and left out), and waits for room in the connection's bounded queue (reading pauses)."""
-        for sentence in sentences:
+        ``error`` event and left out), and waits for room in the connection's bounded queue (reading pauses).
+        A sentence with nothing to speak (a lone "—") is left out: the reply's other sentences are its audio."""
+        for sentence in filter(speakable, sentences):
             if not self._rate.allow():
                 await self._error(p.ErrorCode.RATE_LIMITED, f"More than {self.server.rate_limit} sentences a "
                                                             f"minute on this connection; this one was dropped")
@@ -305,7 +316,13 @@ class WyomingConnection(AsyncEventHandler):
             if isinstance(item, _Refused):
                 failure, streamed = item.error, False
             else:
-                failure, streamed = await self._speak(item.request), item.streamed
+                try:
+                    failure, streamed = await self._speak(item.request), item.streamed
+                except ConnectionError:
+                    raise
+                except Exception:  # a bug: this generation fails with an error event, as any failure does
+                    log.exception("Wyoming: internal error while delivering a generation")
+                    failure, streamed = INTERNAL, item.streamed
             self._waiting -= not streamed
             if failure is not None:
                 await self._error(failure.code, failure.message)

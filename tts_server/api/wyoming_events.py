@@ -18,7 +18,7 @@ from wyoming.tts import SynthesizeVoice
 from ..core import replies as p
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
 from .openai_schemas import ApiError, Voices
-from .schema_rules import loads_shallow
+from .schema_rules import SPEAKABLE_RULE, loads_shallow, speakable
 
 LANGUAGE = "en"  # CSM-1B speaks English
 VERSION = "1.0"
@@ -149,9 +149,11 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
                                                                    f"{known}") from None
     if voice.speaker is not None:
         text = str(voice.speaker)
-        if not (text.isascii() and text.isdigit() and int(text) <= MAX_SPEAKER):
+        digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_SPEAKER))  # int() of 5,000 raises
+        if not (digits and int(text) <= MAX_SPEAKER):
+            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
             raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
-                                  f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {text!r}")
+                                  f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {shown!r}")
         speaker = int(text)
     return speaker, engine, language
 
@@ -179,6 +181,8 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
             max_text_chars: int) -> SynthesisRequest:
     """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a voice."""
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
+    if not speakable(text):
+        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'text' must be {SPEAKABLE_RULE}")
     if len(text) > max_text_chars:
         raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")

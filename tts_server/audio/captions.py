@@ -2,7 +2,9 @@
 
 Words are grouped into cues the way subtitle guidelines suggest: a cue ends
 after a sentence's last word, before a pause, or when it would grow past
-``MAX_WORDS`` words or ``MAX_SECONDS`` on screen.  Pure text formatting.
+``MAX_WORDS`` words or ``MAX_SECONDS`` on screen.  Cue text is escaped as each
+format needs (``vtt_text``, ``srt_text``): a spoken text never becomes markup or a
+timing line.  A cue is one line (words never hold whitespace).  Pure text formatting.
 """
 
 from __future__ import annotations
@@ -34,14 +36,27 @@ def cues(words: Iterable) -> list[tuple[float, float, str]]:
 
 
 def vtt(words: Iterable) -> str:
-    body = "".join(f"{i}\n{_time(s, '.')} --> {_time(e, '.')}\n{text}\n\n" for i, (s, e, text) in
+    body = "".join(f"{i}\n{_time(s, '.')} --> {_time(e, '.')}\n{vtt_text(text)}\n\n" for i, (s, e, text) in
                    enumerate(cues(words), 1))
     return "WEBVTT\n\n" + body
 
 
 def srt(words: Iterable) -> str:
-    return "".join(f"{i}\n{_time(s, ',')} --> {_time(e, ',')}\n{text}\n\n" for i, (s, e, text) in
+    return "".join(f"{i}\n{_time(s, ',')} --> {_time(e, ',')}\n{srt_text(text)}\n\n" for i, (s, e, text) in
                    enumerate(cues(words), 1))
+
+
+def vtt_text(text: str) -> str:
+    """Cue text as WebVTT requires: ``&``, ``<`` and ``>`` as character references, so no word is read as a tag,
+    a timestamp or an entity, and no line holds ``-->`` (a line with it would end the cue and forge a timing)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def srt_text(text: str) -> str:
+    """Cue text for SubRip, which has no escapes (players show ``&lt;`` as typed) yet reads ``<b>``-style tags and
+    ``{\\...}`` overrides: an invisible word joiner (U+2060) after each ``<`` and ``{`` and inside each ``-->``
+    keeps every word visible as typed, not read as markup or a timing line."""
+    return text.replace("<", "<\u2060").replace("{", "{\u2060").replace("-->", "--\u2060>")
 
 
 def _fields(word) -> tuple[str, float, float]:

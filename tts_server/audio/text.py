@@ -94,6 +94,15 @@ def estimate_ms(text: str) -> int:
     return BASE_MS + MS_PER_CHAR * len(text)
 
 
+SPOKEN_CHARS_PER_S = 15  # a typical English speaking rate (~150 words a minute), spaces and punctuation counted
+
+
+def spoken_s(text: str) -> float:
+    """About how long ``text`` takes to say (unlike ``estimate_ms``, not an upper bound): the share of a sentence's
+    words heard in its first seconds, when it was cut off before its end."""
+    return len(text) / SPOKEN_CHARS_PER_S
+
+
 def frames_for_ms(ms: float) -> int:
     return max(1, math.ceil(ms / FRAME_MS))
 

@@ -2,7 +2,8 @@
 
 Only a request with a ``seed`` and ``context`` off is determined by its inputs,
 and only on an engine that is ``seedable`` (CSM; Piper and remote engines are
-not).  The key is every request field that shapes the audio or its bytes, plus
+not).  A request that asks for ``timestamps`` or ``progress`` is never answered
+from the cache: an entry holds audio, not the replies that come beside it.  The key is every request field that shapes the audio or its bytes, plus
 a ``salt`` from the front door for prompt state the request does not show (the
 speaker's default voice an HTTP request is given).  An entry holds the exact
 bytes that were sent, so a hit answers byte for byte what the first request
@@ -32,8 +33,9 @@ class Entry:
 
 
 def key(request: SynthesisRequest, salt: Hashable) -> tuple | None:
-    """The cache key of ``request``, or ``None`` when its audio is not determined by its inputs."""
-    if request.seed is None or request.context:
+    """The cache key of ``request``, or ``None`` when its audio is not determined by its inputs, or when it asks for
+    replies beside the audio (word times, progress) that an entry does not hold: those are always made afresh."""
+    if request.seed is None or request.context or request.timestamps or request.progress:
         return None
     return (request.engine, request.text, request.speaker, request.seed, request.temperature, request.top_k,
             request.max_audio_length_ms, request.format, request.stream, request.emotion, request.speed,

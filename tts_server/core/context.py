@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -164,23 +165,34 @@ FRAME_SECONDS = 0.08  # one CSM frame
 
 def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
     """The part of a reply's turns a listener heard in ``played_s`` (barge-in): whole turns, then the turn it
-    stopped in cut at its last whole frame, its text cut after the last word heard to its end (by the turn's word
-    times when it has them, else in proportion; at least one word)."""
+    stopped in (or a sentence a cancel cut off, ``text_s`` set) cut at its last whole frame, its text cut after the
+    last word heard to its end: by the turn's word times when it has them, else in proportion of characters (at
+    least one word)."""
     kept, left = [], played_s
     for turn in turns:
-        if turn.duration_s <= left:
+        if turn.duration_s <= left and turn.text_s is None:
             kept.append(turn)
             left -= turn.duration_s
             continue
         codes = turn.cache["csm"]
         frames = min(len(codes), int(left / FRAME_SECONDS + 1e-9))
         if frames:
-            words = turn.text.split()
-            if turn.words is not None and len(turn.words) == len(words):  # the words heard to their end
-                said = sum(1 for word in turn.words if word.end_s <= left + 0.02)
-            else:  # no word times: in proportion
-                said = round(len(words) * frames * FRAME_SECONDS / max(turn.duration_s, FRAME_SECONDS))
-            kept.append(ContextTurn(turn.speaker, " ".join(words[:max(1, said)]), None,
+            kept.append(ContextTurn(turn.speaker, _said(turn, frames * FRAME_SECONDS), None,
                                     {"csm": codes[:frames]}, duration=frames * FRAME_SECONDS))
         break
     return kept
+
+
+def _said(turn: ContextTurn, heard_s: float) -> str:
+    """The words of ``turn`` heard in its first ``heard_s`` seconds, as a prefix of its text."""
+    words = turn.text.split()
+    if turn.words is not None and len(turn.words) == len(words):  # the words heard to their end
+        said = sum(1 for word in turn.words if word.end_s <= heard_s + 0.02)
+    else:  # no word times: the words whose last character falls in the heard share of the text's characters
+        share = heard_s / max(turn.text_s or turn.duration_s, FRAME_SECONDS)
+        chars, said = share * len(turn.text), 0
+        for match in re.finditer(r"\S+", turn.text):
+            if match.end() > chars + 0.5:
+                break
+            said += 1
+    return " ".join(words[:max(1, said)])

@@ -109,7 +109,9 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     if samples == 0:
         raise EngineError("generation_failed", f"{engine.name} produced no audio")
     duration = samples / sample_rate
-    timing.wait()
+    timing.wait()  # ends early when the job is cancelled meanwhile: its alignments are dropped (``Job.attach``)
+    if job.cancel_event.is_set():
+        return Outcome("cancelled", duration, first_audio, (r.cancelled_reply(request.request_id),))
     with timing.lock:
         heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
         words(heard)

@@ -9,13 +9,15 @@ event loop; the worker thread only uses the ``*_threadsafe`` methods.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from . import replies as r
+from .fair import discard
 from ..engines.request import SynthesisRequest
 from ..engines.base import Engine, EngineError, SynthesisTask
 
@@ -46,7 +48,8 @@ class Job:
         self.cancel_event = self.task.cancel
         self.prepare = prepare  # on the loop, right before work starts: fill task.context
         self.on_success = on_success  # on the loop, after success, before the reply: remember task.produced
-        self.persist: Callable[["Job"], None] | None = None  # worker thread, after success, before the reply: store
+        # a coroutine, awaited on the loop after success (its worker already free), before the reply: store
+        self.persist: Callable[["Job"], Awaitable[Any]] | None = None
         self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)
@@ -62,6 +65,7 @@ class Job:
         self.cache_key: tuple | None = None  # set when its audio, once made, goes into the response cache
         self._unsent = 0  # audio bytes posted but not yet written to the socket
         self._unsent_lock = threading.Lock()
+        self._side: set[concurrent.futures.Future] = set()  # its work on other threads (sentences' alignments)
 
     def unsent_bytes(self, change: int = 0) -> int:
         """Audio bytes the client has not taken yet; the writer subtracts what it sent."""
@@ -73,6 +77,25 @@ class Job:
     def request_id(self) -> str:
         return self.request.request_id
 
+    def attach(self, future: concurrent.futures.Future) -> None:
+        """Work done for this job on a shared thread (a sentence's alignment, from any thread): dropped the moment
+        the job ends (``cancel``, ``finish``), so no thread spends time on work nobody will read."""
+        with self._unsent_lock:
+            self._side.add(future)
+        future.add_done_callback(self._detach)
+        if self.finished or self.cancel_event.is_set():
+            discard(future)
+
+    def _detach(self, future: concurrent.futures.Future) -> None:
+        with self._unsent_lock:
+            self._side.discard(future)
+
+    def _drop_side_work(self) -> None:
+        with self._unsent_lock:
+            side, self._side = list(self._side), set()
+        for future in side:
+            discard(future)
+
     # called on the event loop
     def post(self, *frames: Any) -> None:
         if not self.finished:
@@ -83,12 +106,14 @@ class Job:
             self.post(*frames)
             self.finished = True
             self.outbox.put_nowait(END)
+            self._drop_side_work()
 
     def cancel(self) -> bool:
         """Ask the job to stop; a job not yet started answers ``cancelled`` at once."""
         if self.finished:
             return False
         self.cancel_event.set()
+        self._drop_side_work()
         if not self.started:
             self.finish(r.cancelled_reply(self.request_id))
         return True

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ENGINE_STATES = ("loading", "ready", "failed")
+SHARED_THREADS = ("stt", "turn_encoding")
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 
@@ -75,6 +76,14 @@ class Metrics:
                                  "Wyoming), as --max-connections counts them", registry=r)
         self.engine_state = Gauge("tts_engine_state", "1 for the engine's current state", ["engine", "state"],
                                   registry=r)
+        # the model threads every connection shares (speech recognition, turn encoding): fair.FairThread
+        self.shared_queued = Gauge("tts_shared_thread_queued", "Items waiting for a shared model thread",
+                                   ["thread"], registry=r)
+        self.shared_dropped = Counter("tts_shared_thread_dropped", "Items dropped before they ran on a shared model "
+                                      "thread: their request ended or their connection closed", ["thread"], registry=r)
+        for thread in SHARED_THREADS:
+            self.shared_queued.labels(thread)
+            self.shared_dropped.labels(thread)
         self.stats: dict[str, EngineStats] = {}
         self.interfaces: dict[str, dict[str, int]] = {}  # interface -> status -> finished requests
 

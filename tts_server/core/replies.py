@@ -35,6 +35,8 @@ class ErrorCode(str, Enum):
     GENERATION_TIMEOUT = "generation_timeout"
     UNSUPPORTED_LANGUAGE = "unsupported_language"
     UNKNOWN_SESSION = "unknown_session"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    STORE_UNAVAILABLE = "store_unavailable"
     MODEL_UNAVAILABLE = "model_unavailable"
     GENERATION_FAILED = "generation_failed"
     INTERNAL_ERROR = "internal_error"

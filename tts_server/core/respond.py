@@ -5,36 +5,58 @@ deltas go out at once as ``reply_text`` (through the job's outbox, so they keep
 their place among the connection's replies); complete sentences go into the
 job's ``SentenceFeed``.  The job is queued when the first sentence is complete,
 not before: the engine's worker is not held while the LLM thinks.  Cancelling
-the job (a ``cancel``, barge-in, the connection closing) stops the LLM stream.
+the job (a ``cancel``, barge-in, the connection closing) closes the LLM's stream
+at once, and a model that finishes no sentence for the chat timeout is stopped,
+whatever it sends meanwhile.  The prompt is the transcript (``chat_messages``):
+whole turns, up to ``PROMPT_CHARS`` characters, the oldest dropped first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from ..audio.text import SentenceStream
 from ..engines.base import ContextTurn, EngineError, SentenceFeed
 from ..engines.chat import ChatModel
 from . import replies as r
 from .jobs import Job
+from .sessions import StoredTurn
 
 
 
-def chat_messages(history: list[ContextTurn], assistant: int) -> list[dict[str, str]]:
+PROMPT_CHARS = 12_000  # the most transcript the chat model is sent (the system prompt apart): ~3,000 tokens
+WATCH_S = 0.1  # how often a wait for the chat model looks at the job's cancel flag (a thread's event, not awaitable)
+
+
+def chat_messages(transcript: Sequence[ContextTurn | StoredTurn], assistant: int,
+                  budget: int = PROMPT_CHARS) -> list[dict[str, str]]:
     """The transcript as chat messages: the assistant's speaker is ``assistant``, every other speaker the user;
-    consecutive turns of one side are joined (chat APIs expect the roles to alternate)."""
-    messages: list[dict[str, str]] = []
-    for turn in history:
-        if turn.pinned or not turn.text.strip():
+    consecutive turns of one side are joined (chat APIs expect the roles to alternate; an answer is stored as a
+    turn per sentence).  Whole turns, the newest that fit in ``budget`` characters, the oldest dropped first (the
+    newest alone longer than that is cut to its end)."""
+    kept: list[tuple[str, str]] = []
+    left = budget
+    for turn in reversed(transcript):
+        text = turn.text.strip()
+        if getattr(turn, "pinned", False) or not text:
             continue
         role = "assistant" if turn.speaker == assistant else "user"
+        if len(text) + 1 > left:
+            if not kept:
+                kept.append((role, text[-budget:]))
+            break
+        left -= len(text) + 1  # and the space that joins it to a neighbour
+        kept.append((role, text))
+    messages: list[dict[str, str]] = []
+    for role, text in reversed(kept):
         if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += " " + turn.text.strip()
+            messages[-1]["content"] += " " + text
         else:
-            messages.append({"role": role, "content": turn.text.strip()})
+            messages.append({"role": role, "content": text})
     return messages
 
 
@@ -42,8 +64,9 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
                  max_chars: int = 4000) -> None:
     """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``).  An answer
     longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``.
-    A model that writes no complete sentence for ``chat.timeout`` seconds is stopped (``model_unavailable``): a
-    trickle must not hold the engine's worker, which waits for the next sentence."""
+    A model that writes no complete sentence for ``chat.timeout`` seconds, whatever it sends meanwhile, is stopped
+    (``model_unavailable``): a trickle or keep-alives must not hold the engine's worker, which waits for the next
+    sentence."""
     feed = job.task.feed = SentenceFeed()
     sentences = SentenceStream()
     written: list[str] = []
@@ -63,9 +86,7 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
 
     try:
         async with contextlib.aclosing(chat.stream(messages)) as deltas:  # leaving closes the LLM's stream
-            async for delta in deltas:
-                if job.cancel_event.is_set() or job.finished:
-                    return
+            while (delta := await _next_delta(deltas, job, last_sentence + chat.timeout, chat)) is not None:
                 room = max_chars - sum(map(len, written))
                 if len(delta) >= room:
                     delta, job.task.truncated = delta[:room], True
@@ -75,9 +96,8 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
                 speak(sentences.add(delta))
                 if job.task.truncated:
                     break
-                if time.monotonic() - last_sentence > chat.timeout:  # a trickle: characters, never a sentence
-                    raise EngineError("model_unavailable", f"The chat model at {chat.url} wrote no complete "
-                                                           f"sentence for {chat.timeout:g} s; the answer was stopped")
+        if job.cancel_event.is_set() or job.finished:
+            return
         speak(sentences.finish())
         job.request = dataclasses.replace(job.request, text="".join(written).strip() or job.request.text)
     except EngineError as exc:
@@ -91,3 +111,26 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
         feed.close()  # however it ended, the engine is not left waiting (after an error, it reads that first)
         if job.cancel_event.is_set() and not job.started:
             job.finish(r.cancelled_reply(job.request_id))
+
+
+async def _next_delta(deltas: AsyncIterator[str], job: Job, deadline: float, chat: ChatModel) -> str | None:
+    """The chat stream's next delta; None at its end, or at once when the job is cancelled or ends (a ``cancel``,
+    barge-in, the connection closing, the watchdog).  However much arrives meanwhile without text (empty deltas,
+    reasoning tokens, keep-alives: ``ChatModel.stream`` yields none of them), the wait ends at ``deadline``, the
+    last complete sentence plus the chat timeout: ``model_unavailable``.  A wait given up cancels the read, which
+    closes the HTTP stream: the chat server sees the hang-up then, not at its next chunk."""
+    step = asyncio.ensure_future(anext(deltas, None))
+    try:
+        while not step.done():
+            if job.cancel_event.is_set() or job.finished:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:  # a trickle, or text-less chunks: never a sentence
+                raise EngineError("model_unavailable", f"The chat model at {chat.url} wrote no complete sentence "
+                                                       f"for {chat.timeout:g} s; the answer was stopped")
+            await asyncio.wait({step}, timeout=min(left, WATCH_S))
+        return step.result()
+    finally:
+        if not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)  # the stream is closed before the caller goes on

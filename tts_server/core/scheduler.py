@@ -14,7 +14,9 @@ from each ``Job.outbox``.  The scheduler owns:
 - the workers: each engine runs up to ``engine.concurrency`` jobs on its own
   threads (Piper one, CSM ``--max-batch``, one job per connection at a time);
   model compute, resampling and encoding never run on the event loop, so
-  handshakes, pings and errors keep flowing while CSM generates;
+  handshakes, pings and errors keep flowing while CSM generates; a reply that
+  joins a session is stored after its worker is done (``_store``, on the loop),
+  so a slow store never holds an engine;
 - a watchdog: a job that produces no audio for ``generation_timeout`` seconds is
   answered ``generation_timeout`` and its stuck thread replaced.
 
@@ -60,6 +62,7 @@ class Scheduler:
         self.running: set[Job] = set()
         self._tasks: set[asyncio.Task] = set()
         self.aligner: Aligner | None = None  # word times for engines without their own (set by the service)
+        self._unstored: dict[Job, tuple[Outcome, float]] = {}  # made, to be stored in a session before the reply
 
     @property
     def primary(self) -> EngineSlot:
@@ -173,6 +176,8 @@ class Scheduler:
             while slot is not None:  # a retry runs on the next engine's own worker thread
                 job.slot = slot
                 slot = await self._run_watched(job, slot)
+            if job in self._unstored:
+                await self._store(job)
         except Exception:  # preparing the prompt failed: answer the job, keep serving
             log.exception("request %s failed around the worker", job.request_id)
             job.finish(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
@@ -183,6 +188,26 @@ class Scheduler:
     def wake(self) -> None:
         """Look at the queue again (a job ended, an engine finished loading, ...)."""
         self._wakeup.set()
+
+    async def _store(self, job: Job) -> None:
+        """Store a made reply's turns in its session (``job.persist``, awaited on the loop: the store's own threads
+        do the work), then answer it.  Its engine's worker is free meanwhile; its connection's next job waits, as
+        that job is prompted with these turns."""
+        outcome, started = self._unstored.pop(job)
+        slot, job.slot = job.slot, None  # it no longer holds a place on its engine
+        self.wake()
+        code, why = None, ""
+        try:
+            await job.persist(job)  # durable before the client can see the reply
+        except r.ProtocolError as exc:  # the store is unreachable, the session gone
+            code, why = exc.code, f": {exc.message}"
+        except Exception:
+            log.exception("request %s: its turns could not be stored", job.request_id)
+            code = r.ErrorCode.INTERNAL_ERROR
+        if code is not None:
+            outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (r.error_reply(
+                code, f"The reply was made but could not be stored in its session{why}", job.request_id),))
+        self._conclude(job, slot, outcome, started)
 
     async def _run_watched(self, job: Job, slot: EngineSlot) -> EngineSlot | None:
         """Run the job on the worker; if it makes no progress for ``generation_timeout`` s, abandon it.
@@ -247,13 +272,13 @@ class Scheduler:
             outcome = Outcome("error", 0.0, None,
                               (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
         if outcome.status == "success" and job.persist is not None and not job.abandoned:
-            try:
-                job.persist(job)  # durable before the client can see the reply (a session's turns)
-            except Exception:
-                log.exception("request %s: its turns could not be stored", job.request_id)
-                outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (r.error_reply(
-                    r.ErrorCode.INTERNAL_ERROR, "The reply was made but could not be stored in its session",
-                    job.request_id),))
+            self._unstored[job] = outcome, started  # stored by ``_store`` on the loop, not on this worker thread
+            return None
+        self._conclude(job, slot, outcome, started)
+        return None
+
+    def _conclude(self, job: Job, slot: EngineSlot, outcome: Outcome, started: float) -> None:
+        """Count, cache and answer a job that ran (from its worker thread, or the loop after ``_store``)."""
         self._count(job, slot, outcome, started)
         if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
             meta = {k: v for k, v in outcome.final[0].items() if k not in ("request_id", "generation_s", "ttfa_ms")}
@@ -261,7 +286,6 @@ class Scheduler:
         if outcome.status == "success" and job.on_success and not job.abandoned:
             job.loop.call_soon_threadsafe(self._succeeded, job)  # runs before the reply below is queued
         job.finish_threadsafe(*outcome.final)
-        return None
 
     @staticmethod
     def _succeeded(job: Job) -> None:

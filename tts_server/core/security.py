@@ -163,10 +163,14 @@ _CREDENTIALS = re.compile(r"(?i)(authorization[\"']?[:,]\s*[\"']?(?:\w+\s+)?|api
                           r"[^&\s'\"]+")
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")  # http://user:password@host
+
+
 class RedactingFilter(logging.Filter):
     """Strips credentials from every record it sees: the ``Authorization`` header, ``?api_key=``, a session id in
-    ``?session=`` (on a keyless server it is all a client needs to read a session) and every configured secret
-    become ``***`` (uvicorn logs a WebSocket's path with its query at INFO, for one)."""
+    ``?session=`` (on a keyless server it is all a client needs to read a session), an address's user and password
+    (httpx logs the chat model's URL at INFO) and every configured secret become ``***`` (uvicorn logs a
+    WebSocket's path with its query at INFO, for one)."""
 
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -174,6 +178,7 @@ class RedactingFilter(logging.Filter):
 
     def redact(self, text: str) -> str:
         text = _CREDENTIALS.sub(lambda m: m.group(1) + "***", text)
+        text = _USERINFO.sub(r"\1***@", text)
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text

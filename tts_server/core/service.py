@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Hashable
 
 import numpy as np
@@ -21,17 +20,26 @@ from ..engines.stt import Transcriber
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
+from .fair import SERVER, Dropped, FairThread, Full
 from .jobs import EngineSlot
 from .listening import Listener
 from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
+from .session_calls import Sessions
 from .session_redis import RedisSessionStore
 from .sessions import SessionStore, owner_of
-from .turns import StreamedTurn
+from .pacing import AUDIO_BURST_SECONDS, AUDIO_SPEED, AudioPace
+from .turns import TURN_TIMEOUT, StreamedTurn
 
 log = logging.getLogger(__name__)
+# What one connection may have waiting on a shared model thread (``fair.FairThread``; each connection takes its turn
+# there, one item each).  Its reader awaits its own turns and audio frames, so a client is refused only if it
+# floods; a reply's sentences waiting for word times beyond their bound get none (``words_unavailable`` says why).
+TRANSCRIPTS_WAITING = 4
+TURN_WORK_WAITING = 8
+ALIGNMENTS_WAITING = 64
 
 
 class Service:
@@ -45,8 +53,11 @@ class Service:
                  max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
                  max_voice_seconds: float = 30, generation_timeout: float = 120,
                  trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
-                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, stt: Transcriber | None = None,
-                 chat: ChatModel | None = None, vad_silence_ms: float = 600, vad_pause_ms: float = 200) -> None:
+                 max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, max_sessions_per_owner: int = 1000,
+                 session_sweep_seconds: float = 30, stt: Transcriber | None = None,
+                 chat: ChatModel | None = None, vad_silence_ms: float = 600, vad_pause_ms: float = 200,
+                 audio_burst_seconds: float = AUDIO_BURST_SECONDS, audio_speed: float = AUDIO_SPEED,
+                 turn_timeout: float = TURN_TIMEOUT) -> None:
         self.proxies = ProxyTrust(trusted_proxies)
         self.gate = gate or Gate()
         self.connection_limits = ConnectionLimits(max_connections, max_connections_per_address)
@@ -64,26 +75,44 @@ class Service:
                                    stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
                                    cache=AudioCache(cache_bytes))
         self._background: set[asyncio.Task] = set()
-        self.turn_encoding = ThreadPoolExecutor(1, thread_name_prefix="turn-encoder")  # the other side's audio
-        self.stt, self.stt_failure = stt, None  # speech recognition for turns sent without text
+        # the other side's audio (VAD, Mimi), and speech recognition (turns sent without text, CSM's word times):
+        # one thread each for the whole server, shared fairly by the connections
+        self.turn_encoding = FairThread("turn-encoder", TURN_WORK_WAITING, self._dropped_on("turn_encoding"))
+        self.stt, self.stt_failure = stt, None
         self._stt_loaded = asyncio.Event()
-        self._stt_thread = ThreadPoolExecutor(1, thread_name_prefix="stt")
+        self.stt_thread = FairThread("stt", TRANSCRIPTS_WAITING, self._dropped_on("stt"))
         if stt is not None:
             self.scheduler.aligner = self._align
         self.chat = chat  # the assistant's words (--chat-url), for ``respond``
         # hands-free: the silence that ends an utterance, and the pause after which its transcription starts
         self.vad_silence_ms, self.vad_pause_ms = vad_silence_ms, vad_pause_ms
-        limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes}
-        self.sessions = RedisSessionStore(session_store, **limits) if session_store.startswith("redis://") \
-            else SessionStore.open(session_store, **limits)
+        # streamed turns: how far ahead of the clock a connection may send audio, and how long one may stay open
+        self.audio_burst_seconds, self.audio_speed = audio_burst_seconds, audio_speed
+        self.turn_timeout = turn_timeout
+        limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes,
+                  "max_per_owner": max_sessions_per_owner}
+        self.sessions = Sessions(RedisSessionStore(session_store, **limits) if session_store.startswith("redis://")
+                                 else SessionStore.open(session_store, **limits))  # awaited, on its own threads
+        self.session_sweep_seconds = session_sweep_seconds  # expired sessions are deleted this often
 
-    async def codes_of(self, audio) -> Any:
-        """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on CSM's worker threads; waits while CSM
-        loads.  Turns are stored as codes, so a server without CSM cannot take them."""
+    async def codes_of(self, audio, connection: Hashable | None = None) -> Any:
+        """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on the turn-encoding thread in
+        ``connection``'s turn; waits while CSM loads.  Turns are stored as codes, so a server without CSM cannot
+        take them."""
         slot = await self._csm_for_turns()
         audio = np.pad(audio, (0, -len(audio) % FRAME_SAMPLES))  # whole frames, as a streamed turn is encoded
-        return await asyncio.get_running_loop().run_in_executor(self.turn_encoding, slot.engine.codes_for,
-                                                                ContextTurn(0, "", audio))
+        return await self.shared(self.turn_encoding, connection, slot.engine.codes_for, ContextTurn(0, "", audio))
+
+    async def shared(self, thread: FairThread, connection: Hashable | None, fn, *args, limit: int | None = None):
+        """``fn(*args)`` on a shared model thread in ``connection``'s turn (an admitted connection, or None: the
+        server's own work).  ``Dropped`` once the connection has closed: ``release`` drops what it left waiting,
+        and nothing more of it is taken."""
+        if connection is not None and connection not in self._admitted:
+            raise Dropped("its connection closed")
+        return await thread.run(SERVER if connection is None else connection, fn, *args, limit=limit)
+
+    def _dropped_on(self, thread: str):
+        return lambda count: self.metrics.shared_dropped.labels(thread).inc(count)
 
     async def load_stt(self) -> None:
         try:
@@ -95,15 +124,22 @@ class Service:
         finally:
             self._stt_loaded.set()
 
-    def _align(self, audio, rate: int, text: str):
-        """Word times of ``audio`` saying ``text`` (CSM's sentences), on the transcriber's thread; from any thread."""
+    def _align(self, owner: Hashable, audio, rate: int, text: str):
+        """Word times of ``audio`` saying ``text`` (CSM's sentences) on the transcriber's thread, in the turn of
+        ``owner``'s replies (their own turn, beside the connection's transcriptions); from any thread."""
         if not self._stt_loaded.is_set() or self.stt_failure is not None:
             raise RuntimeError(f"the aligner (--stt-model) is {'unavailable' if self.stt_failure else 'loading'}")
-        return self._stt_thread.submit(self.stt.align, audio, rate, text)
+        try:
+            return self.stt_thread.submit_for(("words", owner), self.stt.align, audio, rate, text,
+                                              limit=ALIGNMENTS_WAITING)
+        except Full:
+            raise RuntimeError(f"word alignment fell behind: {ALIGNMENTS_WAITING} sentences were already waiting "
+                               "for the aligner") from None
 
-    async def transcript(self, audio: np.ndarray | None) -> str:
-        """What was said in a turn sent without text (24 kHz audio), on the transcriber's thread; without
-        speech recognition, the refusal."""
+    async def transcript(self, audio: np.ndarray | None, rate: int = 24000, connection: Hashable | None = None) -> str:
+        """What was said in a turn sent without text (float audio at ``rate``: 24 kHz for a file, a streamed
+        turn's ``TRANSCRIPT_RATE``), on the transcriber's thread in ``connection``'s turn; without speech
+        recognition, the refusal."""
         if self.stt is None:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'text' is required: this server has no speech "
                                                                "recognition (start it with --stt-model)")
@@ -111,11 +147,20 @@ class Service:
         if self.stt_failure is not None:
             raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Speech recognition is unavailable: "
                                                                  f"{self.stt_failure}")
-        text = await asyncio.get_running_loop().run_in_executor(self._stt_thread, self.stt.transcribe, audio)
+        try:
+            text = await self.shared(self.stt_thread, connection, self.stt.transcribe, audio, rate,
+                                     limit=TRANSCRIPTS_WAITING)
+        except Full:
+            raise r.ProtocolError(r.ErrorCode.BUSY, f"{TRANSCRIPTS_WAITING} turns of this connection are already "
+                                                    "waiting to be transcribed; send the next once one is saved")
         if not text:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its "
                                                                "'text'; the turn was dropped")
         return text
+
+    def audio_pace(self) -> AudioPace:
+        """A connection's allowance for the audio of its streamed turns (``core.pacing``)."""
+        return AudioPace(self.audio_burst_seconds, self.audio_speed)
 
     async def stream_turn(self, speaker: int, sample_rate: int) -> StreamedTurn:
         """A turn to be fed as it is spoken (``StreamedTurn``; feed it on ``turn_encoding``)."""
@@ -124,13 +169,13 @@ class Service:
 
     async def listener(self, speaker: int, sample_rate: int) -> Listener:
         """Hands-free turns of ``speaker``: utterances cut by voice activity detection (feed it on
-        ``turn_encoding``)."""
-        from ..engines.vad import SpeechDetector
+        ``turn_encoding``).  Every listener shares the one VAD model, loaded on first use off the event loop; a
+        detector is then only its state."""
+        from ..engines.vad import SpeechDetector, silero_model
 
         slot = await self._csm_for_turns()
-        loop = asyncio.get_running_loop()
-        detector = await loop.run_in_executor(self.turn_encoding, lambda: SpeechDetector(
-            self.vad_silence_ms, pause_ms=self.vad_pause_ms))
+        await asyncio.to_thread(silero_model)
+        detector = SpeechDetector(self.vad_silence_ms, pause_ms=self.vad_pause_ms)
         return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
 
     async def _csm_for_turns(self) -> EngineSlot:
@@ -147,6 +192,11 @@ class Service:
         """Whose sessions a request may use: the hash of the API key it offers; on a server without keys, one
         owner for all (a key a client sends anyway does not split them)."""
         return owner_of(self.gate.offered_key(headers, target) if self.gate.requires_key else None)
+
+    def counted_as(self, owner: str, address: str) -> str:
+        """Whose share of the sessions (``max_sessions_per_owner``) a new session takes: its key's; on a server
+        without keys, where everyone is one owner, its client address's (hashed, never stored as it is)."""
+        return owner if self.gate.requires_key else owner_of(f"address {address}")
 
     def conversation_info(self) -> dict[str, Any]:
         """What the voice chat can do here: speech recognition, the end-of-utterance pause, the chat model."""
@@ -174,9 +224,12 @@ class Service:
         return None
 
     def release(self, connection: Hashable) -> None:
+        """The connection closed: its place is free, and the work it left on the shared threads is dropped."""
         address = self._admitted.pop(connection, None)
         if address is not None:
             self.connection_limits.release(address)
+        self.stt_thread.cancel(connection)
+        self.turn_encoding.cancel(connection)
 
     @property
     def open_connections(self) -> int:
@@ -214,6 +267,8 @@ class Service:
         cache = self.scheduler.cache
         self.metrics.cache_bytes.set(cache.bytes)
         self.metrics.cache_entries.set(len(cache))
+        for name, thread in (("stt", self.stt_thread), ("turn_encoding", self.turn_encoding)):
+            self.metrics.shared_queued.labels(name).set(thread.pending)
 
     def engines_info(self) -> dict[str, Any]:
         scheduler = self.scheduler

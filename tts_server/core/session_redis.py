@@ -5,8 +5,13 @@ acknowledged is in Redis (durable as far as Redis is configured to be: run it
 with ``appendonly yes``).  Keys, per session: ``tts:s:<id>`` (a hash: owner),
 ``tts:t:<id>`` (a list of turns, oldest first, each a JSON header line and its
 16-bit codes), both expiring after ``ttl`` seconds without use; ``tts:live`` (a
-sorted set of ids by last use) counts sessions for ``max_sessions``.  Each call
-is one MULTI/EXEC transaction (``WATCH`` where it reads before it writes).
+sorted set of ids by last use) counts sessions for ``max_sessions``, and
+``tts:o:<counted_as>`` those of one key or address for ``max_per_owner``.  Each
+call is one MULTI/EXEC transaction (``WATCH`` where it reads before it writes).
+
+The client waits at most ``TIMEOUT`` s for Redis and retries once at once (a
+pooled connection that Redis's restart broke is replaced, and the call goes
+through): a stalled Redis costs a call about two seconds, not ten.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import time
 import numpy as np
 
 from ..engines.base import ContextTurn
-from . import replies as r
-from .sessions import StoredTurn, unknown
+from .sessions import StoredTurn, server_full, too_many, unknown
 
 LIVE = "tts:live"
+TIMEOUT = 1.0  # seconds, per connect and per reply
 
 
 def _pack(seq: int, turn: StoredTurn) -> bytes:
@@ -39,24 +44,44 @@ def _unpack(entry: bytes) -> tuple[int, StoredTurn]:
 
 class RedisSessionStore:
     def __init__(self, url: str, ttl: float = 86400, max_sessions: int = 10000, max_bytes: int = 4 * 2**20,
-                 clock=time.time) -> None:
+                 max_per_owner: int | None = None, clock=time.time) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.ttl, self.max_sessions, self.max_bytes, self._clock = ttl, max_sessions, max_bytes, clock
-        self._redis = redis.Redis.from_url(url, socket_timeout=10)
+        self.max_per_owner = max_per_owner  # None: no cap but the server's
+        self.unreachable = (redis.RedisError, OSError)  # ``store_unavailable``
+        self._redis = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                                           retry=Retry(NoBackoff(), 1))
 
-    def create(self, owner: str) -> str:
-        session, now = secrets.token_urlsafe(16), self._clock()
-        self._redis.zremrangebyscore(LIVE, "-inf", now - self.ttl)
-        if self._redis.zcard(LIVE) >= self.max_sessions:
-            raise r.ProtocolError(r.ErrorCode.BUSY, f"The server holds its maximum of {self.max_sessions} sessions; "
-                                                    "retry later")
+    def create(self, owner: str, counted_as: str | None = None) -> str:
+        session, now, mine = secrets.token_urlsafe(16), self._clock(), f"tts:o:{counted_as or owner}"
         with self._redis.pipeline() as tx:
-            tx.hset(f"tts:s:{session}", mapping={"owner": owner, "seq": -1})
+            tx.zremrangebyscore(LIVE, "-inf", now - self.ttl)
+            tx.zremrangebyscore(mine, "-inf", now - self.ttl)
+            tx.zcard(mine)
+            tx.zcard(LIVE)
+            held, total = tx.execute()[2:]
+        if self.max_per_owner is not None and held >= self.max_per_owner:
+            raise too_many(self.max_per_owner)
+        if total >= self.max_sessions:
+            raise server_full(self.max_sessions)
+        with self._redis.pipeline() as tx:
+            tx.hset(f"tts:s:{session}", mapping={"owner": owner, "seq": -1, "counted": mine})
             tx.expire(f"tts:s:{session}", int(self.ttl))
             tx.zadd(LIVE, {session: now})
+            tx.zadd(mine, {session: now})
+            tx.expire(mine, int(self.ttl))
             tx.execute()
         return session
+
+    def touch(self, session: str, owner: str) -> None:
+        self._check(session, owner)
+
+    def sweep(self) -> None:
+        """Forget expired sessions in the count (their keys expire by themselves)."""
+        self._redis.zremrangebyscore(LIVE, "-inf", self._clock() - self.ttl)
 
     def turns(self, session: str, owner: str) -> list[StoredTurn]:
         self._check(session, owner)
@@ -109,20 +134,30 @@ class RedisSessionStore:
                     continue
 
     def delete(self, session: str, owner: str) -> None:
-        self._check(session, owner)
-        self._redis.delete(f"tts:s:{session}", f"tts:t:{session}")
-        self._redis.zrem(LIVE, session)
+        mine = self._check(session, owner)
+        with self._redis.pipeline() as tx:
+            tx.delete(f"tts:s:{session}", f"tts:t:{session}")
+            tx.zrem(LIVE, session)
+            if mine:
+                tx.zrem(mine, session)
+            tx.execute()
 
-    def _check(self, session: str, owner: str) -> None:
-        """``unknown_session`` unless it is this owner's live session; touches it (its keys live ``ttl`` more)."""
-        stored = self._redis.hget(f"tts:s:{session}", "owner")
+    def _check(self, session: str, owner: str) -> str | None:
+        """``unknown_session`` unless it is this owner's live session; touches it (its keys live ``ttl`` more).
+        Returns the key that counts it for ``max_per_owner``."""
+        stored, mine = self._redis.hmget(f"tts:s:{session}", ["owner", "counted"])
         if stored is None or stored.decode() != owner:
             raise unknown(session)
+        mine, now = mine.decode() if mine else None, self._clock()
         with self._redis.pipeline() as tx:
             tx.expire(f"tts:s:{session}", int(self.ttl))
             tx.expire(f"tts:t:{session}", int(self.ttl))
-            tx.zadd(LIVE, {session: self._clock()})
+            tx.zadd(LIVE, {session: now})
+            if mine:
+                tx.zadd(mine, {session: now})
+                tx.expire(mine, int(self.ttl))
             tx.execute()
+        return mine
 
     def close(self) -> None:
         self._redis.close()

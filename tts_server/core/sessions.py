@@ -4,18 +4,24 @@ A turn is stored as its speaker, text, duration and Mimi codes (16-bit, frames x
 codebooks), never as audio: a minute of conversation is tens of KB.  A session
 belongs to the API key that created it (stored as a hash); an unknown, expired
 or foreign id is the same ``unknown_session`` to the caller.  Ids carry 128
-random bits.  Limits: ``ttl`` seconds of inactivity, ``max_sessions``, and
-``max_bytes`` per session (the oldest turns are dropped to stay under it).
+random bits.  Limits: ``ttl`` seconds of inactivity, ``max_sessions``,
+``max_per_owner`` (counted under ``counted_as``: the key's hash, or on a keyless
+server a hash of the client address), and ``max_bytes`` per session (the oldest
+turns are dropped to stay under it).
 
 Stores: ``memory`` (tests, one process) and ``sqlite:///path`` (the default; a
-file, WAL journal, ``synchronous=FULL``: a turn acknowledged is on disk).  Calls
-block; the interfaces run them on a worker thread.
+file, WAL journal, ``synchronous=FULL``: a turn acknowledged is on disk).  The
+file and its ``-wal``/``-shm`` are its owner's alone (0600; SQLite gives the
+journals the database's mode), and deleted text leaves the disk at once
+(``secure_delete`` zeroes it, a checkpoint empties the WAL that still held it).
+Calls block; the interfaces run them through ``session_calls.Sessions``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -59,6 +65,16 @@ def owner_of(api_key: str | None) -> str:
     return hashlib.sha256((api_key or "").encode()).hexdigest()
 
 
+def too_many(limit: int) -> r.ProtocolError:
+    return r.ProtocolError(r.ErrorCode.TOO_MANY_SESSIONS, f"You already hold {limit} sessions (the most one API key, "
+                                                          "or one address on a server without keys, may hold): "
+                                                          "delete one, or resume one with its id")
+
+
+def server_full(limit: int) -> r.ProtocolError:
+    return r.ProtocolError(r.ErrorCode.BUSY, f"The server holds its maximum of {limit} sessions; retry later")
+
+
 def unknown(session: str) -> r.ProtocolError:
     return r.ProtocolError(r.ErrorCode.UNKNOWN_SESSION, f"No session {session[:64]!r}: it never existed, expired, was "
                                                         "deleted, or belongs to another API key")
@@ -67,18 +83,26 @@ def unknown(session: str) -> r.ProtocolError:
 class SessionStore:
     """SQLite (a file) or memory (``:memory:``), behind one lock: every call is one short transaction."""
 
+    unreachable = (sqlite3.OperationalError, OSError)  # the disk, not the caller: ``store_unavailable``
+
     def __init__(self, path: str, ttl: float = 86400, max_sessions: int = 10000, max_bytes: int = 4 * 2**20,
-                 clock=time.time) -> None:
+                 max_per_owner: int | None = None, clock=time.time) -> None:
         self.ttl, self.max_sessions, self.max_bytes, self._clock = ttl, max_sessions, max_bytes, clock
+        self.max_per_owner = max_per_owner  # None: no cap but the server's
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private(Path(path))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._deleted = False  # text left the tables in this transaction: checkpoint once it commits
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
                              "touched REAL NOT NULL)")
+            if "counted" not in [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]:
+                self._db.execute("ALTER TABLE sessions ADD COLUMN counted TEXT NOT NULL DEFAULT ''")
+            self._db.execute("CREATE INDEX IF NOT EXISTS sessions_counted ON sessions (counted)")
             self._db.execute("CREATE TABLE IF NOT EXISTS turns (session TEXT NOT NULL, seq INTEGER NOT NULL, "
                              "speaker INTEGER NOT NULL, text TEXT NOT NULL, duration REAL NOT NULL, "
                              "frames INTEGER NOT NULL, codes BLOB NOT NULL, PRIMARY KEY (session, seq))")
@@ -93,16 +117,31 @@ class SessionStore:
         raise ValueError(f"{url!r} is not memory or sqlite:///PATH")
 
     # -- sessions -------------------------------------------------------------------------------------------
-    def create(self, owner: str) -> str:
-        session = secrets.token_urlsafe(16)  # 128 random bits
+    def create(self, owner: str, counted_as: str | None = None) -> str:
+        """A new session of ``owner``, counted against ``max_per_owner`` under ``counted_as`` (default: owner)."""
+        session, counted_as = secrets.token_urlsafe(16), counted_as or owner  # 128 random bits
         with self._tx():
             self._expire()
+            (mine,) = self._db.execute("SELECT COUNT(*) FROM sessions WHERE counted = ?", (counted_as,)).fetchone()
+            if self.max_per_owner is not None and mine >= self.max_per_owner:
+                raise too_many(self.max_per_owner)
             (count,) = self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()
             if count >= self.max_sessions:
-                raise r.ProtocolError(r.ErrorCode.BUSY, f"The server holds its maximum of {self.max_sessions} "
-                                                        "sessions; retry later")
-            self._db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (session, owner, self._clock()))
+                raise server_full(self.max_sessions)
+            self._db.execute("INSERT INTO sessions (id, owner, touched, counted) VALUES (?, ?, ?, ?)",
+                             (session, owner, self._clock(), counted_as))
         return session
+
+    def touch(self, session: str, owner: str) -> None:
+        """``unknown_session`` unless it is this owner's live session, which gets ``ttl`` more (asked before a reply
+        that joins it is generated)."""
+        with self._tx():
+            self._check(session, owner)
+
+    def sweep(self) -> None:
+        """Delete expired sessions (the service calls it periodically: expiry does not wait for a ``create``)."""
+        with self._tx():
+            self._expire()
 
     def turns(self, session: str, owner: str) -> list[StoredTurn]:
         """The session's turns, oldest first (and the session is touched); ``unknown_session`` if it is not
@@ -184,6 +223,7 @@ class SessionStore:
     def _drop(self, session: str) -> None:
         self._db.execute("DELETE FROM turns WHERE session = ?", (session,))
         self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+        self._deleted = True
 
     @contextlib.contextmanager
     def _tx(self):
@@ -193,13 +233,27 @@ class SessionStore:
             try:
                 yield
             except BaseException:
+                self._deleted = False
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            if self._deleted:  # the WAL still holds the deleted text: copy the zeroed pages back, empty it
+                self._deleted = False
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _private(db: Path) -> None:
+    """The database file exists, mode 0600, before SQLite opens it: its ``-wal`` and ``-shm`` are then created with
+    the same mode (files of an older version are made private too)."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
 
 
 def _codes(blob: bytes, frames: int) -> np.ndarray:

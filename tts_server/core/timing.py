@@ -16,19 +16,22 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import time
 from typing import Any, Callable
 
 from ..audio.text import split_sentences
 from ..engines.base import Engine, SentenceMark, Word
 
-# align(audio, rate, text) -> words, run on the aligner's own thread; None: no aligner on this server
-Aligner = Callable[[Any, int, str], "concurrent.futures.Future[list[Word]]"]
+# align(owner, audio, rate, text) -> words, run on the aligner's own thread in ``owner``'s turn (the job's
+# connection: ``fair.FairThread``); it raises when the alignment cannot be queued; None: no aligner on this server
+Aligner = Callable[[Any, Any, int, str], "concurrent.futures.Future[list[Word]]"]
 
 
 class Timing:
     def __init__(self, job, engine: Engine, aligner: Aligner | None, stretched: bool,
                  post: Callable[[list[Word]], None] | None = None, sent_s: Callable[[], float] | None = None) -> None:
         request = job.request
+        self._job = job
         self.lock = threading.RLock()  # re-entered when an alignment is already done as it is added
         self._post, self._sent_s = post, sent_s
         self.engine_rate = engine.output_rate(request)
@@ -44,6 +47,10 @@ class Timing:
         self.sentences = 0
         self.words: list[Word] = []  # placed, in order
         self.by_sentence: list[list[Word]] = []  # each sentence's words, from its own start, unstretched
+        # the request's words (the text split on whitespace): a word a sentence piece cut in two is given whole
+        self._text_words = request.text.split() if job.task.feed is None else None
+        self._word = 0  # the request word the next placed word belongs to
+        self._part: Word | None = None  # the start of a word cut in two, until its end arrives
         self._sent = 0  # how many of them have gone out
         self._aligning: collections.deque = collections.deque()  # (future of words, sentence offset_s), in order
 
@@ -60,10 +67,11 @@ class Timing:
                 self._aligning.append((_done(mark.words), offset))
             elif self.aligner is not None and mark.audio is not None:
                 try:
-                    future = self.aligner(mark.audio, self.engine_rate, mark.text)
-                except Exception as exc:  # not ready, or gone: no words, said why
+                    future = self.aligner(self._job.owner, mark.audio, self.engine_rate, mark.text)
+                except Exception as exc:  # not ready, gone, or too far behind: no words, said why
                     self.reason = str(exc)
                 else:
+                    self._job.attach(future)  # dropped the moment the job ends
                     self._aligning.append((future, offset))
                     if self._post is not None:
                         future.add_done_callback(self._aligned)
@@ -75,6 +83,8 @@ class Timing:
 
     def _aligned(self, _future) -> None:
         """An alignment ended (on the aligner's thread): its words whose audio is out go now."""
+        if _future.cancelled() or self._job.cancel_event.is_set():  # dropped: the job ended, nobody wants them
+            return
         with self.lock:
             found = self.due(self._sent_s())
         if found:
@@ -90,12 +100,20 @@ class Timing:
         return out
 
     def wait(self) -> None:
-        """Wait for the alignments still running (without ``lock``: their callbacks take it)."""
-        concurrent.futures.wait([future for future, _ in list(self._aligning)])
+        """Wait for the alignments still running (without ``lock``: their callbacks take it).  Each one that ends is
+        progress for the watchdog: the engine is done, and on a busy aligner (its turns shared fairly with other
+        connections) the words may take a while."""
+        pending = {future for future, _ in list(self._aligning)}
+        while pending:
+            _, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            self._job.progress_at = time.monotonic()
 
     def rest(self, duration_s: float) -> list[Word]:
         """At the end, after ``wait``: every word not given yet, inside the audio."""
         self._settle(wait=True)
+        if self._part is not None:  # the reply stopped inside a word: its part that was said
+            self.words.append(self._part)
+            self._part = None
         out, self._sent = self.words[self._sent:], len(self.words)
         return [Word(w.word, min(w.start_s, duration_s), min(w.end_s, duration_s)) for w in out]
 
@@ -108,11 +126,23 @@ class Timing:
                 self.reason, self._aligning = f"word alignment failed: {exc}", collections.deque()
                 return
             self.by_sentence.append(words)
-            last = self.words[-1].end_s if self.words else 0.0
             for word in words:
-                placed = word.shifted(offset, self.scale)
-                self.words.append(Word(placed.word, max(last, placed.start_s), max(last, placed.end_s)))
-                last = self.words[-1].end_s
+                self._place(word.shifted(offset, self.scale))
+
+    def _place(self, placed: Word) -> None:
+        """One word of a sentence, at its place in the reply; a piece of a longer request word (a sentence cut
+        inside a word) waits for the rest, so word times are always the request's whitespace-separated words."""
+        last = self._part.end_s if self._part else self.words[-1].end_s if self.words else 0.0
+        word = Word(placed.word, max(last, placed.start_s), max(last, placed.end_s))
+        if self._part is not None:
+            word = Word(self._part.word + word.word, self._part.start_s, word.end_s)
+        whole = self._text_words[self._word] if self._text_words and self._word < len(self._text_words) else None
+        if whole is not None and word.word != whole and whole.startswith(word.word):
+            self._part = word  # the word goes on in the next sentence
+            return
+        self._part = None
+        self._word += 1
+        self.words.append(word)
 
     def describe(self) -> dict[str, Any]:
         """What ``success`` says about words: the list (whole files), or why there is none."""

@@ -5,6 +5,10 @@ whole 80 ms frames are encoded at once (``MimiStreamEncoder``), so when the
 speaker stops only the last fraction of a frame is left to encode: the wait for
 ``turn_saved`` does not grow with the turn.  The calls block (model compute):
 the WebSocket runs them on the turn-encoding thread, one piece at a time.
+
+Since the codec is fed as the audio comes, the only audio a turn keeps is the
+copy for its transcript (a turn sent without text): 16-bit at Whisper's 16 kHz,
+3.7 MiB for the longest turn rather than the 22 MiB of float32 at 24 kHz.
 """
 
 from __future__ import annotations
@@ -14,19 +18,27 @@ import torch
 
 from ..audio.codec import Resampler
 from ..engines.base import ContextTurn
+from ..engines.stt import WHISPER_RATE
 from . import replies as r
 
 MAX_TURN_SECONDS = 120  # a streamed turn longer than this is refused (the user's side of a dialogue, not a podcast)
+TRANSCRIPT_RATE = WHISPER_RATE  # the rate of ``so_far`` and ``end``: the recogniser's
+# wall-clock seconds a streamed turn (or a hands-free utterance) may stay open: its audio limit and a margin for a
+# client a little slower than real time; past it the client stopped sending or sends too slowly, and it is dropped
+TURN_TIMEOUT = MAX_TURN_SECONDS + 30
 
 
 class StreamedTurn:
     def __init__(self, speaker: int, sample_rate: int, encoder) -> None:
         self.speaker, self.sample_rate = speaker, sample_rate
         self._resample = Resampler(sample_rate, 24000)
+        self._to_transcript = Resampler(sample_rate, TRANSCRIPT_RATE)
         self._encoder = encoder
         self._odd = b""  # a byte of a sample split across two frames
         self.received = 0  # samples at the client's rate
-        self._audio: list[np.ndarray] = []  # at 24 kHz, for speech recognition when the turn ends without text
+        # 16-bit PCM at 16 kHz, for speech recognition when the turn ends without text (one buffer: a flood of tiny
+        # frames adds no per-piece overhead)
+        self._audio = bytearray()
 
     def feed(self, pcm: bytes) -> None:
         data, self._odd = self._odd + pcm, b""
@@ -36,20 +48,34 @@ class StreamedTurn:
         if self.received > MAX_TURN_SECONDS * self.sample_rate:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
                                                                "this one was dropped")
-        self._take(self._resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0))
+        samples = np.frombuffer(data, "<i2")
+        scaled = samples.astype(np.float32) / 32768.0
+        self._keep(scaled, samples)
+        self._encoder.feed(torch.from_numpy(self._resample(scaled)))
+
+    @property
+    def held_bytes(self) -> int:
+        """The audio this turn holds for its transcript."""
+        return len(self._audio)
 
     def so_far(self) -> np.ndarray:
-        """The turn's audio until now, at 24 kHz (a transcription may start before it ends)."""
-        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+        """The turn's audio until now, float at ``TRANSCRIPT_RATE`` (a transcription may start before it ends)."""
+        return np.frombuffer(self._audio, "<i2").astype(np.float32) / 32768.0
 
     def end(self) -> np.ndarray:
-        """No more audio is coming: the whole turn at 24 kHz (for a transcript)."""
-        self._take(self._resample(np.zeros(0, np.float32), last=True))
-        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+        """No more audio is coming: the whole turn, float at ``TRANSCRIPT_RATE`` (for a transcript)."""
+        self._encoder.feed(torch.from_numpy(self._resample(np.zeros(0, np.float32), last=True)))
+        self._keep(np.zeros(0, np.float32), None, last=True)
+        return self.so_far()
 
-    def _take(self, samples: np.ndarray) -> None:
-        self._audio.append(samples)
-        self._encoder.feed(torch.from_numpy(samples))
+    def _keep(self, scaled: np.ndarray, samples: np.ndarray | None, last: bool = False) -> None:
+        """Keep the transcript's copy (the client's 16-bit samples as they came where its rate is Whisper's)."""
+        if self.sample_rate == TRANSCRIPT_RATE:
+            if samples is not None:
+                self._audio += samples.tobytes()
+            return
+        resampled = self._to_transcript(scaled, last=last)
+        self._audio += np.clip(np.round(resampled * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
     def finish(self, text: str) -> ContextTurn:
         """After ``end``: the whole turn as a context turn: its codes, its text, its duration (no audio kept)."""

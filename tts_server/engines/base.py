@@ -57,7 +57,8 @@ class Word:
 class SentenceMark:
     """Yielded by an engine after a sentence's last audio chunk: which text that audio said, and its words' times
     when the engine knows them exactly (Piper); otherwise the core may align ``audio`` (its rate is the engine's)
-    against ``text``.  ``text.split()`` of the marks, in order, is the request's ``text.split()``."""
+    against ``text``.  ``text.split()`` of the marks, in order, is the request's ``text.split()``, except that a
+    word longer than a sentence piece (``split_sentences``) is cut between two marks: the core joins it again."""
 
     text: str
     words: list[Word] | None = None
@@ -85,6 +86,7 @@ class ContextTurn:
     pinned: bool = False
     duration: float | None = None  # for a turn restored from its codes alone (a stored session turn)
     words: list[Word] | None = None  # when each word of ``text`` is heard in it (a reply made with timestamps)
+    text_s: float | None = None  # a sentence cut off while spoken: how long its whole ``text`` takes to say
 
     @property
     def duration_s(self) -> float:
@@ -133,7 +135,9 @@ class SynthesisTask:
     oldest first); ``reference`` (an emotion clip) goes right before the text.
     The engine appends the turns it speaks to ``produced`` (conversation memory)
     and sets ``truncated`` when the request's ``max_audio_length_ms`` ran out
-    before the end of the text.  Engines read the text through ``texts()``.
+    before the end of the text.  An engine stopped inside a sentence may leave
+    the part of it that went out in ``unfinished``, so that a barge-in keeps
+    what was heard of it.  Engines read the text through ``texts()``.
     """
 
     request: SynthesisRequest
@@ -143,6 +147,7 @@ class SynthesisTask:
     produced: list[ContextTurn] = field(default_factory=list)
     truncated: bool = False
     feed: SentenceFeed | None = None  # the text arrives while it is spoken (``request.text`` is its beginning)
+    unfinished: ContextTurn | None = None  # the sentence a cancel cut off: the frames of it that went out
 
     def texts(self) -> Iterator[str]:
         """What to speak, in pieces: the request's whole text, or each sentence of the feed as it arrives."""

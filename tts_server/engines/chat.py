@@ -4,14 +4,20 @@ It is reached through the official ``openai`` SDK, streaming, so the first
 sentence can be spoken while the rest is being written.  Every failure becomes
 an ``EngineError`` a user can act on: ``model_unavailable`` naming the address
 (unreachable, refused key, an error status), ``generation_failed`` for an
-answer with no text.
+answer with no text.  The address is shown without credentials or query
+secrets, and an error is its status and reason phrase, never the server's body
+(``addresses``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator
 
+from .addresses import public_url, scrub, status_summary
 from .base import EngineError
+
+log = logging.getLogger(__name__)
 
 
 
@@ -20,13 +26,15 @@ class ChatModel:
                  max_tokens: int = 400, timeout: float = 30) -> None:
         import openai
 
-        self.url, self.model, self.system_prompt = url.rstrip("/"), model, system_prompt
+        self.model, self.system_prompt = model, system_prompt
+        self._url = url.rstrip("/")
+        self.url = public_url(self._url)  # what is shown: no credentials, no query secrets
         self.max_tokens = max_tokens
-        # ``timeout`` bounds a silent stream (the SDK's read timeout); a model that trickles characters without
-        # finishing a sentence is bounded by the caller with the same figure (``respond.answer``)
+        # ``timeout`` bounds a silent stream (the SDK's read timeout); the caller bounds the time between complete
+        # sentences with the same figure, whatever arrives meanwhile (``respond.answer``)
         self.timeout = timeout
         # Servers without keys (Ollama, llama.cpp) take any; the SDK insists on one.
-        self._client = openai.AsyncOpenAI(base_url=self.url, api_key=api_key or "none", max_retries=0,
+        self._client = openai.AsyncOpenAI(base_url=self._url, api_key=api_key or "none", max_retries=0,
                                           timeout=timeout)
 
     def describe(self) -> dict[str, str]:
@@ -50,15 +58,18 @@ class ChatModel:
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise EngineError("model_unavailable", f"The chat model at {self.url} refused the key "
                                                    f"(HTTP {exc.status_code}): set TTS_CHAT_API_KEY") from None
-        except openai.APIStatusError as exc:
-            raise EngineError("model_unavailable", f"The chat model at {self.url} answered HTTP {exc.status_code}: "
-                                                   f"{_short(exc.message)}") from None
+        except openai.APIStatusError as exc:  # its body is the server's own text: logged, never forwarded
+            log.info("The chat model at %s answered HTTP %s: %s", self.url, exc.status_code,
+                     _short(scrub(exc.message, self._url)))
+            raise EngineError("model_unavailable", f"The chat model at {self.url} answered "
+                                                   f"{status_summary(exc.status_code)}") from None
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             raise EngineError("model_unavailable", f"The chat model at {self.url} is unreachable: "
-                                                   f"{_short(str(exc.__cause__ or exc))}") from None
-        except openai.OpenAIError as exc:  # a malformed stream
-            raise EngineError("model_unavailable", f"The chat model at {self.url} failed: {_short(str(exc))}") \
-                from None
+                                                   f"{_short(scrub(str(exc.__cause__ or exc), self._url))}") from None
+        except openai.OpenAIError as exc:  # a malformed stream, or an error event in it (the server's own text)
+            log.info("The chat model at %s failed: %s", self.url, _short(scrub(str(exc), self._url)))
+            raise EngineError("model_unavailable", f"The chat model at {self.url} failed mid-answer "
+                                                   f"({type(exc).__name__})") from None
         if not wrote:
             raise EngineError("generation_failed", f"The chat model at {self.url} answered with no text")
 

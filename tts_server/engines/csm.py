@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .request import SynthesisRequest
-from ..audio.text import estimate_ms, frames_for_ms, split_sentences
+from ..audio.text import FRAME_MS, estimate_ms, frames_for_ms, spoken_s, split_sentences
 from .base import ContextTurn, Engine, EngineError, SentenceMark, SynthesisTask
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
@@ -31,6 +31,14 @@ from .mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 log = logging.getLogger(__name__)
 # CSM has no speaking-rate control, and a time-stretch of streamed audio would need a streaming, pitch-keeping
 # stretcher that none of the maintained Python audio libraries offers: refused rather than done badly.
+
+
+def cut_off(speaker: int, sentence: str, frames: list[torch.Tensor]) -> ContextTurn:
+    """The beginning of a sentence a cancel cut off: its frames that went out, with the whole sentence's text and
+    how long that text takes to say (a barge-in keeps the share of its words that was heard)."""
+    heard_s = FRAME_MS / 1000 * len(frames)
+    return ContextTurn(speaker, sentence, None, {"csm": torch.stack(frames)}, duration=heard_s,
+                       text_s=max(heard_s, spoken_s(sentence)))
 
 
 def pick_device(requested: str) -> str:
@@ -255,32 +263,40 @@ class CsmEngine(Engine):
                 frames_iter = self.batcher.frames(embeds, sampling, budget, rng, cancel)
             else:
                 frames_iter = self.decoder.frames(embeds, sampling, budget, rng)
-            with contextlib.closing(frames_iter):  # however this ends, the batch row is given back at once
-                for frame in frames_iter:
-                    if cancel.is_set():
-                        return
-                    frames.append(frame)
-                    pending += 1
-                    if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
-                        chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
-                        emitted += pending
-                        pending = 0
-                        yield chunks[-1]
-            if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
-                return
-            if not frames:
-                raise EngineError("generation_failed",
-                                  f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
-            if pending:
-                chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
-                emitted += pending
-                yield chunks[-1]
+            turn = None
+            try:
+                with contextlib.closing(frames_iter):  # however this ends, the batch row is given back at once
+                    for frame in frames_iter:
+                        if cancel.is_set():
+                            return
+                        frames.append(frame)
+                        pending += 1
+                        if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
+                            chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
+                            emitted += pending
+                            pending = 0
+                            yield chunks[-1]
+                if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
+                    return
+                if not frames:
+                    raise EngineError("generation_failed",
+                                      f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
+                last = pending
+                if pending:
+                    chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
+                    emitted += pending
+                    pending = 0
+                turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
+                task.produced.append(turn)  # before its last chunk goes: a cancel at that chunk keeps it whole
+                if last:
+                    yield chunks[-1]
+            finally:  # stopped inside the sentence (a cancel closes this generator at a yield): what went out of it
+                if turn is None and len(frames) > pending:
+                    task.unfinished = cut_off(request.speaker, sentence, frames[:len(frames) - pending])
             if len(frames) == budget and remaining_ms < estimate_ms(sentence):
                 task.truncated = True  # the request's cap, not the sentence's end, stopped it
             remaining_ms -= 80 * len(frames)
-            turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
             spoken.append(turn)
-            task.produced.append(turn)
             yield SentenceMark(sentence, audio=turn.audio)  # its words: the core's aligner, if there is one
 
     def recover(self, stalled_for: float) -> None:

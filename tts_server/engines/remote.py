@@ -12,7 +12,8 @@ engine of the chain.  The SDK's own retries are off: the chain is the retry.
 Speaker ids map to remote voice names (``voices``); an unmapped id takes
 OpenAI's voice of the same number (0 alloy, 1 ash, ... as our own API numbers
 them), and ids past those take the first.  The key is sent as a bearer token
-and never logged or described.  A remote engine is not ``seedable``: its audio
+and never logged or described; the address is shown without credentials or
+query secrets, and a refusal as its status, the remote's own text only logged.  A remote engine is not ``seedable``: its audio
 is never cached.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..audio.codec import Resampler
+from .addresses import public_url, scrub, status_summary
 from .base import Engine, EngineError, SynthesisTask
 from .request import MAX_AUDIO_MS, OPENAI_VOICES
 
@@ -59,7 +61,8 @@ class RemoteEngine(Engine):
 
     def __init__(self, url: str, api_key: str | None = None, model: str = "tts-1", voices: dict[int, str] | None = None,
                  languages: Sequence[str] | None = None, timeout: float = 30, concurrency: int = 4) -> None:
-        self.url = url.rstrip("/")
+        self._url = url.rstrip("/")
+        self.url = public_url(self._url)  # what is shown: no credentials, no query secrets
         self._api_key = api_key
         self.model = model
         self.voices = dict(voices or {})
@@ -75,7 +78,7 @@ class RemoteEngine(Engine):
         """Make the client; nothing is sent (a remote that is down now may be up by the first request)."""
         from openai import OpenAI
 
-        self._client = OpenAI(base_url=self.url, api_key=self._api_key or "unset", timeout=self.timeout,
+        self._client = OpenAI(base_url=self._url, api_key=self._api_key or "unset", timeout=self.timeout,
                               max_retries=0)
 
     def describe(self) -> dict[str, Any]:
@@ -130,18 +133,24 @@ class RemoteEngine(Engine):
                         break
                 yield resample(np.zeros(0, np.float32), last=True)
         except openai.RateLimitError as exc:
-            raise EngineError("busy", f"the remote engine at {self.url} is busy (429): {_said(exc)}") from None
+            self._log_said(exc)
+            raise EngineError("busy", f"the remote engine at {self.url} is busy ({status_summary(429)})") from None
         except openai.APITimeoutError:
             raise EngineError("model_unavailable", f"the remote engine at {self.url} did not answer within "
                                                    f"{self.timeout:g} s") from None
         except openai.APIConnectionError as exc:
             raise EngineError("model_unavailable", f"the remote engine at {self.url} cannot be reached: "
-                                                   f"{exc.__cause__ or exc}") from None
+                                                   f"{scrub(str(exc.__cause__ or exc), self._url)[:300]}") from None
         except openai.APIStatusError as exc:
             code = "model_unavailable" if exc.status_code in (401, 403) or exc.status_code >= 500 \
                 else "generation_failed"
+            self._log_said(exc)
             raise EngineError(code, f"the remote engine at {self.url} refused the request "
-                                    f"({exc.status_code}): {_said(exc)}") from None
+                                    f"({status_summary(exc.status_code)})") from None
+
+    def _log_said(self, exc: Exception) -> None:
+        """The remote's own words are for the operator's log; users get the status (they may hold anything)."""
+        log.info("The remote engine at %s answered: %s", self.url, scrub(_said(exc), self._url))
 
     def close(self) -> None:
         if self._client is not None:

@@ -6,18 +6,29 @@ hysteresis as Silero's own ``VADIterator`` does: ``start`` once speech has
 lasted ``min_speech_ms`` (a cough or a click is not a turn), ``end`` once it has
 been followed by ``silence_ms`` of silence.  In between, ``pause`` after
 ``pause_ms`` of silence (the utterance may be over: a transcription can start
-before ``end`` is certain) and ``resume`` if speech comes back first.  Each
-detector has its own model state; feed it from one thread at a time.
+before ``end`` is certain) and ``resume`` if speech comes back first.
+
+One ONNX session serves every detector of the process (``silero_model``: a
+session is ~9 MiB, a stream's state 1 KiB); each detector keeps its own
+recurrent state (``SileroState``), so listeners never hear each other.  The
+model file is found inside the wheel without importing ``silero_vad``: its
+import calls ``torch.set_num_threads(1)`` on the importing thread, which would
+slow every codec encode on the turn-encoding thread.  Feed a detector from one
+thread at a time (onnxruntime's ``run`` itself may be called from any thread).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 RATE = 16000
 WINDOW = 512  # samples the model scores at once at 16 kHz
+CONTEXT = 64  # samples of the previous window the model sees before each one (as silero-vad's wrapper feeds it)
 
 
 @dataclass(frozen=True)
@@ -26,12 +37,57 @@ class Event:
     sample: int  # where it happened, in samples at 16 kHz since the detector began
 
 
+@dataclass
+class SileroState:
+    """What the model carries from one window of a stream to the next."""
+
+    recurrent: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros((1, CONTEXT), np.float32))
+
+
+class SileroModel:
+    """Silero VAD's ONNX network (the ``silero-vad`` wheel's file, run by onnxruntime on one CPU thread, as the
+    wheel's own wrapper runs it), stateless: each call takes and updates a stream's ``SileroState``."""
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        spec = importlib.util.find_spec("silero_vad")  # located, not imported (see the module docstring)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the silero-vad package is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = options.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
+        self._rate = np.array(RATE, np.int64)
+
+    def probability(self, state: SileroState, window: np.ndarray) -> float:
+        """The speech probability of one 512-sample window at 16 kHz, after the windows ``state`` has seen."""
+        x = np.concatenate([state.context, window.reshape(1, WINDOW).astype(np.float32, copy=False)], axis=1)
+        out, state.recurrent = self.session.run(None, {"input": x, "state": state.recurrent, "sr": self._rate})
+        state.context = x[:, -CONTEXT:]
+        return float(out[0, 0])
+
+
+_shared: SileroModel | None = None
+_loading = threading.Lock()
+
+
+def silero_model() -> SileroModel:
+    """The process's one Silero model, loaded on first use."""
+    global _shared
+    with _loading:
+        if _shared is None:
+            _shared = SileroModel()
+        return _shared
+
+
 class SpeechDetector:
     def __init__(self, silence_ms: float = 600, threshold: float = 0.5, min_speech_ms: float = 160,
                  pause_ms: float = 200) -> None:
-        from silero_vad import load_silero_vad  # its ONNX model ships in the wheel; onnxruntime runs it
-
-        self._model = load_silero_vad(onnx=True)
+        self.model = silero_model()
+        self._state = SileroState()
         self.threshold = threshold
         self.silence = int(silence_ms * RATE / 1000)
         self.min_speech = int(min_speech_ms * RATE / 1000)
@@ -45,14 +101,12 @@ class SpeechDetector:
 
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Score 16 kHz float samples; the events they complete, in order."""
-        import torch
-
         data = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         whole = len(data) // WINDOW * WINDOW
         self._pending = data[whole:]
         events = []
         for offset in range(0, whole, WINDOW):
-            probability = float(self._model(torch.from_numpy(data[offset:offset + WINDOW].copy()), RATE))
+            probability = self.model.probability(self._state, data[offset:offset + WINDOW])
             self.position += WINDOW
             event = self._step(probability)
             if event is not None:

@@ -26,9 +26,9 @@ function talkReply(msg) {
     case "speech_end":
       setTalkNote("transcribing…");
       return true;
-    case "turn_saved":
+    case "turn_saved":  // its id is the page's own: msg.turns stops growing once the history is full
       stats.talk.saved.push(msg);
-      addTurn({ id: `said-${msg.turns}`, text: msg.text, speaker: msg.speaker, role: "user" }).status = "said";
+      addTurn({ id: `said-${state.seq++}`, text: msg.text, speaker: msg.speaker, role: "user" }).status = "said";
       setTalkNote(talk.mode ? "listening…" : "");
       return true;
     case "reply_text": {

@@ -1,0 +1,154 @@
+"""No client's backlog on the shared speech-recognition thread delays another client's turn, and the work of a
+request or a client that has gone is dropped (tiny CSM, Whisper base as --stt-model, real WebSocket clients).
+
+The transcriber records the order of its calls (alignments of CSM's sentences, transcriptions of turns): the
+tests assert which ran before which, never how long anything took."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+
+import numpy as np
+import websockets
+
+from audio_fixtures import audio_bytes, pcm16, spoken
+from conftest import ahttp_get, csm_slot, read_until, recv_json, running_server, url
+from test_sessions import word_error_rate
+
+SENTENCES = 12  # alignments queued by one reply
+TEXT = " ".join(f"Sentence {i} is here." for i in range(SENTENCES))
+SAID = "Could you tell me a short story about the sea?"
+
+
+def recording_transcriber(whisper_dir):
+    """Whisper base that logs each call ("align" / "transcribe", in the order they run); while ``gate`` is clear a
+    call waits (holding the thread, so the work behind it stays queued)."""
+    from tts_server.engines.stt import Transcriber
+
+    class Recording(Transcriber):
+        def __init__(self) -> None:
+            super().__init__(str(whisper_dir), "cpu", local_only=True)
+            self.calls: list[tuple[str, float]] = []
+            self.gate = threading.Event()
+            self.gate.set()
+
+        def align(self, audio, rate, text):
+            self.calls.append(("align", len(audio) / rate))
+            self.gate.wait(60)
+            return super().align(audio, rate, text)
+
+        def transcribe(self, audio, rate=24000):
+            self.calls.append(("transcribe", len(audio) / rate))
+            self.gate.wait(60)
+            return super().transcribe(audio, rate)
+
+    return Recording()
+
+
+def aligned(calls) -> int:
+    return sum(kind == "align" for kind, _ in calls)
+
+
+async def backlog(ws, request_id: str) -> None:
+    """A CSM reply with word times for many sentences; returns once every sentence is generated (each one's
+    alignment has been asked for by then)."""
+    await ws.send(json.dumps({"text": TEXT, "request_id": request_id, "seed": 1, "stream": True, "format": "pcm",
+                              "timestamps": True, "progress": True, "max_audio_length_ms": 60000}))
+    await read_until(ws, lambda r: r.get("status") == "progress" and r["sentence"] == SENTENCES
+                     or r.get("status") in ("success", "error", "cancelled"))
+
+
+async def metric(port: int, name: str, thread: str = "stt") -> float:
+    _, text = await ahttp_get(port, "/metrics")
+    found = re.search(rf'^{name}{{thread="{thread}"}} (\S+)$', text, re.M)
+    assert found, f"{name} for {thread} is not in /metrics"
+    return float(found.group(1))
+
+
+async def queued_becomes(port: int, count: int) -> float:
+    """Polls the shared thread's queue gauge until it shows ``count`` (bounded); the last value seen."""
+    for _ in range(400):
+        if (seen := await metric(port, "tts_shared_thread_queued")) == count:
+            break
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def test_a_turn_is_transcribed_before_another_clients_backlog_of_alignments_which_a_cancel_drops(
+        tiny_model_dir, whisper_dir):
+    stt = recording_transcriber(whisper_dir)
+    async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
+        await server._stt_loaded.wait()
+        async with websockets.connect(url(server)) as a, websockets.connect(url(server)) as b:
+            stt.gate.clear()  # A's first alignment holds the thread: the rest of its backlog waits behind it
+            await backlog(a, "long")
+            await b.send(json.dumps({"type": "turn", "speaker": 1}))
+            await b.send(audio_bytes(spoken(SAID, 24000)))
+            waiting = await queued_becomes(server.port, SENTENCES)  # A's 11 and B's turn
+            stt.gate.set()
+            saved = await recv_json(b)
+            await a.send(json.dumps({"type": "cancel", "request_id": "long"}))
+            ended, _, _ = await read_until(a, lambda r: r.get("status") in ("success", "error", "cancelled"))
+            queued = await metric(server.port, "tts_shared_thread_queued")
+            dropped = await metric(server.port, "tts_shared_thread_dropped_total")
+    assert waiting == SENTENCES
+    assert saved["status"] == "turn_saved" and word_error_rate(SAID, saved["text"]) <= 0.2
+    turn_at = [kind for kind, _ in stt.calls].index("transcribe")
+    # B's turn ran right after the alignment running when it came, not after A's backlog
+    assert aligned(stt.calls[:turn_at]) == 1, stt.calls
+    assert ended == {"status": "cancelled", "request_id": "long"}
+    # A's waiting alignments were dropped, not run: at most the one running at the cancel, and one more, ran
+    assert queued == 0 and aligned(stt.calls) + dropped == SENTENCES and dropped >= SENTENCES - 4
+
+
+async def test_a_client_that_leaves_has_its_queued_alignments_dropped(tiny_model_dir, whisper_dir):
+    stt = recording_transcriber(whisper_dir)
+    async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
+        await server._stt_loaded.wait()
+        stt.gate.clear()
+        async with websockets.connect(url(server)) as a:
+            await backlog(a, "long")
+            waiting = await metric(server.port, "tts_shared_thread_queued")
+        left = await queued_becomes(server.port, 0)  # the close reaches the server: its queue empties
+        stt.gate.set()
+        async with websockets.connect(url(server)) as b:  # the next client's turn is served at once
+            await b.send(json.dumps({"type": "turn", "speaker": 1}))
+            await b.send(audio_bytes(spoken(SAID, 24000)))
+            saved = await recv_json(b)
+        dropped = await metric(server.port, "tts_shared_thread_dropped_total")
+    assert waiting == SENTENCES - 1 and left == 0 and dropped == SENTENCES - 1
+    assert saved["status"] == "turn_saved"
+    assert [kind for kind, _ in stt.calls] == ["align", "transcribe"]  # none of the dropped ones ran later
+
+
+async def test_pauses_in_one_utterance_keep_at_most_one_speculative_transcription_waiting(tiny_model_dir,
+                                                                                         whisper_dir):
+    """Speech with many short gaps (each a pause, then a resume): a transcription starts at each pause, but a newer
+    pause replaces one still waiting and a resume drops it; the turn's own transcript is right."""
+    stt = recording_transcriber(whisper_dir)
+    rate, phrase = 16000, spoken("Yes, and then", 16000)
+    gap = np.zeros(int(0.35 * rate), np.float32)  # longer than the pause (200 ms), shorter than the end (600 ms)
+    pieces = [np.zeros(int(0.3 * rate), np.float32)]
+    for _ in range(8):
+        pieces += [phrase, gap]
+    pieces += [spoken(SAID, rate), np.zeros(int(1.0 * rate), np.float32)]
+    async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
+        await server._stt_loaded.wait()
+        stt.gate.clear()  # transcriptions wait: every one started by a pause stays queued or running
+        async with websockets.connect(url(server)) as ws:
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": rate, "vad": True}))
+            data = pcm16(np.concatenate(pieces))
+            for offset in range(0, len(data), 1280):
+                await ws.send(data[offset:offset + 1280])
+            ended, others, _ = await read_until(ws, lambda r: r.get("status") in ("speech_end", "error"))
+            waiting = server.stt_thread.pending
+            stt.gate.set()
+            saved, _, _ = await read_until(ws, lambda r: r.get("status") in ("turn_saved", "error"))
+    assert ended["status"] == "speech_end" and [r["status"] for r, _ in others] == ["speech_start"], (ended, others, stt.calls)
+    assert waiting <= 1  # the last pause's transcription; every earlier one was replaced or dropped
+    assert len(stt.calls) <= 2, stt.calls  # the first (running when the speaker went on), and the last
+    assert saved["status"] == "turn_saved" and word_error_rate(" ".join(["Yes, and then"] * 8 + [SAID]),
+                                                               saved["text"]) <= 0.25

@@ -1,0 +1,94 @@
+"""The session store as the event loop calls it: on threads of its own, with a deadline, its failures coded.
+
+Store calls block (SQLite's disk, Redis's network).  They run on a small pool of
+their own, never on asyncio's default executor (the OpenAI endpoint encodes
+audio there) nor on an engine's worker (a reply's turns are stored after its
+generation, by the scheduler, on the loop): a stalled store holds up the
+requests that need it and no others.  A call that does not answer within
+``deadline`` seconds, or that fails because the store cannot be reached, is
+``store_unavailable`` (HTTP 503); every call tries the store again, so one that
+comes back is used at once, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..engines.base import ContextTurn
+from . import replies as r
+from .sessions import StoredTurn
+
+log = logging.getLogger(__name__)
+DEADLINE = 2.0  # seconds a store call may take
+THREADS = 4
+
+
+class Sessions:
+    """Async front of a ``SessionStore`` or ``RedisSessionStore`` (the same methods, awaited)."""
+
+    def __init__(self, store, deadline: float = DEADLINE, threads: int = THREADS) -> None:
+        self.store = store
+        self.deadline = deadline
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="session-store")
+        self._down: str | None = None  # why the last call failed (logged once per outage)
+
+    async def create(self, owner: str, counted_as: str | None = None) -> str:
+        return await self._call("create", owner, counted_as)
+
+    async def touch(self, session: str, owner: str) -> None:
+        """The session is this owner's and the store answers: asked before a reply that joins it is generated, so a
+        refusal comes before the audio, not after it."""
+        await self._call("touch", session, owner)
+
+    async def turns(self, session: str, owner: str) -> list[StoredTurn]:
+        return await self._call("turns", session, owner)
+
+    async def append(self, session: str, owner: str, turn: StoredTurn) -> int:
+        return await self._call("append", session, owner, turn)
+
+    async def extend(self, session: str, owner: str, turns: list[ContextTurn]) -> list[int]:
+        return await self._call("extend", session, owner, list(turns))
+
+    async def replace(self, session: str, owner: str, seqs: list[int], turns: list[ContextTurn]) -> None:
+        await self._call("replace", session, owner, seqs, turns)
+
+    async def delete(self, session: str, owner: str) -> None:
+        await self._call("delete", session, owner)
+
+    async def sweep_every(self, seconds: float) -> None:
+        """Delete expired sessions every ``seconds`` (a background task): expiry does not wait for a new session."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self._call("sweep")
+            except r.ProtocolError:
+                pass  # logged by _call; the next sweep tries again
+            except Exception:
+                log.exception("Sweeping expired sessions failed")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        future = self._pool.submit(getattr(self.store, method), *args)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), self.deadline)
+        except asyncio.TimeoutError:  # a call still waiting for a thread is dropped (wait_for cancelled it)
+            raise self._unavailable(f"it did not answer within {self.deadline:g} s") from None
+        except self.store.unreachable as exc:  # the client is told the kind; the log has the details
+            raise self._unavailable(type(exc).__name__, str(exc)) from None
+        if self._down is not None:
+            log.info("The session store answers again")
+            self._down = None
+        return result
+
+    def _unavailable(self, why: str, detail: str = "") -> r.ProtocolError:
+        if self._down is None:
+            log.warning("The session store is unavailable: %s %s", why, detail)
+        self._down = why
+        return r.ProtocolError(r.ErrorCode.STORE_UNAVAILABLE, f"The session store is unavailable ({why}); what was "
+                                                              "stored before is kept: retry shortly")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
