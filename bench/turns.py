@@ -93,7 +93,8 @@ async def run(runs: int, stt_model: str | None, redis: str | None) -> None:
     stores = {"sqlite": f"sqlite:///{database}", "memory": "memory", **({"redis": redis} if redis else {})}
     stt = Transcriber(stt_model, "cpu", local_only=True) if stt_model else None
     servers = {name: TTSServer(EngineSlot(CsmEngine(lambda: folder, device="cpu")), host="127.0.0.1", port=0,
-                               session_store=store, rate_limit=10**6, stt=stt if name == "sqlite" else None)
+                               session_store=store, rate_limit=10**6, stt=stt if name == "sqlite" else None,
+                               audio_burst_seconds=10**9)  # turns sent at full speed: the wait is measured, not the pace
                for name, store in stores.items()}
     for server in servers.values():
         await server.start()

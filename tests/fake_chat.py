@@ -7,7 +7,8 @@ and when each answer's stream started and finished (``time.time()``).  ``key`` s
 ``error`` (status, body) answers every request with that status and body, as a failing server would.
 ``idle`` set: after ``reply`` the stream never ends, sending every ``idle`` seconds what carries no text (an empty
 delta, a reasoning token, a chunk without choices, an SSE comment), as keep-alives and thinking models do, until
-the client hangs up (``hung_up``).
+the client hangs up (``hung_up``).  ``raw`` set: the stream is those ``data:`` payloads as they are (malformed ones,
+say), then ``[DONE]``.  ``paths`` records each request's path and query.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import time
 
 class FakeChat:
     def __init__(self, reply: str, delay: float = 0.0, key: str | None = None, first: float = 0.0,
-                 error: tuple[int, str] | None = None, idle: float | None = None) -> None:
+                 error: tuple[int, str] | None = None, idle: float | None = None, raw: list[str] | None = None) -> None:
         self.reply, self.delay, self.key, self.first = reply, delay, key, first
-        self.error, self.idle = error, idle
+        self.error, self.idle, self.raw = error, idle, raw
         self.requests: list[dict] = []
+        self.paths: list[str] = []
         self.started: list[float] = []
         self.finished: list[float] = []
         self.hung_up = threading.Event()  # a client closed the stream before its end
@@ -36,6 +38,7 @@ class FakeChat:
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
                 owner.requests.append(body)
+                owner.paths.append(self.path)
                 if owner.key is not None and self.headers.get("authorization") != f"Bearer {owner.key}":
                     return self._refuse(401, json.dumps({"error": {"message": "Incorrect API key provided", "type":
                                                          "invalid_request_error", "code": "invalid_api_key"}}))
@@ -46,6 +49,12 @@ class FakeChat:
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
                 owner.started.append(time.time())
+                if owner.raw is not None:
+                    for payload in owner.raw:
+                        self._event(f"data: {payload}\n\n")
+                    self._event("data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return self.wfile.flush()
                 words = owner.reply.split(" ")
                 deltas = [{"role": "assistant", "content": ""}] + \
                     [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)] + [{}]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from ..core import replies as r
+from ..core.fair import Dropped
 from ..core.jobs import Busy, Job
 from ..core.listening import Listener
 from ..core.respond import answer, chat_messages
@@ -89,7 +90,14 @@ class Dialogue:
 
     async def _encode(self, fn, *args):
         """``fn(*args)`` on the turn-encoding thread, in this connection's turn (``fair.Dropped`` once it closed)."""
+        self._check_open()
         return await self.service.shared(self.service.turn_encoding, self._client, fn, *args)
+
+    def _check_open(self) -> None:
+        """``fair.Dropped`` if the client has gone, though frames it sent before are still being read: none of
+        them is worth a model's time."""
+        if self.ws.app.state.connections.gone(self._client):
+            raise Dropped("its connection closed")
 
     async def _stream_audio(self, pcm: bytes) -> None:
         self._paced(pcm)
@@ -200,6 +208,7 @@ class Dialogue:
     async def _save_turn(self, message: d.TurnMessage, data: bytes) -> None:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
         audio = await self._checked_audio(data, "Turn audio")
+        self._check_open()
         text = message.text or await self.service.transcript(audio, connection=self._client)
         codes = await self.service.codes_of(audio, self._client)
         await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": codes}))
@@ -222,7 +231,11 @@ class Dialogue:
         chat = self.service.chat
         if chat is None:
             raise self._no_chat(request_id)
-        messages = chat_messages(await self._transcript(), options.speaker)
+        try:
+            transcript = await self._transcript()
+        except r.ProtocolError as exc:  # the store is down: refused under this answer's id
+            raise r.ProtocolError(exc.code, exc.message, request_id) from None
+        messages = chat_messages(transcript, options.speaker)
         if not messages:
             raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no "
                                                                "turns with text", request_id)

@@ -118,6 +118,8 @@ class TTSServer(Service):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.close_background()
+        if self.chat is not None:  # its pooled connections belong to this loop: closed here, not by the collector
+            await self.chat.close()
         self.scheduler.close()
         self.sessions.close()
         for thread in (self.turn_encoding, self.stt_thread):  # what waits there is for clients that are gone

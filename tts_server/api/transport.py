@@ -29,6 +29,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 log = logging.getLogger(__name__)
 SEND_BUFFER_BYTES = 256 * 1024  # ~2.7 s of 24 kHz s16 audio; plenty for any link that keeps up
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client is still sending its request
+_PEER_CLOSED = (7, 8)  # Linux TCP states: CLOSE (reset), CLOSE_WAIT (its FIN arrived: it sends nothing more)
 
 
 class Connections:
@@ -45,6 +46,19 @@ class Connections:
     def closed(self, client: tuple | None) -> None:
         if client is not None and self._transports.pop(client, None) is not None:
             self._release(client)
+
+    def gone(self, client: tuple | None) -> bool:
+        """Whether the client has closed or reset its TCP connection while what it sent before is still being read:
+        reading is paused while the app works through earlier frames, so ``connection_lost`` comes only once they are
+        all read.  Its kernel state tells at once (Linux: ``TCP_INFO``; elsewhere always False)."""
+        transport = self._transports.get(tuple(client)) if client else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _PEER_CLOSED
+        except OSError:
+            return False
 
     def abort(self, client: tuple | None) -> None:
         """Drop a connection now, unsent data and all (a client that stopped reading)."""

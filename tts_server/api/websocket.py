@@ -271,10 +271,13 @@ class Connection(Dialogue):
         seqs = self._stored.pop(request_id, None)
         if self.session is not None and (seqs or kept):
             store = self.service.sessions
-            if seqs:
-                await store.replace(self.session, self.owner, seqs, kept)
-            else:
-                await store.extend(self.session, self.owner, kept)
+            try:
+                if seqs:
+                    await store.replace(self.session, self.owner, seqs, kept)
+                else:
+                    await store.extend(self.session, self.owner, kept)
+            except r.ProtocolError as exc:  # the store is down: the cut is this connection's alone
+                raise r.ProtocolError(exc.code, exc.message, request_id) from None
         await self.send({"status": "truncated", "request_id": request_id,
                          "kept_s": round(sum(turn.duration_s for turn in kept), 3)})
 
@@ -288,7 +291,10 @@ class Connection(Dialogue):
             finally:
                 self.live.pop(job.request_id, None)
             if (played_ms := self._cuts.pop(job.request_id, None)) is not None:
-                await self._cut(job.request_id, played_ms, job)
+                try:
+                    await self._cut(job.request_id, played_ms, job)
+                except r.ProtocolError as exc:  # told, and the writer lives on for the connection's next replies
+                    await self.send(exc.reply())
 
 
 async def serve(ws: WebSocket) -> None:

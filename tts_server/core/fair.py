@@ -29,6 +29,7 @@ import collections
 import concurrent.futures
 import math
 import threading
+import weakref
 from typing import Any, Callable, Hashable
 
 SERVER = "server"  # the owner of work submitted without one (``Executor.submit``)
@@ -94,8 +95,9 @@ class FairThread(concurrent.futures.Executor):
             if owner not in self._turns and not running:  # the running owner's turn comes back when it ends
                 self._turns[owner] = None
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                self._thread = threading.Thread(target=self._work, name=self.name)
                 self._thread.start()
+                _started.add(self)
             self._lock.notify()
         item.future.add_done_callback(lambda future: future.cancelled() and self._forget(item))
         return item.future
@@ -215,6 +217,19 @@ class FairThread(concurrent.futures.Executor):
             self.cancel(owner)
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+
+_started: weakref.WeakSet[FairThread] = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    """At interpreter exit (as ``ThreadPoolExecutor`` does): what waits is dropped, and the item running is let
+    finish before the interpreter goes (a model call cut off by exit aborts the process)."""
+    for thread in list(_started):
+        thread.shutdown(wait=False, cancel_futures=True)
+
+
+threading._register_atexit(_at_exit)  # before non-daemon threads are joined
 
 
 def discard(future: concurrent.futures.Future) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -36,6 +37,10 @@ class Outcome:
     ttfa: float | None
     final: tuple
     audio: bytes | None = None
+    # "words": the audio is all out and its last alignments still run (``waiting``); ``then()`` finishes the run
+    # once they have ended, off the engine's worker (the scheduler waits on the loop)
+    waiting: list | None = None
+    then: Callable[[], "Outcome"] | None = None
 
 
 def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: float, started: float,
@@ -109,29 +114,36 @@ def generate(job: Job, engine: Engine, sample_rate: int, stream_buffer_seconds: 
     if samples == 0:
         raise EngineError("generation_failed", f"{engine.name} produced no audio")
     duration = samples / sample_rate
-    timing.wait()  # ends early when the job is cancelled meanwhile: its alignments are dropped (``Job.attach``)
-    if job.cancel_event.is_set():
-        return Outcome("cancelled", duration, first_audio, (r.cancelled_reply(request.request_id),))
-    with timing.lock:
-        heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
-        words(heard)
-    if len(timing.by_sentence) == len(job.task.produced):  # the turns remember their words (a barge-in cut)
-        for turn, placed in zip(job.task.produced, timing.by_sentence):
-            turn.words = placed
-    facts = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
-             "truncated": cut or job.task.truncated, **timing.describe()}
-    if request.stream:
-        reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
-                                chunks=len(pieces), **meta, **facts)
-        return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None)
-    data = encode_file(np.concatenate(pieces), sample_rate, request.format)
-    job.unsent_bytes(len(data))
-    job.audio_sent = True
-    if request.timestamps and not timing.reason:
-        facts["words"] = [vars(word) for word in heard]
-    reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
-                            **meta, **facts)
-    return Outcome("success", duration, first_audio, (reply, data), data if keep else None)
+
+    def finish() -> Outcome:
+        """The rest, once every alignment has ended: the last words, the final reply (a whole file's encoding)."""
+        timing.wait()  # (all ended, or dropped: a job cancelled meanwhile drops them, ``Job.attach``)
+        if job.cancel_event.is_set():
+            return Outcome("cancelled", duration, first_audio, (r.cancelled_reply(request.request_id),))
+        with timing.lock:
+            heard = [w for w in timing.rest(duration) if w.start_s < duration or not cut]
+            words(heard)
+        if len(timing.by_sentence) == len(job.task.produced):  # the turns remember their words (a barge-in cut)
+            for turn, placed in zip(job.task.produced, timing.by_sentence):
+                turn.words = placed
+        facts = {"generation_s": round(time.perf_counter() - started, 4), "ttfa_ms": round(1000 * first_audio, 1),
+                 "truncated": cut or job.task.truncated, **timing.describe()}
+        if request.stream:
+            reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=sum(pieces), duration_s=duration,
+                                    chunks=len(pieces), **meta, **facts)
+            return Outcome("success", duration, first_audio, (reply,), b"".join(kept) if keep else None)
+        data = encode_file(np.concatenate(pieces), sample_rate, request.format)
+        job.unsent_bytes(len(data))
+        job.audio_sent = True
+        if request.timestamps and not timing.reason:
+            facts["words"] = [vars(word) for word in heard]
+        reply = r.success_reply(request, sample_rate=sample_rate, length_bytes=len(data), duration_s=duration,
+                                **meta, **facts)
+        return Outcome("success", duration, first_audio, (reply, data), data if keep else None)
+
+    if timing.unfinished():  # the audio is all out, the words wait for the aligner: the engine's worker need not
+        return Outcome("words", duration, first_audio, (), waiting=timing.unfinished(), then=finish)
+    return finish()
 
 
 def _engine_chunks(engine: Engine, task: SynthesisTask):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from typing import AsyncIterator, Callable, Sequence
 
@@ -26,8 +27,7 @@ from . import replies as r
 from .jobs import Job
 from .sessions import StoredTurn
 
-
-
+log = logging.getLogger(__name__)
 PROMPT_CHARS = 12_000  # the most transcript the chat model is sent (the system prompt apart): ~3,000 tokens
 WATCH_S = 0.1  # how often a wait for the chat model looks at the job's cancel flag (a thread's event, not awaitable)
 
@@ -107,6 +107,11 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
     except r.ProtocolError as exc:  # the queue refused it
         feed.close(EngineError(exc.code.value, exc.message))
         job.finish(exc.reply())
+    except Exception:  # a bug costs this answer, never its terminal reply (the connection's writer waits for it)
+        log.exception("The answer %s failed", job.request_id)
+        feed.close(EngineError("internal_error", "Internal server error"))
+        if not queued:
+            job.finish(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
     finally:
         feed.close()  # however it ended, the engine is not left waiting (after an error, it reads that first)
         if job.cancel_event.is_set() and not job.started:

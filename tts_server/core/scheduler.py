@@ -35,6 +35,7 @@ from . import cache
 from . import replies as r
 from ..engines.request import SynthesisRequest
 from .cache import AudioCache
+from .fair import discard
 from ..engines.base import EngineError
 from .generation import Outcome, generate
 from .jobs import Busy, EngineSlot, Job
@@ -63,6 +64,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self.aligner: Aligner | None = None  # word times for engines without their own (set by the service)
         self._unstored: dict[Job, tuple[Outcome, float]] = {}  # made, to be stored in a session before the reply
+        self._wording: dict[Job, tuple[Outcome, float]] = {}  # audio out, its last words still being aligned
 
     @property
     def primary(self) -> EngineSlot:
@@ -176,6 +178,8 @@ class Scheduler:
             while slot is not None:  # a retry runs on the next engine's own worker thread
                 job.slot = slot
                 slot = await self._run_watched(job, slot)
+            if job in self._wording:
+                await self._await_words(job)
             if job in self._unstored:
                 await self._store(job)
         except Exception:  # preparing the prompt failed: answer the job, keep serving
@@ -188,6 +192,35 @@ class Scheduler:
     def wake(self) -> None:
         """Look at the queue again (a job ended, an engine finished loading, ...)."""
         self._wakeup.set()
+
+    async def _await_words(self, job: Job) -> None:
+        """A reply's audio is all out and its last words wait for the aligner (the speech thread every connection
+        shares, turn by turn): its engine's worker is free meanwhile, and the run ends once they have ended (or
+        none has for ``generation_timeout``: the rest are dropped, and the reply says it has no words)."""
+        pending, started = self._wording.pop(job)
+        slot, job.slot = job.slot, None  # it no longer holds a place on its engine
+        self.wake()
+        waiting = {asyncio.wrap_future(future) for future in pending.waiting}
+        for future in waiting:  # their errors are ``then``'s to read, not asyncio's to report
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, timeout=self.generation_timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                for future in pending.waiting:
+                    discard(future)
+                break
+        try:
+            outcome = await asyncio.to_thread(pending.then)
+        except Exception:  # our own bug (placing words, encoding): this request fails, the server lives on
+            log.exception("internal error on request %s", job.request_id)
+            outcome = Outcome("error", 0.0, None,
+                              (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+        job.slot = slot
+        if outcome.status == "success" and job.persist is not None and not job.abandoned:
+            self._unstored[job] = outcome, started
+        else:
+            self._conclude(job, slot, outcome, started)
 
     async def _store(self, job: Job) -> None:
         """Store a made reply's turns in its session (``job.persist``, awaited on the loop: the store's own threads
@@ -271,6 +304,9 @@ class Scheduler:
             log.exception("internal error on request %s", job.request_id)
             outcome = Outcome("error", 0.0, None,
                               (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+        if outcome.then is not None:  # its words wait for the aligner: finished on the loop, this worker freed
+            self._wording[job] = outcome, started
+            return None
         if outcome.status == "success" and job.persist is not None and not job.abandoned:
             self._unstored[job] = outcome, started  # stored by ``_store`` on the loop, not on this worker thread
             return None

@@ -7,11 +7,15 @@ with ``appendonly yes``).  Keys, per session: ``tts:s:<id>`` (a hash: owner),
 16-bit codes), both expiring after ``ttl`` seconds without use; ``tts:live`` (a
 sorted set of ids by last use) counts sessions for ``max_sessions``, and
 ``tts:o:<counted_as>`` those of one key or address for ``max_per_owner``.  Each
-call is one MULTI/EXEC transaction (``WATCH`` where it reads before it writes).
+call is one MULTI/EXEC transaction (``WATCH`` where it reads before it writes);
+``create`` is one script (``CREATE``): its counts and its insert are one step,
+so creates racing from many connections or replicas never pass the caps.
 
-The client waits at most ``TIMEOUT`` s for Redis and retries once at once (a
-pooled connection that Redis's restart broke is replaced, and the call goes
-through): a stalled Redis costs a call about two seconds, not ten.
+The client waits at most ``TIMEOUT`` s for Redis.  A command that could not be
+sent (a pooled connection that Redis's restart broke) is sent again at once on
+a new connection; one that was sent and not answered in time is not: a stalled
+Redis carries it out when it resumes, and sending it again would store a turn
+twice.  The caller is told ``store_unavailable`` (the write may yet land).
 """
 
 from __future__ import annotations
@@ -27,6 +31,22 @@ from .sessions import StoredTurn, server_full, too_many, unknown
 
 LIVE = "tts:live"
 TIMEOUT = 1.0  # seconds, per connect and per reply
+# KEYS: the live set, the owner's set, the session's hash; ARGV: id, now, ttl, max per owner (-1: none), max
+# sessions, owner, counted key.  0: created (or already was: a resent create), 1: the owner's cap, 2: the server's.
+CREATE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+if tonumber(ARGV[4]) >= 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return 2 end
+redis.call('HSET', KEYS[3], 'owner', ARGV[6], 'seq', -1, 'counted', ARGV[7])
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('EXPIRE', KEYS[2], ttl)
+return 0
+"""
 
 
 def _pack(seq: int, turn: StoredTurn) -> bytes:
@@ -53,27 +73,18 @@ class RedisSessionStore:
         self.max_per_owner = max_per_owner  # None: no cap but the server's
         self.unreachable = (redis.RedisError, OSError)  # ``store_unavailable``
         self._redis = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                           retry=Retry(NoBackoff(), 1))
+                                           retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        self._create = self._redis.register_script(CREATE)
 
     def create(self, owner: str, counted_as: str | None = None) -> str:
-        session, now, mine = secrets.token_urlsafe(16), self._clock(), f"tts:o:{counted_as or owner}"
-        with self._redis.pipeline() as tx:
-            tx.zremrangebyscore(LIVE, "-inf", now - self.ttl)
-            tx.zremrangebyscore(mine, "-inf", now - self.ttl)
-            tx.zcard(mine)
-            tx.zcard(LIVE)
-            held, total = tx.execute()[2:]
-        if self.max_per_owner is not None and held >= self.max_per_owner:
+        session, mine = secrets.token_urlsafe(16), f"tts:o:{counted_as or owner}"
+        refused = self._create(keys=[LIVE, mine, f"tts:s:{session}"], args=[
+            session, self._clock(), int(self.ttl), -1 if self.max_per_owner is None else self.max_per_owner,
+            self.max_sessions, owner, mine])
+        if refused == 1:
             raise too_many(self.max_per_owner)
-        if total >= self.max_sessions:
+        if refused == 2:
             raise server_full(self.max_sessions)
-        with self._redis.pipeline() as tx:
-            tx.hset(f"tts:s:{session}", mapping={"owner": owner, "seq": -1, "counted": mine})
-            tx.expire(f"tts:s:{session}", int(self.ttl))
-            tx.zadd(LIVE, {session: now})
-            tx.zadd(mine, {session: now})
-            tx.expire(mine, int(self.ttl))
-            tx.execute()
         return session
 
     def touch(self, session: str, owner: str) -> None:
@@ -92,7 +103,10 @@ class RedisSessionStore:
 
     def _add(self, session: str, owner: str, turn: StoredTurn) -> tuple[int, int]:
         self._check(session, owner)
-        seq = self._redis.hincrby(f"tts:s:{session}", "seq", 1)
+        with self._redis.pipeline() as tx:  # deleted meanwhile: the hash this makes again expires too
+            tx.hincrby(f"tts:s:{session}", "seq", 1)
+            tx.expire(f"tts:s:{session}", int(self.ttl))
+            seq = tx.execute()[0]
         entries = f"tts:t:{session}"
         with self._redis.pipeline() as tx:
             tx.rpush(entries, _pack(seq, turn))

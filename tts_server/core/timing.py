@@ -99,6 +99,10 @@ class Timing:
         out, self._sent = self.words[self._sent:ready], ready
         return out
 
+    def unfinished(self) -> list:
+        """The alignments still waiting or running."""
+        return [future for future, _ in list(self._aligning) if not future.done()]
+
     def wait(self) -> None:
         """Wait for the alignments still running (without ``lock``: their callbacks take it).  Each one that ends is
         progress for the watchdog: the engine is done, and on a busy aligner (its turns shared fairly with other

@@ -8,7 +8,7 @@ the WebSocket runs them on the turn-encoding thread, one piece at a time.
 
 Since the codec is fed as the audio comes, the only audio a turn keeps is the
 copy for its transcript (a turn sent without text): 16-bit at Whisper's 16 kHz,
-3.7 MiB for the longest turn rather than the 22 MiB of float32 at 24 kHz.
+3.7 MiB for the longest turn rather than 11 MiB of float32 at 24 kHz.
 """
 
 from __future__ import annotations

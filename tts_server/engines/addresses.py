@@ -29,6 +29,15 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def client_address(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` as the ``openai`` SDK takes it: the base address without its query, and the query apart (for
+    ``default_query``).  The SDK appends its paths to the base as a string: a query left in it would come before
+    the path (``/v1/?key=...chat/completions``)."""
+    parts = urlsplit(url)
+    return (urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+            dict(parse_qsl(parts.query, keep_blank_values=True)))
+
+
 def url_secrets(url: str | None) -> tuple[str, ...]:
     """What ``public_url`` hides (user name, password, query values, fragment), for the log filter to hide too."""
     if not url:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator
 
-from .addresses import public_url, scrub, status_summary
+from .addresses import client_address, public_url, scrub, status_summary
 from .base import EngineError
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ class ChatModel:
         # sentences with the same figure, whatever arrives meanwhile (``respond.answer``)
         self.timeout = timeout
         # Servers without keys (Ollama, llama.cpp) take any; the SDK insists on one.
-        self._client = openai.AsyncOpenAI(base_url=self._url, api_key=api_key or "none", max_retries=0,
-                                          timeout=timeout)
+        base, query = client_address(self._url)
+        self._client = openai.AsyncOpenAI(base_url=base, default_query=query or None, api_key=api_key or "none",
+                                          max_retries=0, timeout=timeout)
 
     def describe(self) -> dict[str, str]:
         return {"url": self.url, "model": self.model}
@@ -51,7 +52,7 @@ class ChatModel:
                                                                 stream=True, max_tokens=self.max_tokens)
             async with stream:
                 async for chunk in stream:
-                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    delta = _text_of(chunk)
                     if delta:
                         wrote = True
                         yield delta
@@ -70,11 +71,35 @@ class ChatModel:
             log.info("The chat model at %s failed: %s", self.url, _short(scrub(str(exc), self._url)))
             raise EngineError("model_unavailable", f"The chat model at {self.url} failed mid-answer "
                                                    f"({type(exc).__name__})") from None
+        except ValueError as exc:  # a chunk that is not JSON, or not a chunk's shape
+            log.info("The chat model at %s sent a malformed chunk: %s", self.url, _short(scrub(str(exc), self._url)))
+            raise EngineError("model_unavailable", f"The chat model at {self.url} sent a stream that is not "
+                                                   "OpenAI's chat-completions format") from None
         if not wrote:
             raise EngineError("generation_failed", f"The chat model at {self.url} answered with no text")
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _text_of(chunk) -> str | None:
+    """A streamed chunk's text; None for one without text (the role, a finish, a keep-alive without choices).
+    ``ValueError`` for any other shape: the SDK builds chunks without checking them, so a chat server's number,
+    list or null would otherwise fail far from here, where nothing ends the answer."""
+    from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta
+
+    if not isinstance(chunk, ChatCompletionChunk):
+        raise ValueError(f"a chunk that is a {type(chunk).__name__}, not an object")
+    choices = getattr(chunk, "choices", None) or []
+    if not isinstance(choices, list) or not all(isinstance(choice, Choice) for choice in choices):
+        raise ValueError("'choices' is not a list of choices")
+    delta = getattr(choices[0], "delta", None) if choices else None
+    if delta is not None and not isinstance(delta, ChoiceDelta):
+        raise ValueError("'delta' is not an object")
+    text = getattr(delta, "content", None)
+    if text is not None and not isinstance(text, str):
+        raise ValueError("'content' is not a string")
+    return text or None
 
 
 def _short(text: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..audio.codec import Resampler
-from .addresses import public_url, scrub, status_summary
+from .addresses import client_address, public_url, scrub, status_summary
 from .base import Engine, EngineError, SynthesisTask
 from .request import MAX_AUDIO_MS, OPENAI_VOICES
 
@@ -78,8 +78,9 @@ class RemoteEngine(Engine):
         """Make the client; nothing is sent (a remote that is down now may be up by the first request)."""
         from openai import OpenAI
 
-        self._client = OpenAI(base_url=self._url, api_key=self._api_key or "unset", timeout=self.timeout,
-                              max_retries=0)
+        base, query = client_address(self._url)  # a query in the address goes on every request, after the path
+        self._client = OpenAI(base_url=base, default_query=query or None, api_key=self._api_key or "unset",
+                              timeout=self.timeout, max_retries=0)
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "model": self.model, "voice": self.voice_for(0), "sample_rate": self.sample_rate,
