@@ -11,9 +11,9 @@ sends a 2.4 s turn without text (transcribed by Whisper) and then a one-line syn
 3. two listeners each send three 16 MiB frames of 8 kHz silence (17 minutes of audio a frame);
 9. two ``respond`` answers whose chat model sends one sentence and then only keep-alives.
 
-Ratios (under attack / alone, medians) are the goal: at most 2x.  Then the server's resident memory with 64
-connections each holding an idle listener, and 64 each holding a streamed turn of 2 minutes (sent at the pace
-the server accepts), per connection.
+Ratios (under attack / alone, medians) are the goal: at most 2x.  Then ``bench/memory.py``: the server's resident
+memory with 64 connections each holding an idle listener, and 64 each holding a streamed turn of 2 minutes, per
+connection.
 
     python bench/fairness.py --stt-model DIR [--runs 3]
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import io
 import json
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 import soundfile as sf
 import websockets
 
+import memory
 from _common import machine, median, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -143,42 +143,7 @@ async def measure(server: TTSServer, wav: bytes, runs: int) -> list[tuple[float,
     return [await victim(server.port, wav) for _ in range(runs)]
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def memory(port: int, connections: int, seconds: float) -> tuple[float, float]:
-    """Resident MiB per connection: each holds an idle listener (``seconds`` 0) or a streamed turn of
-    ``seconds`` of quiet noise, sent at 1.2x real time after a 10 s burst (within the server's pace)."""
-    gc.collect()
-    before = rss_mib()
-    audio = pcm(np.random.default_rng(0).normal(0, 0.01, int(RATE * max(seconds, 1))).astype(np.float32))
-    sockets = [await websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) for _ in range(connections)]
-
-    async def hold(ws) -> None:
-        await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": RATE, "vad": seconds == 0}))
-        data = audio if seconds else audio[:RATE * 2]
-        started, step = time.perf_counter(), RATE * 2  # a second a frame
-        for offset in range(0, len(data), step):
-            ahead = max(0.0, offset / 2 / RATE - 10) / 1.2
-            await asyncio.sleep(max(0.0, started + ahead - time.perf_counter()))
-            await ws.send(data[offset:offset + step])
-
-    try:
-        await asyncio.gather(*(hold(ws) for ws in sockets))
-        await asyncio.sleep(3)  # the encoder catches up
-        for ws in sockets:  # still open and answering: none was refused on the way
-            await asyncio.wait_for(ws.ping(), 60)
-        gc.collect()
-        return rss_mib() - before, (rss_mib() - before) / connections
-    finally:
-        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-
-
-async def run(stt_model: str, runs: int, connections: int) -> None:
+async def run(stt_model: str, runs: int) -> None:
     folder = build_checkpoint(Path(tempfile.mkdtemp()))
     speech = piper_speech()
     buffer = io.BytesIO()
@@ -204,9 +169,6 @@ async def run(stt_model: str, runs: int, connections: int) -> None:
             for task in attacks:
                 task.cancel()
             await asyncio.gather(*attacks, return_exceptions=True)
-            await asyncio.sleep(2)
-            idle = await memory(server.port, connections, 0)
-            turns = await memory(server.port, connections, 120)
         finally:
             await server.stop()
     print(f"{machine()}; tiny random CSM, Whisper base int8, Silero VAD; {runs} runs each; medians")
@@ -215,10 +177,6 @@ async def run(stt_model: str, runs: int, connections: int) -> None:
         quiet, busy = median([t[index] for t in alone]), median([t[index] for t in attacked])
         rows.append([name, quiet * 1000, busy * 1000, busy / quiet])
     print(table(["the victim's request", "alone (ms)", "under attack (ms)", "ratio"], rows))
-    print()
-    print(table(["each of %d connections holds" % connections, "MiB in all", "MiB per connection"], [
-        ["an idle hands-free listener", idle[0], idle[1]],
-        ["a streamed turn of 120 s", turns[0], turns[1]]]))
 
 
 if __name__ == "__main__":
@@ -227,4 +185,6 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
-    asyncio.run(run(args.stt_model, args.runs, args.connections))
+    asyncio.run(run(args.stt_model, args.runs))
+    print()
+    memory.main(args.connections, 120, RATE)  # its own server, in a child process: RSS untouched by clients

@@ -30,6 +30,7 @@ class FakeChat:
         self.started: list[float] = []
         self.finished: list[float] = []
         self.hung_up = threading.Event()  # a client closed the stream before its end
+        self.hangups = 0  # how many streams a client closed before their end
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -75,6 +76,7 @@ class FakeChat:
                     self.wfile.flush()
                     owner.finished.append(time.time())
                 except OSError:
+                    owner.hangups += 1
                     owner.hung_up.set()
 
             def _refuse(self, status: int, body: str) -> None:

@@ -65,4 +65,5 @@ async def test_a_chat_or_remote_address_with_a_query_reaches_its_api_path_with_t
                 await ws.send(json.dumps({"text": "Hi.", "engine": "remote", "request_id": "s"}))
                 await read_until(ws, lambda r: r.get("status") in TERMINAL)  # the chat server speaks no speech API
     assert answered["status"] == "success"
-    assert chat.paths == ["/v1/chat/completions?key=q-secret&api-version=2", "/v1/audio/speech?key=q-secret&api-version=2"]
+    query = "?key=q-secret&api-version=2"
+    assert chat.paths == [f"/v1/chat/completions{query}", f"/v1/audio/speech{query}"]

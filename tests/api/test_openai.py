@@ -26,6 +26,8 @@ SHORT = {"max_audio_length_ms": 800, "seed": 5}
 
 
 def client_for(server, key: str = "unused") -> OpenAI:
+    """An SDK client for ``server``; use it in a ``with`` block, which closes its pooled connections (left to the
+    garbage collector, their sockets would be reported unclosed in whichever later test it runs in)."""
     return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, timeout=60)
 
 
@@ -51,9 +53,9 @@ async def csm_and_piper(tiny_model_dir):
 @pytest.mark.parametrize("model", ["tts-1", "piper"])
 async def test_every_response_format_decodes_at_24khz_with_a_plausible_duration(csm_and_piper, fmt, model):
     def speak():
-        return client_for(csm_and_piper).audio.speech.create(model=model, voice="alloy", input=TEXT,
-                                                             response_format=fmt,
-                                                             extra_body=SHORT if model == "tts-1" else None).content
+        with client_for(csm_and_piper) as client:
+            return client.audio.speech.create(model=model, voice="alloy", input=TEXT, response_format=fmt,
+                                              extra_body=SHORT if model == "tts-1" else None).content
 
     samples, rate = decode(await asyncio.to_thread(speak), fmt)
     seconds = len(samples) / rate
@@ -70,7 +72,7 @@ async def test_a_streamed_body_arrives_while_the_request_is_still_generating(csm
     seen_running: list[bool] = []
 
     def stream():
-        with client_for(server).audio.speech.with_streaming_response.create(
+        with client_for(server) as client, client.audio.speech.with_streaming_response.create(
                 model="tts-1", voice="ash", input="A longer answer that streams. " * 3, response_format="pcm",
                 extra_body={"max_audio_length_ms": 4000}) as response:
             chunks = []
@@ -90,14 +92,14 @@ async def test_sse_deltas_join_to_the_same_audio_as_the_plain_response(csm_and_p
     body = {"model": "tts-1", "voice": "coral", "input": TEXT, "response_format": "pcm", **SHORT}
 
     def both():
-        client = client_for(csm_and_piper)
-        plain = client.audio.speech.create(**{k: body[k] for k in ("model", "voice", "input", "response_format")},
-                                           extra_body=SHORT).content
-        with client.audio.speech.with_streaming_response.create(
-                **{k: body[k] for k in ("model", "voice", "input", "response_format")}, stream_format="sse",
-                extra_body=SHORT) as response:
-            assert response.headers["content-type"] == "text/event-stream"
-            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        with client_for(csm_and_piper) as client:
+            plain = client.audio.speech.create(**{k: body[k] for k in ("model", "voice", "input", "response_format")},
+                                               extra_body=SHORT).content
+            with client.audio.speech.with_streaming_response.create(
+                    **{k: body[k] for k in ("model", "voice", "input", "response_format")}, stream_format="sse",
+                    extra_body=SHORT) as response:
+                assert response.headers["content-type"] == "text/event-stream"
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
         return plain, events
 
     plain, events = await asyncio.to_thread(both)
@@ -110,8 +112,9 @@ async def test_sse_deltas_join_to_the_same_audio_as_the_plain_response(csm_and_p
 
 async def test_the_same_seed_gives_the_same_samples_over_http_and_websocket(csm_and_piper):
     def over_http():
-        return client_for(csm_and_piper).audio.speech.create(model="tts-1", voice="7", input=TEXT,
-                                                             response_format="pcm", extra_body=SHORT).content
+        with client_for(csm_and_piper) as client:
+            return client.audio.speech.create(model="tts-1", voice="7", input=TEXT, response_format="pcm",
+                                              extra_body=SHORT).content
 
     http_audio = await asyncio.to_thread(over_http)
     async with websockets.connect(url(csm_and_piper)) as ws:
@@ -126,7 +129,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(csm_a
     before = server.metrics.interfaces.get("http", {}).get("cancelled", 0)
 
     def leave_early():
-        with client_for(server).audio.speech.with_streaming_response.create(
+        with client_for(server) as client, client.audio.speech.with_streaming_response.create(
                 model="tts-1", voice="echo", input="A long story that nobody will hear the end of. " * 6,
                 response_format="pcm", extra_body={"max_audio_length_ms": 60_000}) as response:
             next(response.iter_bytes())  # the first chunk, then hang up
@@ -158,9 +161,10 @@ async def test_voices_models_and_interface_counts_are_listed(csm_and_piper):
 async def test_speed_is_honoured_by_piper_natively_and_by_csm_through_time_stretching(csm_and_piper):
     def speak(model, speed):
         csm = model == "tts-1"  # a shorter text for CSM: the same tokens at both speeds, then stretched
-        return client_for(csm_and_piper).audio.speech.create(model=model, voice="nova", input="Hi there, friend."
-                                                             if csm else TEXT, speed=speed, response_format="wav",
-                                                             extra_body={"seed": 3} if csm else None).content
+        with client_for(csm_and_piper) as client:
+            return client.audio.speech.create(model=model, voice="nova", input="Hi there, friend." if csm else TEXT,
+                                              speed=speed, response_format="wav",
+                                              extra_body={"seed": 3} if csm else None).content
 
     normal, _ = decode(await asyncio.to_thread(speak, "piper", 1.0), "wav")
     fast, _ = decode(await asyncio.to_thread(speak, "piper", 2.0), "wav")
@@ -175,13 +179,13 @@ async def test_sse_with_timestamps_adds_word_events_and_vtt_srt_are_captions_wit
     import webvtt
 
     def ask():
-        client = client_for(csm_and_piper)
-        with client.audio.speech.with_streaming_response.create(
-                model="piper", voice="alloy", input=TEXT, response_format="pcm", stream_format="sse",
-                extra_body={"timestamps": True}) as response:
-            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
-        captions = {fmt: client.audio.speech.create(model="piper", voice="alloy", input=TEXT,
-                                                    response_format=fmt) for fmt in ("vtt", "srt")}
+        with client_for(csm_and_piper) as client:
+            with client.audio.speech.with_streaming_response.create(
+                    model="piper", voice="alloy", input=TEXT, response_format="pcm", stream_format="sse",
+                    extra_body={"timestamps": True}) as response:
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+            captions = {fmt: client.audio.speech.create(model="piper", voice="alloy", input=TEXT,
+                                                        response_format=fmt) for fmt in ("vtt", "srt")}
         return events, captions
 
     events, captions = await asyncio.to_thread(ask)
@@ -198,9 +202,12 @@ async def test_sse_with_timestamps_adds_word_events_and_vtt_srt_are_captions_wit
 
 
 async def test_captions_from_an_engine_without_word_times_are_refused_saying_why(csm_and_piper):
+    def ask():
+        with client_for(csm_and_piper) as client:
+            client.audio.speech.create(model="csm", voice="alloy", input=TEXT, response_format="vtt")
+
     with pytest.raises(APIStatusError) as refused:
-        await asyncio.to_thread(lambda: client_for(csm_and_piper).audio.speech.create(
-            model="csm", voice="alloy", input=TEXT, response_format="vtt"))
+        await asyncio.to_thread(ask)
     assert refused.value.status_code == 400 and "--stt-model" in refused.value.message
 
 
@@ -240,11 +247,13 @@ def post(port: int, body: bytes, headers: dict | None = None, path: str = "/v1/a
 async def test_keys_limits_and_unavailable_engines_answer_with_their_status(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir, max_batch=4), gate=Gate(("sk-right",)), max_queue=1,
                               rate_limit=3) as server:
+        def speak(key: str, **options):
+            with client_for(server, key) as client:
+                return client.audio.speech.create(model="tts-1", voice="alloy", input="Hi", **options)
+
         with pytest.raises(APIStatusError) as unauthorized:
-            await asyncio.to_thread(client_for(server, "sk-wrong").audio.speech.create, model="tts-1",
-                                    voice="alloy", input="Hi")
-        ok = await asyncio.to_thread(client_for(server, "sk-right").audio.speech.create, model="tts-1",
-                                     voice="alloy", input="Hi", response_format="wav", extra_body=SHORT)
+            await asyncio.to_thread(speak, "sk-wrong")
+        ok = await asyncio.to_thread(speak, "sk-right", response_format="wav", extra_body=SHORT)
         unavailable, _ = await asyncio.to_thread(post, server.port, json.dumps(
             {"model": "piper", "voice": "alloy", "input": "Hi"}).encode(), {"Authorization": "Bearer sk-right"})
         limited = [await asyncio.to_thread(post, server.port, json.dumps(
@@ -291,8 +300,9 @@ async def test_instructions_naming_an_emotion_and_voice_names_from_voices_json_r
                                       '"name": "narrator"}}')
     async with running_server(csm_slot(tiny_model_dir, max_batch=4), library=ReferenceLibrary(refs)) as server:
         def speak(**options):
-            return client_for(server).audio.speech.create(model="tts-1", input=TEXT, response_format="pcm",
-                                                          extra_body=SHORT, **options).content
+            with client_for(server) as client:
+                return client.audio.speech.create(model="tts-1", input=TEXT, response_format="pcm",
+                                                  extra_body=SHORT, **options).content
 
         async def over_websocket(**fields):
             async with websockets.connect(url(server)) as ws:
@@ -315,7 +325,7 @@ async def test_instructions_naming_an_emotion_and_voice_names_from_voices_json_r
 @pytest.mark.parametrize("fmt", ["mp3", "opus"])
 async def test_a_streamed_mp3_or_opus_body_is_playable_before_it_ends(csm_and_piper, fmt):
     def first_part():
-        with client_for(csm_and_piper).audio.speech.with_streaming_response.create(
+        with client_for(csm_and_piper) as client, client.audio.speech.with_streaming_response.create(
                 model="tts-1", voice="sage", input="Play me while I am still arriving. " * 3, response_format=fmt,
                 extra_body={"max_audio_length_ms": 4000}) as response:
             received = b""
@@ -336,9 +346,9 @@ async def test_http_and_websocket_requests_share_one_batch(csm_and_piper):
     widest: list[int] = []
 
     def over_http():
-        return client_for(server).audio.speech.create(model="tts-1", voice="onyx", input="Side by side. " * 4,
-                                                      response_format="pcm",
-                                                      extra_body={"max_audio_length_ms": 3000}).content
+        with client_for(server) as client:
+            return client.audio.speech.create(model="tts-1", voice="onyx", input="Side by side. " * 4,
+                                              response_format="pcm", extra_body={"max_audio_length_ms": 3000}).content
 
     async def watch():
         while True:
@@ -355,8 +365,12 @@ async def test_http_and_websocket_requests_share_one_batch(csm_and_piper):
 
 
 async def test_metrics_count_http_requests_under_their_interface(csm_and_piper):
-    await asyncio.to_thread(lambda: client_for(csm_and_piper).audio.speech.create(
-        model="tts-1", voice="verse", input="Count me", response_format="wav", extra_body=SHORT))
+    def speak():
+        with client_for(csm_and_piper) as client:
+            client.audio.speech.create(model="tts-1", voice="verse", input="Count me", response_format="wav",
+                                       extra_body=SHORT)
+
+    await asyncio.to_thread(speak)
     async with websockets.connect(url(csm_and_piper)) as ws:
         await ws.send(json.dumps({"text": "Count me too", **SHORT}))
         await collect(ws)

@@ -67,10 +67,11 @@ def test_a_turn_redis_answers_late_is_stored_once(tmp_path, monkeypatch):
     redis = Redis(tmp_path)
     store = RedisSessionStore(redis.url)
     pack = session_redis._pack
+    resume = threading.Timer(1.4, redis.proc.send_signal, (signal.SIGCONT,))  # after the 1 s timeout
 
     def stalled(*args):
         redis.proc.send_signal(signal.SIGSTOP)
-        threading.Timer(1.4, redis.proc.send_signal, (signal.SIGCONT,)).start()  # after the 1 s timeout
+        resume.start()
         return pack(*args)
 
     try:
@@ -81,8 +82,11 @@ def test_a_turn_redis_answers_late_is_stored_once(tmp_path, monkeypatch):
         except store.unreachable:
             pass  # told it may not be stored: a retry by the client is its choice
         monkeypatch.setattr(session_redis, "_pack", pack)
-        threading.Event().wait(1.0)  # Redis has resumed and carried out what it was sent
-        texts = [turn.text for turn in store.turns(session, "me")]
+        resume.join()
+        for _ in range(100):  # until Redis has carried out what it was sent while stopped
+            if texts := [turn.text for turn in store.turns(session, "me")]:
+                break
+            threading.Event().wait(0.05)
     finally:
         store.close()
         redis.stop()

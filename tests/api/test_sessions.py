@@ -214,12 +214,12 @@ async def test_the_openai_api_reads_and_extends_a_session(tiny_model_dir):
         async with websockets.connect(url(server)) as ws:
             session = (await bind(ws))["session"]
             await turn(ws, USER_A, "Hello, how are you?")
-        client = client_for(server)
 
         def speak(**extra) -> bytes:
-            return client.audio.speech.create(model="csm", voice="alloy", input="I am fine, thank you.",
-                                              response_format="pcm", extra_body={"seed": 7, "max_audio_length_ms": 400,
-                                                                                 **extra}).read()
+            with client_for(server) as client:
+                return client.audio.speech.create(model="csm", voice="alloy", input="I am fine, thank you.",
+                                                  response_format="pcm",
+                                                  extra_body={"seed": 7, "max_audio_length_ms": 400, **extra}).read()
         over_http = await asyncio.to_thread(speak, session=session)
         without = await asyncio.to_thread(speak)
         async with websockets.connect(url(server)) as ws:

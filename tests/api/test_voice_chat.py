@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -224,14 +225,19 @@ async def test_a_flood_of_respond_requests_is_limited_and_every_accepted_one_end
 def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connection_lives(tiny_model_dir,
                                                                                          whisper_dir):
     """Generated sequences of respond (any fields), hands-free or streamed turn_start (any rate, any respond),
-    PCM of speech or noise in odd pieces, turn_end and barge-in cancels: nothing is an internal error, every
-    answer that began ends with one terminal reply, and the connection serves on."""
+    PCM of speech or noise in odd pieces, turn_end and barge-in cancels, session creates (beyond the per-owner cap)
+    and deletes, against a chat model that in some runs sends only empty deltas and keep-alives after its answer:
+    nothing is an internal error, every error has a stable code, every answer that began ends with one terminal
+    reply, the connection serves on, and no chat stream outlives it."""
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
     from websockets.sync.client import connect
 
     from conftest import server_in_thread
     from test_fuzz import json_values
+    from tts_server.core.replies import ErrorCode
+
+    stable = {code.value for code in ErrorCode} - {"internal_error", "generation_failed"}
 
     speech = pcm16(spoken(SAID, 16000))
     respond_fields = st.fixed_dictionaries({}, optional={
@@ -249,10 +255,13 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
         st.just(bytes(32000)),  # a second of silence at 16 kHz: an utterance in progress ends
         st.builds(lambda text: {"type": "turn_end", **({"text": text} if text else {})}, st.none() | st.text(max_size=8)),
         st.builds(lambda ms: {"type": "cancel", "request_id": "answer", "played_ms": ms}, st.floats(0, 2000)),
+        st.sampled_from([{"type": "session"}, {"type": "session_delete"}]),  # a flood of sessions, capped at 3
     ), min_size=1, max_size=10)
+    markers, codes = iter(range(10**6)), set()
 
     with FakeChat("Fine. Thanks for asking.", delay=0.01) as chat, \
-            server_in_thread(csm_slot(tiny_model_dir), rate_limit=10**6, **server_options(whisper_dir, chat)) as server:
+            server_in_thread(csm_slot(tiny_model_dir), rate_limit=10**6, max_sessions_per_owner=3,
+                             **server_options(whisper_dir, chat, chat_timeout=3)) as server:
         with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
             ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Hello there."}))
             ws.send(audio_bytes(speechlike(1.0)))
@@ -260,37 +269,50 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
 
             @seed(20261201)
             @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-            @given(steps)
-            def one(sequence):
+            @given(steps, st.booleans())
+            def one(sequence, idle):
+                chat.idle = 0.05 if idle else None  # after its answer, empty deltas and keep-alives until hung up
                 for step in sequence:
                     if isinstance(step, dict) and step["type"] == "respond":
                         step = {**step, "request_id": "answer"}
                     ws.send(step if isinstance(step, bytes) else json.dumps(step))
                 ws.send(json.dumps({"type": "turn_end"}))  # whatever was open is closed
                 ws.send(json.dumps({"type": "cancel", "request_id": "answer"}))
-                ws.send(json.dumps({"type": "session"}))  # a marker (a new session each time)
+                marker_id = f"marker-{next(markers)}"
+                ws.send(json.dumps({"type": "cancel", "request_id": marker_id}))  # answered unknown_request at once
                 open_answers, marker = set(), False
                 while not marker or open_answers:
                     frame = ws.recv(timeout=60)
                     if isinstance(frame, bytes):
                         continue
                     reply = json.loads(frame)
-                    assert reply.get("code") not in ("internal_error", "generation_failed"), reply
+                    assert isinstance(reply.get("status"), str), reply
+                    assert reply["status"] != "error" or reply["code"] in stable, reply
+                    codes.add(reply.get("code"))
                     if reply["status"] in ("reply_text", "start"):
                         open_answers.add(reply["request_id"])
                         if reply["request_id"] != "answer":  # a hands-free turn's own answer: stop it too
                             ws.send(json.dumps({"type": "cancel", "request_id": reply["request_id"]}))
                     elif reply["status"] in TERMINAL and reply.get("request_id"):
                         open_answers.discard(reply["request_id"])
-                    marker = marker or reply["status"] == "session"
+                    marker = marker or reply.get("request_id") == marker_id
 
             one()
+            chat.idle = None
             ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Are you still there?"}))
             ws.send(audio_bytes(speechlike(1.0)))
             assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
             ws.send(json.dumps({"type": "respond", "request_id": "last", "max_audio_length_ms": 160}))
             while (reply := json.loads(frame) if isinstance(frame := ws.recv(timeout=60), str) else {}).get(
-                    "status") not in TERMINAL:
+                    "request_id") != "last" or reply["status"] not in TERMINAL:  # (a straggler's may come first)
                 pass
             assert reply["status"] == "success" and reply["request_id"] == "last"
+        for _ in range(300):  # the connection closed: every chat stream it opened is closed too (or ended)
+            if len(chat.started) == len(chat.finished) + chat.hangups:
+                break
+            threading.Event().wait(0.1)
+    assert len(chat.started) == len(chat.finished) + chat.hangups, (len(chat.started), len(chat.finished),
+                                                                    chat.hangups)
+    assert chat.hangups > 0  # the runs with keep-alives were cancelled while the chat model went on
+    assert "too_many_sessions" in codes, codes  # the session flood reached the cap
 

@@ -101,10 +101,10 @@ async def test_info_and_the_voice_list_name_every_language(two_languages):
 
 async def test_the_openai_sdk_routes_by_language_and_says_which_engine_answered(two_languages):
     def speak(language: str):
-        client = OpenAI(base_url=f"http://127.0.0.1:{two_languages.port}/v1", api_key="x", max_retries=0)
-        with client.audio.speech.with_streaming_response.create(
-                model="tts-1", voice="alloy", input="Guten Tag.", response_format="pcm",
-                extra_body={"language": language, "max_audio_length_ms": 400}) as response:
+        with OpenAI(base_url=f"http://127.0.0.1:{two_languages.port}/v1", api_key="x", max_retries=0) as client, \
+                client.audio.speech.with_streaming_response.create(
+                    model="tts-1", voice="alloy", input="Guten Tag.", response_format="pcm",
+                    extra_body={"language": language, "max_audio_length_ms": 400}) as response:
             return response.headers["x-tts-engine"], b"".join(response.iter_bytes())
 
     assert (await asyncio.to_thread(speak, "de"))[0] == "piper"

@@ -29,6 +29,14 @@ def nginx_config(template: str, listen: int, backends: list[int], prefix) -> str
     return config
 
 
+def start_nginx(conf, prefix) -> subprocess.Popen:
+    """nginx in the foreground, its errors in ``prefix/nginx.stderr``: a file, not a pipe (a pipe nobody reads
+    stays open in this process until the garbage collector finds it, and could fill)."""
+    with open(prefix / "nginx.stderr", "wb") as errors:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([NGINX, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
+                                stdout=subprocess.DEVNULL, stderr=errors)
+
+
 def served(port: int) -> int:
     return json.loads(http_get(port, "/v1/info")[1])["engines"]["csm"]["stats"]["requests"]
 
@@ -46,15 +54,15 @@ def behind_nginx(tmp_path, tiny_model_dir, *args: str) -> tuple[list[ServerProce
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen,
                                  [b.port for b in backends], tmp_path))
-    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxy = start_nginx(conf, tmp_path)
     try:
         for backend in backends:
             backend.wait_for_log("csm ready")
         time.sleep(0.5)
-        assert proxy.poll() is None, proxy.stderr.read().decode()
+        assert proxy.poll() is None, (tmp_path / "nginx.stderr").read_text()
     except BaseException:
         proxy.terminate()
+        proxy.wait(10)
         for backend in backends:
             backend.stop()
         raise
@@ -112,13 +120,12 @@ async def test_through_nginx_the_page_works_and_limits_count_each_client_not_ngi
     listen = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config((ROOT / "deploy" / "nginx.conf").read_text(), listen, [backend.port] * 2, tmp_path))
-    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxy = start_nginx(conf, tmp_path)
     opened = []
     try:
         backend.wait_for_log("csm ready")
         time.sleep(0.5)
-        assert proxy.poll() is None, proxy.stderr.read().decode()
+        assert proxy.poll() is None, (tmp_path / "nginx.stderr").read_text()
         status, page = await asyncio.to_thread(http_get, listen, "/")
         assert status == 200 and "<html" in page.lower()
         # The page's own WebSocket: its Origin is nginx's address and port, which the backend must see as its own.

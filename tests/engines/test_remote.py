@@ -101,9 +101,9 @@ async def test_audio_streams_through_the_remote_as_b_speaks(b_and_a):
 
 async def test_the_openai_sdk_through_a_gets_b_s_voice_and_the_engine_header(b_and_a):
     b, a = b_and_a
-    client = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0, timeout=60)
-    with client.audio.speech.with_streaming_response.create(model="remote", voice="alloy", input=TEXT,
-                                                            response_format="pcm") as response:
+    with OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0, timeout=60) as client, \
+            client.audio.speech.with_streaming_response.create(model="remote", voice="alloy", input=TEXT,
+                                                               response_format="pcm") as response:
         assert response.headers["x-tts-engine"] == "remote"
         body = b"".join(response.iter_bytes())
     assert len(body) > 48000 and len(body) % 2 == 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-import time
 from typing import Any, Callable
 
 from ..audio.text import split_sentences
@@ -104,13 +103,9 @@ class Timing:
         return [future for future, _ in list(self._aligning) if not future.done()]
 
     def wait(self) -> None:
-        """Wait for the alignments still running (without ``lock``: their callbacks take it).  Each one that ends is
-        progress for the watchdog: the engine is done, and on a busy aligner (its turns shared fairly with other
-        connections) the words may take a while."""
-        pending = {future for future, _ in list(self._aligning)}
-        while pending:
-            _, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            self._job.progress_at = time.monotonic()
+        """Wait for the alignments still running (without ``lock``: their callbacks take it); the scheduler waits
+        for ``unfinished`` ones on the loop first, so this worker is not held for them."""
+        concurrent.futures.wait([future for future, _ in list(self._aligning)])
 
     def rest(self, duration_s: float) -> list[Word]:
         """At the end, after ``wait``: every word not given yet, inside the audio."""
