@@ -97,3 +97,27 @@ async def test_turn_saved_counts_the_turns_kept_within_max_context_turns(tiny_mo
                 assert saved["status"] == "turn_saved", saved
                 counts.append(saved["turns"])
     assert counts == [1, 2, 2, 2]
+
+
+async def test_a_text_with_a_lone_surrogate_is_invalid_request_not_a_failed_generation(piper):
+    # JSON may escape half a UTF-16 pair ("\ud800"); Python reads it as a string no engine can encode
+    async with websockets.connect(url(piper)) as ws:
+        await ws.send(json.dumps({"text": "Hello \ud800 there.", "request_id": "r"}))
+        refused = await recv_json(ws)
+        await ws.send(json.dumps({"text": "Still here.", "request_id": "s"}))
+        final, _, _ = await collect(ws, "s")
+    assert refused["code"] == "invalid_request" and "'text'" in refused["message"], refused
+    assert final["status"] == "success"
+
+
+async def test_a_wyoming_text_with_a_lone_surrogate_is_an_invalid_request_error_event(piper):
+    from wyoming.event import async_read_event
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlparse(piper.wyoming.uri).port)
+    try:  # the wyoming client cannot send it (it encodes UTF-8); a raw client escapes it in JSON
+        writer.write(json.dumps({"type": "synthesize", "data": {"text": "Hello \ud800 there."}}).encode() + b"\n")
+        await writer.drain()
+        event = await asyncio.wait_for(async_read_event(reader), 30)
+    finally:
+        writer.close()
+    assert Error.is_type(event.type) and Error.from_event(event).code == "invalid_request", event

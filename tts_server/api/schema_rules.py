@@ -59,7 +59,22 @@ def non_empty(text: str) -> str:
     says so: ``SPEAKABLE_RULE``)."""
     if not speakable(text):
         raise ValueError("nothing to speak")
+    if not encodable(text):
+        raise ValueError(ENCODABLE_RULE)
     return text.strip()
+
+
+ENCODABLE_RULE = "valid Unicode: no lone surrogates (half of a UTF-16 pair, as JSON's \\ud800 escape can send)"
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is real Unicode: JSON lets a client escape half a surrogate pair, which Python reads into a
+    string that no engine, tokenizer or caption file can encode (Piper failed with a traceback, an HTTP 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class SamplingFields(BaseModel):

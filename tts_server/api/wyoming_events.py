@@ -18,7 +18,7 @@ from wyoming.tts import SynthesizeVoice
 from ..core import replies as p
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
 from .openai_schemas import ApiError, Voices
-from .schema_rules import SPEAKABLE_RULE, loads_shallow, speakable
+from .schema_rules import ENCODABLE_RULE, SPEAKABLE_RULE, encodable, loads_shallow, speakable
 
 LANGUAGE = "en"  # CSM-1B speaks English
 VERSION = "1.0"
@@ -183,6 +183,8 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
     if not speakable(text):
         raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'text' must be {SPEAKABLE_RULE}")
+    if not encodable(text):
+        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'text' must be {ENCODABLE_RULE}")
     if len(text) > max_text_chars:
         raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")
