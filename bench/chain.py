@@ -67,6 +67,7 @@ class Background:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+        self.loop.close()
 
 
 async def websocket_times(port: int, seed: int, stream: bool) -> tuple[float, float, bool]:

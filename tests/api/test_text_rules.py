@@ -57,8 +57,8 @@ async def test_a_text_with_nothing_to_speak_is_a_400_over_openai_http(piper):
     from openai import BadRequestError, OpenAI
 
     def speak() -> None:
-        client = OpenAI(base_url=f"http://127.0.0.1:{piper.port}/v1", api_key="x", max_retries=0, timeout=60)
-        client.audio.speech.create(model="piper", voice="alloy", input="—").read()
+        with OpenAI(base_url=f"http://127.0.0.1:{piper.port}/v1", api_key="x", max_retries=0, timeout=60) as client:
+            client.audio.speech.create(model="piper", voice="alloy", input="—").read()
 
     with pytest.raises(BadRequestError) as refused:
         await asyncio.to_thread(speak)

@@ -79,9 +79,10 @@ async def test_a_cached_request_asked_again_with_timestamps_and_progress_gets_th
 
 async def test_the_openai_sdk_gets_the_same_bytes_from_the_cache(server):
     def speak_http() -> bytes:
-        client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=60)
-        return client.audio.speech.create(model="tts-1", voice="nova", input=REQUEST["text"], response_format="wav",
-                                          extra_body={"seed": 11, "max_audio_length_ms": 640}).content
+        with OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=60) as client:
+            return client.audio.speech.create(model="tts-1", voice="nova", input=REQUEST["text"],
+                                              response_format="wav",
+                                              extra_body={"seed": 11, "max_audio_length_ms": 640}).content
 
     first = await asyncio.to_thread(speak_http)
     ran = runs(server)
