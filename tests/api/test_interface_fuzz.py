@@ -12,7 +12,7 @@ import socket
 from urllib.parse import urlparse
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from wyoming.error import Error
 from wyoming.event import read_event
@@ -63,6 +63,10 @@ def test_hostile_http_heads_never_get_a_server_error(threaded_server):
     @seed(FUZZ_SEED)
     @settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(heads | raw_heads)
+    # well-formed heads always among them: how many generated heads are well-formed is not stable across runs
+    # (two of 250 when this file runs alone, none in a whole-suite run), and the fuzz must reach a 200 path
+    @example(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    @example(b"HEAD /v1/models HTTP/1.0\r\nOrigin: -1\r\n\r\n")
     def one(data: bytes):
         answer = exchange(threaded_server.port, data)
         if answer:  # a connection may also just be closed (a half-closed request that was never complete)

@@ -21,15 +21,22 @@ class Clock:
 
 @pytest.fixture(params=["sqlite", "memory", "redis"])
 def make(request, tmp_path):
+    """Makes stores of the kind under test; each is closed after the test (a Redis connection or a SQLite file
+    left open would be closed by the garbage collector, in whichever later test it happens to run)."""
+    made = []
+
     def store(**limits):
         if request.param == "redis":
-            url = request.getfixturevalue("redis_url")
-            made = RedisSessionStore(url, **limits)
-            made._redis.flushdb()
-            return made
-        return SessionStore.open("memory" if request.param == "memory" else f"sqlite:///{tmp_path / 's.db'}",
-                                 **limits)
-    return store
+            made.append(RedisSessionStore(request.getfixturevalue("redis_url"), **limits))
+            made[-1]._redis.flushdb()
+        else:
+            made.append(SessionStore.open("memory" if request.param == "memory" else f"sqlite:///{tmp_path / 's.db'}",
+                                          **limits))
+        return made[-1]
+
+    yield store
+    for each in made:
+        each.close()
 
 
 def turn(i: int, frames: int = 10) -> StoredTurn:
