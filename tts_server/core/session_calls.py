@@ -64,8 +64,8 @@ class Sessions:
             await asyncio.sleep(seconds)
             try:
                 await self._call("sweep")
-            except r.ProtocolError:
-                pass  # logged by _call; the next sweep tries again
+            except r.ProtocolError as exc:  # the store is down (``_call`` logged the outage): the next sweep retries
+                log.debug("Sweep skipped: %s", exc.message)
             except Exception:
                 log.exception("Sweeping expired sessions failed")
 
