@@ -20,7 +20,7 @@ def parse(obj):
 
 
 def error_code(obj) -> str:
-    with pytest.raises(replies.ProtocolError) as info:
+    with pytest.raises(replies.Refusal) as info:
         parse(obj)
     return info.value.code.value
 
@@ -82,10 +82,10 @@ def test_bad_messages_get_their_stable_code(raw, code):
 def test_deeply_nested_json_is_refused_before_the_parser_recurses():
     """Refused by a bracket count, not by a RecursionError deep in the parser (where any finalizer of another
     object that runs at that moment fails too: the suite saw that as unraisable-exception warnings)."""
-    with pytest.raises(replies.ProtocolError) as info:
+    with pytest.raises(replies.Refusal) as info:
         parse("[" * 100_000 + "]" * 100_000)
     assert info.value.code.value == "invalid_json" and "nested deeper" in info.value.message
-    with pytest.raises(replies.ProtocolError) as info:
+    with pytest.raises(replies.Refusal) as info:
         parse('{"text": "x", "extra": ' + "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1) + "}")
     assert "nested deeper" in info.value.message
 
@@ -96,7 +96,7 @@ def test_brackets_inside_strings_are_text_not_nesting():
 
 
 def test_unknown_emotion_lists_the_available_ones():
-    with pytest.raises(replies.ProtocolError) as info:
+    with pytest.raises(replies.Refusal) as info:
         parse({"text": "x", "emotion": "furious", "request_id": "r1"})
     assert "happy" in info.value.message and info.value.request_id == "r1"
 

@@ -17,7 +17,7 @@ from conftest import TERMINAL, csm_slot, read_until, recv_json, running_server, 
 from fake_chat import FakeChat
 from test_session_store_outage import Redis
 from tts_server.core import session_redis
-from tts_server.core.replies import ProtocolError
+from tts_server.core.replies import Refusal
 from tts_server.core.session_redis import RedisSessionStore
 from tts_server.core.sessions import StoredTurn
 
@@ -30,7 +30,7 @@ def racing_creates(store: RedisSessionStore, owners: list[str]) -> list[str]:
         start.wait()
         try:
             made.append(store.create("everyone", owner))
-        except ProtocolError:
+        except Refusal:
             pass
 
     threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]

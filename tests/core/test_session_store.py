@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tts_server.core.replies import ErrorCode, ProtocolError
+from tts_server.core.replies import ErrorCode, Refusal
 from tts_server.core.session_redis import RedisSessionStore
 from tts_server.core.sessions import SessionStore, StoredTurn, owner_of
 from tts_server.engines.base import ContextTurn
@@ -52,11 +52,11 @@ def test_turns_come_back_in_order_with_their_codes_and_only_for_their_owner(make
     assert [t.text for t in back] == ["turn 0", "turn 1", "turn 2"]
     assert np.array_equal(back[2].codes, turn(2).codes) and back[1].duration_s == pytest.approx(0.8)
     for who, which in ((other, session), (me, "no-such-id")):
-        with pytest.raises(ProtocolError) as refused:
+        with pytest.raises(Refusal) as refused:
             store.turns(which, who)
         assert refused.value.code is ErrorCode.UNKNOWN_SESSION
     store.delete(session, me)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(Refusal):
         store.turns(session, me)
 
 
@@ -64,7 +64,7 @@ def test_limits_sessions_bytes_and_the_replacement_of_a_reply(make):
     store, me = make(max_sessions=2, max_bytes=3 * (10 * 32 * 2 + 8)), owner_of(None)
     session = store.create(me)
     store.create(me)
-    with pytest.raises(ProtocolError) as full:
+    with pytest.raises(Refusal) as full:
         store.create(me)
     assert full.value.code is ErrorCode.BUSY
     for i in range(5):
@@ -87,14 +87,14 @@ def test_sessions_expire_after_their_time_without_use(tmp_path):
     clock.now += 59
     assert len(store.turns(session, me)) == 1
     clock.now += 61
-    with pytest.raises(ProtocolError):
+    with pytest.raises(Refusal):
         store.turns(session, me)
 
 
 def test_one_owner_holds_at_most_its_share_of_the_sessions(make):
     store, me = make(max_sessions=10, max_per_owner=2), owner_of(None)
     mine = [store.create(me, "address A") for _ in range(2)]
-    with pytest.raises(ProtocolError) as capped:
+    with pytest.raises(Refusal) as capped:
         store.create(me, "address A")
     other = store.create(me, "address B")  # another address of the same (keyless) owner
     store.delete(mine[0], me)

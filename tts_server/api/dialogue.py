@@ -15,7 +15,7 @@ import asyncio
 
 from ..core import replies as r
 from ..core.fair import Dropped
-from ..core.jobs import Busy, Job
+from ..core.jobs import Job
 from ..core.listening import Listener
 from ..core.respond import answer, chat_messages
 from ..core.security import RateLimiter
@@ -59,12 +59,12 @@ class Dialogue:
             return
         try:
             await self.service.sessions.touch(self.session, self.owner)
-        except r.ProtocolError as exc:
-            raise r.ProtocolError(exc.code, exc.message, request_id) from None
+        except r.Refusal as exc:
+            raise r.Refusal(exc.code, exc.message, request_id) from None
 
     async def _delete_session(self) -> None:
         if self.session is None:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
         session, self.session = self.session, None
         await self.service.sessions.delete(session, self.owner)
         await self.send({"status": "session_deleted", "session": session})
@@ -126,7 +126,7 @@ class Dialogue:
             return
         try:
             await self._encode(self._streaming.feed, pcm)
-        except r.ProtocolError:
+        except r.Refusal:
             self._streaming = None
             self._guard.close()
             raise
@@ -138,7 +138,7 @@ class Dialogue:
             self._guard.check(len(pcm), (self._listener or self._streaming).sample_rate,
                               "listening ended (an utterance in progress was dropped): send 'turn_start' to listen "
                               "again" if self._listener else "the streamed turn was dropped")
-        except r.ProtocolError:
+        except r.Refusal:
             self._streaming = self._listener = None
             self._drop_guess()
             self._guard.close()
@@ -173,7 +173,7 @@ class Dialogue:
                 await self._close_turn(listener.turn, text)
             return
         if turn is None:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' "
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' "
                                                                "and the audio first")
         await self._close_turn(turn, text)
 
@@ -187,7 +187,7 @@ class Dialogue:
         if self._answering is None:
             return
         if not self._rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
-            return await self.send(r.rate_limited(self.service.rate_limit).reply())
+            return await self.send(r.refusal_reply(r.rate_limited(self.service.rate_limit)))
         await self._respond(self._answering, None)
 
     async def _transcribe_quietly(self, audio) -> str | None:
@@ -233,11 +233,11 @@ class Dialogue:
             raise self._no_chat(request_id)
         try:
             transcript = await self._transcript()
-        except r.ProtocolError as exc:  # the store is down: refused under this answer's id
-            raise r.ProtocolError(exc.code, exc.message, request_id) from None
+        except r.Refusal as exc:  # the store is down: refused under this answer's id
+            raise r.Refusal(exc.code, exc.message, request_id) from None
         messages = chat_messages(transcript, options.speaker)
         if not messages:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no "
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no "
                                                                "turns with text", request_id)
         request = SynthesisRequest(text="…", request_id=request_id, speaker=options.speaker, seed=options.seed,
                                    temperature=options.temperature, top_k=options.top_k,
@@ -261,14 +261,11 @@ class Dialogue:
 
     def _queue_answer(self, job: Job) -> None:
         """Its first sentence is written: into the scheduler's queue."""
-        try:
-            notice = self.service.scheduler.submit(job)
-        except Busy as exc:
-            raise r.ProtocolError(r.ErrorCode.BUSY, str(exc), job.request_id) from None
+        notice = self.service.scheduler.submit(job)
         if notice and not self._told_loading:
             self._told_loading = True
             job.post(r.loading_reply(notice, job.request_id))
 
-    def _no_chat(self, request_id: str | None) -> r.ProtocolError:
-        return r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "This server has no chat model to write answers: start "
+    def _no_chat(self, request_id: str | None) -> r.Refusal:
+        return r.Refusal(r.ErrorCode.INVALID_REQUEST, "This server has no chat model to write answers: start "
                                                             "it with --chat-url and --chat-model", request_id)

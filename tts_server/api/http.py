@@ -22,11 +22,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from ..core.replies import PROTOCOL_VERSION, ProtocolError
+from ..core.replies import PROTOCOL_VERSION, Refusal
 from ..core.service import Service
 from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
 from . import openai, schemas, websocket
-from .openai_schemas import STATUS, ApiError, Voices, models
+from .openai_schemas import Voices, error_body, http_error, models
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -47,8 +47,7 @@ def build_app(service: Service, max_frame_bytes: int) -> FastAPI:
     _routes(app)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(ProtocolError, _protocol_error)
+    app.add_exception_handler(Refusal, _protocol_error)
     app.add_middleware(Guard)  # added last = outermost but CORS
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
                        allow_headers=["authorization", "content-type"],
@@ -162,7 +161,7 @@ def _owner(request: Request) -> str:
 def error_response(path: str, status: int, message: str, code: str | None = None,
                    headers: dict[str, str] | None = None) -> Response:
     if path.startswith("/v1/"):
-        return JSONResponse(ApiError(status, message, None, code).body(), status, headers)
+        return JSONResponse(error_body(status, message, None, code), status, headers)
     return PlainTextResponse(message.rstrip("\n") + "\n", status, headers)
 
 
@@ -177,13 +176,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return error_response(request.url.path, 400, f"{'.'.join(map(str, error['loc']))}: {error['msg']}")
 
 
-async def _protocol_error(request: Request, exc: ProtocolError) -> Response:
-    return error_response(request.url.path, STATUS.get(exc.code.value, 400), exc.message, exc.code.value)
-
-
-async def _api_error(request: Request, exc: ApiError) -> Response:
-    headers = {"retry-after": "1"} if exc.status == 429 else None
-    return JSONResponse(exc.body(), exc.status, headers)
+async def _protocol_error(request: Request, exc: Refusal) -> Response:
+    status, body = http_error(exc)
+    if not request.url.path.startswith("/v1/"):
+        return PlainTextResponse(exc.message.rstrip("\n") + "\n", status)
+    return JSONResponse(body, status, {"retry-after": "1"} if status == 429 else None)
 
 
 class Guard:

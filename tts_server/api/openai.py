@@ -28,10 +28,11 @@ from starlette.types import Receive, Scope, Send
 from ..audio import captions
 from ..audio.codec import Resampler, StreamEncoder, codec_rate, pcm_bytes
 from ..core import replies as r
-from ..core.jobs import END, Busy, Job
+from ..core.jobs import END, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
-from .openai_schemas import (CAPTIONS, CONTENT_TYPES, ApiError, SpeechBody, SpeechRequest, Voices, parse_speech,
+from ..engines.errors import ErrorCode, Refusal
+from .openai_schemas import (CAPTIONS, CONTENT_TYPES, SpeechBody, SpeechRequest, Voices, http_error, parse_speech,
                              sse_event)
 from .schema_rules import MAX_TEXT_FRAME, Limits
 
@@ -56,10 +57,9 @@ class PerAddress:
         if len(self.rates) > 10_000:  # forget idle addresses rather than grow without bound
             self.rates = {address: rate}
         if not rate.allow():
-            raise ApiError.from_reply(r.rate_limited(service.rate_limit, who="your address").reply())
+            raise r.rate_limited(service.rate_limit, who="your address")
         if self.live[address] >= service.max_queued_per_connection:
-            raise ApiError.from_reply(r.too_many_queued(service.max_queued_per_connection,
-                                                        who="Your address").reply())
+            raise r.too_many_queued(service.max_queued_per_connection, who="Your address")
         self.live[address] += 1
 
     def done(self, address: str) -> None:
@@ -72,12 +72,12 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     """The body, refused with 413 past ``limit`` (before reading it when Content-Length says so)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"The request body is too large: the limit is {limit} bytes")
+        raise Refusal(ErrorCode.REQUEST_TOO_LARGE, f"The request body is too large: the limit is {limit} bytes")
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
-            raise ApiError(413, f"The request body is too large: the limit is {limit} bytes")
+            raise Refusal(ErrorCode.REQUEST_TOO_LARGE, f"The request body is too large: the limit is {limit} bytes")
     return bytes(body)
 
 
@@ -85,16 +85,16 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 async def speech(request: Request) -> Response:
     service: Service = request.app.state.service
     if service.draining:
-        raise ApiError.from_reply(r.shutting_down().reply())
+        raise r.shutting_down()
     body = await read_body(request)
     limits = Limits(max_text_chars=service.max_text_chars, emotions=service.emotions)
     spoken = parse_speech(body, limits, Voices(service.library.voice_names()))
     synthesis = spoken.synthesis
     slot = service.scheduler.route(synthesis)
-    if isinstance(slot, r.ProtocolError):
-        raise ApiError.from_reply(slot.reply())
+    if isinstance(slot, r.Refusal):
+        raise slot
     if spoken.response_format in CAPTIONS and slot.engine.words and service.scheduler.aligner is None:
-        raise ApiError(400, f"No captions here: {slot.engine.words}", "response_format")
+        raise Refusal(ErrorCode.INVALID_REQUEST, f"No captions here: {slot.engine.words}", param="response_format")
     owner = service.owner(request.headers, f"{request.url.path}?{request.url.query}")
     history = [] if spoken.session is None else \
         [turn.context() for turn in await service.sessions.turns(spoken.session, owner)]
@@ -115,9 +115,9 @@ async def speech(request: Request) -> Response:
         job.persist = lambda j: service.sessions.extend(spoken.session, owner, j.task.produced)  # a coroutine
     try:
         service.scheduler.submit(job)
-    except Busy as exc:
+    except Refusal:
         per_address.done(address)
-        raise ApiError(429, str(exc), None, "busy") from None
+        raise
     return SpeechStream(job, spoken, service.scheduler.sample_rate, lambda: per_address.done(address))
 
 
@@ -150,12 +150,13 @@ class SpeechStream(Response):
 
         try:
             await self._stream(deliver)
-        except ApiError as exc:
+        except Refusal as exc:
             if not self.started:
-                await send({"type": "http.response.start", "status": exc.status, "headers": [
+                status, body = http_error(exc)
+                await send({"type": "http.response.start", "status": status, "headers": [
                     (b"content-type", b"application/json"),
-                    *([(b"retry-after", b"1")] if exc.status == 429 else [])]})
-                await send({"type": "http.response.body", "body": json.dumps(exc.body()).encode()})
+                    *([(b"retry-after", b"1")] if status == 429 else [])]})
+                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
             else:  # no final chunk: the client sees an incomplete body, never a short success
                 app.state.connections.abort(client)
         except ConnectionAbortedError as exc:
@@ -190,9 +191,9 @@ class SpeechStream(Response):
                 if status == "start":
                     engine = reply["engine"].encode()
                 elif status == "error":
-                    raise ApiError.from_reply(reply)
+                    raise Refusal(reply["code"], reply["message"])
                 elif status == "cancelled":
-                    raise ApiError(503, "The request was cancelled", None, "cancelled")
+                    raise Refusal(ErrorCode.CANCELLED, "The request was cancelled")
                 elif status == "words":
                     self.words += reply["words"]
                     if sse:
@@ -201,8 +202,7 @@ class SpeechStream(Response):
                                     "body": sse_event({"type": "speech.words", "words": reply["words"]})})
                 elif status == "success" and self.captions:
                     if "words_unavailable" in reply:
-                        raise ApiError(503, f"No captions: {reply['words_unavailable']}", None,
-                                       "model_unavailable")
+                        raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"No captions: {reply['words_unavailable']}")
                     make = captions.vtt if self.speech.response_format == "vtt" else captions.srt
                     await self._send(send, make(self.words).encode(), engine, False)
                     await send({"type": "http.response.body", "body": b""})

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..audio.codec import STREAM_RATES
-from ..core.replies import ErrorCode, ProtocolError
+from ..core.replies import ErrorCode, Refusal
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
 from .dialogue_schemas import SessionId
@@ -31,30 +31,29 @@ CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "
                  "wav": "audio/wav", "pcm": "audio/pcm", "vtt": "text/vtt", "srt": "application/x-subrip"}
 CAPTIONS = ("vtt", "srt")  # captions of the text with its word times instead of audio
 MAX_INSTRUCTIONS = 4096
-# Our error codes as HTTP statuses.
-STATUS = {"invalid_json": 400, "invalid_request": 400, "unknown_session": 404, "unknown_emotion": 400, "unsupported_language": 400,
-          "text_too_long": 413, "busy": 429, "rate_limited": 429, "too_many_queued": 429,
-          "too_many_sessions": 429, "store_unavailable": 503,
-          "too_many_connections": 503, "model_unavailable": 503, "shutting_down": 503, "cancelled": 503,
-          "generation_timeout": 504, "generation_failed": 500, "internal_error": 500, "client_too_slow": 408}
+# Our error codes as HTTP statuses: the one place a refusal becomes an HTTP answer (``http_error``).
+STATUS = {ErrorCode.INVALID_JSON: 400, ErrorCode.INVALID_REQUEST: 400, ErrorCode.UNKNOWN_SESSION: 404,
+          ErrorCode.UNKNOWN_EMOTION: 400, ErrorCode.UNSUPPORTED_LANGUAGE: 400, ErrorCode.INVALID_VOICE: 400,
+          ErrorCode.UNKNOWN_REQUEST: 404, ErrorCode.TEXT_TOO_LONG: 413, ErrorCode.REQUEST_TOO_LARGE: 413,
+          ErrorCode.BUSY: 429, ErrorCode.RATE_LIMITED: 429, ErrorCode.TOO_MANY_QUEUED: 429,
+          ErrorCode.TOO_MANY_SESSIONS: 429, ErrorCode.STORE_UNAVAILABLE: 503, ErrorCode.TOO_MANY_CONNECTIONS: 503,
+          ErrorCode.MODEL_UNAVAILABLE: 503, ErrorCode.SHUTTING_DOWN: 503, ErrorCode.CANCELLED: 503,
+          ErrorCode.GENERATION_TIMEOUT: 504, ErrorCode.GENERATION_FAILED: 500, ErrorCode.INTERNAL_ERROR: 500,
+          ErrorCode.CLIENT_TOO_SLOW: 408, ErrorCode.MODEL_NOT_FOUND: 404, ErrorCode.VOICE_NOT_FOUND: 400,
+          ErrorCode.INVALID_API_KEY: 401}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
-class ApiError(Exception):
-    """A request answered with an OpenAI-shaped error."""
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
-    def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                429: "rate_limit_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any], param: str | None = None) -> "ApiError":
-        """An error reply of the shared core (our stable codes) as an HTTP error."""
-        return cls(STATUS.get(reply["code"], 500), reply["message"], param, reply["code"])
+def http_error(refusal: Refusal) -> tuple[int, dict[str, Any]]:
+    """A refusal as HTTP's answer: its status and OpenAI's error body."""
+    status = STATUS.get(refusal.code, 500)
+    return status, error_body(status, refusal.message, refusal.param, refusal.code.value)
 
 
 class SpeechBody(BaseModel):
@@ -113,14 +112,15 @@ class Voices:
         if isinstance(voice, dict):  # OpenAI also accepts {"id": "..."}
             voice = voice.get("id")
         if not isinstance(voice, str) or not voice:
-            raise ApiError(400, "'voice' is required: a voice name (e.g. 'alloy') or a speaker id", "voice")
+            raise Refusal(ErrorCode.INVALID_REQUEST, "'voice' is required: a voice name (e.g. 'alloy') or a "
+                                                     "speaker id", param="voice")
         if voice in self.named:
             return self.named[voice]
         if voice.lower() in VOICE_SPEAKERS:
             return VOICE_SPEAKERS[voice.lower()]
         if voice.isascii() and voice.isdigit() and len(voice) < 12 and int(voice) <= MAX_SPEAKER:
             return int(voice)
-        raise ApiError(400, f"Voice {voice!r} not found; see GET /v1/audio/voices", "voice", "voice_not_found")
+        raise Refusal(ErrorCode.VOICE_NOT_FOUND, f"Voice {voice!r} not found; see GET /v1/audio/voices", param="voice")
 
     def listing(self) -> list[dict[str, Any]]:
         listed = [{"id": name, "name": name, "speaker": speaker} for name, speaker in VOICE_SPEAKERS.items()]
@@ -128,40 +128,42 @@ class Voices:
 
 
 def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
-    """Validate a ``/v1/audio/speech`` body; ``ApiError`` names the offending field."""
+    """Validate a ``/v1/audio/speech`` body; the ``Refusal`` names the offending field (``param``)."""
     try:
         data = loads_shallow(raw)
     except (ValueError, RecursionError):
-        raise ApiError(400, "The request body is not valid JSON", None, "invalid_json") from None
+        raise Refusal(ErrorCode.INVALID_JSON, "The request body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "The request body must be a JSON object")
+        raise Refusal(ErrorCode.INVALID_REQUEST, "The request body must be a JSON object")
     try:
         body = SpeechBody.model_validate(data)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         param = str(error["loc"][0]) if error["loc"] else None
-        status, code = (404, "model_not_found") if param == "model" else (400, None)
-        raise ApiError(status, field_message(SpeechBody, exc), param, code) from None
+        code = ErrorCode.MODEL_NOT_FOUND if param == "model" else ErrorCode.INVALID_REQUEST
+        raise Refusal(code, field_message(SpeechBody, exc), param=param) from None
     if body.model not in MODELS:
-        raise ApiError(404, f"Model {body.model!r} not found; use one of: {', '.join(MODELS)}", "model",
-                       "model_not_found")
+        raise Refusal(ErrorCode.MODEL_NOT_FOUND, f"Model {body.model!r} not found; use one of: "
+                                                 f"{', '.join(MODELS)}", param="model")
     if len(body.input) > limits.max_text_chars:
-        raise ApiError(413, f"'input' has {len(body.input)} characters; the limit is {limits.max_text_chars}",
-                       "input", "text_too_long")
+        raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'input' has {len(body.input)} characters; the limit is "
+                                               f"{limits.max_text_chars}", param="input")
     speaker = body.speaker if body.speaker is not None else voices.resolve(body.voice)
     emotion = body.emotion
     if emotion is None and body.instructions and body.instructions.strip().lower() in limits.emotions:
         emotion = body.instructions.strip().lower()  # instructions naming one of our emotions pick it; else ignored
     if emotion is not None and emotion not in limits.emotions:
         known = ", ".join(limits.emotions) or "none are configured"
-        raise ApiError(400, f"Unknown emotion {emotion!r}; available: {known}", "emotion", "unknown_emotion")
+        raise Refusal(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {emotion!r}; available: {known}", param="emotion")
     if body.response_format in CAPTIONS and body.stream_format == "sse":
-        raise ApiError(400, f"'{body.response_format}' captions are one file; for audio with word times use "
-                            "stream_format 'sse' with an audio format and 'timestamps': true", "stream_format")
+        raise Refusal(ErrorCode.INVALID_REQUEST, f"'{body.response_format}' captions are one file; for audio with "
+                                                 "word times use stream_format 'sse' with an audio format and "
+                                                 "'timestamps': true", param="stream_format")
     rates = STREAM_RATES.get(body.response_format)
     if body.sample_rate is not None and rates and body.sample_rate not in rates:
-        raise ApiError(400, f"'sample_rate' {body.sample_rate} is not possible for {body.response_format}; use one "
-                            f"of: {', '.join(map(str, rates))}", "sample_rate")
+        raise Refusal(ErrorCode.INVALID_REQUEST, f"'sample_rate' {body.sample_rate} is not possible for "
+                                                 f"{body.response_format}; use one of: {', '.join(map(str, rates))}",
+                      param="sample_rate")
     synthesis = SynthesisRequest(
         text=body.input, request_id=new_request_id(), speaker=speaker, seed=body.seed, temperature=body.temperature,
         top_k=body.top_k, max_audio_length_ms=body.max_audio_length_ms, format="pcm", stream=True,
@@ -181,8 +183,4 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-def api_error(exc: ProtocolError) -> ApiError:
-    return ApiError.from_reply(exc.reply())
-
-
-__all__ = ["ApiError", "ErrorCode", "SpeechBody", "SpeechRequest", "Voices", "parse_speech", "models", "sse_event"]
+__all__ = ["ErrorCode", "SpeechBody", "SpeechRequest", "Voices", "parse_speech", "models", "sse_event"]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from ..core.replies import ErrorCode, ProtocolError
+from ..core.replies import ErrorCode, Refusal
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS)
 
@@ -130,9 +130,9 @@ def load_json_object(raw: str | bytes) -> dict[str, Any]:
     try:
         data = loads_shallow(raw)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {str(exc)[:200]}") from None
+        raise Refusal(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Message must be a JSON object")
+        raise Refusal(ErrorCode.INVALID_REQUEST, "Message must be a JSON object")
     return data
 
 
@@ -141,11 +141,11 @@ def validate(model: type[BaseModel], data: dict[str, Any], request_id: str | Non
     """``model`` from ``data``; a broken rule becomes ``invalid_request`` naming the field (its description)."""
     try:
         return model.model_validate(data, context=context)
-    except ProtocolError as exc:
+    except Refusal as exc:
         exc.request_id = exc.request_id or request_id
         raise
     except ValidationError as exc:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, field_message(model, exc), request_id) from None
+        raise Refusal(ErrorCode.INVALID_REQUEST, field_message(model, exc), request_id) from None
 
 
 def field_message(model: type[BaseModel], exc: ValidationError) -> str:

@@ -1,7 +1,7 @@
 """Protocol v1 of the WebSocket as pydantic models: one source for field types, ranges, defaults and the JSON Schema.
 
 Text frames carry JSON objects; audio travels in binary frames.  ``parse_message``
-turns one frame into a validated message or raises ``ProtocolError`` with a
+turns one frame into a validated message or raises ``Refusal`` with a
 stable code and a message naming the field (``'speaker' must be an integer from
 0 to 1000000``): the message is the field's ``description``, so the rule a
 client reads is the rule that is checked.  Rules that depend on the server
@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from ..core.replies import PROTOCOL_VERSION, ErrorCode, ProtocolError
+from ..core.replies import PROTOCOL_VERSION, ErrorCode, Refusal
 from ..engines.request import (ENGINES, FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS, SynthesisRequest,
                                new_request_id)
 from .dialogue_schemas import (ReplyTextReply, RespondMessage, SessionDeleteMessage, SessionDeletedReply,
@@ -68,10 +68,10 @@ class SynthesizeMessage(MessageBase, SamplingFields):
             raise ValueError(f"'format' {self.format!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
         limits = limits_of(info)
         if len(self.text) > limits.max_text_chars:
-            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
+            raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
                                                          f"{limits.max_text_chars}")
         if self.emotion is not None and self.emotion not in limits.emotions:
-            raise ProtocolError(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {self.emotion!r}; available: "
+            raise Refusal(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {self.emotion!r}; available: "
                                                            f"{', '.join(limits.emotions) or 'none are configured'}")
         return self
 
@@ -132,13 +132,13 @@ Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage, Se
 
 
 def parse_message(raw: str | bytes, limits: Limits) -> Message:
-    """Turn one WebSocket frame into a validated message, or raise ``ProtocolError``."""
+    """Turn one WebSocket frame into a validated message, or raise ``Refusal``."""
     if isinstance(raw, bytes):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
+        raise Refusal(ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
                                                        "send requests as JSON text frames")
     size = len(raw) if len(raw) * 4 <= MAX_TEXT_FRAME else len(raw.encode("utf-8", "surrogatepass"))
     if size > MAX_TEXT_FRAME:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST,
+        raise Refusal(ErrorCode.INVALID_REQUEST,
                             f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {size} bytes")
     data = load_json_object(raw)
     request_id = data.get("request_id")
@@ -146,7 +146,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         request_id = None
     model = MESSAGES.get(data.get("type", "synthesize")) if isinstance(data.get("type", ""), str) else None
     if model is None:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"'type' must be one of: {', '.join(MESSAGES)}", request_id)
+        raise Refusal(ErrorCode.INVALID_REQUEST, f"'type' must be one of: {', '.join(MESSAGES)}", request_id)
     return validate(model, data, request_id, context={"limits": limits})
 
 

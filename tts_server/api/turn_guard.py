@@ -33,7 +33,7 @@ class TurnGuard:
         """A frame of ``size`` bytes of 16-bit PCM at ``rate``: raise ``rate_limited`` (saying ``dropped``: what
         was dropped for it) when it runs past the pace."""
         if not self.pace.take(size / 2 / rate, time.monotonic()):
-            raise r.ProtocolError(r.ErrorCode.RATE_LIMITED, f"Audio is arriving faster than real time: a connection "
+            raise r.Refusal(r.ErrorCode.RATE_LIMITED, f"Audio is arriving faster than real time: a connection "
                                                             f"may send {self.pace.burst:g} s of audio ahead of the "
                                                             f"clock, then {self.pace.speed:g} s a second; {dropped}")
 

@@ -28,7 +28,7 @@ from ..core import replies as r
 from ..core.context import Conversation, heard
 from ..core.fair import Dropped
 from ..core.listening import Listener
-from ..core.jobs import END, Busy, Job
+from ..core.jobs import END, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
 from ..core.turns import StreamedTurn
@@ -104,8 +104,8 @@ class Connection(Dialogue):
         if session is not None:  # ?session=<id> on the URL: resumed right after the handshake
             try:
                 await self._bind(session)
-            except r.ProtocolError as exc:
-                await self.send(exc.reply())
+            except r.Refusal as exc:
+                await self.send(r.refusal_reply(exc))
         writer = asyncio.create_task(self._write_replies())
         try:
             while True:
@@ -169,8 +169,8 @@ class Connection(Dialogue):
             else:
                 self.conversation.reset()
                 await self.send({"status": "reset"})
-        except r.ProtocolError as exc:
-            await self.send(exc.reply())
+        except r.Refusal as exc:
+            await self.send(r.refusal_reply(exc))
         except (WebSocketDisconnect, OSError, Dropped):
             raise
         except Exception:  # a bug must cost one reply, not the connection
@@ -182,10 +182,7 @@ class Connection(Dialogue):
             await self._check_session(request.request_id)
         job = self._new_job(request)
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
-        try:
-            notice = self.service.scheduler.submit(job)
-        except Busy as exc:
-            raise r.ProtocolError(r.ErrorCode.BUSY, str(exc), request.request_id) from None
+        notice = self.service.scheduler.submit(job)
         self.live[request.request_id] = job
         self.jobs.put_nowait(job)
         if notice and not self._told_loading:
@@ -198,7 +195,7 @@ class Connection(Dialogue):
         if self.service.draining:
             raise r.shutting_down(request.request_id)
         if request.request_id in self.live:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST,
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST,
                                   f"request_id {request.request_id!r} is already in use on this connection",
                                   request.request_id)
         if sum(not job.finished for job in self.live.values()) >= self.service.max_queued_per_connection:
@@ -239,7 +236,7 @@ class Connection(Dialogue):
             return await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
                                            self.service.max_voice_seconds)
         except ReferenceError as exc:
-            raise r.ProtocolError(r.ErrorCode.INVALID_VOICE, f"{what} rejected: {exc}") from None
+            raise r.Refusal(r.ErrorCode.INVALID_VOICE, f"{what} rejected: {exc}") from None
 
     async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
         audio = await self._checked_audio(data, "Voice prompt")
@@ -255,7 +252,7 @@ class Connection(Dialogue):
                 self._cuts[request_id] = played_ms  # the writer cuts it after the reply's last frame
             return
         if played_ms is None or request_id not in self._replies:
-            raise r.ProtocolError(r.ErrorCode.UNKNOWN_REQUEST,
+            raise r.Refusal(r.ErrorCode.UNKNOWN_REQUEST,
                                   f"No queued or running request {request_id!r} on this connection", request_id)
         await self._cut(request_id, played_ms, None)
 
@@ -276,8 +273,8 @@ class Connection(Dialogue):
                     await store.replace(self.session, self.owner, seqs, kept)
                 else:
                     await store.extend(self.session, self.owner, kept)
-            except r.ProtocolError as exc:  # the store is down: the cut is this connection's alone
-                raise r.ProtocolError(exc.code, exc.message, request_id) from None
+            except r.Refusal as exc:  # the store is down: the cut is this connection's alone
+                raise r.Refusal(exc.code, exc.message, request_id) from None
         await self.send({"status": "truncated", "request_id": request_id,
                          "kept_s": round(sum(turn.duration_s for turn in kept), 3)})
 
@@ -293,8 +290,8 @@ class Connection(Dialogue):
             if (played_ms := self._cuts.pop(job.request_id, None)) is not None:
                 try:
                     await self._cut(job.request_id, played_ms, job)
-                except r.ProtocolError as exc:  # told, and the writer lives on for the connection's next replies
-                    await self.send(exc.reply())
+                except r.Refusal as exc:  # told, and the writer lives on for the connection's next replies
+                    await self.send(r.refusal_reply(exc))
 
 
 async def serve(ws: WebSocket) -> None:
@@ -310,7 +307,7 @@ async def serve(ws: WebSocket) -> None:
     refusal = service.admit(client, address)
     await ws.accept()
     if refusal is not None:
-        await ws.send_text(r.encode(refusal.reply()))
+        await ws.send_text(r.encode(r.refusal_reply(refusal)))
         return await ws.close(1013, "try again later")
     owner = service.owner(ws.headers, target)
     connection = Connection(service, ws, owner, service.counted_as(owner, address))

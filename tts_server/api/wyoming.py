@@ -34,7 +34,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from ..audio.text import SentenceStream
 from ..core import replies as p
 from ..core.context import Conversation
-from ..core.jobs import END, Busy, Job
+from ..core.jobs import END, Job
 from ..core.security import RateLimiter, is_loopback
 from ..core.service import Service
 from . import wyoming_events as w
@@ -43,7 +43,7 @@ from .schema_rules import speakable
 
 log = logging.getLogger(__name__)
 MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
-INTERNAL = p.ProtocolError(p.ErrorCode.INTERNAL_ERROR, "Internal server error")  # a bug: said without its details
+INTERNAL = p.Refusal(p.ErrorCode.INTERNAL_ERROR, "Internal server error")  # a bug: said without its details
 
 
 class WyomingApi:
@@ -116,7 +116,7 @@ class _Stopped:
 class _Refused:
     """A ``synthesize`` that cannot run: its error, in its turn."""
 
-    error: p.ProtocolError
+    error: p.Refusal
 
 
 class _Stream:
@@ -206,7 +206,7 @@ class WyomingConnection(AsyncEventHandler):
                 return True
             except w.EventTooLarge:
                 raise
-            except p.ProtocolError as exc:
+            except p.Refusal as exc:
                 malformed += 1
                 await self._error(exc.code, exc.message)
                 if malformed >= MAX_MALFORMED:
@@ -233,7 +233,7 @@ class WyomingConnection(AsyncEventHandler):
                 await self._stop()
             else:
                 log.debug("Wyoming: ignored a %r event", event.type)
-        except p.ProtocolError as exc:
+        except p.Refusal as exc:
             await self._error(exc.code, exc.message)
         except (ConnectionError, asyncio.IncompleteReadError):
             raise
@@ -261,7 +261,7 @@ class WyomingConnection(AsyncEventHandler):
             self._admit()
             work: _Speak | _Refused = _Speak(w.request(w.read_text(data), *self._voice(data),
                                                        self.server.max_text_chars), streamed=False)
-        except p.ProtocolError as exc:
+        except p.Refusal as exc:
             work = _Refused(exc)
         except Exception:  # a bug: refused in its turn like any other synthesize (its count is given back)
             log.exception("Wyoming: internal error while taking a synthesize event")
@@ -270,7 +270,7 @@ class WyomingConnection(AsyncEventHandler):
 
     def _start(self, data: dict) -> None:
         if self._stream is not None:
-            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "A stream is already open: send synthesize-stop first")
+            raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "A stream is already open: send synthesize-stop first")
         self._stream = _Stream()
         self._admit()
         self._stream.voice = self._voice(data)
@@ -278,20 +278,20 @@ class WyomingConnection(AsyncEventHandler):
     async def _chunk(self, data: dict) -> None:
         stream = self._stream
         if stream is None:
-            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
+            raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
                                                                "synthesize-start first")
         text = w.read_text(data)
         if stream.voice is None:
             return  # its synthesize-start was refused (and answered)
         if len(stream.sentences.pending) + len(text) > self.server.max_text_chars:
-            raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.server.max_text_chars} characters "
+            raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.server.max_text_chars} characters "
                                                              "without a sentence end; this chunk was dropped")
         await self._queue_sentences(stream.sentences.add(text), stream.voice)
 
     async def _stop(self) -> None:
         stream, self._stream = self._stream, None
         if stream is None:
-            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "synthesize-stop outside a stream")
+            raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "synthesize-stop outside a stream")
         if stream.voice is not None:
             await self._queue_sentences(stream.sentences.finish(), stream.voice)
         await self._work.put(_Stopped())
@@ -330,7 +330,7 @@ class WyomingConnection(AsyncEventHandler):
                     self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
                     return
 
-    async def _speak(self, request: p.SynthesisRequest) -> p.ProtocolError | None:
+    async def _speak(self, request: p.SynthesisRequest) -> p.Refusal | None:
         """Run one generation and send its audio; returns the error that ended it, if one did."""
         if self.server.draining:
             return p.shutting_down()
@@ -341,9 +341,7 @@ class WyomingConnection(AsyncEventHandler):
         job.owner = self
         try:
             self.server.scheduler.submit(job)
-        except Busy as exc:
-            return p.ProtocolError(p.ErrorCode.BUSY, str(exc))
-        except p.ProtocolError as exc:
+        except p.Refusal as exc:
             return exc
         self._job, started = job, False
         try:
@@ -358,9 +356,9 @@ class WyomingConnection(AsyncEventHandler):
                         continue
                     reply = json.loads(frame)
                     if reply["status"] == "error":
-                        return p.ProtocolError(p.ErrorCode(reply["code"]), reply["message"])
+                        return p.Refusal(p.ErrorCode(reply["code"]), reply["message"])
                     if reply["status"] == "cancelled":  # only the server cancels a job whose client is still here
-                        return p.ProtocolError(p.ErrorCode.SHUTTING_DOWN,
+                        return p.Refusal(p.ErrorCode.SHUTTING_DOWN,
                                                "The request was cancelled: the server is shutting down")
                     if reply["status"] == "success":
                         if not started:

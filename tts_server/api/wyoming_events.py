@@ -3,7 +3,7 @@
 Pure functions only (no sockets, no model), like ``schemas`` for the WebSocket
 and ``openai_schemas`` for HTTP; ``wyoming`` does the I/O and
 ``docs/wyoming.md`` is the prose version.  Events are the ``wyoming`` package's
-own classes; a bad field becomes a ``ProtocolError`` with one of the
+own classes; a bad field becomes a ``Refusal`` with one of the
 WebSocket's stable codes, sent back as Wyoming's ``error`` event.
 """
 
@@ -17,7 +17,7 @@ from wyoming.tts import SynthesizeVoice
 
 from ..core import replies as p
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
-from .openai_schemas import ApiError, Voices
+from .openai_schemas import Voices
 from .schema_rules import ENCODABLE_RULE, SPEAKABLE_RULE, encodable, loads_shallow, speakable
 
 LANGUAGE = "en"  # CSM-1B speaks English
@@ -34,7 +34,7 @@ NOT_AN_EVENT = ("Not a Wyoming event: each event is one line of JSON with a stri
                 "(optional non-negative 'data_length' and 'payload_length')")
 
 
-class EventTooLarge(p.ProtocolError):
+class EventTooLarge(p.Refusal):
     """An event that declares more bytes than a TTS server reads: answered, then the connection is closed."""
 
 
@@ -51,13 +51,13 @@ def parse_header(line: bytes) -> Header:
     try:
         header = loads_shallow(line)
     except (ValueError, RecursionError):
-        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT) from None
+        raise p.Refusal(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT) from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
+        raise p.Refusal(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
     data = header.get("data") or {}
     lengths = [header.get("data_length") or 0, header.get("payload_length") or 0]
     if not isinstance(data, dict) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in lengths):
-        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
+        raise p.Refusal(p.ErrorCode.INVALID_JSON, NOT_AN_EVENT)
     for name, length, cap in zip(("data_length", "payload_length"), lengths, (MAX_DATA, MAX_PAYLOAD)):
         if length > cap:
             raise EventTooLarge(p.ErrorCode.INVALID_REQUEST, f"'{name}' {length} is over this server's limit of "
@@ -72,7 +72,7 @@ def parse_data(raw: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
-        raise p.ProtocolError(p.ErrorCode.INVALID_JSON, "An event's extra data must be a JSON object")
+        raise p.Refusal(p.ErrorCode.INVALID_JSON, "An event's extra data must be a JSON object")
     return data
 
 
@@ -133,7 +133,7 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
         return 0, None, None
     language = voice.language
     if language is not None and not LANGUAGE_CODE.fullmatch(language):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'language' must be a language code such as 'en' or "
+        raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'language' must be a language code such as 'en' or "
                                                            f"'de_DE', got {language!r}")
     speaker, engine = 0, None
     if voice.name is not None and voice.name not in ("speaker",):
@@ -143,16 +143,16 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
         else:
             try:
                 speaker = voices.resolve(voice.name)
-            except ApiError:
+            except p.Refusal:
                 known = ", ".join([*(v["name"] for v in voices.listing()), *named])
-                raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"Unknown voice {voice.name!r}; available: "
+                raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"Unknown voice {voice.name!r}; available: "
                                                                    f"{known}") from None
     if voice.speaker is not None:
         text = str(voice.speaker)
         digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_SPEAKER))  # int() of 5,000 raises
         if not (digits and int(text) <= MAX_SPEAKER):
             shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
-            raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST,
+            raise p.Refusal(p.ErrorCode.INVALID_REQUEST,
                                   f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {shown!r}")
         speaker = int(text)
     return speaker, engine, language
@@ -164,7 +164,7 @@ def read_voice(data: dict[str, Any]) -> SynthesizeVoice | None:
     if voice is None:
         return None
     if not isinstance(voice, dict) or any(v is not None and not isinstance(v, (str, int)) for v in voice.values()):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, "'voice' must be an object with string fields "
+        raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "'voice' must be an object with string fields "
                                                            "name, language, speaker")
     return SynthesizeVoice(name=_text_or_none(voice.get("name")), language=_text_or_none(voice.get("language")),
                            speaker=_text_or_none(voice.get("speaker")))
@@ -173,7 +173,7 @@ def read_voice(data: dict[str, Any]) -> SynthesizeVoice | None:
 def read_text(data: dict[str, Any], field: str = "text") -> str:
     text = data.get(field)
     if not isinstance(text, str):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'{field}' must be a string")
+        raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'{field}' must be a string")
     return text
 
 
@@ -182,11 +182,11 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
     """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a voice."""
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
     if not speakable(text):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'text' must be {SPEAKABLE_RULE}")
+        raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'text' must be {SPEAKABLE_RULE}")
     if not encodable(text):
-        raise p.ProtocolError(p.ErrorCode.INVALID_REQUEST, f"'text' must be {ENCODABLE_RULE}")
+        raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'text' must be {ENCODABLE_RULE}")
     if len(text) > max_text_chars:
-        raise p.ProtocolError(p.ErrorCode.TEXT_TOO_LONG,
+        raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")
     return SynthesisRequest(text=text, request_id=new_request_id(), speaker=speaker, format="pcm",
                               stream=True, context=True, engine=engine, language=language)

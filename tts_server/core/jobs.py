@@ -19,20 +19,11 @@ from typing import Any, Awaitable, Callable
 from . import replies as r
 from .fair import discard
 from ..engines.request import SynthesisRequest
-from ..engines.base import Engine, EngineError, SynthesisTask
+from ..engines.base import Engine, SynthesisTask
+from ..engines.errors import Busy, ClientTooSlow
 
 log = logging.getLogger(__name__)
 END = None  # outbox sentinel: the job's last reply has been posted
-
-
-class Busy(Exception):
-    """The queue is full."""
-
-
-class ClientTooSlow(EngineError):
-    def __init__(self, seconds: float) -> None:
-        super().__init__("client_too_slow", f"The client left more than {seconds:g} s of streamed audio unread; "
-                                            "the stream was stopped")
 
 
 class Job:

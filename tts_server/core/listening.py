@@ -70,6 +70,6 @@ class Listener:
     def _feed_turn(self, data: bytes, events: list) -> None:
         try:
             self.turn.feed(data)
-        except r.ProtocolError:  # longer than a turn may be: dropped, listening goes on
+        except r.Refusal:  # longer than a turn may be: dropped, listening goes on
             self.turn = None
             events.append(("dropped", None))

@@ -2,16 +2,16 @@
 
 A job's outbox holds these replies in the WebSocket's shapes (docs/protocol.md):
 the WebSocket sends them as they are, the OpenAI and Wyoming adapters translate
-them.  ``ProtocolError`` is a request refused with one of the codes; the
+them.  ``Refusal`` is a request refused with one of the codes; the
 connection lives on.
 """
 
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Any
 
+from ..engines.errors import ErrorCode, Refusal
 from ..engines.request import SynthesisRequest
 
 PROTOCOL_VERSION = 1
@@ -19,55 +19,19 @@ PROTOCOL_VERSION = 1
 LOADING_MESSAGE = "TTS model is still loading, request will be processed when ready"
 
 
-class ErrorCode(str, Enum):
-    INVALID_JSON = "invalid_json"
-    INVALID_REQUEST = "invalid_request"
-    TEXT_TOO_LONG = "text_too_long"
-    UNKNOWN_EMOTION = "unknown_emotion"
-    UNKNOWN_REQUEST = "unknown_request"
-    INVALID_VOICE = "invalid_voice"
-    BUSY = "busy"
-    CLIENT_TOO_SLOW = "client_too_slow"
-    RATE_LIMITED = "rate_limited"
-    TOO_MANY_QUEUED = "too_many_queued"
-    TOO_MANY_CONNECTIONS = "too_many_connections"
-    SHUTTING_DOWN = "shutting_down"
-    GENERATION_TIMEOUT = "generation_timeout"
-    UNSUPPORTED_LANGUAGE = "unsupported_language"
-    UNKNOWN_SESSION = "unknown_session"
-    TOO_MANY_SESSIONS = "too_many_sessions"
-    STORE_UNAVAILABLE = "store_unavailable"
-    MODEL_UNAVAILABLE = "model_unavailable"
-    GENERATION_FAILED = "generation_failed"
-    INTERNAL_ERROR = "internal_error"
-
-
-class ProtocolError(Exception):
-    """A message the server must answer with an error reply (the connection lives on)."""
-
-    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = ErrorCode(code)
-        self.message = message
-        self.request_id = request_id
-
-    def reply(self) -> dict[str, Any]:
-        return error_reply(self.code, self.message, self.request_id)
-
-
 # -- refusals shared by every interface ----------------------------------------------------------
 
-def shutting_down(request_id: str | None = None) -> ProtocolError:
-    return ProtocolError(ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly", request_id)
+def shutting_down(request_id: str | None = None) -> Refusal:
+    return Refusal(ErrorCode.SHUTTING_DOWN, "The server is shutting down; connect again shortly", request_id)
 
 
-def rate_limited(per_minute: int, request_id: str | None = None, who: str = "this connection") -> ProtocolError:
-    return ProtocolError(ErrorCode.RATE_LIMITED, f"More than {per_minute} requests a minute on {who}; slow down",
+def rate_limited(per_minute: int, request_id: str | None = None, who: str = "this connection") -> Refusal:
+    return Refusal(ErrorCode.RATE_LIMITED, f"More than {per_minute} requests a minute on {who}; slow down",
                          request_id)
 
 
-def too_many_queued(limit: int, request_id: str | None = None, who: str = "This connection") -> ProtocolError:
-    return ProtocolError(ErrorCode.TOO_MANY_QUEUED, f"{who} already has {limit} requests waiting or running; "
+def too_many_queued(limit: int, request_id: str | None = None, who: str = "This connection") -> Refusal:
+    return Refusal(ErrorCode.TOO_MANY_QUEUED, f"{who} already has {limit} requests waiting or running; "
                                                     "wait for one to finish", request_id)
 
 
@@ -78,6 +42,10 @@ def error_reply(code: ErrorCode, message: str, request_id: str | None = None) ->
     if request_id is not None:
         reply["request_id"] = request_id
     return reply
+
+
+def refusal_reply(exc: Refusal) -> dict[str, Any]:
+    return error_reply(exc.code, exc.message, exc.request_id)
 
 
 def loading_reply(detail: str, request_id: str | None = None) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def chat_messages(transcript: Sequence[ContextTurn | StoredTurn], assistant: int
 
 async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], submit: Callable[[Job], None],
                  max_chars: int = 4000) -> None:
-    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``ProtocolError``).  An answer
+    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``Refusal``).  An answer
     longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``.
     A model that writes no complete sentence for ``chat.timeout`` seconds, whatever it sends meanwhile, is stopped
     (``model_unavailable``): a trickle or keep-alives must not hold the engine's worker, which waits for the next
@@ -104,9 +104,9 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
         feed.close(exc)
         if not queued:
             job.finish(r.error_reply(r.ErrorCode(exc.code), exc.message, job.request_id))
-    except r.ProtocolError as exc:  # the queue refused it
+    except r.Refusal as exc:  # the queue refused it
         feed.close(EngineError(exc.code.value, exc.message))
-        job.finish(exc.reply())
+        job.finish(r.refusal_reply(exc))
     except Exception:  # a bug costs this answer, never its terminal reply (the connection's writer waits for it)
         log.exception("The answer %s failed", job.request_id)
         feed.close(EngineError("internal_error", "Internal server error"))

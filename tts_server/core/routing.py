@@ -58,10 +58,10 @@ class Chain:
         found = self.candidates(request)
         return found[0] if found else None
 
-    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.ProtocolError:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.Refusal:
         """The slot that should serve ``request`` now (possibly still loading), or the error to answer."""
         if request.engine is not None and request.engine not in self.by_name:
-            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: "
+            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: "
                                                                   "not configured on this server", request.request_id)
         found = self.candidates(request)
         if not found:
@@ -72,13 +72,13 @@ class Chain:
             if slot.state != "failed":
                 return slot
         if request.engine is not None:
-            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE,
+            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE,
                                    f"Engine {request.engine!r} is unavailable: {found[0].reason}", request.request_id)
         if len(found) == 1:
-            return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
+            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
                                    request.request_id)
         reasons = "; ".join(f"{slot.name}: {slot.reason}" for slot in found)
-        return r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
+        return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
 
     def next_after(self, slot: EngineSlot, request: SynthesisRequest) -> EngineSlot | None:
         """The ready engine after ``slot`` that may take over ``request`` (one that named no engine)."""
@@ -94,10 +94,10 @@ class Chain:
             return None
         return slot if _speaks(slot, request) else None
 
-    def _unsupported(self, request: SynthesisRequest) -> r.ProtocolError:
+    def _unsupported(self, request: SynthesisRequest) -> r.Refusal:
         spoken = sorted({code for slot in self._pool(request) for code in (slot.engine.languages() or ())})
         where = f"engine {request.engine!r}" if request.engine else "this server"
-        return r.ProtocolError(r.ErrorCode.UNSUPPORTED_LANGUAGE,
+        return r.Refusal(r.ErrorCode.UNSUPPORTED_LANGUAGE,
                                f"No engine speaks {request.language!r}; {where} speaks: {', '.join(spoken)}",
                                request.request_id)
 

@@ -81,7 +81,7 @@ class Scheduler:
         return sum(1 for job in self._queue if not job.finished and job.overflow)
 
     def submit(self, job: Job) -> str | None:
-        """Queue ``job`` (or answer it from the cache); raise ``Busy`` when full, ``ProtocolError`` when no
+        """Queue ``job`` (or answer it from the cache); raise ``Busy`` when full, ``Refusal`` when no
         engine can take it.  Returns a loading notice when it must wait."""
         key = cache.key(job.request, job.cache_salt) if job.cache_salt is not None and self.cache.enabled else None
         if key is not None:
@@ -91,12 +91,13 @@ class Scheduler:
                 return None
             job.cache_key = key
         slot = self.route(job.request)
-        if isinstance(slot, r.ProtocolError):
+        if isinstance(slot, r.Refusal):
             raise slot
         if self.depth >= self.max_queue:
             overflow = self.chain.overflow_slot(job.request)
             if overflow is None or self.overflow_depth >= self.max_queue:
-                raise Busy(f"The server is busy: {self.max_queue} requests are already queued; retry shortly")
+                raise Busy(f"The server is busy: {self.max_queue} requests are already queued; retry shortly",
+                           job.request_id)
             job.overflow, slot = True, overflow
         self._queue.append(job)
         self.wake()
@@ -104,7 +105,7 @@ class Scheduler:
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
 
-    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.ProtocolError:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.Refusal:
         """The slot that should serve ``request`` now (possibly still loading); see ``routing.Chain``."""
         return self.chain.route(request, overflow)
 
@@ -154,9 +155,9 @@ class Scheduler:
                 self._queue.remove(job)
                 continue
             slot = self.route(job.request, job.overflow)
-            if isinstance(slot, r.ProtocolError):
+            if isinstance(slot, r.Refusal):
                 self._queue.remove(job)
-                job.finish(slot.reply())
+                job.finish(r.refusal_reply(slot))
                 continue
             busy = slot.state == "loading" or any(j.owner is job.owner for j in self.running)
             if busy or sum(j.slot is slot for j in self.running) >= slot.engine.concurrency:
@@ -232,7 +233,7 @@ class Scheduler:
         code, why = None, ""
         try:
             await job.persist(job)  # durable before the client can see the reply
-        except r.ProtocolError as exc:  # the store is unreachable, the session gone
+        except r.Refusal as exc:  # the store is unreachable, the session gone
             code, why = exc.code, f": {exc.message}"
         except Exception:
             log.exception("request %s: its turns could not be stored", job.request_id)

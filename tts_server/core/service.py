@@ -141,20 +141,20 @@ class Service:
         turn's ``TRANSCRIPT_RATE``), on the transcriber's thread in ``connection``'s turn; without speech
         recognition, the refusal."""
         if self.stt is None:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "'text' is required: this server has no speech "
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "'text' is required: this server has no speech "
                                                                "recognition (start it with --stt-model)")
         await self._stt_loaded.wait()
         if self.stt_failure is not None:
-            raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Speech recognition is unavailable: "
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Speech recognition is unavailable: "
                                                                  f"{self.stt_failure}")
         try:
             text = await self.shared(self.stt_thread, connection, self.stt.transcribe, audio, rate,
                                      limit=TRANSCRIPTS_WAITING)
         except Full:
-            raise r.ProtocolError(r.ErrorCode.BUSY, f"{TRANSCRIPTS_WAITING} turns of this connection are already "
+            raise r.Refusal(r.ErrorCode.BUSY, f"{TRANSCRIPTS_WAITING} turns of this connection are already "
                                                     "waiting to be transcribed; send the next once one is saved")
         if not text:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its "
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its "
                                                                "'text'; the turn was dropped")
         return text
 
@@ -184,7 +184,7 @@ class Service:
             await slot.loaded.wait()
         if slot is None or slot.state != "ready":
             why = slot.reason if slot else "not configured"
-            raise r.ProtocolError(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is "
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is "
                                                                  f"not available here: {why}")
         return slot
 
@@ -210,16 +210,16 @@ class Service:
         return tuple(sorted(self.library.emotions))
 
     # -- admission: every connection, whatever it speaks ----------------------------------------------
-    def admit(self, connection: Hashable, address: str) -> r.ProtocolError | None:
+    def admit(self, connection: Hashable, address: str) -> r.Refusal | None:
         """Count ``connection`` (once, however many requests it carries) under ``address``, or say why it is
         refused.  Admitted connections are released with ``release(connection)`` when they close."""
         if connection in self._admitted:
             return None
         if self.draining:
-            return r.ProtocolError(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+            return r.Refusal(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
         refusal = self.connection_limits.admit(address)
         if refusal is not None:
-            return r.ProtocolError(r.ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            return r.Refusal(r.ErrorCode.TOO_MANY_CONNECTIONS, refusal)
         self._admitted[connection] = address
         return None
 

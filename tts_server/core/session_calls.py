@@ -64,7 +64,7 @@ class Sessions:
             await asyncio.sleep(seconds)
             try:
                 await self._call("sweep")
-            except r.ProtocolError as exc:  # the store is down (``_call`` logged the outage): the next sweep retries
+            except r.Refusal as exc:  # the store is down (``_call`` logged the outage): the next sweep retries
                 log.debug("Sweep skipped: %s", exc.message)
             except Exception:
                 log.exception("Sweeping expired sessions failed")
@@ -82,11 +82,11 @@ class Sessions:
             self._down = None
         return result
 
-    def _unavailable(self, why: str, detail: str = "") -> r.ProtocolError:
+    def _unavailable(self, why: str, detail: str = "") -> r.Refusal:
         if self._down is None:
             log.warning("The session store is unavailable: %s %s", why, detail)
         self._down = why
-        return r.ProtocolError(r.ErrorCode.STORE_UNAVAILABLE, f"The session store is unavailable ({why}); what was "
+        return r.Refusal(r.ErrorCode.STORE_UNAVAILABLE, f"The session store is unavailable ({why}); what was "
                                                               "stored before is kept: retry shortly")
 
     def close(self) -> None:

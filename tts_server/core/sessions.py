@@ -65,18 +65,18 @@ def owner_of(api_key: str | None) -> str:
     return hashlib.sha256((api_key or "").encode()).hexdigest()
 
 
-def too_many(limit: int) -> r.ProtocolError:
-    return r.ProtocolError(r.ErrorCode.TOO_MANY_SESSIONS, f"You already hold {limit} sessions (the most one API key, "
+def too_many(limit: int) -> r.Refusal:
+    return r.Refusal(r.ErrorCode.TOO_MANY_SESSIONS, f"You already hold {limit} sessions (the most one API key, "
                                                           "or one address on a server without keys, may hold): "
                                                           "delete one, or resume one with its id")
 
 
-def server_full(limit: int) -> r.ProtocolError:
-    return r.ProtocolError(r.ErrorCode.BUSY, f"The server holds its maximum of {limit} sessions; retry later")
+def server_full(limit: int) -> r.Refusal:
+    return r.Refusal(r.ErrorCode.BUSY, f"The server holds its maximum of {limit} sessions; retry later")
 
 
-def unknown(session: str) -> r.ProtocolError:
-    return r.ProtocolError(r.ErrorCode.UNKNOWN_SESSION, f"No session {session[:64]!r}: it never existed, expired, was "
+def unknown(session: str) -> r.Refusal:
+    return r.Refusal(r.ErrorCode.UNKNOWN_SESSION, f"No session {session[:64]!r}: it never existed, expired, was "
                                                         "deleted, or belongs to another API key")
 
 

@@ -46,7 +46,7 @@ class StreamedTurn:
             data, self._odd = data[:-1], data[-1:]
         self.received += len(data) // 2
         if self.received > MAX_TURN_SECONDS * self.sample_rate:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
                                                                "this one was dropped")
         samples = np.frombuffer(data, "<i2")
         scaled = samples.astype(np.float32) / 32768.0
@@ -81,5 +81,5 @@ class StreamedTurn:
         """After ``end``: the whole turn as a context turn: its codes, its text, its duration (no audio kept)."""
         codes = self._encoder.finish()
         if len(codes) == 0:
-            raise r.ProtocolError(r.ErrorCode.INVALID_REQUEST, "The streamed turn holds no audio")
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "The streamed turn holds no audio")
         return ContextTurn(self.speaker, text, None, {"csm": codes}, duration=self._encoder.samples / 24000)

@@ -17,27 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import EngineError, ErrorCode
 from .request import SynthesisRequest
-
-
-class EngineError(Exception):
-    """A request-level failure with a protocol error code (``generation_failed``, ...).
-
-    ``generation_failed``, ``model_unavailable`` (a remote engine that cannot be
-    reached) and ``busy`` (a remote engine that is full) are the engine's own
-    failures, which a later engine of the chain may answer instead; any other
-    code (``text_too_long``, ...) is the request's fault and reaches the client
-    as it is.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def engine_fault(self) -> bool:
-        return self.code in ("generation_failed", "model_unavailable", "busy")
 
 
 @dataclass(frozen=True)
