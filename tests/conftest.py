@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -191,10 +192,41 @@ def url(server: TTSServer) -> str:
     return f"ws://127.0.0.1:{server.port}"
 
 
+@functools.cache
+def _reply_validators() -> tuple[dict, object]:
+    """The published schema's validators, built once: one per ``status`` (precise errors), and the whole union."""
+    import jsonschema
+
+    from tts_server.api.schemas import json_schema
+
+    schema = json_schema()
+    server, defs = schema["properties"]["server"], schema["$defs"]
+    by_status = {status: jsonschema.Draft202012Validator({"$defs": defs, "$ref": ref})
+                 for status, ref in server["discriminator"]["mapping"].items()}
+    return by_status, jsonschema.Draft202012Validator({"$defs": defs, **server})
+
+
+def conforming(reply):
+    """``reply`` (a WebSocket reply, decoded) if it conforms to the published reply schema; else the test fails
+    naming the reply and what is wrong.  Every reply the tests read passes through here, so a field the server
+    sends that the event types (and so the schema) do not declare cannot go unnoticed."""
+    by_status, whole = _reply_validators()
+    status = reply.get("status") if isinstance(reply, dict) else None
+    validator = by_status.get(status, whole) if isinstance(status, str) else whole
+    errors = [f"{'/'.join(map(str, e.absolute_path)) or '(reply)'}: {e.message}" for e in validator.iter_errors(reply)]
+    assert not errors, f"a reply does not conform to /v1/websocket.schema.json: {reply!r}: {'; '.join(errors)}"
+    return reply
+
+
+def reply_json(frame: str) -> dict:
+    """A WebSocket text frame as its reply, checked against the published schema (``conforming``)."""
+    return conforming(json.loads(frame))
+
+
 async def recv_json(ws, timeout: float = 60) -> dict:
     frame = await asyncio.wait_for(ws.recv(), timeout)
     assert isinstance(frame, str), f"expected a JSON text frame, got {len(frame)} bytes"
-    return json.loads(frame)
+    return reply_json(frame)
 
 
 async def read_until(ws, stop, timeout: float = 120) -> tuple[dict, bytes, list[tuple[dict, int]]]:
@@ -208,7 +240,7 @@ async def read_until(ws, stop, timeout: float = 120) -> tuple[dict, bytes, list[
         if isinstance(frame, bytes):
             audio += frame
             continue
-        reply = json.loads(frame)
+        reply = reply_json(frame)
         if stop(reply):
             if reply.get("status") == "success" and not reply.get("chunks"):
                 audio += await asyncio.wait_for(ws.recv(), timeout)  # non-streamed: one binary frame follows

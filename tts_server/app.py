@@ -6,20 +6,14 @@ import asyncio
 import logging
 import signal
 import sys
-from functools import partial
-from pathlib import Path
 from typing import Sequence
-
-import torch
 
 from .api.server import TTSServer
 from .core.context import ReferenceLibrary
 from .core.jobs import EngineSlot
 from .core.security import Gate, redact_logs
-from .engines.csm import CsmEngine, pick_device
-from .engines.model_source import ModelSourceError, download, resolve_local
-from .engines.piper import PiperEngine
-from .engines.remote import RemoteEngine
+from .engines import registry
+from .engines.model_source import ModelSourceError
 from .engines.addresses import url_secrets
 from .engines.chat import ChatModel
 from .engines.stt import Transcriber
@@ -28,39 +22,10 @@ from .settings import Settings, load_settings
 log = logging.getLogger("tts_server")
 
 
-# CUDA: extra rows are nearly free.  CPU: MKL multiplies a matrix by up to 4 vectors in about the time of 1
-# (docs/benchmarks.md), beyond that the cost grows with the rows.  MPS: batching is untested there.
-AUTO_MAX_BATCH = {"cuda": 8, "cpu": 4}
-
-
-def csm_slot(settings: Settings) -> EngineSlot:
-    """The CSM engine for ``settings``; a bad ``--model-path`` raises ``ModelSourceError`` now, not later."""
-    if settings.mode == "reuse":
-        if not settings.model_path:
-            raise ModelSourceError("--mode reuse needs --model-path (or TTS_MODEL_PATH)")
-        folder = resolve_local(settings.model_path)
-        locate, label = (lambda: folder), str(folder)
-    else:
-        cache = str(Path(settings.hf_home) / "hub") if settings.hf_home else None
-        locate = partial(download, settings.model_id, settings.hf_token, cache)
-        label = settings.model_id
-    if settings.threads:  # process-wide; several servers sharing a CPU otherwise fight over every core
-        torch.set_num_threads(settings.threads)
-    max_batch = settings.max_batch or AUTO_MAX_BATCH.get(pick_device(settings.device), 1)
-    return EngineSlot(CsmEngine(locate, settings.device, settings.dtype, label=label, max_batch=max_batch,
-                                first_chunk_frames=settings.first_chunk_frames, chunk_frames=settings.chunk_frames,
-                                compile=settings.compile == "on", quantize=settings.quantize))
-
-
 def engine_slot(name: str, settings: Settings) -> EngineSlot:
-    """One engine of the chain, by its name."""
-    if name == "csm":
-        return csm_slot(settings)
-    if name == "piper":
-        return EngineSlot(PiperEngine(settings.piper_voice))
-    return EngineSlot(RemoteEngine(settings.remote_url or "", settings.remote_api_key, settings.remote_model,
-                                   settings.remote_voice_map(), _split(settings.remote_languages),
-                                   settings.remote_timeout))
+    """One engine of the chain, made by its registry entry (a bad CSM ``--model-path`` raises
+    ``ModelSourceError`` here, at the start, not when it loads)."""
+    return EngineSlot(registry.build(name, settings))
 
 
 def build_server(settings: Settings) -> TTSServer:

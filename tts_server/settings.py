@@ -20,7 +20,10 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from .engines.request import ENGINES, LANGUAGE_CODE
+from .audio.pcm import OUTPUT_RATE
+from .engines import registry
+from .engines.request import LANGUAGE_CODE
+from .core.session_calls import store_kind
 from .references import DEFAULT_REFERENCES
 
 
@@ -30,11 +33,17 @@ def _items(text: str) -> list[str]:
 
 def _engines(text: str) -> str:
     names = _items(text)
-    if not names or any(name not in ENGINES for name in names):
-        raise ValueError(f"{text!r}: list engines from {', '.join(ENGINES)}, e.g. csm,piper")
+    if not names or any(name not in registry.names() for name in names):
+        raise ValueError(f"{text!r}: list engines from {', '.join(registry.names())}, e.g. csm,piper")
     if len(set(names)) != len(names):
         raise ValueError(f"{text!r} names an engine twice")
     return ",".join(names)
+
+
+def _engine_name(text: str) -> str:
+    if text not in registry.names():
+        raise ValueError(f"{text!r} is not an engine; use one of: {', '.join(registry.names())}")
+    return text
 
 
 def _remote_voices(text: str) -> str:
@@ -65,7 +74,7 @@ def _costs(values: tuple[str, ...]) -> tuple[str, ...]:
     for text in values:
         name, sep, price = text.partition("=")
         try:
-            ok = bool(sep) and name.strip() in ENGINES and float(price) >= 0
+            ok = bool(sep) and name.strip() in registry.names() and float(price) >= 0
         except ValueError:
             ok = False
         if not ok:
@@ -82,11 +91,8 @@ def _wyoming_uri(text: str) -> str:
 
 
 def _session_store(text: str) -> str:
-    parsed = urlparse(text)
-    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")) or \
-            (parsed.scheme == "redis" and parsed.hostname):
-        return text
-    raise ValueError(f"{text!r} is not sqlite:///PATH, redis://HOST:PORT/DB or memory")
+    store_kind(text)  # raises, naming what it takes
+    return text
 
 
 def _non_negative(value: float) -> float:
@@ -104,7 +110,8 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 NonNegativeFloat = Annotated[float, AfterValidator(_non_negative)]
-EngineList = Annotated[str, AfterValidator(_engines)]
+EngineList = Annotated[str, AfterValidator(_engines)]  # names checked against the registry when validated
+EngineName = Annotated[str, AfterValidator(_engine_name)]
 RemoteVoices = Annotated[str, AfterValidator(_remote_voices)]
 Languages = Annotated[str, AfterValidator(_languages)]
 Networks = Annotated[str, AfterValidator(_networks)]
@@ -137,11 +144,13 @@ class Settings(BaseSettings):
     engines: EngineList | None = Field(None, description="the engine chain, in routing order, e.g. csm,remote,piper: a "
         "request goes to the first engine that has not failed (waiting while it loads) and is retried on the next "
         "when one fails before any audio; unset: as --engine and --fallback say (csm,piper)")
+    # --engine and --fallback are shorthands for the built-in engines, kept as they were; --engines, --overflow-engine
+    # and --engine-cost take any engine of the registry (engines/registry.py).
     engine: Literal["auto", "csm", "piper"] = Field("auto", description="shorthand for --engines: auto = csm,FALLBACK; "
         "csm or piper: that engine only")
     fallback: Literal["piper", "none"] = Field("piper", description="the engine after CSM in auto mode (shorthand for "
         "--engines csm,piper)")
-    overflow_engine: Literal["csm", "piper", "remote"] | None = Field(None, description="when the queue is full, "
+    overflow_engine: EngineName | None = Field(None, description="when the queue is full, "
         "requests that named no engine go to this engine of the chain instead of getting 'busy'; off when unset")
     remote_url: str | None = Field(None, description="base URL of an OpenAI-compatible speech API for the 'remote' "
         "engine, e.g. https://api.openai.com/v1 or http://gpu-box:8765/v1 (key: env TTS_REMOTE_API_KEY)")
@@ -157,7 +166,7 @@ class Settings(BaseSettings):
         "context off (CSM only); 0 = off")
     engine_cost: Costs = Field((), description="ENGINE=USD_PER_MILLION_CHARS for the estimated spend in /v1/info and "
         "/metrics; repeat for several engines")
-    sample_rate: Positive = Field(24000, description="output sample rate in Hz; every engine is resampled to it")
+    sample_rate: Positive = Field(OUTPUT_RATE, description="output sample rate in Hz; every engine is resampled to it")
     first_chunk_frames: Positive = Field(2, description="CSM frames (80 ms each) in a request's first audio chunk")
     chunk_frames: Positive = Field(6, description="CSM frames in each later audio chunk")
     max_batch: NonNegative = Field(0, description="CSM requests generated together in one batch; 0 = auto: 8 on CUDA, "
@@ -239,8 +248,11 @@ class Settings(BaseSettings):
         chain = self.chain()
         if self.wyoming_zeroconf and not str(self.wyoming_uri or "").startswith("tcp://"):
             raise ValueError("--wyoming-zeroconf needs a tcp:// --wyoming-uri")
-        if "remote" in chain and not self.remote_url:
-            raise ValueError("the 'remote' engine needs --remote-url (or TTS_REMOTE_URL)")
+        for name in chain:
+            spec = registry.get(name)
+            problem = spec.check(self) if spec and spec.check else None
+            if problem:
+                raise ValueError(problem)
         if self.overflow_engine and self.overflow_engine not in chain[1:]:
             raise ValueError(f"--overflow-engine {self.overflow_engine} must be an engine of the chain after the "
                              f"first ({','.join(chain)})")

@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 import websockets
 
-from conftest import ahttp_get, collect, csm_slot, read_until, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, read_until, recv_json, reply_json, running_server, url
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 FIRST = "The first sentence goes on a while."  # the tiny CSM speaks each for its whole frame budget (3.8 s)
@@ -32,7 +32,7 @@ async def spoken_until(ws, enough) -> tuple[list[dict], int]:
         if isinstance(frame, bytes):
             received += len(frame)
         else:
-            replies.append(json.loads(frame))
+            replies.append(reply_json(frame))
             assert replies[-1]["status"] not in ("success", "error", "cancelled"), replies
     return replies, received
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import csm_slot, server_in_thread
+from conftest import csm_slot, reply_json, server_in_thread
 
 FUZZ_SEED = 20261122
 EXAMPLES = 800  # x ~15 frames each: over 10,000 frames (asserted below)
@@ -83,7 +83,7 @@ class Fuzzer:
                 reply = ws.recv(timeout=60)
                 if isinstance(reply, bytes):
                     continue
-                data = json.loads(reply)
+                data = reply_json(reply)  # every reply conforms to the published schema
                 assert isinstance(data, dict) and "status" in data, data
                 # bad input is the client's fault: it must never look like (or cause) a server or engine failure
                 assert data.get("code") not in ("internal_error", "generation_failed"), data
@@ -126,7 +126,7 @@ def test_ten_thousand_hostile_frames_get_json_or_a_clean_close(threaded_server):
     assert fuzzer.closes > 0  # the invalid-UTF-8 frames were sent and closed cleanly (1007)
     ws = fuzzer.open()  # the server lives and serves normally afterwards
     ws.send(json.dumps({"text": "Fine", "max_audio_length_ms": 160}))
-    while isinstance(reply := ws.recv(timeout=60), bytes) or json.loads(reply)["status"] not in TERMINAL:
+    while isinstance(reply := ws.recv(timeout=60), bytes) or reply_json(reply)["status"] not in TERMINAL:
         pass
     assert json.loads(reply)["status"] == "success"
     ws.close()
@@ -163,7 +163,7 @@ class SessionFlood:
         return connect(f"ws://127.0.0.1:{self.port}", max_size=None, close_timeout=2)
 
     def _reply(self, ws) -> dict:
-        reply = json.loads(ws.recv(timeout=30))
+        reply = reply_json(ws.recv(timeout=30))
         assert isinstance(reply, dict) and reply.get("status") in ("session", "session_deleted", "error"), reply
         if reply["status"] == "error":
             self.codes.add(reply["code"])

@@ -18,7 +18,7 @@ import av
 import pytest
 import websockets
 
-from conftest import collect, piper_slot, running_server, url
+from conftest import collect, piper_slot, reply_json, running_server, url
 from tts_server.core.security import Gate
 
 SPEECH = {"model": "piper", "voice": "alloy", "input": "Hello there, this is a test."}
@@ -118,7 +118,7 @@ async def test_http_connections_count_against_the_per_address_limit_like_websock
         assert await wait_until(lambda: server.open_connections == 0)
         async with websockets.connect(url(server)) as ws:  # released: admitted again
             await ws.send(json.dumps({"type": "reset"}))
-            assert json.loads(await ws.recv()) == {"status": "reset"}
+            assert reply_json(await ws.recv()) == {"status": "reset"}
 
 
 async def test_no_api_key_reaches_the_log_on_any_path(caplog):

@@ -8,7 +8,8 @@ import pytest
 
 from tts_server.api import schemas as p
 from tts_server.api.schema_rules import MAX_JSON_DEPTH
-from tts_server.core import replies
+from tts_server.api.ws_replies import as_json
+from tts_server.core import events, replies
 from tts_server.engines.request import SynthesisRequest
 
 LIMITS = p.Limits(max_text_chars=50, emotions=("happy",), engines=("csm", "piper"))
@@ -16,7 +17,7 @@ LIMITS = p.Limits(max_text_chars=50, emotions=("happy",), engines=("csm", "piper
 
 def parse(obj):
     message = p.parse_message(obj if isinstance(obj, (str, bytes)) else json.dumps(obj), LIMITS)
-    return message.request() if isinstance(message, p.SynthesizeMessage) else message
+    return message.to_request() if isinstance(message, p.SynthesizeMessage) else message
 
 
 def error_code(obj) -> str:
@@ -108,5 +109,5 @@ def test_control_messages():
 
 
 def test_error_reply_shape():
-    assert replies.error_reply(replies.ErrorCode.BUSY, "full", "r") == {
+    assert as_json(events.Failed(replies.ErrorCode.BUSY, "full", "r")) == {
         "status": "error", "code": "busy", "message": "full", "request_id": "r"}

@@ -10,7 +10,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
+from conftest import ahttp_get, collect, csm_slot, recv_json, reply_json, running_server, url
 from tts_server.core.security import Gate, RateLimiter
 
 KEYS = ("key-one-7f3a9c", "key-two-51b2e0")
@@ -100,8 +100,8 @@ async def test_request_rate_limit_per_connection(tiny_model_dir):
             terminal = {}
             while len(terminal) < 4:
                 frame = await asyncio.wait_for(ws.recv(), 60)
-                if isinstance(frame, str) and json.loads(frame)["status"] in ("success", "error"):
-                    terminal[json.loads(frame)["request_id"]] = json.loads(frame)
+                if isinstance(frame, str) and reply_json(frame)["status"] in ("success", "error"):
+                    terminal[reply_json(frame)["request_id"]] = reply_json(frame)
         async with websockets.connect(url(server)) as other:
             await other.send(json.dumps({"text": "Other connection", **SHORT}))
             assert (await collect(other))[0]["status"] == "success"

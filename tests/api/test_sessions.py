@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from audio_fixtures import audio_bytes, pcm16, speechlike
-from conftest import ServerProcess, ahttp_get, collect, csm_slot, recv_json, running_server, url
+from conftest import ServerProcess, ahttp_get, collect, csm_slot, recv_json, reply_json, running_server, url
 from tts_server.core.security import Gate
 
 USER_A = audio_bytes(speechlike(2.0, seed=1))
@@ -296,7 +296,7 @@ def test_hostile_streamed_turns_end_in_turn_saved_or_an_error_and_the_connection
                     ends += isinstance(step, dict) and step["type"] == "turn_end"
                 ws.send(json.dumps({"type": "reset"}))
                 answers = []
-                while (answer := json.loads(ws.recv(timeout=60))) != {"status": "reset"}:
+                while (answer := reply_json(ws.recv(timeout=60))) != {"status": "reset"}:
                     answers.append(answer)
                 assert all(a.get("code") not in ("internal_error", "generation_failed") for a in answers), answers
                 saved = [a for a in answers if a["status"] == "turn_saved"]
@@ -306,7 +306,7 @@ def test_hostile_streamed_turns_end_in_turn_saved_or_an_error_and_the_connection
             ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000}))
             ws.send(pcm16(speechlike(1.0, rate=16000)))
             ws.send(json.dumps({"type": "turn_end", "text": "Still here."}))
-            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+            assert reply_json(ws.recv(timeout=60))["status"] == "turn_saved"
 
 
 def word_error_rate(said: str, heard: str) -> float:

@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from audio_fixtures import audio_bytes, pcm16, speechlike, spoken
-from conftest import TERMINAL, ahttp_get, csm_slot, read_until, recv_json, running_server, url
+from conftest import TERMINAL, ahttp_get, csm_slot, read_until, recv_json, reply_json, running_server, url
 from fake_chat import FakeChat
 from test_sessions import bind, turn, word_error_rate
 
@@ -210,7 +210,7 @@ async def test_a_flood_of_respond_requests_is_limited_and_every_accepted_one_end
                     await ws.send(json.dumps({"type": "respond", "request_id": f"r{i}", "max_audio_length_ms": 160}))
                 codes, ended = {}, {}
                 while len(codes) + len(ended) < 60:
-                    reply = json.loads(frame) if isinstance(frame := await asyncio.wait_for(ws.recv(), 120), str) \
+                    reply = reply_json(frame) if isinstance(frame := await asyncio.wait_for(ws.recv(), 120), str) \
                         else {}
                     if reply.get("status") == "error" and reply["request_id"] not in ended:
                         codes[reply["request_id"]] = reply["code"]
@@ -265,7 +265,7 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
         with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
             ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Hello there."}))
             ws.send(audio_bytes(speechlike(1.0)))
-            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+            assert reply_json(ws.recv(timeout=60))["status"] == "turn_saved"
 
             @seed(20261201)
             @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -285,7 +285,7 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
                     frame = ws.recv(timeout=60)
                     if isinstance(frame, bytes):
                         continue
-                    reply = json.loads(frame)
+                    reply = reply_json(frame)
                     assert isinstance(reply.get("status"), str), reply
                     assert reply["status"] != "error" or reply["code"] in stable, reply
                     codes.add(reply.get("code"))
@@ -301,9 +301,9 @@ def test_hostile_voice_chat_sequences_end_every_accepted_answer_and_the_connecti
             chat.idle = None
             ws.send(json.dumps({"type": "turn", "speaker": 1, "text": "Are you still there?"}))
             ws.send(audio_bytes(speechlike(1.0)))
-            assert json.loads(ws.recv(timeout=60))["status"] == "turn_saved"
+            assert reply_json(ws.recv(timeout=60))["status"] == "turn_saved"
             ws.send(json.dumps({"type": "respond", "request_id": "last", "max_audio_length_ms": 160}))
-            while (reply := json.loads(frame) if isinstance(frame := ws.recv(timeout=60), str) else {}).get(
+            while (reply := reply_json(frame) if isinstance(frame := ws.recv(timeout=60), str) else {}).get(
                     "request_id") != "last" or reply["status"] not in TERMINAL:  # (a straggler's may come first)
                 pass
             assert reply["status"] == "success" and reply["request_id"] == "last"

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import piper_voice_in
 from tts_server.core.cache import AudioCache, Entry, key
+from tts_server.core.events import Succeeded
 from tts_server.settings import load_settings
 from tts_server.engines.piper import voice_files
 from tts_server.engines.remote import parse_voices
@@ -33,7 +34,7 @@ def test_a_voice_folder_gives_every_voice_in_it_sorted(tmp_path):
 
 
 def entry(size: int) -> Entry:
-    return Entry(bytes(size), "csm", {})
+    return Entry(bytes(size), "csm", Succeeded("r", "wav", 24000, size, 0.1, "csm", 0))
 
 
 def test_the_cache_drops_least_recently_used_entries_to_stay_within_its_bytes():

@@ -11,7 +11,8 @@ import pytest_asyncio
 import websockets
 from openai import OpenAI
 
-from conftest import ahttp_get, collect, csm_slot, free_port, piper_slot, piper_voice_in, recv_json, running_server, url
+from conftest import (ahttp_get, collect, csm_slot, free_port, piper_slot, piper_voice_in, recv_json, reply_json,
+                      running_server, url)
 from tts_server.engines.piper import default_voice
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -30,7 +31,7 @@ async def test_a_full_queue_sends_requests_that_named_no_engine_to_the_overflow_
             refused = {}
             while refused.get("request_id") != "named":  # rejections are sent at once, between the audio
                 frame = await asyncio.wait_for(ws.recv(), 60)
-                refused = json.loads(frame) if isinstance(frame, str) else {}
+                refused = reply_json(frame) if isinstance(frame, str) else {}
             assert refused["status"] == "error" and refused["code"] == "busy"
             await ws.send(json.dumps({"type": "cancel", "request_id": "long"}))
             answered = {}

@@ -14,7 +14,7 @@ import time
 import pytest
 import websockets
 
-from conftest import ROOT, ServerProcess, collect, free_port, http_get
+from conftest import ROOT, ServerProcess, collect, free_port, http_get, reply_json
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 if not os.path.exists(NGINX):
@@ -138,7 +138,7 @@ async def test_through_nginx_the_page_works_and_limits_count_each_client_not_ngi
             opened.append(await connect_from(listen, f"127.0.0.{10 + n}"))
         for ws in opened:
             await ws.send(json.dumps({"type": "reset"}))
-            assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
+            assert reply_json(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
 
         # One client's 17th connection is refused, and a forged X-Forwarded-For does not dodge the limit.
         same = [await connect_from(listen, "127.0.0.5", additional_headers={"X-Forwarded-For": f"10.9.9.{n}"})
@@ -146,8 +146,8 @@ async def test_through_nginx_the_page_works_and_limits_count_each_client_not_ngi
         opened += same
         for ws in same[:16]:
             await ws.send(json.dumps({"type": "reset"}))
-            assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
-        refused = json.loads(await asyncio.wait_for(same[16].recv(), 30))
+            assert reply_json(await asyncio.wait_for(ws.recv(), 30)) == {"status": "reset"}
+        refused = reply_json(await asyncio.wait_for(same[16].recv(), 30))
         assert refused["code"] == "too_many_connections"
     finally:
         for ws in opened:

@@ -12,7 +12,7 @@ import torch
 import websockets
 from transformers import CsmForConditionalGeneration, MimiConfig, MimiModel
 
-from conftest import collect, csm_slot, recv_json, running_server, url
+from conftest import collect, csm_slot, recv_json, reply_json, running_server, url
 from tts_server.engines.mimi_stream import FRAME_SAMPLES, MimiStreamDecoder
 from tts_server.engines.tiny_csm import randomize_codebooks
 
@@ -78,7 +78,7 @@ async def test_first_chunk_after_two_frames_then_six_frame_chunks(tiny_model_dir
             sizes = []
             while isinstance(frame := await asyncio.wait_for(ws.recv(), 60), bytes):
                 sizes.append(len(frame))
-            done = json.loads(frame)
+            done = reply_json(frame)
     assert start["status"] == "start" and start["format"] == "pcm" and start["sample_rate"] == 24000
     assert sizes[0] == 2 * FRAME_BYTES
     assert all(s == 6 * FRAME_BYTES for s in sizes[1:-1])

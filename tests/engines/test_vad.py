@@ -10,7 +10,7 @@ from audio_fixtures import spoken
 from tts_server.engines import vad
 
 
-def events(detector: vad.SpeechDetector, pieces: list[np.ndarray]) -> list[tuple[str, int]]:
+def events(detector: vad.SpeechDetector, pieces: list[np.ndarray]) -> list[tuple[vad.Voice, int]]:
     return [(e.kind, e.sample) for piece in pieces for e in detector.feed(piece)]
 
 
@@ -41,7 +41,7 @@ def test_detectors_fed_in_turn_keep_their_own_state():
         together_b += events(b, [piece_b])
     together_a += events(a, pieces_of(a_audio)[len(pieces_of(b_audio)):])
     together_b += events(b, pieces_of(b_audio)[len(pieces_of(a_audio)):])
-    assert ("start" in [k for k, _ in alone_a]) and ("start" in [k for k, _ in alone_b])
+    assert (vad.Voice.SPEECH_START in [k for k, _ in alone_a]) and (vad.Voice.SPEECH_START in [k for k, _ in alone_b])
     assert together_a == alone_a and together_b == alone_b
 
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 
 from ..core import replies as r
+from ..core.events import (Failed, Loading, SessionBound, SessionDeleted, SpeechEnded, SpeechStarted, TurnSaved,
+                           failed)
 from ..core.fair import Dropped
 from ..core.jobs import Job
-from ..core.listening import Listener
+from ..core.listening import Heard, Listener
 from ..core.respond import answer, chat_messages
 from ..core.security import RateLimiter
 from ..core.sessions import StoredTurn
 from ..core.turns import TRANSCRIPT_RATE, StreamedTurn
-from ..engines.base import ContextTurn
-from ..engines.request import SynthesisRequest, new_request_id
+from ..engines.base import TURN_CODES, ContextTurn
+from ..engines.request import new_request_id
 from . import dialogue_schemas as d
 from .turn_guard import TurnGuard
 
@@ -50,7 +52,7 @@ class Dialogue:
         self.session = session
         self.conversation.history.clear()
         self.conversation.history.extend(turn.context() for turn in turns)
-        await self.send({"status": "session", "session": session, "turns": len(turns)})
+        await self.send(SessionBound(session, len(turns)))
 
     async def _check_session(self, request_id: str) -> None:
         """Before a reply that joins the bound session is generated: the session is there and the store answers
@@ -67,7 +69,7 @@ class Dialogue:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
         session, self.session = self.session, None
         await self.service.sessions.delete(session, self.owner)
-        await self.send({"status": "session_deleted", "session": session})
+        await self.send(SessionDeleted(session))
 
     # -- the other side's turns ----------------------------------------------------------------------------
     async def _turn_start(self, message: d.TurnStartMessage) -> None:
@@ -105,23 +107,23 @@ class Dialogue:
             for event, turn in await self._encode(listener.feed, pcm):
                 if self._listener is not listener:  # dropped meanwhile (a new turn_start, the turn timeout)
                     return
-                if event in ("dropped", "speech_end"):
+                if event in (Heard.DROPPED, Heard.SPEECH_END):
                     self._guard.close()
-                if event == "dropped":
-                    await self.send(r.error_reply(r.ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may "
-                                                                               "last was dropped; listening goes on"))
-                elif event == "speech_start":
+                if event == Heard.DROPPED:
+                    await self.send(Failed(r.ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may "
+                                                                        "last was dropped; listening goes on"))
+                elif event == Heard.SPEECH_START:
                     self._guard.open(lambda: self._overstayed(listener))
-                    await self.send({"status": "speech_start"})
-                elif event == "pause":  # it may be over: transcribe what was said so far, while the pause lasts
+                    await self.send(SpeechStarted())
+                elif event == Heard.PAUSE:  # it may be over: transcribe what was said so far, while the pause lasts
                     self._drop_guess()  # (one still waiting from an earlier pause is stale)
                     heard = await self._encode(turn.so_far)
                     self._guess = asyncio.ensure_future(self._transcribe_quietly(heard))
-                elif event == "resume":
+                elif event == Heard.RESUME:
                     self._drop_guess()  # it was not over
-                else:
+                else:  # SPEECH_END
                     guess, self._guess = self._guess, None
-                    await self.send({"status": "speech_end"})
+                    await self.send(SpeechEnded())
                     await self._close_turn(turn, None, guess)
             return
         try:
@@ -157,7 +159,7 @@ class Dialogue:
             return
         self.service.background(self._tell(self._guard.overstayed_reply(what, after)))
 
-    async def _tell(self, reply: dict) -> None:
+    async def _tell(self, reply: Failed) -> None:
         """A reply nothing waits for (a timer's): lost without complaint if the client has gone."""
         try:
             await self.send(reply)
@@ -187,7 +189,7 @@ class Dialogue:
         if self._answering is None:
             return
         if not self._rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
-            return await self.send(r.refusal_reply(r.rate_limited(self.service.rate_limit)))
+            return await self.send(failed(r.rate_limited(self.service.rate_limit)))
         await self._respond(self._answering, None)
 
     async def _transcribe_quietly(self, audio) -> str | None:
@@ -211,7 +213,7 @@ class Dialogue:
         self._check_open()
         text = message.text or await self.service.transcript(audio, connection=self._client)
         codes = await self.service.codes_of(audio, self._client)
-        await self._keep_turn(ContextTurn(message.speaker, text, audio, {"csm": codes}))
+        await self._keep_turn(ContextTurn(message.speaker, text, audio, {TURN_CODES: codes}))
 
     async def _keep_turn(self, turn: ContextTurn) -> None:
         """Into the history, and the session's store when one is bound; then ``turn_saved``."""
@@ -221,8 +223,7 @@ class Dialogue:
         self.conversation.history.append(turn)
         if turns is None:  # the turns kept: the history holds at most --max-context-turns
             turns = len(self.conversation.history)
-        await self.send({"status": "turn_saved", "speaker": turn.speaker, "text": turn.text,
-                         "duration_s": round(turn.duration_s, 3), "turns": turns})
+        await self.send(TurnSaved(turn.speaker, turn.text, round(turn.duration_s, 3), turns))
 
     # -- the assistant's answers ---------------------------------------------------------------------------
     async def _respond(self, options: d.AnswerOptions, request_id: str | None) -> None:
@@ -239,11 +240,7 @@ class Dialogue:
         if not messages:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no "
                                                                "turns with text", request_id)
-        request = SynthesisRequest(text="…", request_id=request_id, speaker=options.speaker, seed=options.seed,
-                                   temperature=options.temperature, top_k=options.top_k,
-                                   max_audio_length_ms=options.max_audio_length_ms, format=options.format,
-                                   stream=True, timestamps=options.timestamps)
-        job = self._new_job(request)
+        job = self._new_job(options.to_request(request_id))
         job.cache_salt = None  # its text is the LLM's: never answered from the cache
         self.live[request_id] = job
         self.jobs.put_nowait(job)
@@ -264,7 +261,7 @@ class Dialogue:
         notice = self.service.scheduler.submit(job)
         if notice and not self._told_loading:
             self._told_loading = True
-            job.post(r.loading_reply(notice, job.request_id))
+            job.post(Loading(notice, job.request_id))
 
     def _no_chat(self, request_id: str | None) -> r.Refusal:
         return r.Refusal(r.ErrorCode.INVALID_REQUEST, "This server has no chat model to write answers: start "

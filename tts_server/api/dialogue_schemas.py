@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-
-from ..engines.request import MAX_SPEAKER, STREAM_FORMATS
-from .schema_rules import MAX_TRANSCRIPT_CHARS, MessageBase, ReplyBase, SamplingFields, Speaker, speaker_digits
+from ..audio.pcm import OUTPUT_RATE
+from ..engines.request import MAX_SPEAKER, STREAM_FORMATS, SynthesisRequest
+from .schema_rules import MAX_TRANSCRIPT_CHARS, MessageBase, SamplingFields, Speaker, speaker_digits
 
 SessionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                                  description="a session id as the server gave it")]
@@ -58,6 +58,11 @@ class AnswerOptions(SamplingFields):
 
     _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
+    def to_request(self, request_id: str) -> SynthesisRequest:
+        """The answer's request: its fields are the request's (same names); it is always streamed, and its text is
+        a placeholder (the chat model writes the sentences, each spoken as it comes)."""
+        return SynthesisRequest.of(dict(self), text="…", request_id=request_id, stream=True)
+
 
 class TurnStartMessage(MessageBase):
     """A turn of the other side streamed while they speak: binary frames of 16-bit mono PCM follow, then
@@ -66,7 +71,7 @@ class TurnStartMessage(MessageBase):
 
     type: Literal["turn_start"]
     speaker: Speaker = Field(description=f"the speaker who is talking: an integer from 0 to {MAX_SPEAKER}")
-    sample_rate: int = Field(24000, ge=8000, le=48000, description="the rate of the PCM frames that follow: an integer "
+    sample_rate: int = Field(OUTPUT_RATE, ge=8000, le=48000, description="the rate of the PCM frames that follow: an integer "
                                                                     "from 8000 to 48000")
     vad: bool = Field(False, description="true or false (true: the server ends each utterance at a pause)")
     respond: AnswerOptions | None = Field(None, description="an object with the fields of 'respond' (the assistant "
@@ -91,41 +96,3 @@ class RespondMessage(AnswerOptions, MessageBase):
 
     type: Literal["respond"]
 
-
-# -- replies
-
-class SessionReply(ReplyBase):
-    status: Literal["session"]
-    session: str
-    turns: int
-
-
-class SessionDeletedReply(ReplyBase):
-    status: Literal["session_deleted"]
-    session: str
-
-
-class TurnSavedReply(ReplyBase):
-    status: Literal["turn_saved"]
-    speaker: int
-    text: str
-    duration_s: float
-    turns: int
-
-
-class TruncatedReply(ReplyBase):
-    status: Literal["truncated"]
-    request_id: str
-    kept_s: float
-
-
-class ReplyTextReply(ReplyBase):
-    status: Literal["reply_text"]
-    request_id: str
-    delta: str
-
-
-class SpeechReply(ReplyBase):
-    """Hands-free listening: the speaker started (barge-in: stop playing) or stopped talking."""
-
-    status: Literal["speech_start", "speech_end"]

@@ -22,7 +22,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from ..core.replies import PROTOCOL_VERSION, Refusal
+from ..core.jobs import EngineState
+from ..core.events import PROTOCOL_VERSION
+from ..core.replies import Refusal
 from ..core.service import Service
 from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
 from . import openai, schemas, websocket
@@ -85,9 +87,9 @@ def _routes(app: FastAPI) -> None:
         service = svc(request)
         engine, reason = service.serving()
         if engine is None:
-            loading = any(slot.state == "loading" for slot in service.scheduler.chain.slots)
-            return JSONResponse({"status": "unavailable", "state": "loading" if loading else "failed",
-                                 "reason": reason}, 503)
+            loading = any(slot.state == EngineState.LOADING for slot in service.scheduler.chain.slots)
+            state = EngineState.LOADING if loading else EngineState.FAILED
+            return JSONResponse({"status": "unavailable", "state": state, "reason": reason}, 503)
         return JSONResponse({"status": "ready", "engine": engine, "reason": reason})
 
     @get(app, "/metrics", summary="Prometheus metrics")
@@ -103,7 +105,7 @@ def _routes(app: FastAPI) -> None:
     @get(app, "/v1/models", summary="OpenAI's model list: the names clients send")
     async def list_models(request: Request) -> dict:
         service = svc(request)
-        engines = [name for name, slot in service.scheduler.slots.items() if slot.state != "failed"]
+        engines = [name for name, slot in service.scheduler.slots.items() if slot.state != EngineState.FAILED]
         return models(service.scheduler.primary.name, engines)
 
     @get(app, "/v1/audio/voices", summary="Voice names (Kokoro-FastAPI's shape)")

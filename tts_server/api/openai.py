@@ -19,18 +19,21 @@ import base64
 import json
 import logging
 from collections import Counter
+from dataclasses import asdict
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..audio import captions
-from ..audio.codec import Resampler, StreamEncoder, codec_rate, pcm_bytes
+from ..audio.codec import Resampler, StreamEncoder, codec_rate
+from ..audio.pcm import FRAME_SECONDS, pcm_bytes, to_float
 from ..core import replies as r
+from ..core.events import Audio, Cancelled, Failed, Started, Succeeded, Words
 from ..core.jobs import END, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
+from ..engines.base import Word
 from ..engines.errors import ErrorCode, Refusal
 from .openai_schemas import (CAPTIONS, CONTENT_TYPES, SpeechBody, SpeechRequest, Voices, http_error, parse_speech,
                              sse_event)
@@ -131,7 +134,7 @@ class SpeechStream(Response):
         self.captions = speech.response_format in CAPTIONS
         self.out_rate = speech.sample_rate or codec_rate("pcm" if self.captions else speech.response_format, rate)
         self.encoder = None if self.captions else StreamEncoder(speech.response_format, self.out_rate)
-        self.words: list[dict] = []
+        self.words: list[Word] = []
         self.resample = Resampler(rate, self.out_rate)
         self.samples = 0
         self.started = False
@@ -173,56 +176,58 @@ class SpeechStream(Response):
         self.job.cancel()
 
     async def _stream(self, send) -> None:
-        job, speech = self.job, self.speech
-        sse = speech.stream_format == "sse"
+        """The job's events as the response: audio (encoded here), words (SSE), and its end or failure."""
+        job, sse = self.job, self.speech.stream_format == "sse"
         engine = b""
         while (item := await job.outbox.get()) is not END:
             for frame in item:
-                if isinstance(frame, bytes) and self.captions:  # captions: the speech's words go out, not its audio
-                    job.unsent_bytes(-len(frame))
-                    continue
-                if isinstance(frame, bytes):
-                    data = await asyncio.to_thread(self._encode, frame, False)
-                    await self._send(send, data, engine, sse)
-                    job.unsent_bytes(-len(frame))  # the scheduler's backpressure: this much has left
-                    continue
-                reply = json.loads(frame)
-                status = reply["status"]
-                if status == "start":
-                    engine = reply["engine"].encode()
-                elif status == "error":
-                    raise Refusal(reply["code"], reply["message"])
-                elif status == "cancelled":
-                    raise Refusal(ErrorCode.CANCELLED, "The request was cancelled")
-                elif status == "words":
-                    self.words += reply["words"]
-                    if sse:
-                        await self._send(send, b"", engine, sse)
-                        await send({"type": "http.response.body", "more_body": True,
-                                    "body": sse_event({"type": "speech.words", "words": reply["words"]})})
-                elif status == "success" and self.captions:
-                    if "words_unavailable" in reply:
-                        raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"No captions: {reply['words_unavailable']}")
-                    make = captions.vtt if self.speech.response_format == "vtt" else captions.srt
-                    await self._send(send, make(self.words).encode(), engine, False)
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                elif status == "success":
-                    data = await asyncio.to_thread(self._encode, b"", True)
-                    await self._send(send, data, engine, sse)
-                    if sse:  # usage: words in, 80 ms audio frames (CSM's unit) out
-                        words, frames = len(speech.synthesis.text.split()), round(self.samples / self.out_rate / 0.08)
-                        await send({"type": "http.response.body", "more_body": True, "body": sse_event({
-                            "type": "speech.audio.done",
-                            "usage": {"input_tokens": words, "output_tokens": frames,
-                                      "total_tokens": words + frames}})})
-                    await send({"type": "http.response.body", "body": b""})
-                    return
+                match frame:
+                    case Audio(data=pcm):
+                        if not self.captions:  # captions: the speech's words go out, not its audio
+                            await self._send(send, await asyncio.to_thread(self._encode, pcm, False), engine, sse)
+                        job.unsent_bytes(-len(pcm))  # the scheduler's backpressure: this much has left
+                    case Started():
+                        engine = frame.engine.encode()
+                    case Failed():
+                        raise Refusal(frame.code, frame.message)
+                    case Cancelled():
+                        raise Refusal(ErrorCode.CANCELLED, "The request was cancelled")
+                    case Words():
+                        await self._words(send, frame.words, engine, sse)
+                    case Succeeded():
+                        return await self._finish(send, frame, engine, sse)
+
+    async def _words(self, send, words: tuple[Word, ...], engine: bytes, sse: bool) -> None:
+        """Words of the speech: kept for its captions; an SSE stream sends them at once."""
+        self.words += words
+        if sse:
+            await self._send(send, b"", engine, sse)
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sse_event({"type": "speech.words", "words": [asdict(word) for word in words]})})
+
+    async def _finish(self, send, success: Succeeded, engine: bytes, sse: bool) -> None:
+        """The speech is complete: its captions, or the encoder's last bytes (and SSE's usage); then the body ends."""
+        if self.captions:
+            if success.words_unavailable is not None:
+                raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"No captions: {success.words_unavailable}")
+            make = captions.vtt if self.speech.response_format == "vtt" else captions.srt
+            await self._send(send, make(self.words).encode(), engine, False)
+        else:
+            data = await asyncio.to_thread(self._encode, b"", True)
+            await self._send(send, data, engine, sse)
+            if sse:  # usage: words in, 80 ms audio frames (CSM's unit) out
+                words = len(self.speech.synthesis.text.split())
+                frames = round(self.samples / self.out_rate / FRAME_SECONDS)
+                await send({"type": "http.response.body", "more_body": True, "body": sse_event({
+                    "type": "speech.audio.done",
+                    "usage": {"input_tokens": words, "output_tokens": frames,
+                              "total_tokens": words + frames}})})
+        await send({"type": "http.response.body", "body": b""})
 
     def _encode(self, pcm: bytes, last: bool) -> bytes:
         """Resample and encode one chunk (on a worker thread: mp3 and FLAC cost real CPU)."""
         if self.out_rate != self.rate:
-            pcm = pcm_bytes(self.resample(np.frombuffer(pcm, "<i2") / 32767.0, last=last))
+            pcm = pcm_bytes(self.resample(to_float(pcm), last=last))
         self.samples += len(pcm) // 2
         data = self.encoder.encode(pcm) if pcm else b""
         return data + self.encoder.finish() if last else data

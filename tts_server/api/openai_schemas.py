@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..audio.codec import STREAM_RATES
 from ..core.replies import ErrorCode, Refusal
+from ..engines import registry
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS, OPENAI_VOICES, SynthesisRequest, new_request_id)
 from .dialogue_schemas import SessionId
@@ -24,9 +25,17 @@ from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, SPEAKABLE_RULE, Limi
                            non_empty, null_is_unset)
 
 VOICE_SPEAKERS = {name: index for index, name in enumerate(OPENAI_VOICES)}
-# Model names clients send -> our engine (None: the engine chain's routing).
-MODELS = {"tts-1": None, "tts-1-hd": None, "gpt-4o-mini-tts": None, "csm-1b": None, "csm": "csm", "piper": "piper",
-          "remote": "remote"}
+# Model names that keep the engine chain's routing (OpenAI's, and this server's own); each registered engine's name
+# and aliases pick that engine (``model_engines``).
+ROUTED_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "csm-1b")
+
+
+def model_engines() -> dict[str, str | None]:
+    """Model names clients send -> our engine (None: the engine chain's routing), as the registry has them now."""
+    named = {alias: spec.name for spec in registry.specs() for alias in (spec.name, *spec.aliases)}
+    return {**dict.fromkeys(ROUTED_MODELS), **named}
+
+
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
                  "wav": "audio/wav", "pcm": "audio/pcm", "vtt": "text/vtt", "srt": "application/x-subrip"}
 CAPTIONS = ("vtt", "srt")  # captions of the text with its word times instead of audio
@@ -61,7 +70,7 @@ class SpeechBody(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str = Field("tts-1", description=f"one of: {', '.join(MODELS)}")
+    model: str = Field("tts-1", description=f"one of: {', '.join(model_engines())}")
     input: str = Field(description=SPEAKABLE_RULE)
     voice: str | dict[str, Any] = Field(description="a voice name (e.g. 'alloy', or one from GET /v1/audio/voices), "
                                                     "a speaker id as a string, or {\"id\": name}")
@@ -91,6 +100,15 @@ class SpeechBody(BaseModel):
     _input = field_validator("input")(non_empty)
 
     _nulls = model_validator(mode="before")(null_is_unset)  # OpenAI's SDKs may send null for unset fields
+
+    def to_request(self, speaker: int, emotion: str | None, engine: str | None) -> SynthesisRequest:
+        """What the scheduler runs, always streamed 16-bit PCM: the fields named like the request's are its fields;
+        what the server resolves (``voice`` to a speaker, ``instructions`` to an emotion, ``model`` to an engine) is
+        given; a session or captions imply context or word times."""
+        return SynthesisRequest.of(dict(self), text=self.input, request_id=new_request_id(), speaker=speaker,
+                                   emotion=emotion, engine=engine, format="pcm", stream=True,
+                                   context=self.context or self.session is not None,
+                                   timestamps=self.timestamps or self.response_format in CAPTIONS)
 
 
 @dataclass(frozen=True)
@@ -142,9 +160,10 @@ def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
         param = str(error["loc"][0]) if error["loc"] else None
         code = ErrorCode.MODEL_NOT_FOUND if param == "model" else ErrorCode.INVALID_REQUEST
         raise Refusal(code, field_message(SpeechBody, exc), param=param) from None
-    if body.model not in MODELS:
+    known = model_engines()
+    if body.model not in known:
         raise Refusal(ErrorCode.MODEL_NOT_FOUND, f"Model {body.model!r} not found; use one of: "
-                                                 f"{', '.join(MODELS)}", param="model")
+                                                 f"{', '.join(known)}", param="model")
     if len(body.input) > limits.max_text_chars:
         raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'input' has {len(body.input)} characters; the limit is "
                                                f"{limits.max_text_chars}", param="input")
@@ -164,18 +183,14 @@ def parse_speech(raw: bytes, limits: Limits, voices: Voices) -> SpeechRequest:
         raise Refusal(ErrorCode.INVALID_REQUEST, f"'sample_rate' {body.sample_rate} is not possible for "
                                                  f"{body.response_format}; use one of: {', '.join(map(str, rates))}",
                       param="sample_rate")
-    synthesis = SynthesisRequest(
-        text=body.input, request_id=new_request_id(), speaker=speaker, seed=body.seed, temperature=body.temperature,
-        top_k=body.top_k, max_audio_length_ms=body.max_audio_length_ms, format="pcm", stream=True,
-        context=body.context or body.session is not None, emotion=emotion, engine=MODELS[body.model], speed=body.speed,
-        language=body.language, timestamps=body.timestamps or body.response_format in CAPTIONS)
+    synthesis = body.to_request(speaker, emotion, known[body.model])
     return SpeechRequest(synthesis, body.response_format, body.stream_format, body.sample_rate, body.session)
 
 
 def models(primary: str, engines: list[str]) -> dict[str, Any]:
     """``GET /v1/models`` in OpenAI's list shape: the names clients send, and the engine each one means."""
     data = [{"id": name, "object": "model", "created": 0, "owned_by": f"csm-tts-server:{engine or primary}"}
-            for name, engine in MODELS.items() if (engine or primary) in engines]
+            for name, engine in model_engines().items() if (engine or primary) in engines]
     return {"object": "list", "data": data}
 
 
@@ -183,4 +198,4 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-__all__ = ["ErrorCode", "SpeechBody", "SpeechRequest", "Voices", "parse_speech", "models", "sse_event"]
+__all__ = ["ErrorCode", "SpeechBody", "SpeechRequest", "Voices", "model_engines", "models", "parse_speech", "sse_event"]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from ..core.replies import ErrorCode, Refusal
-from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ENGINES, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
+from ..engines import registry
+from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
                                MAX_SPEAKER, MIN_AUDIO_MS)
 
 MAX_REQUEST_ID_CHARS = 128
@@ -28,7 +29,7 @@ class Limits:
 
     max_text_chars: int = 4000
     emotions: tuple[str, ...] = ()
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = field(default_factory=registry.names)  # what a request may name
 
 
 def limits_of(info: ValidationInfo) -> Limits:
@@ -159,6 +160,3 @@ def field_message(model: type[BaseModel], exc: ValidationError) -> str:
         return str(error["ctx"]["error"])
     return f"Invalid message: {error['msg']}"
 
-
-class ReplyBase(BaseModel):
-    model_config = ConfigDict(extra="allow")  # replies may gain fields; clients ignore what they do not know

@@ -6,8 +6,10 @@ stable code and a message naming the field (``'speaker' must be an integer from
 0 to 1000000``): the message is the field's ``description``, so the rule a
 client reads is the rule that is checked.  Rules that depend on the server
 (text length, emotions, engines) read a ``Limits`` passed as validation context.
-``json_schema()`` publishes the client messages and the server's replies
-(``GET /v1/websocket.schema.json``; docs/protocol.md).  Pure: no sockets, no model.
+``json_schema()`` publishes the client messages and the server's replies, the
+latter generated from the core's events (``api/reply_schema.py``) by the rule
+the WebSocket encodes them with (``GET /v1/websocket.schema.json``;
+docs/protocol.md).  Pure: no sockets, no model.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..core.replies import PROTOCOL_VERSION, ErrorCode, Refusal
-from ..engines.request import (ENGINES, FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS, SynthesisRequest,
+from ..engines import registry
+from ..engines.request import (FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS, SynthesisRequest,
                                new_request_id)
-from .dialogue_schemas import (ReplyTextReply, RespondMessage, SessionDeleteMessage, SessionDeletedReply,
-                               SessionMessage, SessionReply, SpeechReply, TruncatedReply, TurnEndMessage, TurnMessage,
-                               TurnSavedReply, TurnStartMessage)
+from .dialogue_schemas import (RespondMessage, SessionDeleteMessage, SessionMessage, TurnEndMessage, TurnMessage,
+                               TurnStartMessage)
+from .reply_schema import Reply
 from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
-                           MAX_TRANSCRIPT_CHARS, SPEAKABLE_RULE, Limits, MessageBase, ReplyBase, RequestId,
+                           MAX_TRANSCRIPT_CHARS, SPEAKABLE_RULE, Limits, MessageBase, RequestId,
                            SamplingFields, Speaker, field_message, limits_of, load_json_object, non_empty,
                            null_is_unset, speaker_digits, validate)
 
@@ -44,7 +47,7 @@ class SynthesizeMessage(MessageBase, SamplingFields):
     stream: bool = Field(False, description="true or false")
     context: bool = Field(True, description="true or false")
     emotion: str | None = Field(None, description="the name of a configured emotion (see /v1/info)")
-    engine: Literal[ENGINES] | None = Field(None, description=f"one of: {', '.join(ENGINES)}")
+    engine: str | None = Field(None, description=f"one of: {', '.join(registry.names())}")  # Limits.engines checks
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN, description=LANGUAGE_RULE)
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False, description="a number from 0.25 to 4.0")
     timestamps: bool = Field(False, description="true or false (word times: 'words' replies, or in 'success')")
@@ -75,14 +78,10 @@ class SynthesizeMessage(MessageBase, SamplingFields):
                                                            f"{', '.join(limits.emotions) or 'none are configured'}")
         return self
 
-    def request(self) -> SynthesisRequest:
-        fmt = self.format or ("pcm" if self.stream else "wav")
-        return SynthesisRequest(text=self.text, request_id=self.request_id or new_request_id(), speaker=self.speaker,
-                                seed=self.seed, temperature=self.temperature, top_k=self.top_k,
-                                max_audio_length_ms=self.max_audio_length_ms, format=fmt, stream=self.stream,
-                                context=self.context, emotion=self.emotion, engine=self.engine,
-                                language=self.language, speed=self.speed, timestamps=self.timestamps,
-                                progress=self.progress)
+    def to_request(self) -> SynthesisRequest:
+        """Its fields are the request's (same names); only the id and the format's default are decided here."""
+        return SynthesisRequest.of(dict(self), request_id=self.request_id or new_request_id(),
+                                   format=self.format or ("pcm" if self.stream else "wav"))
 
 
 class CancelMessage(MessageBase):
@@ -150,97 +149,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     return validate(model, data, request_id, context={"limits": limits})
 
 
-# -- the server's replies, for the published schema (core.replies builds them) ------------------------
-
-class StartReply(ReplyBase):
-    status: Literal["start"]
-    request_id: str
-    format: Literal[STREAM_FORMATS]
-    sample_rate: int
-    channels: Literal[1]
-    sample_width: Literal[2]
-    engine: str
-
-
-class SuccessReply(ReplyBase):
-    status: Literal["success"]
-    message: str
-    request_id: str
-    format: Literal[FORMATS]
-    sample_rate: int
-    length_bytes: int
-    duration_s: float
-    engine: str
-    channels: Literal[1]
-    speaker: int
-    chunks: int | None = None
-    words: list[WordTime] | None = None
-    words_unavailable: str | None = None
-
-
-class WordTime(BaseModel):
-    word: str
-    start_s: float
-    end_s: float
-
-
-class WordsReply(ReplyBase):
-    """Words of a streamed reply (``timestamps``), each sent once the audio holding it has been sent."""
-
-    status: Literal["words"]
-    request_id: str
-    words: list[WordTime]
-
-
-class ProgressReply(ReplyBase):
-    """After each sentence (``progress``): how many are done, of how many (null: still being written)."""
-
-    status: Literal["progress"]
-    request_id: str
-    sentence: int
-    sentences: int | None
-    audio_s: float
-
-
-class ErrorReply(ReplyBase):
-    status: Literal["error"]
-    code: ErrorCode
-    message: str
-    request_id: str | None = None
-
-
-class LoadingReply(ReplyBase):
-    status: Literal["loading"]
-    message: str
-    detail: str
-    request_id: str | None = None
-
-
-class CancelledReply(ReplyBase):
-    status: Literal["cancelled"]
-    request_id: str
-
-
-class ResetReply(ReplyBase):
-    status: Literal["reset"]
-
-
-class VoiceSavedReply(ReplyBase):
-    status: Literal["voice_saved"]
-    speaker: int
-    duration_s: float
-
-
-class VoiceClearedReply(ReplyBase):
-    status: Literal["voice_cleared"]
-    speaker: int
-    cleared: bool
-
-
-Reply = Union[StartReply, SuccessReply, ErrorReply, LoadingReply, CancelledReply, ResetReply, VoiceSavedReply,
-              VoiceClearedReply, SessionReply, SessionDeletedReply, TurnSavedReply, TruncatedReply, ReplyTextReply,
-              SpeechReply, WordsReply, ProgressReply]
-
+# -- the published schema: the server's replies are generated from the core's events (api/reply_schema.py) ----
 
 class _Protocol(BaseModel):
     client: Message

@@ -15,7 +15,7 @@ import socket
 
 import uvicorn
 
-from ..core.jobs import EngineSlot
+from ..core.jobs import EngineSlot, EngineState
 from ..core import replies as r
 from ..core.security import is_loopback, redact_logs
 from ..core.service import Service
@@ -77,7 +77,7 @@ class TTSServer(Service):
         self._tasks.append(asyncio.create_task(self.sessions.sweep_every(self.session_sweep_seconds),
                                                name="session-sweep"))
         for slot in self.scheduler.slots.values():
-            if slot.state == "loading":
+            if slot.state == EngineState.LOADING:
                 self._tasks.append(asyncio.create_task(self._load(slot), name=f"load-{slot.name}"))
 
     async def _load(self, slot: EngineSlot) -> None:
@@ -121,6 +121,7 @@ class TTSServer(Service):
         if self.chat is not None:  # its pooled connections belong to this loop: closed here, not by the collector
             await self.chat.close()
         self.scheduler.close()
+        await asyncio.gather(*(slot.close() for slot in self.scheduler.slots.values()))  # after their workers end
         self.sessions.close()
         for thread in (self.turn_encoding, self.stt_thread):  # what waits there is for clients that are gone
             thread.shutdown(wait=False, cancel_futures=True)

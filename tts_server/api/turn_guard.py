@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from ..core import replies as r
+from ..core.events import Failed
 from ..core.pacing import AudioPace
 
 
@@ -48,6 +49,6 @@ class TurnGuard:
             self._timer.cancel()
             self._timer = None
 
-    def overstayed_reply(self, what: str, after: str) -> dict:
-        return r.error_reply(r.ErrorCode.CLIENT_TOO_SLOW, f"{what} stayed open longer than {self.timeout:g} s (its "
-                                                          f"audio stopped, or came far slower than real time); {after}")
+    def overstayed_reply(self, what: str, after: str) -> Failed:
+        return Failed(r.ErrorCode.CLIENT_TOO_SLOW, f"{what} stayed open longer than {self.timeout:g} s (its "
+                                                   f"audio stopped, or came far slower than real time); {after}")

@@ -19,13 +19,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Any
 
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..core import replies as r
 from ..core.context import Conversation, heard
+from ..core.events import Audio, Failed, Frame, Loading, Reset, Truncated, VoiceCleared, VoiceSaved, failed
 from ..core.fair import Dropped
 from ..core.listening import Listener
 from ..core.jobs import END, Job
@@ -39,6 +39,7 @@ from . import schemas as s
 from .dialogue import Dialogue
 from .dialogue_schemas import AnswerOptions
 from .turn_guard import TurnGuard
+from .ws_replies import encode
 
 log = logging.getLogger(__name__)
 PATHS = ("/", "/ws")
@@ -78,13 +79,14 @@ class Connection(Dialogue):
     def limits(self) -> s.Limits:
         return s.Limits(max_text_chars=self.service.max_text_chars, emotions=self.service.emotions)
 
-    async def send(self, *frames: Any) -> None:
-        """Send frames back to back (metadata + audio must not be split by another reply).  A client that takes
-        none of them for ``--write-timeout`` seconds is dropped: its socket and send buffer are freed."""
+    async def send(self, *frames: Frame) -> None:
+        """Send frames back to back (metadata + audio must not be split by another reply): ``Audio`` as a binary
+        frame, an event as its JSON text (``ws_replies``).  A client that takes none of them for ``--write-timeout``
+        seconds is dropped: its socket and send buffer are freed."""
         async with self._send_lock:
             for frame in frames:
-                message = {"type": "websocket.send", "bytes": frame} if isinstance(frame, bytes) else \
-                    {"type": "websocket.send", "text": r.encode(frame) if isinstance(frame, dict) else frame}
+                message = {"type": "websocket.send", "bytes": frame.data} if isinstance(frame, Audio) else \
+                    {"type": "websocket.send", "text": encode(frame)}
                 try:
                     await asyncio.wait_for(self.ws.send(message), self._write_timeout)
                 except asyncio.TimeoutError:
@@ -100,12 +102,12 @@ class Connection(Dialogue):
         notice = self.service.loading_notice()
         if notice:
             self._told_loading = True
-            await self.send(r.loading_reply(notice))
+            await self.send(Loading(notice))
         if session is not None:  # ?session=<id> on the URL: resumed right after the handshake
             try:
                 await self._bind(session)
             except r.Refusal as exc:
-                await self.send(r.refusal_reply(exc))
+                await self.send(failed(exc))
         writer = asyncio.create_task(self._write_replies())
         try:
             while True:
@@ -138,16 +140,16 @@ class Connection(Dialogue):
                     save = self._save_voice if isinstance(pending, s.VoiceMessage) else self._save_turn
                     return await save(pending, raw)
                 what = "Voice upload" if isinstance(pending, s.VoiceMessage) else "Turn"
-                await self.send(r.error_reply(r.ErrorCode.INVALID_REQUEST,
-                                              f"{what} abandoned: its message must be followed by one binary frame "
-                                              "holding the audio file"))
+                await self.send(Failed(r.ErrorCode.INVALID_REQUEST,
+                                       f"{what} abandoned: its message must be followed by one binary frame "
+                                       "holding the audio file"))
             message = s.parse_message(raw, self.limits())
             counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage, s.RespondMessage)
             creates = isinstance(message, s.SessionMessage) and message.session is None  # a new session
             if (isinstance(message, counted) or creates) and not self._rate.allow():
                 raise r.rate_limited(self.service.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
-                await self._synthesize(message.request())
+                await self._synthesize(message.to_request())
             elif isinstance(message, s.CancelMessage):
                 await self._cancel(message.request_id, message.played_ms)
             elif isinstance(message, s.VoiceMessage):
@@ -168,14 +170,14 @@ class Connection(Dialogue):
                 await self._respond(message, message.request_id)
             else:
                 self.conversation.reset()
-                await self.send({"status": "reset"})
+                await self.send(Reset())
         except r.Refusal as exc:
-            await self.send(r.refusal_reply(exc))
+            await self.send(failed(exc))
         except (WebSocketDisconnect, OSError, Dropped):
             raise
         except Exception:  # a bug must cost one reply, not the connection
             log.exception("internal error while handling a message")
-            await self.send(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
+            await self.send(Failed(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
     async def _synthesize(self, request) -> None:
         if request.context:
@@ -187,7 +189,7 @@ class Connection(Dialogue):
         self.jobs.put_nowait(job)
         if notice and not self._told_loading:
             self._told_loading = True
-            await self.send(r.loading_reply(notice, request.request_id))
+            await self.send(Loading(notice, request.request_id))
 
     def _new_job(self, request) -> Job:
         """A job for ``request`` on this connection (prompted with its history, stored in its session), or the
@@ -226,7 +228,7 @@ class Connection(Dialogue):
     async def _voice_message(self, message: s.VoiceMessage) -> None:
         if message.clear:
             cleared = self.conversation.clear_voice(message.speaker)
-            await self.send({"status": "voice_cleared", "speaker": message.speaker, "cleared": cleared})
+            await self.send(VoiceCleared(message.speaker, cleared))
         else:
             self._voice = message
 
@@ -241,7 +243,7 @@ class Connection(Dialogue):
     async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
         audio = await self._checked_audio(data, "Voice prompt")
         turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
-        await self.send({"status": "voice_saved", "speaker": message.speaker, "duration_s": round(turn.duration_s, 3)})
+        await self.send(VoiceSaved(message.speaker, round(turn.duration_s, 3)))
 
     async def _cancel(self, request_id: str, played_ms: float | None = None) -> None:
         """Stop a request; with ``played_ms`` (barge-in) also keep only what was heard of its reply, whether it
@@ -275,8 +277,7 @@ class Connection(Dialogue):
                     await store.extend(self.session, self.owner, kept)
             except r.Refusal as exc:  # the store is down: the cut is this connection's alone
                 raise r.Refusal(exc.code, exc.message, request_id) from None
-        await self.send({"status": "truncated", "request_id": request_id,
-                         "kept_s": round(sum(turn.duration_s for turn in kept), 3)})
+        await self.send(Truncated(request_id, round(sum(turn.duration_s for turn in kept), 3)))
 
     async def _write_replies(self) -> None:
         while True:
@@ -284,14 +285,14 @@ class Connection(Dialogue):
             try:
                 while (item := await job.outbox.get()) is not END:
                     await self.send(*item)
-                    job.unsent_bytes(-sum(len(f) for f in item if isinstance(f, bytes)))
+                    job.unsent_bytes(-sum(len(f.data) for f in item if isinstance(f, Audio)))
             finally:
                 self.live.pop(job.request_id, None)
             if (played_ms := self._cuts.pop(job.request_id, None)) is not None:
                 try:
                     await self._cut(job.request_id, played_ms, job)
                 except r.Refusal as exc:  # told, and the writer lives on for the connection's next replies
-                    await self.send(r.refusal_reply(exc))
+                    await self.send(failed(exc))
 
 
 async def serve(ws: WebSocket) -> None:
@@ -307,7 +308,7 @@ async def serve(ws: WebSocket) -> None:
     refusal = service.admit(client, address)
     await ws.accept()
     if refusal is not None:
-        await ws.send_text(r.encode(r.refusal_reply(refusal)))
+        await ws.send_text(encode(failed(refusal)))
         return await ws.close(1013, "try again later")
     owner = service.owner(ws.headers, target)
     connection = Connection(service, ws, owner, service.counted_as(owner, address))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -34,9 +33,12 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from ..audio.text import SentenceStream
 from ..core import replies as p
 from ..core.context import Conversation
-from ..core.jobs import END, Job
+from ..core.events import Audio, Cancelled, Failed, Succeeded
+from ..core.jobs import END, EngineState, Job
 from ..core.security import RateLimiter, is_loopback
 from ..core.service import Service
+from ..engines import registry
+from ..engines.request import SynthesisRequest
 from . import wyoming_events as w
 from .openai_schemas import Voices
 from .schema_rules import speakable
@@ -82,21 +84,22 @@ class WyomingApi:
         return Voices(self.server.library.voice_names())
 
     def named_voices(self) -> dict[str, tuple[str, str | None]]:
-        """Voice names that pick an engine other than CSM -> (engine, language): each Piper voice, and the
-        engine names themselves ("piper", "remote")."""
+        """Voice names that pick an engine -> (engine, language): the names of the engines whose voices are not the
+        server's named ones (those keep the routing), and each voice of an engine that lists its own (Piper's)."""
         named: dict[str, tuple[str, str | None]] = {}
         for name, slot in self.server.scheduler.slots.items():
-            if name == "csm":
+            listing = registry.capabilities(name).voices
+            if listing is registry.VoiceListing.NAMED:
                 continue
             named[name] = (name, None)
-            for voice in slot.engine.describe().get("voices", []) if name == "piper" else []:
+            for voice in slot.engine.describe().get("voices", []) if listing is registry.VoiceListing.OWN else []:
                 named[voice["name"]] = (name, voice.get("language"))
         return named
 
     def info(self) -> Event:
         """Programs for the engines that serve or are loading, in routing order: the one that answers first, first."""
         slots = self.server.scheduler.chain.slots  # routing order
-        engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != "failed"}
+        engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != EngineState.FAILED}
         return w.describe(engines, self.voices()).event()
 
 
@@ -104,7 +107,7 @@ class WyomingApi:
 class _Speak:
     """One generation for the delivery task: a whole ``synthesize``, or one sentence of a stream."""
 
-    request: p.SynthesisRequest
+    request: SynthesisRequest
     streamed: bool
 
 
@@ -330,7 +333,7 @@ class WyomingConnection(AsyncEventHandler):
                     self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
                     return
 
-    async def _speak(self, request: p.SynthesisRequest) -> p.Refusal | None:
+    async def _speak(self, request: SynthesisRequest) -> p.Refusal | None:
         """Run one generation and send its audio; returns the error that ended it, if one did."""
         if self.server.draining:
             return p.shutting_down()
@@ -347,23 +350,22 @@ class WyomingConnection(AsyncEventHandler):
         try:
             while (item := await job.outbox.get()) is not END:
                 for frame in item:
-                    if isinstance(frame, bytes):
-                        if not started:
-                            await self.write_event(audio_start)
-                            started = True
-                        await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=frame).event())
-                        job.unsent_bytes(-len(frame))
-                        continue
-                    reply = json.loads(frame)
-                    if reply["status"] == "error":
-                        return p.Refusal(p.ErrorCode(reply["code"]), reply["message"])
-                    if reply["status"] == "cancelled":  # only the server cancels a job whose client is still here
-                        return p.Refusal(p.ErrorCode.SHUTTING_DOWN,
-                                               "The request was cancelled: the server is shutting down")
-                    if reply["status"] == "success":
-                        if not started:
-                            await self.write_event(audio_start)
-                        await self.write_event(AudioStop().event())
+                    match frame:
+                        case Audio(data=pcm):
+                            if not started:
+                                await self.write_event(audio_start)
+                                started = True
+                            await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
+                            job.unsent_bytes(-len(pcm))
+                        case Failed():
+                            return p.Refusal(frame.code, frame.message)
+                        case Cancelled():  # only the server cancels a job whose client is still here
+                            return p.Refusal(p.ErrorCode.SHUTTING_DOWN,
+                                             "The request was cancelled: the server is shutting down")
+                        case Succeeded():
+                            if not started:
+                                await self.write_event(audio_start)
+                            await self.write_event(AudioStop().event())
             return None
         finally:
             self._job = None

@@ -16,18 +16,14 @@ from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeake
 from wyoming.tts import SynthesizeVoice
 
 from ..core import replies as p
+from ..engines import registry
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
 from .openai_schemas import Voices
 from .schema_rules import ENCODABLE_RULE, SPEAKABLE_RULE, encodable, loads_shallow, speakable
 
 LANGUAGE = "en"  # CSM-1B speaks English
 VERSION = "1.0"
-_ATTRIBUTION = {
-    "csm": Attribution(name="Sesame", url="https://huggingface.co/sesame/csm-1b"),
-    "piper": Attribution(name="Piper (Open Home Foundation)", url="https://github.com/OHF-Voice/piper1-gpl"),
-}
-_DESCRIPTION = {"csm": "Sesame CSM-1B, conversational speech", "piper": "Piper, fast local speech"}
-SPEAKER_CHOICES = 8  # speaker ids the CSM voice "speaker" lists (any id up to MAX_SPEAKER is accepted)
+SPEAKER_CHOICES = 8  # speaker ids a voice by speaker id lists (any id up to MAX_SPEAKER is accepted)
 MAX_DATA = 256 * 1024  # bytes of an event's extra data (a synthesize text is at most --max-text-chars)
 MAX_PAYLOAD = 64 * 1024  # bytes of an event's payload: a TTS server reads no client audio
 NOT_AN_EVENT = ("Not a Wyoming event: each event is one line of JSON with a string 'type' and an object 'data' "
@@ -79,35 +75,43 @@ def parse_data(raw: bytes) -> dict[str, Any]:
 def describe(engines: dict[str, dict[str, Any]], voices: Voices) -> Info:
     """``info`` for ``describe``: one TTS program per engine that serves, in routing order (primary first).
 
-    ``engines`` maps engine name to its ``Engine.describe()``.  Home Assistant
-    shows the first program's voices; any client may name any program's voice.
+    ``engines`` maps engine name to its ``Engine.describe()``; its registry
+    entry gives the program's attribution, description and how its voices are
+    listed.  Home Assistant shows the first program's voices; any client may
+    name any program's voice.
     """
     programs = []
     for name, described in engines.items():
-        attribution = _ATTRIBUTION.get(name, Attribution(name=name, url=str(described.get("url", ""))))
-        if name == "piper":
-            tts_voices = [_piper_voice(v, attribution) for v in described.get("voices", [])]
-        elif name == "csm":
-            tts_voices = [TtsVoice(name=v["name"], attribution=attribution, installed=True,
-                                   description=f"{v['name']} (CSM speaker {v['speaker']})", version=None,
-                                   languages=[LANGUAGE]) for v in voices.listing()]
-            tts_voices.append(TtsVoice(name="speaker", attribution=attribution, installed=True,
-                                       description="CSM by speaker id", version=None, languages=[LANGUAGE],
-                                       speakers=_speakers(SPEAKER_CHOICES)))
-        else:  # a remote engine: one voice, its name, by speaker id
+        spec, languages = registry.get(name), list(described.get("languages") or [LANGUAGE])
+        attribution = Attribution(*spec.attribution) if spec and spec.attribution else \
+            Attribution(name=name, url=str(described.get("url", "")))
+        listing = registry.capabilities(name).voices
+        if listing is registry.VoiceListing.OWN:
+            tts_voices = [_own_voice(v, registry.label(name), attribution) for v in described.get("voices", [])]
+        elif listing is registry.VoiceListing.NAMED:
+            tts_voices = _named_voices(registry.label(name), languages, attribution, voices)
+        else:  # one voice, the engine's name, by speaker id
             tts_voices = [TtsVoice(name=name, attribution=attribution, installed=True,
                                    description=f"{name} ({described.get('model', '')})", version=None,
-                                   languages=list(described.get("languages") or [LANGUAGE]),
-                                   speakers=_speakers(SPEAKER_CHOICES))]
+                                   languages=languages, speakers=_speakers(SPEAKER_CHOICES))]
         programs.append(TtsProgram(name=name, attribution=attribution, installed=True,
-                                   description=_DESCRIPTION.get(name, name), version=VERSION, voices=tts_voices,
-                                   supports_synthesize_streaming=True))
+                                   description=spec.description if spec else name, version=VERSION,
+                                   voices=tts_voices, supports_synthesize_streaming=True))
     return Info(tts=programs)
 
 
-def _piper_voice(voice: dict[str, Any], attribution: Attribution) -> TtsVoice:
+def _named_voices(who: str, languages: list[str], attribution: Attribution, voices: Voices) -> list[TtsVoice]:
+    """The server's named voices, then ``speaker``: the engine by speaker id alone."""
+    named = [TtsVoice(name=v["name"], attribution=attribution, installed=True,
+                      description=f"{v['name']} ({who} speaker {v['speaker']})", version=None, languages=languages)
+             for v in voices.listing()]
+    return [*named, TtsVoice(name="speaker", attribution=attribution, installed=True, description=f"{who} by "
+                             "speaker id", version=None, languages=languages, speakers=_speakers(SPEAKER_CHOICES))]
+
+
+def _own_voice(voice: dict[str, Any], who: str, attribution: Attribution) -> TtsVoice:
     speakers = _speakers(int(voice.get("speakers", 1)))
-    return TtsVoice(name=voice["name"], attribution=attribution, installed=True, description=f"Piper {voice['name']}",
+    return TtsVoice(name=voice["name"], attribution=attribution, installed=True, description=f"{who} {voice['name']}",
                     version=None, languages=[str(voice.get("language") or LANGUAGE)],
                     speakers=speakers if len(speakers) > 1 else None)
 
@@ -177,9 +181,24 @@ def read_text(data: dict[str, Any], field: str = "text") -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Synthesize:
+    """A Wyoming synthesize (a whole text, or one sentence of a stream) with its voice choice resolved."""
+
+    text: str
+    speaker: int = 0
+    engine: str | None = None  # None: the server's routing
+    language: str | None = None
+
+    def to_request(self) -> SynthesisRequest:
+        """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a
+        voice; the fields are the request's (same names)."""
+        return SynthesisRequest.of(vars(self), request_id=new_request_id(), format="pcm", stream=True, context=True)
+
+
 def request(text: str, speaker: int, engine: str | None, language: str | None,
             max_text_chars: int) -> SynthesisRequest:
-    """One generation: streamed 16-bit PCM with the connection's context, so a reply's sentences share a voice."""
+    """A synthesize's text checked (a refusal names the rule), then as our request."""
     text = " ".join(text.split())  # one line, as wyoming-piper joins lines
     if not speakable(text):
         raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'text' must be {SPEAKABLE_RULE}")
@@ -188,8 +207,7 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
     if len(text) > max_text_chars:
         raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG,
                               f"The text has {len(text)} characters; the limit is {max_text_chars}")
-    return SynthesisRequest(text=text, request_id=new_request_id(), speaker=speaker, format="pcm",
-                              stream=True, context=True, engine=engine, language=language)
+    return Synthesize(text, speaker, engine, language).to_request()
 
 
 def _text_or_none(value: Any) -> str | None:

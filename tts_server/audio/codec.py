@@ -1,4 +1,4 @@
-"""Audio plumbing: resampling, 16-bit conversion and container encoding.
+"""Audio plumbing: resampling and container encoding (16-bit PCM itself is ``pcm``).
 
 Every engine produces float32 mono at its own native rate; clients always get
 one output rate (``--sample-rate``).  Resampling is stateful (``soxr``'s
@@ -14,25 +14,22 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .pcm import to_int16
+
 _SUBTYPES = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
-
-
-def to_int16(samples: np.ndarray) -> np.ndarray:
-    """Float samples to int16, clipping (random or hot models exceed [-1, 1]; wrapping would crackle)."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
-
-
-def pcm_bytes(samples: np.ndarray) -> bytes:
-    return to_int16(samples).tobytes()
 
 
 def encode_file(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """A complete file in ``fmt`` (wav, pcm, flac or ogg) of mono float samples."""
+    return _int16_file(to_int16(samples), sample_rate, fmt)
+
+
+def _int16_file(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     if fmt == "pcm":
-        return pcm_bytes(samples)
+        return samples.tobytes()
     container, subtype = _SUBTYPES[fmt]
     buffer = io.BytesIO()
-    sf.write(buffer, to_int16(samples), sample_rate, format=container, subtype=subtype)
+    sf.write(buffer, samples, sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
 
 
@@ -42,12 +39,6 @@ def streaming_wav_header(sample_rate: int) -> bytes:
     return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
             + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
             + b"data" + struct.pack("<I", unknown))
-
-
-def decode_file(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode WAV/FLAC/OGG bytes in memory to float32 mono and its rate."""
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return samples.mean(axis=1), rate
 
 
 class Resampler:
@@ -130,7 +121,7 @@ class StreamEncoder:
 
     def finish(self) -> bytes:
         if self.fmt == "flac":
-            return encode_file(np.frombuffer(bytes(self._held), dtype="<i2") / 32767.0, self.sample_rate, "flac")
+            return _int16_file(np.frombuffer(bytes(self._held), dtype="<i2"), self.sample_rate, "flac")
         if self._container is None:
             out, self._header = self._header, b""
             return out

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 
+from .pcm import FRAME_MS
+
 _SENTENCE_END = re.compile(r"(?<=[.!?…;:])[\"')\]]*\s+|\n+")
-FRAME_MS = 80  # one CSM / Mimi frame
 BASE_MS = 1000
 MS_PER_CHAR = 80  # ~12 characters per second of speech, with room to spare
 MAX_SENTENCE_CHARS = 250  # one generation's text: its prompt and frame budget fit CSM-1B's 2048 positions

@@ -3,8 +3,9 @@
 Only a request with a ``seed`` and ``context`` off is determined by its inputs,
 and only on an engine that is ``seedable`` (CSM; Piper and remote engines are
 not).  A request that asks for ``timestamps`` or ``progress`` is never answered
-from the cache: an entry holds audio, not the replies that come beside it.  The key is every request field that shapes the audio or its bytes, plus
-a ``salt`` from the front door for prompt state the request does not show (the
+from the cache: an entry holds audio, not the replies that come beside it.  The key is every request field
+marked as shaping the audio or the replies (``SHAPING_FIELDS``: all but ``request_id``), so a new field is in it
+unless it says otherwise, plus a ``salt`` from the front door for prompt state the request does not show (the
 speaker's default voice an HTTP request is given).  An entry holds the exact
 bytes that were sent, so a hit answers byte for byte what the first request
 got.  Least recently used entries go first once the entries' bytes would pass
@@ -17,19 +18,20 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Hashable
 
 import cachetools
 
-from ..engines.request import SynthesisRequest
+from ..engines.request import SHAPING_FIELDS, SynthesisRequest
+from .events import Succeeded
 
 
 @dataclass(frozen=True)
 class Entry:
     audio: bytes  # every audio byte the first request was sent (a whole file, or the stream, header included)
     engine: str
-    meta: dict[str, Any]  # what its replies said: engine, voice, duration_s, truncated, chunks
+    success: Succeeded  # what its reply said (engine, voice, duration_s, truncated, chunks): a hit says it again
 
 
 def key(request: SynthesisRequest, salt: Hashable) -> tuple | None:
@@ -37,9 +39,7 @@ def key(request: SynthesisRequest, salt: Hashable) -> tuple | None:
     replies beside the audio (word times, progress) that an entry does not hold: those are always made afresh."""
     if request.seed is None or request.context or request.timestamps or request.progress:
         return None
-    return (request.engine, request.text, request.speaker, request.seed, request.temperature, request.top_k,
-            request.max_audio_length_ms, request.format, request.stream, request.emotion, request.speed,
-            request.language, salt)
+    return (*(getattr(request, name) for name in SHAPING_FIELDS), salt)
 
 
 class _Lru(cachetools.LRUCache):
@@ -54,8 +54,9 @@ class _Lru(cachetools.LRUCache):
 
 def _size(cache_key: tuple, entry: Entry) -> int:
     """What an entry holds in memory: its audio, its key (a long text can outweigh short audio) and its replies."""
+    said = entry.success
     return len(entry.audio) + sys.getsizeof(cache_key) + sum(sys.getsizeof(part) for part in cache_key) + \
-        sys.getsizeof(entry.meta) + sum(sys.getsizeof(v) for v in entry.meta.values())
+        sys.getsizeof(said) + sum(sys.getsizeof(getattr(said, field.name)) for field in fields(said))
 
 
 class AudioCache:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines.base import ContextTurn, SynthesisTask
+from ..audio.pcm import FRAME_SECONDS, OUTPUT_RATE
+from ..engines.base import TURN_CODES, ContextTurn, SynthesisTask
 from ..references import Clip, load_emotions, load_voices, save_voice
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class ReferenceLibrary:
             path = save_voice(self.root, speaker, audio, text)
             self.voices[speaker] = ContextTurn(speaker, text, audio, {}, pinned=True)
             log.info("pinned %.1f s of CSM speech as the default voice of speaker %d (%s)",
-                     len(audio) / 24000, speaker, path)
+                     len(audio) / OUTPUT_RATE, speaker, path)
             return True
         finally:
             self._pinning.discard(speaker)
@@ -160,9 +161,6 @@ class Conversation:
         self.history.extend(turns[:at] + new + turns[at:])
 
 
-FRAME_SECONDS = 0.08  # one CSM frame
-
-
 def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
     """The part of a reply's turns a listener heard in ``played_s`` (barge-in): whole turns, then the turn it
     stopped in (or a sentence a cancel cut off, ``text_s`` set) cut at its last whole frame, its text cut after the
@@ -174,11 +172,11 @@ def heard(turns: list[ContextTurn], played_s: float) -> list[ContextTurn]:
             kept.append(turn)
             left -= turn.duration_s
             continue
-        codes = turn.cache["csm"]
+        codes = turn.cache[TURN_CODES]
         frames = min(len(codes), int(left / FRAME_SECONDS + 1e-9))
         if frames:
             kept.append(ContextTurn(turn.speaker, _said(turn, frames * FRAME_SECONDS), None,
-                                    {"csm": codes[:frames]}, duration=frames * FRAME_SECONDS))
+                                    {TURN_CODES: codes[:frames]}, duration=frames * FRAME_SECONDS))
         break
     return kept
 

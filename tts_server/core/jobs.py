@@ -1,7 +1,9 @@
 """Jobs and engine slots: the two objects the scheduler moves around.
 
 A ``Job`` is one accepted synthesis request plus the replies it produces, in
-order (``outbox``); ``finish`` guarantees exactly one terminal reply.  An
+order (``outbox``: tuples of typed events, ``core.events``; each interface
+encodes them in its own wire format); ``finish`` guarantees exactly one
+terminal reply.  An
 ``EngineSlot`` is an engine plus its load state.  Both are touched from the
 event loop; the worker thread only uses the ``*_threadsafe`` methods.
 """
@@ -14,9 +16,10 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from typing import Any, Awaitable, Callable
 
-from . import replies as r
+from .events import Cancelled, Frame
 from .fair import discard
 from ..engines.request import SynthesisRequest
 from ..engines.base import Engine, SynthesisTask
@@ -41,7 +44,6 @@ class Job:
         self.on_success = on_success  # on the loop, after success, before the reply: remember task.produced
         # a coroutine, awaited on the loop after success (its worker already free), before the reply: store
         self.persist: Callable[["Job"], Awaitable[Any]] | None = None
-        self.status: str | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.progress_at = 0.0  # monotonic time of the last audio chunk (watched for hangs)
         self.owner: object = self  # the connection it came from (one running job per owner)
@@ -88,11 +90,12 @@ class Job:
             discard(future)
 
     # called on the event loop
-    def post(self, *frames: Any) -> None:
+    def post(self, *frames: Frame) -> None:
+        """Frames that go out together (a whole file's ``Succeeded`` and its ``Audio``: no other reply between)."""
         if not self.finished:
-            self.outbox.put_nowait(tuple(r.encode(f) if isinstance(f, dict) else f for f in frames))
+            self.outbox.put_nowait(frames)
 
-    def finish(self, *frames: Any) -> None:
+    def finish(self, *frames: Frame) -> None:
         if not self.finished:
             self.post(*frames)
             self.finished = True
@@ -106,24 +109,36 @@ class Job:
         self.cancel_event.set()
         self._drop_side_work()
         if not self.started:
-            self.finish(r.cancelled_reply(self.request_id))
+            self.finish(Cancelled(self.request_id))
         return True
 
     # called from the worker thread
-    def post_threadsafe(self, *frames: Any) -> None:
+    def post_threadsafe(self, *frames: Frame) -> None:
         self.loop.call_soon_threadsafe(lambda: self.post(*frames))
 
-    def finish_threadsafe(self, *frames: Any) -> None:
+    def finish_threadsafe(self, *frames: Frame) -> None:
         self.loop.call_soon_threadsafe(lambda: self.finish(*frames))
 
 
+class EngineState(str, Enum):
+    """An engine slot's load state: ``loading`` -> ``ready`` | ``failed``.  A str, so ``/ready``, ``/v1/info`` and
+    ``/metrics`` keep saying the same words."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class EngineSlot:
-    """An engine plus its load state: ``loading`` -> ``ready`` | ``failed``."""
+    """An engine plus its load state (``EngineState``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.executor = self._new_executor()
-        self.state = "loading"
+        self.state = EngineState.LOADING
         self.reason = "loading"
         self.loaded = asyncio.Event()
         self.load_seconds: float | None = None
@@ -137,10 +152,10 @@ class EngineSlot:
         try:
             await asyncio.to_thread(self.engine.load)
         except Exception as exc:  # any failure leaves the server up and says why
-            self.state, self.reason = "failed", str(exc) or exc.__class__.__name__
+            self.state, self.reason = EngineState.FAILED, str(exc) or exc.__class__.__name__
             log.error("%s unavailable: %s", self.name, self.reason)
         else:
-            self.state, self.reason = "ready", "ready"
+            self.state, self.reason = EngineState.READY, "ready"
             self.load_seconds = time.perf_counter() - started
             log.info("%s ready in %.1f s", self.name, self.load_seconds)
         finally:
@@ -154,7 +169,20 @@ class EngineSlot:
         stuck, self.executor = self.executor, self._new_executor()
         stuck.shutdown(wait=False)
 
-    def fail(self, reason: str) -> None:
-        """Mark unavailable without loading (e.g. the model source cannot be resolved)."""
-        self.state, self.reason = "failed", reason
-        self.loaded.set()
+    async def close(self, grace: float = 5) -> None:
+        """At shutdown: stop the workers, then release what the engine holds (a model, a batch thread, a client).
+
+        The engine is closed once its workers have ended, so none is mid-synthesis when its model goes; a worker
+        still busy after ``grace`` s (a stuck engine) is not waited for longer: the process is ending anyway.
+        """
+        executor = self.executor
+        executor.shutdown(wait=False, cancel_futures=True)  # what still waits is for clients that are gone
+        waiter = threading.Thread(target=executor.shutdown, name=f"{self.name}-closing", daemon=True)
+        waiter.start()
+        await asyncio.to_thread(waiter.join, grace)
+        if waiter.is_alive():
+            log.warning("%s: a worker is still busy after %g s; closing the engine anyway", self.name, grace)
+        try:
+            await asyncio.to_thread(self.engine.close)
+        except Exception:  # the server stops regardless
+            log.exception("%s did not close cleanly", self.name)

@@ -12,16 +12,28 @@ Blocking (model compute): run ``feed`` on one thread at a time.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Callable
 
 import numpy as np
 
 from ..audio.codec import Resampler
-from ..engines.vad import RATE, SpeechDetector
+from ..audio.pcm import WholeSamples, to_float
+from ..engines.vad import RATE, SpeechDetector, Voice
 from . import replies as r
 from .turns import StreamedTurn
 
 PREROLL_MS = 300
+
+
+class Heard(str, Enum):
+    """What a piece of hands-free audio completes: the detector's words (``Voice``), and ``dropped``."""
+
+    SPEECH_START = Voice.SPEECH_START.value
+    PAUSE = Voice.PAUSE.value
+    RESUME = Voice.RESUME.value
+    SPEECH_END = Voice.SPEECH_END.value
+    DROPPED = "dropped"  # an utterance over the length limit; listening goes on
 
 
 class Listener:
@@ -31,38 +43,36 @@ class Listener:
         self._open_turn = open_turn
         self._to_vad = Resampler(sample_rate, RATE)
         self._recent = np.zeros(0, np.int16)  # the last second, at the client's rate
-        self._odd = b""
+        self._whole = WholeSamples()
         self._vad_samples = 0  # 16 kHz samples handed to the detector
         self.turn: StreamedTurn | None = None
 
-    def feed(self, pcm: bytes) -> list[tuple[str, StreamedTurn | None]]:
-        """Events this audio completes, in order: ``("speech_start", None)``, ``("pause", turn)`` and
-        ``("resume", turn)`` (a silence that may end it, or not), ``("speech_end", turn)`` (a turn to end and
-        keep), ``("dropped", None)`` (an utterance over the length limit)."""
-        data, self._odd = self._odd + pcm, b""
-        if len(data) % 2:
-            data, self._odd = data[:-1], data[-1:]
+    def feed(self, pcm: bytes) -> list[tuple[Heard, StreamedTurn | None]]:
+        """Events this audio completes, in order: ``(SPEECH_START, None)``, ``(PAUSE, turn)`` and
+        ``(RESUME, turn)`` (a silence that may end it, or not), ``(SPEECH_END, turn)`` (a turn to end and
+        keep), ``(DROPPED, None)`` (an utterance over the length limit)."""
+        data = self._whole(pcm)
         samples = np.frombuffer(data, "<i2")
         self._recent = np.concatenate([self._recent, samples])[-self.sample_rate:]
-        scaled = self._to_vad(samples.astype(np.float32) / 32768.0)
+        scaled = self._to_vad(to_float(samples))
         self._vad_samples += len(scaled)
-        events: list[tuple[str, StreamedTurn | None]] = []
+        events: list[tuple[Heard, StreamedTurn | None]] = []
         fed = False
         for event in self._detector.feed(scaled):
-            if event.kind == "start":
+            if event.kind == Voice.SPEECH_START:
                 # from PREROLL_MS before the start to now: it holds this piece, so it is not fed again
                 back = (self._vad_samples - event.sample) / RATE + PREROLL_MS / 1000
                 self.turn = self._open_turn()
                 self._feed_turn(self._recent[-int(back * self.sample_rate):].tobytes(), events)
                 fed = True
-                events.append(("speech_start", None))
+                events.append((Heard.SPEECH_START, None))
             elif self.turn is None:
                 continue
-            elif event.kind == "end":
+            elif event.kind == Voice.SPEECH_END:
                 turn, self.turn = self.turn, None
-                events.append(("speech_end", turn))
-            else:  # "pause" (the utterance may be over: its audio so far can be transcribed) or "resume"
-                events.append((event.kind, self.turn))
+                events.append((Heard.SPEECH_END, turn))
+            else:  # a pause (the utterance may be over: its audio so far can be transcribed) or a resume
+                events.append((Heard(event.kind.value), self.turn))
         if self.turn is not None and not fed:
             self._feed_turn(data, events)
         return events
@@ -72,4 +82,4 @@ class Listener:
             self.turn.feed(data)
         except r.Refusal:  # longer than a turn may be: dropped, listening goes on
             self.turn = None
-            events.append(("dropped", None))
+            events.append((Heard.DROPPED, None))

@@ -13,7 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ENGINE_STATES = ("loading", "ready", "failed")
+from .jobs import EngineState
+
 SHARED_THREADS = ("stt", "turn_encoding")
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
@@ -137,9 +138,9 @@ class Metrics:
         self.last_used.labels(engine).set(stats.last_used)
         return stats
 
-    def set_engine_state(self, engine: str, state: str) -> None:
-        for candidate in ENGINE_STATES:
-            self.engine_state.labels(engine, candidate).set(1 if candidate == state else 0)
+    def set_engine_state(self, engine: str, state: EngineState) -> None:
+        for candidate in EngineState:
+            self.engine_state.labels(engine, candidate.value).set(1 if candidate == state else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

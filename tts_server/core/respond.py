@@ -23,7 +23,8 @@ from typing import AsyncIterator, Callable, Sequence
 from ..audio.text import SentenceStream
 from ..engines.base import ContextTurn, EngineError, SentenceFeed
 from ..engines.chat import ChatModel
-from . import replies as r
+from ..engines.errors import ErrorCode, Refusal
+from .events import Cancelled, Failed, ReplyText, failed
 from .jobs import Job
 from .sessions import StoredTurn
 
@@ -92,7 +93,7 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
                     delta, job.task.truncated = delta[:room], True
                 written.append(delta)
                 job.progress_at = time.monotonic()  # the LLM writing is progress: the watchdog waits for it
-                job.post({"status": "reply_text", "request_id": job.request_id, "delta": delta})
+                job.post(ReplyText(job.request_id, delta))
                 speak(sentences.add(delta))
                 if job.task.truncated:
                     break
@@ -103,19 +104,19 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
     except EngineError as exc:
         feed.close(exc)
         if not queued:
-            job.finish(r.error_reply(r.ErrorCode(exc.code), exc.message, job.request_id))
-    except r.Refusal as exc:  # the queue refused it
-        feed.close(EngineError(exc.code.value, exc.message))
-        job.finish(r.refusal_reply(exc))
+            job.finish(Failed(exc.code, exc.message, job.request_id))
+    except Refusal as exc:  # the queue refused it
+        feed.close(EngineError(exc.code, exc.message))
+        job.finish(failed(exc))
     except Exception:  # a bug costs this answer, never its terminal reply (the connection's writer waits for it)
         log.exception("The answer %s failed", job.request_id)
         feed.close(EngineError("internal_error", "Internal server error"))
         if not queued:
-            job.finish(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
+            job.finish(Failed(ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
     finally:
         feed.close()  # however it ended, the engine is not left waiting (after an error, it reads that first)
         if job.cancel_event.is_set() and not job.started:
-            job.finish(r.cancelled_reply(job.request_id))
+            job.finish(Cancelled(job.request_id))
 
 
 async def _next_delta(deltas: AsyncIterator[str], job: Job, deadline: float, chat: ChatModel) -> str | None:

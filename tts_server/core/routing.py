@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from . import replies as r
 from ..engines.request import SynthesisRequest
-from .jobs import EngineSlot
+from .jobs import EngineSlot, EngineState
 from ..audio.languages import speaks
 
 
@@ -66,10 +66,10 @@ class Chain:
         found = self.candidates(request)
         if not found:
             return self._unsupported(request)
-        if overflow and self.overflow in found and self.overflow.state != "failed":
+        if overflow and self.overflow in found and self.overflow.state != EngineState.FAILED:
             return self.overflow
         for slot in found:
-            if slot.state != "failed":
+            if slot.state != EngineState.FAILED:
                 return slot
         if request.engine is not None:
             return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE,
@@ -85,12 +85,12 @@ class Chain:
         if request.engine is not None or slot not in self.slots:
             return None
         later = self.slots[self.slots.index(slot) + 1:]
-        return next((s for s in later if s.state == "ready" and _speaks(s, request)), None)
+        return next((s for s in later if s.state == EngineState.READY and _speaks(s, request)), None)
 
     def overflow_slot(self, request: SynthesisRequest) -> EngineSlot | None:
         """The overflow engine, when it is ready and may take ``request`` instead of a ``busy``."""
         slot = self.overflow
-        if slot is None or request.engine is not None or slot.state != "ready":
+        if slot is None or request.engine is not None or slot.state != EngineState.READY:
             return None
         return slot if _speaks(slot, request) else None
 

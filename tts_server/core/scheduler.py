@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 
+from ..audio.pcm import OUTPUT_RATE
 from . import cache
-from . import replies as r
+from ..engines.errors import ErrorCode, Refusal
 from ..engines.request import SynthesisRequest
 from .cache import AudioCache
 from .fair import discard
-from ..engines.base import EngineError
+from .events import Audio, Cancelled, Failed, Started, failed
 from .generation import Outcome, generate
-from .jobs import Busy, EngineSlot, Job
+from .jobs import Busy, EngineSlot, EngineState, Job
 from .metrics import Metrics
 from .timing import Aligner
 from .routing import Chain
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, chain: Chain, *, max_queue: int = 32, sample_rate: int = 24000,
+    def __init__(self, chain: Chain, *, max_queue: int = 32, sample_rate: int = OUTPUT_RATE,
                  metrics: Metrics | None = None, stream_buffer_seconds: float = 30, generation_timeout: float = 120,
                  cache: AudioCache | None = None) -> None:
         self.chain = chain
@@ -91,7 +93,7 @@ class Scheduler:
                 return None
             job.cache_key = key
         slot = self.route(job.request)
-        if isinstance(slot, r.Refusal):
+        if isinstance(slot, Refusal):
             raise slot
         if self.depth >= self.max_queue:
             overflow = self.chain.overflow_slot(job.request)
@@ -101,40 +103,40 @@ class Scheduler:
             job.overflow, slot = True, overflow
         self._queue.append(job)
         self.wake()
-        if slot.state == "loading":
+        if slot.state == EngineState.LOADING:
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
 
-    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.Refusal:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | Refusal:
         """The slot that should serve ``request`` now (possibly still loading); see ``routing.Chain``."""
         return self.chain.route(request, overflow)
 
     async def _replay(self, job: Job, entry: cache.Entry) -> None:
-        """Answer ``job`` from the cache as its engine would have: streamed in chunks, or one file."""
+        """Answer ``job`` from the cache as its engine would have: streamed in chunks, or one file; its reply says
+        what the first one said, but for its own id, no time spent, and ``cached``."""
         request, audio = job.request, entry.audio
         job.started = job.audio_sent = True
-        reply = {**entry.meta, "request_id": request.request_id, "generation_s": 0.0, "ttfa_ms": 0.0, "cached": True}
+        reply = dataclasses.replace(entry.success, request_id=request.request_id, generation_s=0.0, ttfa_ms=0.0,
+                                    cached=True)
         if request.stream:
-            job.post(r.start_reply(request, sample_rate=self.sample_rate, engine=entry.engine,
-                                   **({"voice": entry.meta["voice"]} if "voice" in entry.meta else {})))
+            job.post(Started(request.request_id, request.format, self.sample_rate, entry.engine, reply.voice))
             step = self.sample_rate // 2 * 2  # half a second of 16-bit samples: whole samples in every chunk
-            reply["chunks"] = -(-len(audio) // step)
+            reply = dataclasses.replace(reply, chunks=-(-len(audio) // step))
             for offset in range(0, len(audio), step):
                 if job.cancel_event.is_set():
                     break
                 chunk = audio[offset:offset + step]
                 job.unsent_bytes(len(chunk))
-                job.post(chunk)
+                job.post(Audio(chunk))
                 await asyncio.sleep(0)  # let the writer send while the rest waits
         else:
             job.unsent_bytes(len(audio))
         status = "cancelled" if job.cancel_event.is_set() else "success"
-        job.status = status
         self.metrics.cache_hit(entry.engine, status, job.interface)
         if status == "cancelled":
-            job.finish(r.cancelled_reply(request.request_id))
+            job.finish(Cancelled(request.request_id))
         else:
-            job.finish(reply, *(() if request.stream else (audio,)))
+            job.finish(reply, *(() if request.stream else (Audio(audio),)))
 
     # -- the worker loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -155,11 +157,11 @@ class Scheduler:
                 self._queue.remove(job)
                 continue
             slot = self.route(job.request, job.overflow)
-            if isinstance(slot, r.Refusal):
+            if isinstance(slot, Refusal):
                 self._queue.remove(job)
-                job.finish(r.refusal_reply(slot))
+                job.finish(failed(slot))
                 continue
-            busy = slot.state == "loading" or any(j.owner is job.owner for j in self.running)
+            busy = slot.state == EngineState.LOADING or any(j.owner is job.owner for j in self.running)
             if busy or sum(j.slot is slot for j in self.running) >= slot.engine.concurrency:
                 continue
             self._queue.remove(job)
@@ -185,7 +187,7 @@ class Scheduler:
                 await self._store(job)
         except Exception:  # preparing the prompt failed: answer the job, keep serving
             log.exception("request %s failed around the worker", job.request_id)
-            job.finish(r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
+            job.finish(_internal(job))
         finally:
             self.running.discard(job)
             self.wake()
@@ -215,8 +217,7 @@ class Scheduler:
             outcome = await asyncio.to_thread(pending.then)
         except Exception:  # our own bug (placing words, encoding): this request fails, the server lives on
             log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None,
-                              (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+            outcome = Outcome("error", 0.0, None, (_internal(job),))
         job.slot = slot
         if outcome.status == "success" and job.persist is not None and not job.abandoned:
             self._unstored[job] = outcome, started
@@ -233,13 +234,13 @@ class Scheduler:
         code, why = None, ""
         try:
             await job.persist(job)  # durable before the client can see the reply
-        except r.Refusal as exc:  # the store is unreachable, the session gone
+        except Refusal as exc:  # the store is unreachable, the session gone
             code, why = exc.code, f": {exc.message}"
         except Exception:
             log.exception("request %s: its turns could not be stored", job.request_id)
-            code = r.ErrorCode.INTERNAL_ERROR
+            code = ErrorCode.INTERNAL_ERROR
         if code is not None:
-            outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (r.error_reply(
+            outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (Failed(
                 code, f"The reply was made but could not be stored in its session{why}", job.request_id),))
         self._conclude(job, slot, outcome, started)
 
@@ -262,22 +263,22 @@ class Scheduler:
         log.error("%s made no progress on %s for %g s; abandoning its worker thread", slot.name,
                   job.request_id, self.generation_timeout)
         job.cancel_event.set()
-        job.finish(r.error_reply(r.ErrorCode.GENERATION_TIMEOUT,
-                                 f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
-                                 job.request_id))
-        job.status, job.abandoned = "error", True
+        job.finish(Failed(ErrorCode.GENERATION_TIMEOUT,
+                          f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
+                          job.request_id))
+        job.abandoned = True
         self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout, interface=job.interface)
         slot.replace_executor()
         slot.engine.recover(self.generation_timeout / 2)  # a thread stuck in one step that long is hung
         return None
 
-    def refuse_queued(self, code: r.ErrorCode, message: str) -> int:
+    def refuse_queued(self, code: ErrorCode, message: str) -> int:
         """Answer every job still waiting with an error (shutdown); returns how many."""
         refused = 0
         while self._queue:
             job = self._queue.popleft()
             if not job.finished:
-                job.finish(r.error_reply(code, message, job.request_id))
+                job.finish(Failed(code, message, job.request_id))
                 refused += 1
         return refused
 
@@ -294,17 +295,16 @@ class Scheduler:
         try:
             outcome = generate(job, slot.engine, self.sample_rate, self.stream_buffer_seconds, started, keep,
                                self.aligner)
-        except EngineError as exc:
+        except Refusal as exc:  # the engine failed (``EngineError``), or the client read too slowly
             retry = self._next_engine(job, slot, exc)
             if retry is not None:
                 self._count(job, slot, Outcome("error", 0.0, None, ()), started)
                 job.task.produced.clear()
                 return retry
-            outcome = Outcome("error", 0.0, None, (r.error_reply(_code(exc.code), exc.message, job.request_id),))
+            outcome = Outcome("error", 0.0, None, (failed(exc.answering(job.request_id)),))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None,
-                              (r.error_reply(r.ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id),))
+            outcome = Outcome("error", 0.0, None, (_internal(job),))
         if outcome.then is not None:  # its words wait for the aligner: finished on the loop, this worker freed
             self._wording[job] = outcome, started
             return None
@@ -318,8 +318,7 @@ class Scheduler:
         """Count, cache and answer a job that ran (from its worker thread, or the loop after ``_store``)."""
         self._count(job, slot, outcome, started)
         if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
-            meta = {k: v for k, v in outcome.final[0].items() if k not in ("request_id", "generation_s", "ttfa_ms")}
-            self.cache.put(job.cache_key, cache.Entry(outcome.audio, slot.name, meta))
+            self.cache.put(job.cache_key, cache.Entry(outcome.audio, slot.name, outcome.final[0]))
         if outcome.status == "success" and job.on_success and not job.abandoned:
             job.loop.call_soon_threadsafe(self._succeeded, job)  # runs before the reply below is queued
         job.finish_threadsafe(*outcome.final)
@@ -335,13 +334,12 @@ class Scheduler:
     def _count(self, job: Job, slot: EngineSlot, outcome: Outcome, started: float) -> None:
         if job.abandoned:  # the watchdog already answered and counted it
             return
-        job.status = outcome.status
         fallback = job.request.engine is None and slot is not self.chain.first_choice(job.request)
         self.metrics.observe(slot.name, outcome.status, len(job.request.text), time.perf_counter() - started,
                              outcome.audio_seconds, outcome.ttfa, job.interface, fallback=fallback,
                              cache_miss=job.cache_key is not None)
 
-    def _next_engine(self, job: Job, slot: EngineSlot, exc: EngineError) -> EngineSlot | None:
+    def _next_engine(self, job: Job, slot: EngineSlot, exc: Refusal) -> EngineSlot | None:
         """The engine that takes over ``job`` after ``slot`` failed it, if it may be retried at all (not once audio
         went out, nor a text being written as it is spoken: its sentences were taken)."""
         if not exc.engine_fault or job.audio_sent or job.cancel_event.is_set() or job.task.feed is not None:
@@ -359,8 +357,6 @@ class Scheduler:
             slot.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _code(code: str) -> r.ErrorCode:
-    try:
-        return r.ErrorCode(code)
-    except ValueError:
-        return r.ErrorCode.GENERATION_FAILED
+def _internal(job: Job) -> Failed:
+    """Our own bug, told without its details."""
+    return Failed(ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id)

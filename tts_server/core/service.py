@@ -13,23 +13,23 @@ from typing import Any, Hashable
 
 import numpy as np
 
+from ..audio.pcm import FRAME_SAMPLES, OUTPUT_RATE
 from ..engines.base import ContextTurn
+from ..engines import registry
 from ..engines.chat import ChatModel
-from ..engines.mimi_stream import FRAME_SAMPLES
 from ..engines.stt import Transcriber
 from . import replies as r
 from .cache import AudioCache
 from .context import ReferenceLibrary
 from .fair import SERVER, Dropped, FairThread, Full
-from .jobs import EngineSlot
+from .jobs import EngineSlot, EngineState
 from .listening import Listener
 from .metrics import Metrics
 from .routing import Chain
 from .scheduler import Scheduler
 from .security import ConnectionLimits, Gate, ProxyTrust
 from .session_calls import Sessions
-from .session_redis import RedisSessionStore
-from .sessions import SessionStore, owner_of
+from .sessions import owner_of
 from .pacing import AUDIO_BURST_SECONDS, AUDIO_SPEED, AudioPace
 from .turns import TURN_TIMEOUT, StreamedTurn
 
@@ -47,7 +47,7 @@ class Service:
 
     def __init__(self, *engines: EngineSlot | None, overflow_engine: str | None = None, cache_bytes: int = 0,
                  engine_costs: dict[str, float] | None = None, max_queue: int = 32, max_text_chars: int = 4000,
-                 sample_rate: int = 24000, stream_buffer_seconds: float = 30,
+                 sample_rate: int = OUTPUT_RATE, stream_buffer_seconds: float = 30,
                  library: ReferenceLibrary | None = None, max_context_turns: int = 8, gate: Gate | None = None,
                  max_connections: int = 256, max_connections_per_address: int = 16, rate_limit: int = 120,
                  max_queued_per_connection: int = 8, max_voice_bytes: int = 10 * 1024 * 1024,
@@ -91,15 +91,14 @@ class Service:
         self.turn_timeout = turn_timeout
         limits = {"ttl": session_ttl, "max_sessions": max_sessions, "max_bytes": max_session_bytes,
                   "max_per_owner": max_sessions_per_owner}
-        self.sessions = Sessions(RedisSessionStore(session_store, **limits) if session_store.startswith("redis://")
-                                 else SessionStore.open(session_store, **limits))  # awaited, on its own threads
+        self.sessions = Sessions.open(session_store, **limits)  # awaited, on its own threads
         self.session_sweep_seconds = session_sweep_seconds  # expired sessions are deleted this often
 
     async def codes_of(self, audio, connection: Hashable | None = None) -> Any:
         """CSM's Mimi codes of a 24 kHz clip (a turn of the other side), on the turn-encoding thread in
         ``connection``'s turn; waits while CSM loads.  Turns are stored as codes, so a server without CSM cannot
         take them."""
-        slot = await self._csm_for_turns()
+        slot = await self._turn_encoder()
         audio = np.pad(audio, (0, -len(audio) % FRAME_SAMPLES))  # whole frames, as a streamed turn is encoded
         return await self.shared(self.turn_encoding, connection, slot.engine.codes_for, ContextTurn(0, "", audio))
 
@@ -136,7 +135,7 @@ class Service:
             raise RuntimeError(f"word alignment fell behind: {ALIGNMENTS_WAITING} sentences were already waiting "
                                "for the aligner") from None
 
-    async def transcript(self, audio: np.ndarray | None, rate: int = 24000, connection: Hashable | None = None) -> str:
+    async def transcript(self, audio: np.ndarray | None, rate: int = OUTPUT_RATE, connection: Hashable | None = None) -> str:
         """What was said in a turn sent without text (float audio at ``rate``: 24 kHz for a file, a streamed
         turn's ``TRANSCRIPT_RATE``), on the transcriber's thread in ``connection``'s turn; without speech
         recognition, the refusal."""
@@ -164,7 +163,7 @@ class Service:
 
     async def stream_turn(self, speaker: int, sample_rate: int) -> StreamedTurn:
         """A turn to be fed as it is spoken (``StreamedTurn``; feed it on ``turn_encoding``)."""
-        slot = await self._csm_for_turns()
+        slot = await self._turn_encoder()
         return StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder())
 
     async def listener(self, speaker: int, sample_rate: int) -> Listener:
@@ -173,19 +172,22 @@ class Service:
         detector is then only its state."""
         from ..engines.vad import SpeechDetector, silero_model
 
-        slot = await self._csm_for_turns()
+        slot = await self._turn_encoder()
         await asyncio.to_thread(silero_model)
         detector = SpeechDetector(self.vad_silence_ms, pause_ms=self.vad_pause_ms)
         return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
 
-    async def _csm_for_turns(self) -> EngineSlot:
-        slot = self.scheduler.slots.get("csm")
+    async def _turn_encoder(self) -> EngineSlot:
+        """The chain's engine that keeps turns as its codes (the registry's ``encodes_turns``), once it loaded."""
+        slot = next((s for s in self.scheduler.chain.slots if registry.capabilities(s.name).encodes_turns), None)
         if slot is not None:
             await slot.loaded.wait()
-        if slot is None or slot.state != "ready":
+        if slot is None or slot.state != EngineState.READY:
             why = slot.reason if slot else "not configured"
-            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is "
-                                                                 f"not available here: {why}")
+            name = registry.label(slot.name) if slot else \
+                next((s.label for s in registry.specs() if s.capabilities.encodes_turns), "the turn encoder")
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as {name}'s audio codes, and {name} is "
+                                                           f"not available here: {why}")
         return slot
 
     def owner(self, headers, target: str) -> str:
@@ -244,7 +246,7 @@ class Service:
 
     def loading_notice(self) -> str | None:
         primary = self.scheduler.primary
-        if primary.state == "loading":
+        if primary.state == EngineState.LOADING:
             return f"The {primary.name} model is loading; requests are queued until it is ready"
         return None
 
@@ -252,9 +254,9 @@ class Service:
         """Which engine answers a request without ``engine`` now, and why, in one sentence."""
         why: list[str] = []
         for slot in self.scheduler.chain.slots:
-            if slot.state == "ready":
+            if slot.state == EngineState.READY:
                 return slot.name, "; ".join([*why, f"serving with {_label(slot)}"])
-            if slot.state == "loading":
+            if slot.state == EngineState.LOADING:
                 return None, "; ".join([*why, f"{_label(slot)} is loading; requests wait for it"])
             why.append(f"{_label(slot)} unavailable: {slot.reason}")
         return None, "; ".join(why)
@@ -274,6 +276,8 @@ class Service:
         scheduler = self.scheduler
         return {slot.name: {"role": "primary" if index == 0 else "fallback", "position": index + 1,
                             "overflow": slot is scheduler.chain.overflow, "state": slot.state, "reason": slot.reason,
+                            "label": registry.label(slot.name),
+                            "capabilities": registry.capabilities(slot.name).describe(),
                             **slot.engine.describe(), "stats": self.metrics.summary(slot.name)}
                 for index, slot in enumerate(scheduler.chain.slots)}
 
@@ -283,6 +287,6 @@ class Service:
 
 def _label(slot: EngineSlot) -> str:
     described = slot.engine.describe()
-    name = {"csm": "CSM-1B"}.get(slot.name, slot.name)
+    name = registry.label(slot.name)
     voice = described.get("voice")
     return f"{name} {voice}" if voice else name

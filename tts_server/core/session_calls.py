@@ -16,18 +16,47 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlparse
 
 from ..engines.base import ContextTurn
 from . import replies as r
-from .sessions import StoredTurn
+from .session_redis import RedisSessionStore
+from .sessions import SessionStore, StoredTurn
 
 log = logging.getLogger(__name__)
 DEADLINE = 2.0  # seconds a store call may take
 THREADS = 4
 
 
+STORES = "sqlite:///PATH, redis://HOST:PORT/DB or memory"  # what --session-store takes
+
+
+def store_kind(url: str) -> str:
+    """``memory``, ``sqlite`` or ``redis`` for a ``--session-store`` value; ``ValueError`` naming what it takes."""
+    parsed = urlparse(url)
+    if url == "memory":
+        return "memory"
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return "sqlite"
+    if parsed.scheme == "redis" and parsed.hostname:
+        return "redis"
+    raise ValueError(f"{url!r} is not {STORES}")
+
+
+def open_store(url: str, **limits):
+    """The one place that picks the store for ``--session-store`` (``limits``: ttl, max_sessions, max_bytes,
+    max_per_owner): SQLite (a file, or memory) in this process, or Redis shared by replicas."""
+    if store_kind(url) == "redis":
+        return RedisSessionStore(url, **limits)
+    return SessionStore.open(url, **limits)
+
+
 class Sessions:
     """Async front of a ``SessionStore`` or ``RedisSessionStore`` (the same methods, awaited)."""
+
+    @classmethod
+    def open(cls, url: str, **limits) -> "Sessions":
+        return cls(open_store(url, **limits))
 
     def __init__(self, store, deadline: float = DEADLINE, threads: int = THREADS) -> None:
         self.store = store

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines.base import ContextTurn
+from ..engines.base import TURN_CODES, ContextTurn
 from . import replies as r
 
 
@@ -51,11 +51,11 @@ class StoredTurn:
 
     def context(self) -> ContextTurn:
         """As a prompt turn: CSM reads the codes from the turn's cache; there is no audio to re-encode."""
-        return ContextTurn(self.speaker, self.text, None, {"csm": self.codes}, duration=self.duration_s)
+        return ContextTurn(self.speaker, self.text, None, {TURN_CODES: self.codes}, duration=self.duration_s)
 
     @classmethod
     def of(cls, turn: ContextTurn) -> "StoredTurn":
-        codes = turn.cache["csm"]
+        codes = turn.cache[TURN_CODES]
         codes = codes.cpu().numpy() if hasattr(codes, "cpu") else np.asarray(codes)  # a tensor, maybe on a GPU
         return cls(turn.speaker, turn.text, turn.duration_s, codes.astype(np.int64))
 

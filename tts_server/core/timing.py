@@ -143,9 +143,9 @@ class Timing:
         self._word += 1
         self.words.append(word)
 
-    def describe(self) -> dict[str, Any]:
-        """What ``success`` says about words: the list (whole files), or why there is none."""
-        return {"words_unavailable": self.reason} if self.wanted and self.reason else {}
+    def unavailable(self) -> str | None:
+        """Why the reply has no words though they were asked for (``success``'s ``words_unavailable``)."""
+        return self.reason if self.wanted and self.reason else None
 
 
 def _done(words: list[Word]) -> "concurrent.futures.Future[list[Word]]":

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..audio.codec import Resampler
-from ..engines.base import ContextTurn
+from ..audio.pcm import OUTPUT_RATE, WholeSamples, to_float, to_int16
+from ..engines.base import TURN_CODES, ContextTurn
 from ..engines.stt import WHISPER_RATE
 from . import replies as r
 
@@ -31,25 +32,23 @@ TURN_TIMEOUT = MAX_TURN_SECONDS + 30
 class StreamedTurn:
     def __init__(self, speaker: int, sample_rate: int, encoder) -> None:
         self.speaker, self.sample_rate = speaker, sample_rate
-        self._resample = Resampler(sample_rate, 24000)
+        self._resample = Resampler(sample_rate, OUTPUT_RATE)
         self._to_transcript = Resampler(sample_rate, TRANSCRIPT_RATE)
         self._encoder = encoder
-        self._odd = b""  # a byte of a sample split across two frames
+        self._whole = WholeSamples()  # a sample may be split across two frames
         self.received = 0  # samples at the client's rate
         # 16-bit PCM at 16 kHz, for speech recognition when the turn ends without text (one buffer: a flood of tiny
         # frames adds no per-piece overhead)
         self._audio = bytearray()
 
     def feed(self, pcm: bytes) -> None:
-        data, self._odd = self._odd + pcm, b""
-        if len(data) % 2:
-            data, self._odd = data[:-1], data[-1:]
+        data = self._whole(pcm)
         self.received += len(data) // 2
         if self.received > MAX_TURN_SECONDS * self.sample_rate:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
                                                                "this one was dropped")
         samples = np.frombuffer(data, "<i2")
-        scaled = samples.astype(np.float32) / 32768.0
+        scaled = to_float(samples)
         self._keep(scaled, samples)
         self._encoder.feed(torch.from_numpy(self._resample(scaled)))
 
@@ -60,7 +59,7 @@ class StreamedTurn:
 
     def so_far(self) -> np.ndarray:
         """The turn's audio until now, float at ``TRANSCRIPT_RATE`` (a transcription may start before it ends)."""
-        return np.frombuffer(self._audio, "<i2").astype(np.float32) / 32768.0
+        return to_float(self._audio)
 
     def end(self) -> np.ndarray:
         """No more audio is coming: the whole turn, float at ``TRANSCRIPT_RATE`` (for a transcript)."""
@@ -75,11 +74,11 @@ class StreamedTurn:
                 self._audio += samples.tobytes()
             return
         resampled = self._to_transcript(scaled, last=last)
-        self._audio += np.clip(np.round(resampled * 32768.0), -32768, 32767).astype("<i2").tobytes()
+        self._audio += to_int16(resampled).tobytes()
 
     def finish(self, text: str) -> ContextTurn:
         """After ``end``: the whole turn as a context turn: its codes, its text, its duration (no audio kept)."""
         codes = self._encoder.finish()
         if len(codes) == 0:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST, "The streamed turn holds no audio")
-        return ContextTurn(self.speaker, text, None, {"csm": codes}, duration=self._encoder.samples / 24000)
+        return ContextTurn(self.speaker, text, None, {TURN_CODES: codes}, duration=self._encoder.samples / OUTPUT_RATE)

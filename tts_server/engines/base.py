@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import EngineError, ErrorCode
+from ..audio.pcm import OUTPUT_RATE
+from .errors import EngineError
 from .request import SynthesisRequest
 
 
@@ -51,12 +52,18 @@ def audio_only(items) -> Iterator[np.ndarray]:
     return (item for item in items if not isinstance(item, SentenceMark))
 
 
+# The key of ``ContextTurn.cache`` that holds a turn's codes, named for the engine that keeps turns as codes (the
+# registry's ``encodes_turns``: CSM, its Mimi codes).  The other side's turns and stored sessions hold their codes
+# under it, so it stays this one value whatever the chain.
+TURN_CODES = "csm"
+
+
 @dataclass(eq=False)
 class ContextTurn:
     """Something said before the text to speak: who, what, and how it sounded.
 
     ``cache`` is shared by every turn made from the same clip, so an engine can
-    keep derived data there once (CSM keeps the clip's Mimi codes under "csm").
+    keep derived data there once (CSM keeps the clip's Mimi codes under ``TURN_CODES``).
     ``pinned`` turns (voice prompts, emotion references) are never dropped to fit.
     """
 
@@ -73,7 +80,7 @@ class ContextTurn:
     def duration_s(self) -> float:
         if self.audio is None:
             return self.duration or 0.0
-        return len(self.audio) / 24000
+        return len(self.audio) / OUTPUT_RATE  # context audio is CSM's
 
 
 class SentenceFeed:
@@ -142,7 +149,7 @@ class Engine(ABC):
     """Base class: ``load`` once, then ``synthesize`` many times from worker threads (``concurrency`` at once)."""
 
     name: str = "engine"
-    sample_rate: int = 24000
+    sample_rate: int = OUTPUT_RATE
     concurrency: int = 1  # requests it may run at once (CSM: its batch rows)
     native_speed: bool = True  # honours ``request.speed`` itself (else the core time-stretches its audio)
     words: str | None = None  # why it gives no word times of its own (None: its marks carry them)

@@ -15,7 +15,7 @@ import logging
 from typing import AsyncIterator
 
 from .addresses import client_address, public_url, scrub, status_summary
-from .base import EngineError
+from .errors import EngineError, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +57,26 @@ class ChatModel:
                         wrote = True
                         yield delta
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise EngineError("model_unavailable", f"The chat model at {self.url} refused the key "
-                                                   f"(HTTP {exc.status_code}): set TTS_CHAT_API_KEY") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {self.url} refused the key "
+                                                           f"(HTTP {exc.status_code}): set TTS_CHAT_API_KEY") from None
         except openai.APIStatusError as exc:  # its body is the server's own text: logged, never forwarded
             log.info("The chat model at %s answered HTTP %s: %s", self.url, exc.status_code,
                      _short(scrub(exc.message, self._url)))
-            raise EngineError("model_unavailable", f"The chat model at {self.url} answered "
-                                                   f"{status_summary(exc.status_code)}") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {self.url} answered "
+                                                           f"{status_summary(exc.status_code)}") from None
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            raise EngineError("model_unavailable", f"The chat model at {self.url} is unreachable: "
-                                                   f"{_short(scrub(str(exc.__cause__ or exc), self._url))}") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {self.url} is unreachable: "
+                                                           f"{_short(scrub(str(exc.__cause__ or exc), self._url))}") from None
         except openai.OpenAIError as exc:  # a malformed stream, or an error event in it (the server's own text)
             log.info("The chat model at %s failed: %s", self.url, _short(scrub(str(exc), self._url)))
-            raise EngineError("model_unavailable", f"The chat model at {self.url} failed mid-answer "
-                                                   f"({type(exc).__name__})") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {self.url} failed mid-answer "
+                                                           f"({type(exc).__name__})") from None
         except ValueError as exc:  # a chunk that is not JSON, or not a chunk's shape
             log.info("The chat model at %s sent a malformed chunk: %s", self.url, _short(scrub(str(exc), self._url)))
-            raise EngineError("model_unavailable", f"The chat model at {self.url} sent a stream that is not "
-                                                   "OpenAI's chat-completions format") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {self.url} sent a stream that is not "
+                                                           "OpenAI's chat-completions format") from None
         if not wrote:
-            raise EngineError("generation_failed", f"The chat model at {self.url} answered with no text")
+            raise EngineError(ErrorCode.GENERATION_FAILED, f"The chat model at {self.url} answered with no text")
 
     async def close(self) -> None:
         await self._client.close()

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from .request import SynthesisRequest
-from ..audio.text import FRAME_MS, estimate_ms, frames_for_ms, spoken_s, split_sentences
-from .base import ContextTurn, Engine, EngineError, SentenceMark, SynthesisTask
+from ..audio.pcm import FRAME_MS, FRAME_SECONDS, OUTPUT_RATE
+from ..audio.text import estimate_ms, frames_for_ms, spoken_s, split_sentences
+from .base import TURN_CODES, ContextTurn, Engine, EngineError, SentenceMark, SynthesisTask
+from .errors import ErrorCode
 from .csm_batch import Batcher
 from .csm_decode import CsmDecoder, Sampling
 from .quantize import quantize_model
@@ -36,8 +38,8 @@ log = logging.getLogger(__name__)
 def cut_off(speaker: int, sentence: str, frames: list[torch.Tensor]) -> ContextTurn:
     """The beginning of a sentence a cancel cut off: its frames that went out, with the whole sentence's text and
     how long that text takes to say (a barge-in keeps the share of its words that was heard)."""
-    heard_s = FRAME_MS / 1000 * len(frames)
-    return ContextTurn(speaker, sentence, None, {"csm": torch.stack(frames)}, duration=heard_s,
+    heard_s = FRAME_SECONDS * len(frames)
+    return ContextTurn(speaker, sentence, None, {TURN_CODES: torch.stack(frames)}, duration=heard_s,
                        text_s=max(heard_s, spoken_s(sentence)))
 
 
@@ -77,7 +79,7 @@ class CsmEngine(Engine):
     seedable = True  # the exactness tests show a seed fixes the tokens (alone or batched)
     native_speed = False  # other speeds: the core time-stretches its audio
     words = "CSM's word times come from an aligner: start the server with --stt-model"
-    sample_rate = 24000
+    sample_rate = OUTPUT_RATE
 
     def __init__(self, locate, device: str = "auto", dtype: str = "float32", label: str = "csm",
                  first_chunk_frames: int = 2, chunk_frames: int = 6, max_batch: int = 1,
@@ -156,21 +158,21 @@ class CsmEngine(Engine):
     # -- prompts ------------------------------------------------------------------
     def codes_for(self, turn: ContextTurn) -> torch.Tensor:
         """Mimi codes of a context turn, encoded once and kept in the turn's shared cache."""
-        codes = turn.cache.get("csm")
+        codes = turn.cache.get(TURN_CODES)
         if codes is None:
             if turn.audio is None:
-                raise EngineError("internal_error", "a context turn has neither audio nor codes")
+                raise EngineError(ErrorCode.INTERNAL_ERROR, "a context turn has neither audio nor codes")
             codes = self.decoder.encode_audio(torch.from_numpy(np.ascontiguousarray(turn.audio)))
-            turn.cache["csm"] = codes
+            turn.cache[TURN_CODES] = codes
         elif isinstance(codes, np.ndarray):  # a stored session turn
-            codes = turn.cache["csm"] = torch.from_numpy(codes).to(self.device)
+            codes = turn.cache[TURN_CODES] = torch.from_numpy(codes).to(self.device)
         return codes
 
     def stream_encoder(self) -> MimiStreamEncoder:
         """Codes of a clip that arrives in pieces (``MimiStreamEncoder``); equal to ``codes_for`` on the whole
         clip zero-padded to whole frames."""
         if self.model is None:
-            raise EngineError("model_unavailable", "CSM is not loaded")
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, "CSM is not loaded")
         return MimiStreamEncoder(self.model.codec_model, self.decoder.num_codebooks)
 
     def prompt_ids(self, turns: list[ContextTurn], text: str, speaker: int) -> torch.Tensor:
@@ -207,7 +209,7 @@ class CsmEngine(Engine):
         token = self.processor.audio_token
         pieces = rendered.split(token)
         if len(pieces) != len(turns) + 1:
-            raise EngineError("internal_error", "chat template did not render one audio slot per context turn")
+            raise EngineError(ErrorCode.INTERNAL_ERROR, "chat template did not render one audio slot per context turn")
         return pieces[0] + "".join(token * self.codes_for(t).shape[0] + rest for t, rest in zip(turns, pieces[1:]))
 
     def fit_context(self, turns: list[ContextTurn], text: str, speaker: int,
@@ -220,9 +222,9 @@ class CsmEngine(Engine):
                 return ids, turns
             droppable = next((i for i, t in enumerate(turns) if not t.pinned), None)
             if droppable is None:
-                raise EngineError("text_too_long",
-                                  f"the text needs {ids.shape[0]} prompt positions (with its voice and emotion "
-                                  f"references) plus {frames} audio frames; CSM has {self.max_positions}")
+                raise EngineError(ErrorCode.TEXT_TOO_LONG,
+                                          f"the text needs {ids.shape[0]} prompt positions (with its voice and emotion "
+                                          f"references) plus {frames} audio frames; CSM has {self.max_positions}")
             turns.pop(droppable)
 
     # -- generation ---------------------------------------------------------------
@@ -249,7 +251,7 @@ class CsmEngine(Engine):
         for sentence in (part for text in task.texts() for part in split_sentences(text)):
             if cancel.is_set():
                 return
-            if remaining_ms < 80:
+            if remaining_ms < FRAME_MS:
                 task.truncated = True
                 return
             budget = frames_for_ms(min(estimate_ms(sentence), remaining_ms))
@@ -279,14 +281,14 @@ class CsmEngine(Engine):
                 if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
                     return
                 if not frames:
-                    raise EngineError("generation_failed",
-                                      f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
+                    raise EngineError(ErrorCode.GENERATION_FAILED,
+                                              f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
                 last = pending
                 if pending:
                     chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
                     emitted += pending
                     pending = 0
-                turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {"csm": torch.stack(frames)})
+                turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {TURN_CODES: torch.stack(frames)})
                 task.produced.append(turn)  # before its last chunk goes: a cancel at that chunk keeps it whole
                 if last:
                     yield chunks[-1]
@@ -295,7 +297,7 @@ class CsmEngine(Engine):
                     task.unfinished = cut_off(request.speaker, sentence, frames[:len(frames) - pending])
             if len(frames) == budget and remaining_ms < estimate_ms(sentence):
                 task.truncated = True  # the request's cap, not the sentence's end, stopped it
-            remaining_ms -= 80 * len(frames)
+            remaining_ms -= FRAME_MS * len(frames)
             spoken.append(turn)
             yield SentenceMark(sentence, audio=turn.audio)  # its words: the core's aligner, if there is one
 
@@ -308,6 +310,9 @@ class CsmEngine(Engine):
             batcher.abandon(f"CSM's batch thread was stuck for over {stalled_for:g} s and was abandoned")
 
     def close(self) -> None:
-        self.model = self.decoder = None
+        """Drop the model and stop the batch thread (it holds the batch's KV cache), so their memory goes now."""
+        if self.batcher is not None:
+            self.batcher.abandon("CSM was closed")
+        self.model = self.decoder = self.batcher = self.processor = None
         if self.device == "cuda":
             torch.cuda.empty_cache()

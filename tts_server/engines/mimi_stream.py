@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+from ..audio.pcm import FRAME_SAMPLES
 
 
 class MimiStreamDecoder:

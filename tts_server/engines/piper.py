@@ -25,6 +25,7 @@ from ..audio.languages import pick
 from .request import SynthesisRequest
 from ..audio.text import split_sentences
 from .base import Engine, EngineError, SentenceMark, SynthesisTask
+from .errors import ErrorCode
 from .piper_words import phoneme_words, word_times
 
 
@@ -98,6 +99,10 @@ class PiperEngine(Engine):
         self.voices = voices
         self.sample_rate = voices[0].sample_rate
 
+    def close(self) -> None:
+        """Drop the voices' ONNX sessions (``describe`` reads the voice files' configs again)."""
+        self.voices = []
+
     def _models(self) -> list[Path]:
         return voice_files(self._paths) if self._paths else [default_voice()]
 
@@ -150,7 +155,7 @@ class PiperEngine(Engine):
         request = task.request
         voice = self.voice_for(request)
         if voice is None:
-            raise EngineError("model_unavailable", "Piper voice is not loaded")
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, "Piper voice is not loaded")
         speaker = request.speaker % voice.speakers if voice.speakers > 1 else None
         # speed: Piper's own length scale (phoneme durations), so the pitch is kept
         length = voice.model.config.length_scale / request.speed if request.speed != 1.0 else None

@@ -25,8 +25,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..audio.codec import Resampler
+from ..audio.pcm import WholeSamples, to_float
 from .addresses import client_address, public_url, scrub, status_summary
 from .base import Engine, EngineError, SynthesisTask
+from .errors import ErrorCode
 from .request import MAX_AUDIO_MS, OPENAI_VOICES
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class RemoteEngine(Engine):
         import openai
 
         if self._client is None:
-            raise EngineError("model_unavailable", "the remote engine is not set up")
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, "the remote engine is not set up")
         request = task.request
         params: dict[str, Any] = {"model": self.model, "voice": self.voice_for(request.speaker),
                                   "input": " ".join(task.texts()), "response_format": "pcm"}
@@ -113,21 +115,21 @@ class RemoteEngine(Engine):
             with self._client.audio.speech.with_streaming_response.create(**params) as response:
                 kind = response.headers.get("content-type", "")
                 if not kind.lower().startswith(AUDIO_TYPES):  # an error page or JSON played as audio is noise
-                    raise EngineError("generation_failed", f"the remote engine at {self.url} answered with "
-                                                           f"{kind or 'no content type'}, not audio")
+                    raise EngineError(ErrorCode.GENERATION_FAILED, f"the remote engine at {self.url} answered with "
+                                                                   f"{kind or 'no content type'}, not audio")
                 # OpenAI's pcm is 24 kHz; a server that says otherwise (ours at another --sample-rate) is resampled
                 rate = _rate(response.headers.get("x-sample-rate"), self.sample_rate)
                 resample = Resampler(rate, self.sample_rate)
                 # capped as our own engines are: the request's max_audio_length_ms, else MAX_AUDIO_MS
                 left = 2 * int(rate * (request.max_audio_length_ms or MAX_AUDIO_MS) / 1000)
-                odd = b""  # a byte of a sample split across two reads
+                whole = WholeSamples()  # a sample may be split across two reads
                 for data in response.iter_bytes(READ_BYTES):
                     if task.cancel.is_set():
                         return
-                    data, odd = _whole_samples(odd + data)
+                    data = whole(data)
                     data, left = data[:left], left - len(data)
                     if data:
-                        yield resample(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0)
+                        yield resample(to_float(data))
                     if left <= 0:
                         task.truncated = True
                         log.info("The remote engine at %s sent more audio than the cap; the rest was dropped", self.url)
@@ -135,16 +137,16 @@ class RemoteEngine(Engine):
                 yield resample(np.zeros(0, np.float32), last=True)
         except openai.RateLimitError as exc:
             self._log_said(exc)
-            raise EngineError("busy", f"the remote engine at {self.url} is busy ({status_summary(429)})") from None
+            raise EngineError(ErrorCode.BUSY, f"the remote engine at {self.url} is busy ({status_summary(429)})") from None
         except openai.APITimeoutError:
-            raise EngineError("model_unavailable", f"the remote engine at {self.url} did not answer within "
-                                                   f"{self.timeout:g} s") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"the remote engine at {self.url} did not answer within "
+                                                           f"{self.timeout:g} s") from None
         except openai.APIConnectionError as exc:
-            raise EngineError("model_unavailable", f"the remote engine at {self.url} cannot be reached: "
-                                                   f"{scrub(str(exc.__cause__ or exc), self._url)[:300]}") from None
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE, f"the remote engine at {self.url} cannot be reached: "
+                                                           f"{scrub(str(exc.__cause__ or exc), self._url)[:300]}") from None
         except openai.APIStatusError as exc:
-            code = "model_unavailable" if exc.status_code in (401, 403) or exc.status_code >= 500 \
-                else "generation_failed"
+            code = ErrorCode.MODEL_UNAVAILABLE if exc.status_code in (401, 403) or exc.status_code >= 500 \
+                else ErrorCode.GENERATION_FAILED
             self._log_said(exc)
             raise EngineError(code, f"the remote engine at {self.url} refused the request "
                                     f"({status_summary(exc.status_code)})") from None
@@ -161,11 +163,6 @@ class RemoteEngine(Engine):
 def _rate(header: str | None, default: int) -> int:
     return int(header) if header and header.isascii() and header.isdigit() and 8000 <= int(header) <= 192000 \
         else default
-
-
-def _whole_samples(data: bytes) -> tuple[bytes, bytes]:
-    cut = len(data) - len(data) % 2
-    return data[:cut], data[cut:]
 
 
 def _said(exc: Exception) -> str:

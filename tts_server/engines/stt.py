@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..audio.codec import resample
+from ..audio.pcm import OUTPUT_RATE
 from ..audio.text import place_words
 from .base import Word
 
@@ -45,7 +46,7 @@ class Transcriber:
                                    local_files_only=self.local_only)
         log.info("Speech recognition ready: %s", self.model_name)
 
-    def transcribe(self, audio: np.ndarray, rate: int = 24000) -> str:
+    def transcribe(self, audio: np.ndarray, rate: int = OUTPUT_RATE) -> str:
         """The words in ``audio`` (mono float), one line."""
         if self._model is None:
             raise RuntimeError("the transcriber is not loaded")
@@ -77,6 +78,3 @@ class Transcriber:
         pieces = [(piece["word"], min(float(piece["start"]) + ALIGN_LEAD_S, duration),
                    min(float(piece["end"]) + ALIGN_LEAD_S, duration)) for piece in aligned]
         return [Word(word, start, end) for word, (start, end) in zip(words, place_words(words, pieces))]
-
-    def describe(self) -> dict:
-        return {"model": self.model_name, "ready": self._model is not None}

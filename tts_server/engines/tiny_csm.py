@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..audio.pcm import OUTPUT_RATE
+
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 AUDIO, AUDIO_EOS = "<|AUDIO|>", "<|audio_eos|>"
 
@@ -131,7 +133,7 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> 
     randomize_codebooks(model.codec_model)
     model.generation_config.max_new_tokens = 64
     model.save_pretrained(out)
-    extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000)
+    extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=OUTPUT_RATE)
     CsmProcessor(extractor, tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(out)
     return out
 

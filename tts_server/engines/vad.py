@@ -2,8 +2,8 @@
 
 The model scores each 32 ms window (512 samples at 16 kHz) with a speech
 probability.  ``SpeechDetector`` turns those scores into events, with
-hysteresis as Silero's own ``VADIterator`` does: ``start`` once speech has
-lasted ``min_speech_ms`` (a cough or a click is not a turn), ``end`` once it has
+hysteresis as Silero's own ``VADIterator`` does: ``speech_start`` once speech has
+lasted ``min_speech_ms`` (a cough or a click is not a turn), ``speech_end`` once it has
 been followed by ``silence_ms`` of silence.  In between, ``pause`` after
 ``pause_ms`` of silence (the utterance may be over: a transcription can start
 before ``end`` is certain) and ``resume`` if speech comes back first.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,18 @@ WINDOW = 512  # samples the model scores at once at 16 kHz
 CONTEXT = 64  # samples of the previous window the model sees before each one (as silero-vad's wrapper feeds it)
 
 
+class Voice(str, Enum):
+    """What the detector hears change (the listener and the WebSocket's replies use the same words)."""
+
+    SPEECH_START = "speech_start"
+    PAUSE = "pause"  # silence that may end the utterance: its transcription can start
+    RESUME = "resume"  # speech came back before the silence ended it
+    SPEECH_END = "speech_end"
+
+
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "start" | "pause" | "resume" | "end"
+    kind: Voice
     sample: int  # where it happened, in samples at 16 kHz since the detector began
 
 
@@ -121,7 +131,7 @@ class SpeechDetector:
                     self._voiced_since = end_of_window - WINDOW
                 if end_of_window - self._voiced_since >= self.min_speech:
                     self.speaking, self._quiet_since = True, None
-                    return Event("start", self._voiced_since)
+                    return Event(Voice.SPEECH_START, self._voiced_since)
             elif probability < self.threshold - 0.15:
                 self._voiced_since = None
             return None
@@ -129,14 +139,14 @@ class SpeechDetector:
             self._quiet_since = None
             if self._paused:
                 self._paused = False
-                return Event("resume", end_of_window - WINDOW)
+                return Event(Voice.RESUME, end_of_window - WINDOW)
         elif probability < self.threshold - 0.15:
             if self._quiet_since is None:
                 self._quiet_since = end_of_window - WINDOW
             if end_of_window - self._quiet_since >= self.silence:
                 self.speaking, self._voiced_since, self._paused = False, None, False
-                return Event("end", self._quiet_since)
+                return Event(Voice.SPEECH_END, self._quiet_since)
             if end_of_window - self._quiet_since >= self.pause and not self._paused:
                 self._paused = True
-                return Event("pause", self._quiet_since)
+                return Event(Voice.PAUSE, self._quiet_since)
         return None

@@ -28,9 +28,10 @@ import numpy as np
 import soundfile as sf
 
 from ..audio.codec import resample
+from ..audio.pcm import OUTPUT_RATE
 
 log = logging.getLogger(__name__)
-RATE = 24000
+RATE = OUTPUT_RATE  # clips are kept at CSM's rate
 DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent.parent / "references"  # the checkout's folder
 CLIP_SECONDS = (0.5, 30.0)
 RATES = (8000, 96000)  # sample rates accepted for clips and uploads
