@@ -23,7 +23,7 @@ from .events import Cancelled, Frame
 from .fair import discard
 from ..engines.request import SynthesisRequest
 from ..engines.base import Engine, SynthesisTask
-from ..engines.errors import Busy, ClientTooSlow
+
 
 log = logging.getLogger(__name__)
 END = None  # outbox sentinel: the job's last reply has been posted

@@ -34,13 +34,13 @@ import time
 
 from ..audio.pcm import OUTPUT_RATE
 from . import cache
-from ..engines.errors import ErrorCode, Refusal
+from ..engines.errors import Busy, ErrorCode, Refusal
 from ..engines.request import SynthesisRequest
 from .cache import AudioCache
 from .fair import discard
 from .events import Audio, Cancelled, Failed, Started, failed
 from .generation import Outcome, generate
-from .jobs import Busy, EngineSlot, EngineState, Job
+from .jobs import EngineSlot, EngineState, Job
 from .metrics import Metrics
 from .timing import Aligner
 from .routing import Chain
