@@ -156,8 +156,8 @@ async def run(stt_model: str, runs: int) -> None:
                            max_connections_per_address=1000)
         await server.start()
         try:
-            await server.scheduler.primary.loaded.wait()
-            await server._stt_loaded.wait()
+            await server.service.scheduler.primary.loaded.wait()
+            await server.service.speech.loaded.wait()
             await victim(server.port, wav)  # warm-up
             alone = await measure(server, wav, runs)
             attacks = [asyncio.create_task(work) for work in [

@@ -47,7 +47,7 @@ async def main(runs: int) -> None:
     engine = PiperEngine()
     server = TTSServer(EngineSlot(engine), host="127.0.0.1", port=0)
     await server.start()
-    await server.scheduler.primary.loaded.wait()
+    await server.service.scheduler.primary.loaded.wait()
     direct_rtf(engine), await server_rtf(server.port)  # warm-up
     direct, ours = [], []
     for _ in range(runs):

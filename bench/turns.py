@@ -98,7 +98,7 @@ async def run(runs: int, stt_model: str | None, redis: str | None) -> None:
                for name, store in stores.items()}
     for server in servers.values():
         await server.start()
-        await server.scheduler.primary.loaded.wait()
+        await server.service.scheduler.primary.loaded.wait()
     port = servers["sqlite"].port
     waits: dict[float, list[float]] = {2.0: [], 20.0: []}
     heard: dict[float, list[float]] = {2.0: [], 20.0: []}  # without text: transcribed

@@ -107,8 +107,8 @@ async def run(stt_model: str, runs: int, silence_ms: int, first_token: float, pe
                                     vad_pause_ms=pause, rate_limit=10**6) for pause in (PAUSE_MS, silence_ms)}
         for server in servers.values():
             await server.start()
-            await server.scheduler.primary.loaded.wait()
-            await server._stt_loaded.wait()
+            await server.service.scheduler.primary.loaded.wait()
+            await server.service.speech.loaded.wait()
         server = servers[PAUSE_MS]
         try:
             await one_turn(server.port, speech)  # warm-up

@@ -133,8 +133,8 @@ async def run(stt_model: str, runs: int) -> None:
     server = TTSServer(EngineSlot(CsmEngine(lambda: folder, device="cpu")), host="127.0.0.1", port=0,
                        session_store="memory", stt=Transcriber(stt_model, "cpu", local_only=True))
     await server.start()
-    await server.scheduler.primary.loaded.wait()
-    await server._stt_loaded.wait()
+    await server.service.scheduler.primary.loaded.wait()
+    await server.service.speech.loaded.wait()
     try:
         text = " ".join(TEXTS[:2])
         await first_words(server.port, text)

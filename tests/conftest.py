@@ -144,7 +144,7 @@ async def running_server(*engines: EngineSlot | None, wait_loaded: bool = True, 
     server = TTSServer(*engines, host="127.0.0.1", port=0, **options)
     await server.start()
     if wait_loaded:
-        for slot in server.scheduler.slots.values():
+        for slot in server.service.scheduler.slots.values():
             await asyncio.wait_for(slot.loaded.wait(), 120)
     try:
         yield server
@@ -169,7 +169,7 @@ def server_in_thread(*engines: EngineSlot, **options):
         state["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
         try:
             await server.start()
-            await server.scheduler.primary.loaded.wait()
+            await server.service.scheduler.primary.loaded.wait()
             state["up"] = True
             started.set()
             await stop.wait()

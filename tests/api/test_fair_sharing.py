@@ -81,7 +81,7 @@ async def test_a_turn_is_transcribed_before_another_clients_backlog_of_alignment
         tiny_model_dir, whisper_dir):
     stt = recording_transcriber(whisper_dir)
     async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
-        await server._stt_loaded.wait()
+        await server.service.speech.loaded.wait()
         async with websockets.connect(url(server)) as a, websockets.connect(url(server)) as b:
             stt.gate.clear()  # A's first alignment holds the thread: the rest of its backlog waits behind it
             await backlog(a, "long")
@@ -112,7 +112,7 @@ async def test_a_turn_is_transcribed_before_another_clients_backlog_of_alignment
 async def test_a_client_that_leaves_has_its_queued_alignments_dropped(tiny_model_dir, whisper_dir):
     stt = recording_transcriber(whisper_dir)
     async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
-        await server._stt_loaded.wait()
+        await server.service.speech.loaded.wait()
         stt.gate.clear()
         async with websockets.connect(url(server)) as a:
             await backlog(a, "long")
@@ -141,7 +141,7 @@ async def test_pauses_in_one_utterance_keep_at_most_one_speculative_transcriptio
         pieces += [phrase, gap]
     pieces += [spoken(SAID, rate), np.zeros(int(1.0 * rate), np.float32)]
     async with running_server(csm_slot(tiny_model_dir), stt=stt) as server:
-        await server._stt_loaded.wait()
+        await server.service.speech.loaded.wait()
         stt.gate.clear()  # transcriptions wait: every one started by a pause stays queued or running
         async with websockets.connect(url(server), ping_interval=None) as ws:  # its reader waits for the gate
             await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": rate, "vad": True}))
@@ -149,7 +149,7 @@ async def test_pauses_in_one_utterance_keep_at_most_one_speculative_transcriptio
             for offset in range(0, len(data), 1280):
                 await ws.send(data[offset:offset + 1280])
             ended, _, others = await read_until(ws, lambda r: r.get("status") in ("speech_end", "error"))
-            waiting = server.stt_thread.pending
+            waiting = server.service.speech.thread.pending
             stt.gate.set()
             saved, _, _ = await read_until(ws, lambda r: r.get("status") in ("turn_saved", "error"))
     assert ended["status"] == "speech_end" and [r["status"] for r, _ in others] == ["speech_start"]
@@ -171,12 +171,12 @@ async def test_a_closed_connections_buffered_audio_frames_are_dropped_not_encode
             await ws.send(json.dumps({"type": "cancel", "request_id": "opened"}))  # a marker: the turn is open
             await recv_json(ws)
             gate = threading.Event()
-            held = asyncio.get_running_loop().run_in_executor(server.turn_encoding, gate.wait, 60)
-            before = server.turn_encoding.completed
+            held = asyncio.get_running_loop().run_in_executor(server.service.turns.thread, gate.wait, 60)
+            before = server.service.turns.thread.completed
             frame = pcm16(speechlike(0.1, rate=16000))
             for _ in range(50):
                 await ws.send(frame)
-            while server.turn_encoding.pending == 0:  # its reader waits on the first frame's encoding
+            while server.service.turns.thread.pending == 0:  # its reader waits on the first frame's encoding
                 await asyncio.sleep(0.02)
             ws.transport.abort()  # the connection drops (no close handshake)
         await asyncio.sleep(0.2)
@@ -188,7 +188,7 @@ async def test_a_closed_connections_buffered_audio_frames_are_dropped_not_encode
             await asyncio.sleep(0.05)
         gone = not server.connections
         await asyncio.sleep(0.2)  # (time for anything of it still queued to run: nothing should be)
-        encoded = server.turn_encoding.completed - before
+        encoded = server.service.turns.thread.completed - before
         async with websockets.connect(url(server)) as ws:  # the thread serves the next client
             await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000}))
             await ws.send(pcm16(speechlike(1.0, rate=16000)))

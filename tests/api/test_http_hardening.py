@@ -92,7 +92,7 @@ async def test_a_client_that_never_reads_its_stream_is_dropped_and_its_socket_cl
         sock.sendall(post_head(body) + body)
         try:
             assert await wait_until(lambda: len(server.transports) == 0, 60), "the stalled socket is still open"
-            assert await wait_until(lambda: not server.scheduler.running)
+            assert await wait_until(lambda: not server.service.scheduler.running)
         finally:
             sock.close()
 
@@ -105,7 +105,7 @@ async def test_http_connections_count_against_the_per_address_limit_like_websock
             sock.sendall(post_head(b"x" * 100))
             stalled.append(sock)
         try:
-            assert await wait_until(lambda: server.open_connections == 2)
+            assert await wait_until(lambda: server.service.admission.open_connections == 2)
             refused = stalled[-1].recv(2000)
             assert refused.startswith(b"HTTP/1.1 503") and b"too_many_connections" in refused
             async with websockets.connect(url(server)) as ws:
@@ -115,7 +115,7 @@ async def test_http_connections_count_against_the_per_address_limit_like_websock
         finally:
             for sock in stalled:
                 sock.close()
-        assert await wait_until(lambda: server.open_connections == 0)
+        assert await wait_until(lambda: server.service.admission.open_connections == 0)
         async with websockets.connect(url(server)) as ws:  # released: admitted again
             await ws.send(json.dumps({"type": "reset"}))
             assert reply_json(await ws.recv()) == {"status": "reset"}

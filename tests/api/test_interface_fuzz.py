@@ -78,7 +78,7 @@ def test_hostile_http_heads_never_get_a_server_error(threaded_server):
     one()
     assert len(statuses) > 100 and {200, 400} <= set(statuses)
     assert exchange(threaded_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
-    assert threaded_server.open_connections == 0 or threaded_server.open_connections < 3
+    assert threaded_server.service.admission.open_connections == 0 or threaded_server.service.admission.open_connections < 3
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),

@@ -78,7 +78,7 @@ async def test_a_streamed_body_arrives_while_the_request_is_still_generating(csm
             chunks = []
             for chunk in response.iter_bytes():
                 if not chunks:
-                    seen_running.append(bool(server.scheduler.running))
+                    seen_running.append(bool(server.service.scheduler.running))
                 chunks.append(chunk)
             return response.headers, chunks
 
@@ -126,7 +126,7 @@ async def test_the_same_seed_gives_the_same_samples_over_http_and_websocket(csm_
 
 async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(csm_and_piper):
     server = csm_and_piper
-    before = server.metrics.interfaces.get("http", {}).get("cancelled", 0)
+    before = server.service.metrics.interfaces.get("http", {}).get("cancelled", 0)
 
     def leave_early():
         with client_for(server) as client, client.audio.speech.with_streaming_response.create(
@@ -136,12 +136,12 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(csm_a
 
     await asyncio.to_thread(leave_early)
     for _ in range(200):
-        if not server.scheduler.running:
+        if not server.service.scheduler.running:
             break
         await asyncio.sleep(0.05)
-    batcher = server.scheduler.primary.engine.batcher
-    assert not server.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
-    assert server.metrics.interfaces["http"]["cancelled"] == before + 1
+    batcher = server.service.scheduler.primary.engine.batcher
+    assert not server.service.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
+    assert server.service.metrics.interfaces["http"]["cancelled"] == before + 1
 
 
 async def test_voices_models_and_interface_counts_are_listed(csm_and_piper):
@@ -271,7 +271,7 @@ async def test_a_full_queue_is_a_429_with_retry_after(tiny_model_dir):
                               wait_loaded=False) as server:
         waiting = asyncio.create_task(asyncio.to_thread(post, server.port, json.dumps(
             {"model": "tts-1", "voice": "alloy", "input": "First", **SHORT}).encode()))
-        while not server.scheduler.depth:
+        while not server.service.scheduler.depth:
             await asyncio.sleep(0.01)
 
         def overflow():
@@ -342,7 +342,7 @@ async def test_a_streamed_mp3_or_opus_body_is_playable_before_it_ends(csm_and_pi
 
 async def test_http_and_websocket_requests_share_one_batch(csm_and_piper):
     server = csm_and_piper
-    batcher = server.scheduler.primary.engine.batcher
+    batcher = server.service.scheduler.primary.engine.batcher
     widest: list[int] = []
 
     def over_http():

@@ -104,7 +104,7 @@ async def test_a_store_outage_during_an_answer_or_a_cut_names_its_request_and_th
         with FakeChat("Fine.") as chat:
             async with running_server(csm_slot(tiny_model_dir), session_store=redis.url,
                                       chat=ChatModel(chat.url, "test-model", timeout=10)) as server:
-                server.sessions.deadline = 0.5
+                server.service.sessions.deadline = 0.5
                 async with websockets.connect(url(server)) as ws, asyncio.timeout(90):
                     await ws.send(json.dumps({"type": "session"}))
                     assert (await recv_json(ws))["status"] == "session"

@@ -45,7 +45,7 @@ async def test_one_address_or_key_cannot_take_every_session(tiny_model_dir):
         async with websockets.connect(url(server), additional_headers={"X-Forwarded-For": "203.0.113.2"}) as ws:
             other = await bind(ws)
             shared = await bind(ws, hog[0]["session"])
-        server.gate = Gate(KEYS)  # the same server with keys
+        server.service.admission.gate = Gate(KEYS)  # the same server with keys
         one, two = ({"Authorization": f"Bearer {key}"} for key in KEYS)
         async with websockets.connect(url(server), additional_headers=one) as ws:
             keyed = [await bind(ws) for _ in range(3)]
@@ -70,7 +70,7 @@ async def test_storing_a_reply_does_not_hold_the_engine_worker(tiny_model_dir, m
 
     monkeypatch.setattr(SessionStore, "extend", held)
     async with running_server(csm_slot(tiny_model_dir)) as server:
-        server.sessions.deadline = 60  # the store is slow, not down
+        server.service.sessions.deadline = 60  # the store is slow, not down
         try:
             async with websockets.connect(url(server)) as a, websockets.connect(url(server)) as b:
                 session = (await bind(a))["session"]

@@ -58,7 +58,7 @@ async def test_a_huge_frame_is_refused_before_the_turn_encoding_thread_spends_an
                 await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 8000, "vad": vad}))
                 await marker(ws, "opened")
                 gate = threading.Event()
-                held = asyncio.get_running_loop().run_in_executor(server.turn_encoding, gate.wait, 60)
+                held = asyncio.get_running_loop().run_in_executor(server.service.turns.thread, gate.wait, 60)
                 try:
                     await ws.send(huge)
                     refusal = await recv_json(ws, timeout=20)
@@ -103,10 +103,10 @@ async def test_listening_leaves_the_turn_encoding_threads_torch_thread_count_alo
 
     async with running_server(csm_slot(tiny_model_dir)) as server:
         loop = asyncio.get_running_loop()
-        before = await loop.run_in_executor(server.turn_encoding, torch.get_num_threads)
+        before = await loop.run_in_executor(server.service.turns.thread, torch.get_num_threads)
         async with websockets.connect(url(server)) as ws:
             await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": 16000, "vad": True}))
             await ws.send(pcm16(spoken("Hello there.", 16000)))
             await marker(ws)
-        after = await loop.run_in_executor(server.turn_encoding, torch.get_num_threads)
+        after = await loop.run_in_executor(server.service.turns.thread, torch.get_num_threads)
     assert after == before

@@ -76,7 +76,7 @@ async def test_csm_words_come_from_the_aligner_and_without_one_success_says_why(
             without, _, _ = await ask(ws, text="Hello there. How are you?", seed=1, stream=True, timestamps=True)
     async with running_server(csm_slot(tiny_model_dir), stt=Transcriber(str(whisper_dir), "cpu", local_only=True)) \
             as server:
-        await server._stt_loaded.wait()
+        await server.service.speech.loaded.wait()
         async with websockets.connect(url(server)) as ws:
             streamed, _, others = await ask(ws, text=TEXT, seed=1, stream=True, format="pcm", timestamps=True)
             fast, _, fast_others = await ask(ws, text=TEXT, seed=1, stream=True, format="pcm", timestamps=True,

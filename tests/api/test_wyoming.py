@@ -88,17 +88,17 @@ async def test_synthesize_streams_16bit_mono_audio_events_of_plausible_length(se
     assert [e.type for e in events[1:-1]] == ["audio-chunk"] * len(chunks)
     seconds = len(pcm_of(events)) / RATE
     assert 0.16 <= seconds <= frames_for_ms(estimate_ms(text)) * 0.08 and np.abs(pcm_of(events)).max() > 0
-    assert server.metrics.interfaces["wyoming"]["success"] >= 1
+    assert server.service.metrics.interfaces["wyoming"]["success"] >= 1
 
 
 async def test_piper_voice_name_asks_for_piper(server):
-    before = server.metrics.stats["piper"].requests if "piper" in server.metrics.stats else 0
+    before = server.service.metrics.stats["piper"].requests if "piper" in server.service.metrics.stats else 0
     async with client(server) as c:
         await c.write_event(Synthesize(text="The lights are off.",
                                        voice=SynthesizeVoice(name="en_US-joe-medium")).event())
         events = await read_until(c, "audio-stop")
     seconds = len(pcm_of(events)) / RATE
-    assert 0.5 < seconds < 4 and server.metrics.stats["piper"].requests == before + 1
+    assert 0.5 < seconds < 4 and server.service.metrics.stats["piper"].requests == before + 1
 
 
 async def test_streamed_text_is_spoken_sentence_by_sentence_before_the_reply_is_complete(server):
@@ -125,17 +125,17 @@ async def test_streamed_text_is_spoken_sentence_by_sentence_before_the_reply_is_
 
 
 async def test_a_client_that_disconnects_mid_reply_cancels_its_generation(server):
-    before = server.metrics.interfaces.get("wyoming", {}).get("cancelled", 0)
+    before = server.service.metrics.interfaces.get("wyoming", {}).get("cancelled", 0)
     async with client(server) as c:
         await c.write_event(Synthesize(text="A long story that nobody will hear the end of. " * 20).event())
         await read_until(c, "audio-chunk")
     for _ in range(400):
-        if not server.scheduler.running and not server.wyoming.live():
+        if not server.service.scheduler.running and not server.wyoming.live():
             break
         await asyncio.sleep(0.05)
-    batcher = server.scheduler.primary.engine.batcher
-    assert not server.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
-    assert server.metrics.interfaces["wyoming"]["cancelled"] == before + 1
+    batcher = server.service.scheduler.primary.engine.batcher
+    assert not server.service.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
+    assert server.service.metrics.interfaces["wyoming"]["cancelled"] == before + 1
 
 
 async def raw_exchange(server, lines: list[bytes], until: set[str]) -> list[Event]:
@@ -265,7 +265,7 @@ async def test_a_failed_csm_is_left_out_of_the_info_and_piper_answers_csm_voices
             await c.write_event(Synthesize(text="Falling back.", voice=SynthesizeVoice(name="alloy")).event())
             events = await read_until(c, "audio-stop")
     assert [p.name for p in info.tts] == ["piper"]
-    assert len(pcm_of(events)) > 0 and server.metrics.stats["piper"].requests == 1
+    assert len(pcm_of(events)) > 0 and server.service.metrics.stats["piper"].requests == 1
 
 
 async def test_an_event_declaring_a_huge_payload_is_refused_before_it_is_read(server):
@@ -322,7 +322,7 @@ async def test_every_streamed_sentence_counts_against_the_rate_limit_and_the_que
     # the bucket's 12 less the one synthesize-start took, plus its refill (one per 5 s) while they ran
     assert 11 <= spoken <= 11 + took / 5 + 1
     assert spoken + len(refused) == 400 and {e.code for e in refused} == {"rate_limited"}
-    assert queued and max(queued) <= server.max_queued_per_connection
+    assert queued and max(queued) <= server.service.limits.max_queued_per_connection
 
 
 HUGE_SPEAKER = "7" * 5000  # more digits than Python's int() reads (4,300)
@@ -381,6 +381,6 @@ async def test_describe_while_piper_loads_lists_its_voices_from_the_voice_files(
         async with client(server) as c:
             await c.write_event(Describe().event())
             info = Info.from_event(await read(c))
-        assert server.scheduler.primary.state == "loading"
+        assert server.service.scheduler.primary.state == "loading"
     (program,) = info.tts
     assert [(v.name, v.languages) for v in program.voices] == [("en_US-joe-medium", ["en_US"])]

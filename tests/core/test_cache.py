@@ -31,19 +31,19 @@ async def speak(server, **request) -> tuple[dict, bytes, list[dict]]:
 
 
 def runs(server) -> int:
-    stats = server.metrics.stats.get("csm")
+    stats = server.service.metrics.stats.get("csm")
     return stats.requests if stats else 0
 
 
 async def test_a_repeated_seeded_request_is_answered_from_the_cache_with_identical_bytes(server):
     first, audio, _ = await speak(server, **REQUEST, format="wav")
     assert first["status"] == "success" and "cached" not in first and audio
-    ran, hits = runs(server), server.scheduler.cache.hits
+    ran, hits = runs(server), server.service.scheduler.cache.hits
     again, audio_again, _ = await speak(server, **REQUEST, format="wav")
     assert again["cached"] is True and again["engine"] == "csm" and audio_again == audio
     assert again["duration_s"] == first["duration_s"] and again["request_id"] != first["request_id"]
-    assert runs(server) == ran and server.scheduler.cache.hits == hits + 1  # no engine ran
-    assert server.metrics.stats["csm"].cache_hits >= 1
+    assert runs(server) == ran and server.service.scheduler.cache.hits == hits + 1  # no engine ran
+    assert server.service.metrics.stats["csm"].cache_hits >= 1
 
 
 async def test_a_cache_hit_streams_like_a_generation(server):
@@ -93,7 +93,7 @@ async def test_the_cache_stays_within_its_budget_and_says_so_in_info_and_metrics
     for seed in range(20, 26):
         reply, _, _ = await speak(server, **{**REQUEST, "seed": seed}, format="wav")
         assert reply["status"] == "success"
-        assert server.scheduler.cache.bytes <= BUDGET
+        assert server.service.scheduler.cache.bytes <= BUDGET
     cache = json.loads((await ahttp_get(server.port, "/v1/info"))[1])["cache"]
     assert cache["max_bytes"] == BUDGET and cache["bytes"] <= BUDGET and cache["evictions"] >= 3
     assert 0 < cache["entries"] <= 3 and cache["hits"] >= 3 and cache["misses"] >= 6

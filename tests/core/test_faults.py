@@ -22,7 +22,7 @@ LONG = {"text": "A long answer that keeps going. " * 10, "stream": True, "max_au
 async def settle(server, timeout: float = 20) -> None:
     """Wait until the worker is idle and no connection holds a job."""
     deadline = time.monotonic() + timeout
-    while server.scheduler.running or server.scheduler.depth or any(c.live for c in server.connections):
+    while server.service.scheduler.running or server.service.scheduler.depth or any(c.live for c in server.connections):
         assert time.monotonic() < deadline, "server did not settle"
         await asyncio.sleep(0.02)
 
@@ -46,7 +46,7 @@ async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_mod
         short = {"stream": True, "max_audio_length_ms": 480} if phase == "after-last-chunk" else {}
         await ws.send(json.dumps({**LONG, **short, "request_id": "leaver"}))
         if phase == "prefill":
-            while not server.scheduler.running:
+            while not server.service.scheduler.running:
                 await asyncio.sleep(0)
         elif phase == "mid-stream":
             assert (await recv_json(ws))["status"] == "start"
@@ -67,11 +67,11 @@ async def test_disconnect_at_any_phase_frees_capacity_and_leaks_nothing(tiny_mod
             await asyncio.sleep(0.05)
         assert threading.active_count() <= threads
         assert len(asyncio.all_tasks()) <= tasks
-        cancelled = server.metrics.requests.labels("csm", "cancelled")._value.get()
+        cancelled = server.service.metrics.requests.labels("csm", "cancelled")._value.get()
         # The leaver was cancelled mid-work; a leaver that never started is not counted, but its blocker is.
         assert cancelled == (0 if phase == "after-last-chunk" else 1)
-        assert server.metrics.stats["csm"].requests == 3
-        batcher = server.scheduler.primary.engine.batcher
+        assert server.service.metrics.stats["csm"].requests == 3
+        batcher = server.service.scheduler.primary.engine.batcher
         assert batcher is None or (batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3])
 
 

@@ -36,7 +36,7 @@ async def speak(server, payload: dict) -> tuple[dict, bytes]:
 
 
 def served(server, engine: str) -> int:
-    stats = server.metrics.stats.get(engine)
+    stats = server.service.metrics.stats.get(engine)
     return stats.requests if stats else 0
 
 
@@ -153,12 +153,12 @@ async def test_a_cancel_storm_on_a_full_batch_never_fails_a_request(tiny_model_d
         slow_steps(engine, 0.05)
         results = await asyncio.gather(*(storm(i) for i in range(7)))
         await asyncio.sleep(0.5)
-        batcher = server.scheduler.primary.engine.batcher
+        batcher = server.service.scheduler.primary.engine.batcher
         assert batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
     outcomes = [o for r in results for o in r]
     assert set(outcomes) <= {"cancelled", "success"}, outcomes
     assert outcomes.count("cancelled") > len(outcomes) // 2
-    stats = server.metrics.stats["csm"]
+    stats = server.service.metrics.stats["csm"]
     assert stats.requests == 35 and stats.failures == 0
 
 
@@ -364,4 +364,4 @@ async def test_the_original_test_client_succeeds_while_the_model_loads(tiny_mode
                     await seed004_client(ws, f"Again number {i}.")
 
         await asyncio.gather(*(one_per_connection(i) for i in range(3)), several_on_one_connection())
-        assert server.scheduler.primary.state == "ready"
+        assert server.service.scheduler.primary.state == "ready"

@@ -13,7 +13,7 @@ from load import run_load  # noqa: E402
 async def test_concurrent_connections_all_get_answers(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir, max_batch=4), max_queue=4, rate_limit=10**6) as server:
         result = await run_load(server.port, connections=12, requests=3, timeout=240)
-        assert server.scheduler.depth == 0
+        assert server.service.scheduler.depth == 0
     outcomes = result["outcomes"]
     assert sum(outcomes.values()) == 36
     assert set(outcomes) <= {"success", "busy"}, outcomes  # no errors, nothing unanswered

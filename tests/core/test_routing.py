@@ -135,12 +135,12 @@ async def test_wyoming_lists_each_piper_voice_with_its_language_and_routes_by_la
     piper = next(p for p in info.tts if p.name == "piper")
     assert [(v.name, v.languages) for v in piper.voices] == [("en_US-joe-medium", ["en_US"]),
                                                               ("de_DE-joe-test", ["de_DE"])]
-    before = two_languages.metrics.stats.get("piper")
+    before = two_languages.service.metrics.stats.get("piper")
     before = before.requests if before else 0
     for voice in (SynthesizeVoice(language="de"), SynthesizeVoice(name="de_DE-joe-test")):
         events = await events_for(Synthesize(text="Guten Tag.", voice=voice).event())
         assert events[-1].type == "audio-stop" and len(events) > 2
-    assert two_languages.metrics.stats["piper"].requests == before + 2
+    assert two_languages.service.metrics.stats["piper"].requests == before + 2
     error = Error.from_event((await events_for(Synthesize(text="Bonjour.",
                                                           voice=SynthesizeVoice(language="fr")).event()))[-1])
     assert error.code == "unsupported_language" and "de_DE" in error.text

@@ -44,7 +44,7 @@ async def test_expired_sessions_are_swept_from_the_file_without_waiting_for_a_ne
     db = tmp_path / "s.db"
     async with running_server(csm_slot(tiny_model_dir), wait_loaded=False, session_store=f"sqlite:///{db}",
                               session_ttl=1, session_sweep_seconds=0.2) as server:
-        stored(server.sessions.store)
+        stored(server.service.sessions.store)
         for _ in range(100):  # the sweep runs every 0.2 s here (every 30 s by default)
             if SECRET.encode() not in on_disk(db):
                 break

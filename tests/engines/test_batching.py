@@ -87,7 +87,7 @@ async def test_concurrent_streams_interleave_and_cancelled_rows_leave(tiny_model
             assert (await recv_json(ws))["status"] == "start"
             assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
         # All four have audio before any has finished: none waits for another to end.
-        assert len(server.scheduler.running) == 4 and len(engine.batcher.active) >= 3
+        assert len(server.service.scheduler.running) == 4 and len(engine.batcher.active) >= 3
         await clients[0].send(json.dumps({"type": "cancel", "request_id": "s0"}))
         reply, _, _ = await collect(clients[0], "s0")
         assert reply["status"] == "cancelled"

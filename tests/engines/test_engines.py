@@ -76,8 +76,8 @@ async def test_auto_falls_back_to_piper_when_csm_cannot_load(broken_model_dir):
 
 async def test_requests_during_csm_loading_wait_for_csm_not_piper(tiny_model_dir):
     async with running_server(csm_slot(tiny_model_dir, delay=2.0), piper_slot(), wait_loaded=False) as server:
-        await asyncio.wait_for(server.scheduler.slots["piper"].loaded.wait(), 60)
-        assert server.scheduler.primary.state == "loading"
+        await asyncio.wait_for(server.service.scheduler.slots["piper"].loaded.wait(), 60)
+        assert server.service.scheduler.primary.state == "loading"
         assert (await ahttp_get(server.port, "/ready"))[0] == 503
         async with websockets.connect(url(server)) as ws:
             assert (await recv_json(ws))["status"] == "loading"

@@ -76,7 +76,7 @@ async def test_a_registered_toy_engine_is_listed_and_answers_on_every_interface(
     server = build_server(settings)
     await server.start()
     try:
-        await asyncio.wait_for(server.scheduler.primary.loaded.wait(), 30)
+        await asyncio.wait_for(server.service.scheduler.primary.loaded.wait(), 30)
         info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
         assert info["engines"]["sine"]["state"] == "ready" and info["engines"]["sine"]["label"] == "Sine"
         assert info["engines"]["sine"]["capabilities"]["voices"] == "single"

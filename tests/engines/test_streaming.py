@@ -118,7 +118,7 @@ async def test_cancel_stops_a_running_stream_and_the_worker_moves_on(tiny_model_
             assert nxt["status"] == "success"
             assert all(o.get("request_id") != "long" for o in others)
     assert received < 90 * 24000 * 2  # it did stop early
-    stats = server.metrics.stats["csm"]
+    stats = server.service.metrics.stats["csm"]
     assert stats.requests == 2
 
 
@@ -133,7 +133,7 @@ async def test_closing_the_connection_cancels_its_running_request(tiny_model_dir
             await other.send(json.dumps({"text": "My turn", "max_audio_length_ms": 160}))
             reply, _, _ = await collect(other)
         assert reply["status"] == "success"
-        assert server.metrics.requests.labels("csm", "cancelled")._value.get() == 1
+        assert server.service.metrics.requests.labels("csm", "cancelled")._value.get() == 1
 
 
 async def test_a_client_that_does_not_read_gets_client_too_slow_and_others_are_served(tiny_model_dir):

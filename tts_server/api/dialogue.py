@@ -79,9 +79,9 @@ class Dialogue:
         if message.respond is not None and self.service.chat is None:
             raise self._no_chat(None)
         if message.vad:
-            self._listener = await self.service.listener(message.speaker, message.sample_rate)
+            self._listener = await self.service.turns.listener(message.speaker, message.sample_rate)
         else:
-            self._streaming = await self.service.stream_turn(message.speaker, message.sample_rate)
+            self._streaming = await self.service.turns.stream_turn(message.speaker, message.sample_rate)
             self._guard.open(lambda turn=self._streaming: self._overstayed(turn))
         self._answering = message.respond
 
@@ -93,7 +93,7 @@ class Dialogue:
     async def _encode(self, fn, *args):
         """``fn(*args)`` on the turn-encoding thread, in this connection's turn (``fair.Dropped`` once it closed)."""
         self._check_open()
-        return await self.service.shared(self.service.turn_encoding, self._client, fn, *args)
+        return await self.service.turns.run(self._client, fn, *args)
 
     def _check_open(self) -> None:
         """``fair.Dropped`` if the client has gone, though frames it sent before are still being read: none of
@@ -184,18 +184,18 @@ class Dialogue:
         it; then answer it if asked to."""
         audio = await self._encode(turn.end)
         text = (text or "").strip() or (await guess if guess is not None else None) or \
-            await self.service.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
+            await self.service.speech.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
         await self._keep_turn(await self._encode(turn.finish, text))
         if self._answering is None:
             return
         if not self._rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
-            return await self.send(failed(r.rate_limited(self.service.rate_limit)))
+            return await self.send(failed(r.rate_limited(self.service.limits.rate_limit)))
         await self._respond(self._answering, None)
 
     async def _transcribe_quietly(self, audio) -> str | None:
         """A transcript, or None where ``transcript`` would refuse (the turn's end asks again, and says why)."""
         try:
-            return await self.service.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
+            return await self.service.speech.transcript(audio, TRANSCRIPT_RATE, connection=self._client)
         except Exception:
             return None
 
@@ -211,8 +211,8 @@ class Dialogue:
         """The other side's turn: checked as a voice upload, encoded to CSM's codes, stored, then answered."""
         audio = await self._checked_audio(data, "Turn audio")
         self._check_open()
-        text = message.text or await self.service.transcript(audio, connection=self._client)
-        codes = await self.service.codes_of(audio, self._client)
+        text = message.text or await self.service.speech.transcript(audio, connection=self._client)
+        codes = await self.service.turns.codes_of(audio, self._client)
         await self._keep_turn(ContextTurn(message.speaker, text, audio, {TURN_CODES: codes}))
 
     async def _keep_turn(self, turn: ContextTurn) -> None:
@@ -245,7 +245,7 @@ class Dialogue:
         self.live[request_id] = job
         self.jobs.put_nowait(job)
         task = asyncio.create_task(answer(job, chat, messages, self._queue_answer,
-                                          self.service.max_text_chars), name=f"answer-{request_id}")
+                                          self.service.limits.max_text_chars), name=f"answer-{request_id}")
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 

@@ -144,7 +144,7 @@ def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[st
         "languages": scheduler.chain.languages(),
         "cache": scheduler.cache.describe(),
         **service.library.describe(),
-        "limits": {"max_text_chars": service.max_text_chars, "max_queue": scheduler.max_queue,
+        "limits": {"max_text_chars": service.limits.max_text_chars, "max_queue": scheduler.max_queue,
                    "max_audio_length_ms": MAX_AUDIO_MS, "max_frame_bytes": max_frame_bytes},
         "queue_depth": scheduler.depth,
         "interfaces": service.metrics.interfaces,
@@ -155,7 +155,7 @@ def describe(service: Service, max_frame_bytes: int, websockets: int) -> dict[st
 
 def _owner(request: Request) -> str:
     """Whose sessions a request may see (a session is visible only with the key that created it)."""
-    return request.app.state.service.owner(request.headers, f"{request.url.path}?{request.url.query}")
+    return request.app.state.service.admission.owner(request.headers, f"{request.url.path}?{request.url.query}")
 
 
 # -- errors: OpenAI's JSON shape under /v1/, plain text elsewhere -----------------------------------
@@ -204,14 +204,14 @@ class Guard:
         request = Request(scope)
         path = scope["path"]
         client = tuple(scope.get("client") or ("?", 0))
-        refusal = service.admit(client, service.proxies.client(client[0], request.headers))
+        refusal = service.admission.admit(client, service.admission.proxies.client(client[0], request.headers))
         if refusal is not None:
             response = error_response(path, 503, refusal.message, refusal.code.value,
                                       {"connection": "close", "retry-after": "1"})
             return await response(scope, receive, send)
         if scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS):
             target = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
-            verdict = service.gate.check(request.headers, target, websocket=False)
+            verdict = service.admission.gate.check(request.headers, target, websocket=False)
             if verdict is not None:
                 code = "invalid_api_key" if verdict.status == 401 else None
                 response = error_response(path, verdict.status, verdict.reason, code)

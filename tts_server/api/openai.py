@@ -56,13 +56,13 @@ class PerAddress:
         self.live: Counter[str] = Counter()  # requests waiting or running
 
     def admit(self, service: Service, address: str) -> None:
-        rate = self.rates.setdefault(address, RateLimiter(service.rate_limit))
+        rate = self.rates.setdefault(address, RateLimiter(service.limits.rate_limit))
         if len(self.rates) > 10_000:  # forget idle addresses rather than grow without bound
             self.rates = {address: rate}
         if not rate.allow():
-            raise r.rate_limited(service.rate_limit, who="your address")
-        if self.live[address] >= service.max_queued_per_connection:
-            raise r.too_many_queued(service.max_queued_per_connection, who="Your address")
+            raise r.rate_limited(service.limits.rate_limit, who="your address")
+        if self.live[address] >= service.limits.max_queued_per_connection:
+            raise r.too_many_queued(service.limits.max_queued_per_connection, who="Your address")
         self.live[address] += 1
 
     def done(self, address: str) -> None:
@@ -87,10 +87,10 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 @router.post("/v1/audio/speech", openapi_extra=_BODY_SCHEMA, responses=_AUDIO, summary="Speak text (OpenAI's API)")
 async def speech(request: Request) -> Response:
     service: Service = request.app.state.service
-    if service.draining:
+    if service.admission.draining:
         raise r.shutting_down()
     body = await read_body(request)
-    limits = Limits(max_text_chars=service.max_text_chars, emotions=service.emotions)
+    limits = Limits(max_text_chars=service.limits.max_text_chars, emotions=service.emotions)
     spoken = parse_speech(body, limits, Voices(service.library.voice_names()))
     synthesis = spoken.synthesis
     slot = service.scheduler.route(synthesis)
@@ -98,16 +98,16 @@ async def speech(request: Request) -> Response:
         raise slot
     if spoken.response_format in CAPTIONS and slot.engine.words and service.scheduler.aligner is None:
         raise Refusal(ErrorCode.INVALID_REQUEST, f"No captions here: {slot.engine.words}", param="response_format")
-    owner = service.owner(request.headers, f"{request.url.path}?{request.url.query}")
+    owner = service.admission.owner(request.headers, f"{request.url.path}?{request.url.query}")
     history = [] if spoken.session is None else \
         [turn.context() for turn in await service.sessions.turns(spoken.session, owner)]
-    address = service.proxies.client(request.client.host if request.client else "?", request.headers)
+    address = service.admission.proxies.client(request.client.host if request.client else "?", request.headers)
     per_address: PerAddress = request.app.state.per_address
     per_address.admit(service, address)
 
     def prepare(job: Job) -> None:  # the speaker's default voice, then the session's turns, oldest first
         service.library.stateless_prompt(job.task)
-        job.task.context += history[-service.max_context_turns:]
+        job.task.context += history[-service.limits.max_context_turns:]
 
     job = Job(synthesis, asyncio.get_running_loop(), prepare=prepare, interface="http")
     if spoken.session is None:

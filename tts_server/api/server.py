@@ -1,6 +1,6 @@
 """The process's servers: the ASGI app on uvicorn (WebSocket, HTTP, page) on one port, Wyoming on its own.
 
-``TTSServer`` is the core ``Service`` plus its listeners.  It listens at once,
+``TTSServer`` holds the core ``Service`` and its listeners.  It listens at once,
 loads engines in the background, and serves until ``shutdown`` (drain: refuse
 the queue, let running requests finish, close WebSockets with 1001) or ``stop``.
 uvicorn runs inside our event loop through its programmatic API
@@ -27,18 +27,18 @@ from .wyoming import WyomingApi
 log = logging.getLogger(__name__)
 
 
-class TTSServer(Service):
+class TTSServer:
     """Listens at once, loads engines in the background, serves until ``shutdown`` or ``stop``."""
 
     def __init__(self, *engines: EngineSlot | None, host: str = "127.0.0.1", port: int = 8765,
                  max_frame_bytes: int = 16 * 2**20, request_timeout: float = 30, write_timeout: float = 30,
                  wyoming_uri: str | None = None, wyoming_zeroconf: str | None = None, **core) -> None:
-        super().__init__(*engines, **core)
+        self.service = service = Service(*engines, **core)
         self.host, self.port = host, port
         self.max_frame_bytes = max_frame_bytes
-        self.wyoming = WyomingApi(self, wyoming_uri, wyoming_zeroconf) if wyoming_uri else None
-        self.transports = Connections(self.release)
-        self.app = build_app(self, max_frame_bytes)
+        self.wyoming = WyomingApi(service, wyoming_uri, wyoming_zeroconf) if wyoming_uri else None
+        self.transports = Connections(service.admission.release)
+        self.app = build_app(service, max_frame_bytes)
         self.app.state.connections = self.transports
         self.app.state.per_address = PerAddress()
         self.app.state.write_timeout = write_timeout
@@ -57,8 +57,9 @@ class TTSServer(Service):
         return self.app.state.websockets
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.library.load)
-        redact_logs(self.gate.secrets)
+        service = self.service
+        await asyncio.to_thread(service.library.load)
+        redact_logs(service.admission.gate.secrets)
         self._config.host, self._config.port = self.host, self.port
         self._socket = self._config.bind_socket()
         self.port = self._socket.getsockname()[1]
@@ -67,38 +68,39 @@ class TTSServer(Service):
         self._uvicorn.lifespan = self._config.lifespan_class(self._config)
         await self._uvicorn.startup(sockets=[self._socket])
         log.info("Listening on ws://%s:%d (HTTP on the same port)", self.host, self.port)
-        if not self.gate.requires_key and not is_loopback(self.host):
+        if not service.admission.gate.requires_key and not is_loopback(self.host):
             log.warning("Listening on %s without an API key: anyone who can reach this port can use it "
                         "(set --api-key / TTS_API_KEY)", self.host)
         if self.wyoming is not None:
             await self.wyoming.start()
-        self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
-        self._tasks.append(asyncio.create_task(self.load_stt(), name="load-stt"))
-        self._tasks.append(asyncio.create_task(self.sessions.sweep_every(self.session_sweep_seconds),
+        self._tasks.append(asyncio.create_task(service.scheduler.run(), name="scheduler"))
+        self._tasks.append(asyncio.create_task(service.speech.load(), name="load-stt"))
+        self._tasks.append(asyncio.create_task(service.sessions.sweep_every(service.session_sweep_seconds),
                                                name="session-sweep"))
-        for slot in self.scheduler.slots.values():
+        for slot in service.scheduler.slots.values():
             if slot.state == EngineState.LOADING:
                 self._tasks.append(asyncio.create_task(self._load(slot), name=f"load-{slot.name}"))
 
     async def _load(self, slot: EngineSlot) -> None:
         await slot.load()
-        self.scheduler.wake()
-        log.info("Engines: %s", self.serving()[1])
+        self.service.scheduler.wake()
+        log.info("Engines: %s", self.service.serving()[1])
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, refuse the queue, let running requests finish for up to ``grace`` s, then close."""
-        self.draining = True
+        scheduler = self.service.scheduler
+        self.service.admission.draining = True
         if self._uvicorn is not None:
             for server in self._uvicorn.servers:
                 server.close()  # no new connections; open ones carry on
-        refused = self.scheduler.refuse_queued(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+        refused = scheduler.refuse_queued(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
         log.info("Shutting down: %d queued requests refused, waiting up to %g s for %d running", refused, grace,
-                 len(self.scheduler.running))
+                 len(scheduler.running))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.scheduler.running and loop.time() < deadline:
+        while scheduler.running and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for job in list(self.scheduler.running):
+        for job in list(scheduler.running):
             job.cancel()
         while (any(c.live for c in self.connections) or (self.wyoming and self.wyoming.live())) \
                 and loop.time() < deadline + 2:
@@ -117,11 +119,12 @@ class TTSServer(Service):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.close_background()
-        if self.chat is not None:  # its pooled connections belong to this loop: closed here, not by the collector
-            await self.chat.close()
-        self.scheduler.close()
-        await asyncio.gather(*(slot.close() for slot in self.scheduler.slots.values()))  # after their workers end
-        self.sessions.close()
-        for thread in (self.turn_encoding, self.stt_thread):  # what waits there is for clients that are gone
+        service = self.service
+        await service.close_background()
+        if service.chat is not None:  # its pooled connections belong to this loop: closed here, not by the collector
+            await service.chat.close()
+        service.scheduler.close()
+        await asyncio.gather(*(slot.close() for slot in service.scheduler.slots.values()))  # after their workers end
+        service.sessions.close()
+        for thread in (service.turns.thread, service.speech.thread):  # what waits there is for clients that are gone
             thread.shutdown(wait=False, cancel_futures=True)

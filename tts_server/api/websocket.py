@@ -67,17 +67,17 @@ class Connection(Dialogue):
         self._cuts: dict[str, float] = {}
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
-        self.conversation = Conversation(service.library, service.max_context_turns)
+        self.conversation = Conversation(service.library, service.limits.max_context_turns)
         self._voice: s.VoiceMessage | None = None  # a voice message waiting for its binary frame
         # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
         self._told_loading = False
-        self._rate = RateLimiter(service.rate_limit)
-        self._guard = TurnGuard(service.audio_pace(), service.turn_timeout)  # streamed audio's pace, open turns
+        self._rate = RateLimiter(service.limits.rate_limit)
+        self._guard = TurnGuard(service.turns.audio_pace(), service.turns.turn_timeout)  # streamed audio's pace, open turns
         self._send_lock = asyncio.Lock()
         self._write_timeout: float = ws.app.state.write_timeout
 
     def limits(self) -> s.Limits:
-        return s.Limits(max_text_chars=self.service.max_text_chars, emotions=self.service.emotions)
+        return s.Limits(max_text_chars=self.service.limits.max_text_chars, emotions=self.service.emotions)
 
     async def send(self, *frames: Frame) -> None:
         """Send frames back to back (metadata + audio must not be split by another reply): ``Audio`` as a binary
@@ -147,7 +147,7 @@ class Connection(Dialogue):
             counted = (s.SynthesizeMessage, s.VoiceMessage, s.TurnMessage, s.TurnStartMessage, s.RespondMessage)
             creates = isinstance(message, s.SessionMessage) and message.session is None  # a new session
             if (isinstance(message, counted) or creates) and not self._rate.allow():
-                raise r.rate_limited(self.service.rate_limit, message.request_id)
+                raise r.rate_limited(self.service.limits.rate_limit, message.request_id)
             if isinstance(message, s.SynthesizeMessage):
                 await self._synthesize(message.to_request())
             elif isinstance(message, s.CancelMessage):
@@ -155,8 +155,8 @@ class Connection(Dialogue):
             elif isinstance(message, s.VoiceMessage):
                 await self._voice_message(message)
             elif isinstance(message, s.TurnMessage):
-                if message.text is None and self.service.stt is None:
-                    await self.service.transcript(None)  # refused now, before the client sends its audio
+                if message.text is None:
+                    self.service.speech.refuse_without()  # refused now, before the client sends its audio
                 self._turn = message
             elif isinstance(message, s.SessionMessage):
                 await self._bind(message.session)
@@ -194,14 +194,14 @@ class Connection(Dialogue):
     def _new_job(self, request) -> Job:
         """A job for ``request`` on this connection (prompted with its history, stored in its session), or the
         reason it cannot be taken."""
-        if self.service.draining:
+        if self.service.admission.draining:
             raise r.shutting_down(request.request_id)
         if request.request_id in self.live:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST,
                                   f"request_id {request.request_id!r} is already in use on this connection",
                                   request.request_id)
-        if sum(not job.finished for job in self.live.values()) >= self.service.max_queued_per_connection:
-            raise r.too_many_queued(self.service.max_queued_per_connection, request.request_id)
+        if sum(not job.finished for job in self.live.values()) >= self.service.limits.max_queued_per_connection:
+            raise r.too_many_queued(self.service.limits.max_queued_per_connection, request.request_id)
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=self._remember)
         job.owner = self
@@ -219,7 +219,7 @@ class Connection(Dialogue):
         speaker, produced = job.request.speaker, list(job.task.produced)
         if job.request.context:
             self._replies[job.request_id] = produced, job.request.speed
-            while len(self._replies) > 2 * self.service.max_context_turns:
+            while len(self._replies) > 2 * self.service.limits.max_context_turns:
                 self._stored.pop(self._replies.popitem(last=False)[0], None)
         library = self.service.library
         if job.request.context and speaker not in self.conversation.voices and library.wants_pin(speaker, produced):
@@ -235,8 +235,8 @@ class Connection(Dialogue):
     async def _checked_audio(self, data: bytes, what: str):
         """An uploaded file (a voice prompt, a turn) decoded and checked off the loop, or ``invalid_voice``."""
         try:
-            return await asyncio.to_thread(check_voice_prompt, data, self.service.max_voice_bytes,
-                                           self.service.max_voice_seconds)
+            return await asyncio.to_thread(check_voice_prompt, data, self.service.limits.max_voice_bytes,
+                                           self.service.limits.max_voice_seconds)
         except ReferenceError as exc:
             raise r.Refusal(r.ErrorCode.INVALID_VOICE, f"{what} rejected: {exc}") from None
 
@@ -300,18 +300,18 @@ async def serve(ws: WebSocket) -> None:
     service: Service = ws.app.state.service
     open_connections: set[Connection] = ws.app.state.websockets
     target = ws.scope["path"] + ("?" + ws.scope["query_string"].decode("latin-1") if ws.scope["query_string"] else "")
-    verdict = service.gate.check(ws.headers, target, websocket=True)
+    verdict = service.admission.gate.check(ws.headers, target, websocket=True)
     if verdict is not None:
         return await ws.send_denial_response(PlainTextResponse(verdict.reason, verdict.status))
     client = tuple(ws.scope["client"] or ("?", 0))
-    address = service.proxies.client(client[0], ws.headers)
-    refusal = service.admit(client, address)
+    address = service.admission.proxies.client(client[0], ws.headers)
+    refusal = service.admission.admit(client, address)
     await ws.accept()
     if refusal is not None:
         await ws.send_text(encode(failed(refusal)))
         return await ws.close(1013, "try again later")
-    owner = service.owner(ws.headers, target)
-    connection = Connection(service, ws, owner, service.counted_as(owner, address))
+    owner = service.admission.owner(ws.headers, target)
+    connection = Connection(service, ws, owner, service.admission.counted_as(owner, address))
     open_connections.add(connection)
     try:
         await connection.run(ws.query_params.get("session"))

@@ -51,8 +51,8 @@ INTERNAL = p.Refusal(p.ErrorCode.INTERNAL_ERROR, "Internal server error")  # a b
 class WyomingApi:
     """The Wyoming server beside the WebSocket/HTTP port, on the same core."""
 
-    def __init__(self, server: Service, uri: str, zeroconf_name: str | None = None) -> None:
-        self.server, self.uri, self.zeroconf_name = server, uri, zeroconf_name
+    def __init__(self, service: Service, uri: str, zeroconf_name: str | None = None) -> None:
+        self.service, self.uri, self.zeroconf_name = service, uri, zeroconf_name
         self.connections: set[WyomingConnection] = set()
         self._server: AsyncServer | None = None
         self._zeroconf = None
@@ -62,7 +62,7 @@ class WyomingApi:
         await self._server.start(lambda reader, writer: WyomingConnection(self, reader, writer))
         log.info("Wyoming listening on %s", self.uri)
         host = urlparse(self.uri).hostname
-        if self.server.gate.requires_key and host is not None and not is_loopback(host):
+        if self.service.admission.gate.requires_key and host is not None and not is_loopback(host):
             log.warning("Wyoming has no authentication: the API key does not protect %s; bind it to 127.0.0.1 "
                         "or a trusted network", self.uri)
         if self.zeroconf_name is not None:
@@ -81,13 +81,13 @@ class WyomingApi:
         return any(c.busy for c in self.connections)
 
     def voices(self) -> Voices:
-        return Voices(self.server.library.voice_names())
+        return Voices(self.service.library.voice_names())
 
     def named_voices(self) -> dict[str, tuple[str, str | None]]:
         """Voice names that pick an engine -> (engine, language): the names of the engines whose voices are not the
         server's named ones (those keep the routing), and each voice of an engine that lists its own (Piper's)."""
         named: dict[str, tuple[str, str | None]] = {}
-        for name, slot in self.server.scheduler.slots.items():
+        for name, slot in self.service.scheduler.slots.items():
             listing = registry.capabilities(name).voices
             if listing is registry.VoiceListing.NAMED:
                 continue
@@ -98,7 +98,7 @@ class WyomingApi:
 
     def info(self) -> Event:
         """Programs for the engines that serve or are loading, in routing order: the one that answers first, first."""
-        slots = self.server.scheduler.chain.slots  # routing order
+        slots = self.service.scheduler.chain.slots  # routing order
         engines = {slot.name: slot.engine.describe() for slot in slots if slot.state != EngineState.FAILED}
         return w.describe(engines, self.voices()).event()
 
@@ -135,12 +135,12 @@ class WyomingConnection(AsyncEventHandler):
 
     def __init__(self, api: WyomingApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super().__init__(reader, writer)
-        self.api, self.server = api, api.server
-        self.conversation = Conversation(self.server.library, self.server.max_context_turns)
-        self._rate = RateLimiter(self.server.rate_limit)
+        self.api, self.service = api, api.service
+        self.conversation = Conversation(self.service.library, self.service.limits.max_context_turns)
+        self._rate = RateLimiter(self.service.limits.rate_limit)
         # bounded: a client that sends text faster than it is spoken waits (its reading pauses)
         self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue(
-            self.server.max_queued_per_connection)
+            self.service.limits.max_queued_per_connection)
         self._waiting = 0  # whole synthesize requests queued on this connection, not yet finished
         self._stream: _Stream | None = None
         self._job: Job | None = None
@@ -156,7 +156,7 @@ class WyomingConnection(AsyncEventHandler):
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else "local"
-        refusal = self.server.admit(self, address)
+        refusal = self.service.admission.admit(self, address)
         if refusal is not None:
             with contextlib.suppress(ConnectionError):
                 await self._error(refusal.code, refusal.message)
@@ -178,7 +178,7 @@ class WyomingConnection(AsyncEventHandler):
             await asyncio.gather(deliver, return_exceptions=True)
             self.cancel()
             self.api.connections.discard(self)
-            self.server.release(self)
+            self.service.admission.release(self)
             self.writer.close()
 
     async def _read_events(self) -> bool:
@@ -247,23 +247,23 @@ class WyomingConnection(AsyncEventHandler):
 
     # -- reading: events become work, in order -------------------------------------------
     def _admit(self) -> None:
-        if self.server.draining:
+        if self.service.admission.draining:
             raise p.shutting_down()
         if not self._rate.allow():
-            raise p.rate_limited(self.server.rate_limit)
+            raise p.rate_limited(self.service.limits.rate_limit)
 
     def _voice(self, data: dict) -> w.Choice:
         return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.named_voices())
 
     async def _synthesize(self, data: dict) -> None:
         """A whole text; its refusal, like its failure, is answered in order and ends the connection."""
-        if self._waiting >= self.server.max_queued_per_connection:
-            raise p.too_many_queued(self.server.max_queued_per_connection)
+        if self._waiting >= self.service.limits.max_queued_per_connection:
+            raise p.too_many_queued(self.service.limits.max_queued_per_connection)
         self._waiting += 1
         try:
             self._admit()
             work: _Speak | _Refused = _Speak(w.request(w.read_text(data), *self._voice(data),
-                                                       self.server.max_text_chars), streamed=False)
+                                                       self.service.limits.max_text_chars), streamed=False)
         except p.Refusal as exc:
             work = _Refused(exc)
         except Exception:  # a bug: refused in its turn like any other synthesize (its count is given back)
@@ -286,8 +286,8 @@ class WyomingConnection(AsyncEventHandler):
         text = w.read_text(data)
         if stream.voice is None:
             return  # its synthesize-start was refused (and answered)
-        if len(stream.sentences.pending) + len(text) > self.server.max_text_chars:
-            raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.server.max_text_chars} characters "
+        if len(stream.sentences.pending) + len(text) > self.service.limits.max_text_chars:
+            raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.service.limits.max_text_chars} characters "
                                                              "without a sentence end; this chunk was dropped")
         await self._queue_sentences(stream.sentences.add(text), stream.voice)
 
@@ -305,10 +305,10 @@ class WyomingConnection(AsyncEventHandler):
         A sentence with nothing to speak (a lone "—") is left out: the reply's other sentences are its audio."""
         for sentence in filter(speakable, sentences):
             if not self._rate.allow():
-                await self._error(p.ErrorCode.RATE_LIMITED, f"More than {self.server.rate_limit} sentences a "
+                await self._error(p.ErrorCode.RATE_LIMITED, f"More than {self.service.limits.rate_limit} sentences a "
                                                             f"minute on this connection; this one was dropped")
                 continue
-            await self._work.put(_Speak(w.request(sentence, *voice, self.server.max_text_chars), True))
+            await self._work.put(_Speak(w.request(sentence, *voice, self.service.limits.max_text_chars), True))
 
     # -- delivering: one generation at a time, as audio events -----------------------------
     async def _deliver(self) -> None:
@@ -335,15 +335,15 @@ class WyomingConnection(AsyncEventHandler):
 
     async def _speak(self, request: SynthesisRequest) -> p.Refusal | None:
         """Run one generation and send its audio; returns the error that ended it, if one did."""
-        if self.server.draining:
+        if self.service.admission.draining:
             return p.shutting_down()
-        rate = self.server.scheduler.sample_rate
+        rate = self.service.scheduler.sample_rate
         audio_start = AudioStart(rate=rate, width=2, channels=1).event()
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
         job.owner = self
         try:
-            self.server.scheduler.submit(job)
+            self.service.scheduler.submit(job)
         except p.Refusal as exc:
             return exc
         self._job, started = job, False

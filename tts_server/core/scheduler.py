@@ -15,8 +15,8 @@ from each ``Job.outbox``.  The scheduler owns:
   threads (Piper one, CSM ``--max-batch``, one job per connection at a time);
   model compute, resampling and encoding never run on the event loop, so
   handshakes, pings and errors keep flowing while CSM generates; a reply that
-  joins a session is stored after its worker is done (``_store``, on the loop),
-  so a slow store never holds an engine;
+  joins a session is stored after its worker is done (``endings.Endings``, on
+  the loop), so a slow store never holds an engine;
 - a watchdog: a job that produces no audio for ``generation_timeout`` seconds is
   answered ``generation_timeout`` and its stuck thread replaced.
 
@@ -37,7 +37,7 @@ from . import cache
 from ..engines.errors import Busy, ErrorCode, Refusal
 from ..engines.request import SynthesisRequest
 from .cache import AudioCache
-from .fair import discard
+from .endings import Endings, internal
 from .events import Audio, Cancelled, Failed, Started, failed
 from .generation import Outcome, generate
 from .jobs import EngineSlot, EngineState, Job
@@ -65,8 +65,7 @@ class Scheduler:
         self.running: set[Job] = set()
         self._tasks: set[asyncio.Task] = set()
         self.aligner: Aligner | None = None  # word times for engines without their own (set by the service)
-        self._unstored: dict[Job, tuple[Outcome, float]] = {}  # made, to be stored in a session before the reply
-        self._wording: dict[Job, tuple[Outcome, float]] = {}  # audio out, its last words still being aligned
+        self.endings = Endings(chain, self.metrics, self.cache, generation_timeout, self.wake)  # what follows a run
 
     @property
     def primary(self) -> EngineSlot:
@@ -181,13 +180,10 @@ class Scheduler:
             while slot is not None:  # a retry runs on the next engine's own worker thread
                 job.slot = slot
                 slot = await self._run_watched(job, slot)
-            if job in self._wording:
-                await self._await_words(job)
-            if job in self._unstored:
-                await self._store(job)
+            await self.endings.finish(job)
         except Exception:  # preparing the prompt failed: answer the job, keep serving
             log.exception("request %s failed around the worker", job.request_id)
-            job.finish(_internal(job))
+            job.finish(internal(job))
         finally:
             self.running.discard(job)
             self.wake()
@@ -195,54 +191,6 @@ class Scheduler:
     def wake(self) -> None:
         """Look at the queue again (a job ended, an engine finished loading, ...)."""
         self._wakeup.set()
-
-    async def _await_words(self, job: Job) -> None:
-        """A reply's audio is all out and its last words wait for the aligner (the speech thread every connection
-        shares, turn by turn): its engine's worker is free meanwhile, and the run ends once they have ended (or
-        none has for ``generation_timeout``: the rest are dropped, and the reply says it has no words)."""
-        pending, started = self._wording.pop(job)
-        slot, job.slot = job.slot, None  # it no longer holds a place on its engine
-        self.wake()
-        waiting = {asyncio.wrap_future(future) for future in pending.waiting}
-        for future in waiting:  # their errors are ``then``'s to read, not asyncio's to report
-            future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        while waiting:
-            done, waiting = await asyncio.wait(waiting, timeout=self.generation_timeout,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                for future in pending.waiting:
-                    discard(future)
-                break
-        try:
-            outcome = await asyncio.to_thread(pending.then)
-        except Exception:  # our own bug (placing words, encoding): this request fails, the server lives on
-            log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None, (_internal(job),))
-        job.slot = slot
-        if outcome.status == "success" and job.persist is not None and not job.abandoned:
-            self._unstored[job] = outcome, started
-        else:
-            self._conclude(job, slot, outcome, started)
-
-    async def _store(self, job: Job) -> None:
-        """Store a made reply's turns in its session (``job.persist``, awaited on the loop: the store's own threads
-        do the work), then answer it.  Its engine's worker is free meanwhile; its connection's next job waits, as
-        that job is prompted with these turns."""
-        outcome, started = self._unstored.pop(job)
-        slot, job.slot = job.slot, None  # it no longer holds a place on its engine
-        self.wake()
-        code, why = None, ""
-        try:
-            await job.persist(job)  # durable before the client can see the reply
-        except Refusal as exc:  # the store is unreachable, the session gone
-            code, why = exc.code, f": {exc.message}"
-        except Exception:
-            log.exception("request %s: its turns could not be stored", job.request_id)
-            code = ErrorCode.INTERNAL_ERROR
-        if code is not None:
-            outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (Failed(
-                code, f"The reply was made but could not be stored in its session{why}", job.request_id),))
-        self._conclude(job, slot, outcome, started)
 
     async def _run_watched(self, job: Job, slot: EngineSlot) -> EngineSlot | None:
         """Run the job on the worker; if it makes no progress for ``generation_timeout`` s, abandon it.
@@ -284,11 +232,7 @@ class Scheduler:
 
     def _work(self, job: Job, slot: EngineSlot) -> EngineSlot | None:
         """Run one job on ``slot``'s worker thread; returns the next engine of the chain to retry on, when
-        this one failed before any audio was sent.
-
-        The job is counted in the metrics (and cached), and its success hook
-        runs, before its final reply goes out: a client that has its answer
-        also finds it in /metrics and /v1/info, and in the context of its next request.
+        this one failed before any audio was sent.  What follows the run is ``Endings``'s (``settle``).
         """
         started = time.perf_counter()
         keep = job.cache_key is not None and slot.engine.seedable
@@ -298,46 +242,15 @@ class Scheduler:
         except Refusal as exc:  # the engine failed (``EngineError``), or the client read too slowly
             retry = self._next_engine(job, slot, exc)
             if retry is not None:
-                self._count(job, slot, Outcome("error", 0.0, None, ()), started)
+                self.endings.count(job, slot, Outcome("error", 0.0, None, ()), started)
                 job.task.produced.clear()
                 return retry
             outcome = Outcome("error", 0.0, None, (failed(exc.answering(job.request_id)),))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None, (_internal(job),))
-        if outcome.then is not None:  # its words wait for the aligner: finished on the loop, this worker freed
-            self._wording[job] = outcome, started
-            return None
-        if outcome.status == "success" and job.persist is not None and not job.abandoned:
-            self._unstored[job] = outcome, started  # stored by ``_store`` on the loop, not on this worker thread
-            return None
-        self._conclude(job, slot, outcome, started)
+            outcome = Outcome("error", 0.0, None, (internal(job),))
+        self.endings.settle(job, slot, outcome, started)
         return None
-
-    def _conclude(self, job: Job, slot: EngineSlot, outcome: Outcome, started: float) -> None:
-        """Count, cache and answer a job that ran (from its worker thread, or the loop after ``_store``)."""
-        self._count(job, slot, outcome, started)
-        if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
-            self.cache.put(job.cache_key, cache.Entry(outcome.audio, slot.name, outcome.final[0]))
-        if outcome.status == "success" and job.on_success and not job.abandoned:
-            job.loop.call_soon_threadsafe(self._succeeded, job)  # runs before the reply below is queued
-        job.finish_threadsafe(*outcome.final)
-
-    @staticmethod
-    def _succeeded(job: Job) -> None:
-        """The job's success hook (remember its turns), before its client can see the reply and send more."""
-        try:
-            job.on_success(job)
-        except Exception:  # the audio went out fine; a failed hook costs only the memory of it
-            log.exception("request %s: success hook failed", job.request_id)
-
-    def _count(self, job: Job, slot: EngineSlot, outcome: Outcome, started: float) -> None:
-        if job.abandoned:  # the watchdog already answered and counted it
-            return
-        fallback = job.request.engine is None and slot is not self.chain.first_choice(job.request)
-        self.metrics.observe(slot.name, outcome.status, len(job.request.text), time.perf_counter() - started,
-                             outcome.audio_seconds, outcome.ttfa, job.interface, fallback=fallback,
-                             cache_miss=job.cache_key is not None)
 
     def _next_engine(self, job: Job, slot: EngineSlot, exc: Refusal) -> EngineSlot | None:
         """The engine that takes over ``job`` after ``slot`` failed it, if it may be retried at all (not once audio
@@ -355,8 +268,3 @@ class Scheduler:
             task.cancel()
         for slot in self.slots.values():
             slot.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _internal(job: Job) -> Failed:
-    """Our own bug, told without its details."""
-    return Failed(ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id)

@@ -32,7 +32,7 @@ class SpeechRecognition:
                  on_dropped: Callable[[int], None] = lambda count: None) -> None:
         self.stt, self.failure = stt, None
         self._admitted = admitted
-        self._loaded = asyncio.Event()
+        self.loaded = asyncio.Event()  # set once loading ended, loaded or failed
         self.thread = FairThread("stt", TRANSCRIPTS_WAITING, on_dropped)
 
     @property
@@ -40,7 +40,7 @@ class SpeechRecognition:
         """For ``/v1/info``: off, loading, ready or failed."""
         if self.stt is None:
             return "off"
-        return "failed" if self.failure else "ready" if self._loaded.is_set() else "loading"
+        return "failed" if self.failure else "ready" if self.loaded.is_set() else "loading"
 
     async def load(self) -> None:
         try:
@@ -50,12 +50,12 @@ class SpeechRecognition:
             self.failure = str(exc) or exc.__class__.__name__
             log.error("Speech recognition unavailable: %s", self.failure)
         finally:
-            self._loaded.set()
+            self.loaded.set()
 
     def align(self, owner: Hashable, audio, rate: int, text: str):
         """Word times of ``audio`` saying ``text`` (CSM's sentences) on the transcriber's thread, in the turn of
         ``owner``'s replies (their own turn, beside the connection's transcriptions); from any thread."""
-        if not self._loaded.is_set() or self.failure is not None:
+        if not self.loaded.is_set() or self.failure is not None:
             raise RuntimeError(f"the aligner (--stt-model) is {'unavailable' if self.failure else 'loading'}")
         try:
             return self.thread.submit_for(("words", owner), self.stt.align, audio, rate, text,
@@ -75,7 +75,7 @@ class SpeechRecognition:
         """What was said in a turn sent without text (float audio at ``rate``), on the transcriber's thread in
         ``connection``'s turn; without speech recognition, the refusal."""
         self.refuse_without()
-        await self._loaded.wait()
+        await self.loaded.wait()
         if self.failure is not None:
             raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"Speech recognition is unavailable: {self.failure}")
         if connection is not None and not self._admitted(connection):

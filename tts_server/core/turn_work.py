@@ -16,10 +16,11 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from ..audio.pcm import FRAME_SAMPLES
+from ..engines import registry
 from ..engines.base import ContextTurn
 from ..engines.errors import ErrorCode, Refusal
 from .fair import SERVER, Dropped, FairThread
-from .jobs import EngineSlot
+from .jobs import EngineSlot, EngineState
 from .listening import Listener
 from .pacing import AUDIO_BURST_SECONDS, AUDIO_SPEED, AudioPace
 from .routing import Chain
@@ -50,12 +51,12 @@ class TurnEncoding:
             raise Dropped("its connection closed")
         return await self.thread.run(SERVER if connection is None else connection, fn, *args)
 
-    async def codes_of(self, audio: np.ndarray, connection: Hashable | None = None) -> tuple[str, Any]:
-        """(the encoding engine's name, its codes) of a 24 kHz clip, in ``connection``'s turn; waits while the
+    async def codes_of(self, audio: np.ndarray, connection: Hashable | None = None) -> Any:
+        """The turn encoder's codes of a 24 kHz clip (a turn sent whole), in ``connection``'s turn; waits while the
         engine loads."""
         slot = await self.encoder()
         audio = np.pad(audio, (0, -len(audio) % FRAME_SAMPLES))  # whole frames, as a streamed turn is encoded
-        return slot.name, await self.run(connection, slot.engine.codes_for, ContextTurn(0, "", audio))
+        return await self.run(connection, slot.engine.codes_for, ContextTurn(0, "", audio))
 
     def audio_pace(self) -> AudioPace:
         """A connection's allowance for the audio of its streamed turns (``core.pacing``)."""
@@ -77,12 +78,15 @@ class TurnEncoding:
         return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
 
     async def encoder(self) -> EngineSlot:
-        """The chain's engine that encodes turns, once loaded; ``model_unavailable`` without one."""
-        slot = next((s for s in self.chain.slots if s.engine.encodes_turns), None)
+        """The chain's engine that keeps turns as its codes (the registry's ``encodes_turns``), once it loaded;
+        ``model_unavailable`` without one."""
+        slot = next((s for s in self.chain.slots if registry.capabilities(s.name).encodes_turns), None)
         if slot is not None:
             await slot.loaded.wait()
-        if slot is None or slot.state != "ready":
+        if slot is None or slot.state != EngineState.READY:
             why = slot.reason if slot else "not configured"
-            raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as CSM's audio codes, and CSM is not "
+            name = registry.label(slot.name) if slot else \
+                next((s.label for s in registry.specs() if s.capabilities.encodes_turns), "the turn encoder")
+            raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"Turns are kept as {name}'s audio codes, and {name} is not "
                                                        f"available here: {why}")
         return slot
