@@ -66,9 +66,13 @@ def get(app: FastAPI, path: str, **options):
     return register
 
 
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
 def _routes(app: FastAPI) -> None:
-    def svc(request: Request) -> Service:
-        return request.app.state.service
+    """The page and the operator's endpoints (health, readiness, metrics)."""
+    svc = _service
 
     @get(app, "/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -97,6 +101,13 @@ def _routes(app: FastAPI) -> None:
         service = svc(request)
         service.refresh_gauges()
         return Response(service.metrics.render(), media_type=PROMETHEUS_TYPE)
+
+    _v1_routes(app)
+
+
+def _v1_routes(app: FastAPI) -> None:
+    """``/v1/``: what the server offers (info, models, voices, the protocol's schema) and sessions."""
+    svc = _service
 
     @get(app, "/v1/info", summary="Engines, formats, voices and limits")
     async def info(request: Request) -> dict:

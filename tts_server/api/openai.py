@@ -30,7 +30,7 @@ from ..audio.codec import Resampler, StreamEncoder, codec_rate
 from ..audio.pcm import FRAME_SECONDS, pcm_bytes, to_float
 from ..core import replies as r
 from ..core.events import Audio, Cancelled, Failed, Started, Succeeded, Words
-from ..core.jobs import END, Job
+from ..core.jobs import Job
 from ..core.security import RateLimiter
 from ..core.service import Service
 from ..engines.base import Word
@@ -179,17 +179,16 @@ class SpeechStream(Response):
         """The job's events as the response: audio (encoded here), words (SSE), and its end or failure."""
         job, sse = self.job, self.speech.stream_format == "sse"
         engine = b""
-        while (item := await job.outbox.get()) is not END:
+        async for item in job.replies():
             for frame in item:
                 match frame:
                     case Audio(data=pcm):
                         if not self.captions:  # captions: the speech's words go out, not its audio
                             await self._send(send, await asyncio.to_thread(self._encode, pcm, False), engine, sse)
-                        job.unsent_bytes(-len(pcm))  # the scheduler's backpressure: this much has left
                     case Started():
                         engine = frame.engine.encode()
                     case Failed():
-                        raise Refusal(frame.code, frame.message)
+                        raise frame.refusal()
                     case Cancelled():
                         raise Refusal(ErrorCode.CANCELLED, "The request was cancelled")
                     case Words():

@@ -34,7 +34,7 @@ from ..audio.text import SentenceStream
 from ..core import replies as p
 from ..core.context import Conversation
 from ..core.events import Audio, Cancelled, Failed, Succeeded
-from ..core.jobs import END, EngineState, Job
+from ..core.jobs import EngineState, Job
 from ..core.security import RateLimiter, is_loopback
 from ..core.service import Service
 from ..engines import registry
@@ -348,7 +348,7 @@ class WyomingConnection(AsyncEventHandler):
             return exc
         self._job, started = job, False
         try:
-            while (item := await job.outbox.get()) is not END:
+            async for item in job.replies():
                 for frame in item:
                     match frame:
                         case Audio(data=pcm):
@@ -356,9 +356,8 @@ class WyomingConnection(AsyncEventHandler):
                                 await self.write_event(audio_start)
                                 started = True
                             await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
-                            job.unsent_bytes(-len(pcm))
                         case Failed():
-                            return p.Refusal(frame.code, frame.message)
+                            return frame.refusal()
                         case Cancelled():  # only the server cancels a job whose client is still here
                             return p.Refusal(p.ErrorCode.SHUTTING_DOWN,
                                              "The request was cancelled: the server is shutting down")

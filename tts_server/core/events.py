@@ -18,7 +18,8 @@ from enum import Enum
 from typing import ClassVar, Literal
 
 from ..engines.base import Word
-from ..engines.errors import ErrorCode
+from ..engines.errors import ErrorCode, Refusal
+from ..engines.request import FORMATS, STREAM_FORMATS
 
 PROTOCOL_VERSION = 1
 # The text clients of the original protocol know; ``detail`` says which engine, in our words.
@@ -69,7 +70,7 @@ class Started(Event):
 
     kind: ClassVar[EventKind] = EventKind.START
     request_id: str
-    format: str
+    format: Literal[STREAM_FORMATS]
     sample_rate: int
     engine: str
     voice: str | None = None
@@ -83,7 +84,7 @@ class Succeeded(Event):
 
     kind: ClassVar[EventKind] = EventKind.SUCCESS
     request_id: str
-    format: str
+    format: Literal[FORMATS]
     sample_rate: int
     length_bytes: int
     duration_s: float
@@ -109,6 +110,10 @@ class Failed(Event):
     code: ErrorCode
     message: str
     request_id: str | None = None
+
+    def refusal(self) -> Refusal:
+        """The failure as the one error type, for an interface that raises it to its own error handling."""
+        return Refusal(self.code, self.message, self.request_id)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-from .events import Cancelled, Frame
+from .events import Audio, Cancelled, Frame
 from .fair import discard
 from ..engines.request import SynthesisRequest
 from ..engines.base import Engine, SynthesisTask
@@ -90,6 +90,14 @@ class Job:
             discard(future)
 
     # called on the event loop
+    async def replies(self) -> AsyncIterator[tuple[Frame, ...]]:
+        """The job's replies in order until its last, a tuple at a time (a whole file's ``Succeeded`` and its
+        ``Audio`` are one tuple, so no other reply splits them).  Every interface reads a job this way; a tuple's
+        audio counts as taken by the client once the reader asks for the next (the stream's backpressure)."""
+        while (item := await self.outbox.get()) is not END:
+            yield item
+            self.unsent_bytes(-sum(len(frame.data) for frame in item if isinstance(frame, Audio)))
+
     def post(self, *frames: Frame) -> None:
         """Frames that go out together (a whole file's ``Succeeded`` and its ``Audio``: no other reply between)."""
         if not self.finished:
