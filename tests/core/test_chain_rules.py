@@ -137,7 +137,7 @@ def test_the_built_server_has_the_chain_overflow_cache_size_and_prices_the_setti
                               "--overflow-engine", "remote", "--cache-mb", "0.5", "--engine-cost", "remote=15",
                               "--remote-voices", "0=af_bella", "--remote-languages", "en,de"],
                              environ={"TTS_REMOTE_API_KEY": "sk-test-key-77"}, dotenv_path=None)
-    scheduler = build_server(settings).scheduler
+    scheduler = build_server(settings).service.scheduler
     assert [slot.name for slot in scheduler.chain.slots] == ["piper", "remote"]
     assert scheduler.chain.overflow is scheduler.slots["remote"] and scheduler.cache.max_bytes == 2**19
     remote = scheduler.slots["remote"].engine

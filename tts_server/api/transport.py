@@ -80,65 +80,80 @@ def _tune_socket(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def protocols(connections: Connections, request_timeout: float) -> tuple[type, type]:
-    """The HTTP and WebSocket protocol classes for ``uvicorn.Config(http=..., ws=...)``."""
+class GuardedWebSocket(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, known to ``tracked`` while it is open (set per server by ``protocols``)."""
 
-    class GuardedWebSocket(WebSocketsSansIOProtocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            connections.opened(self.client, transport)
+    tracked: Connections
 
-        def connection_lost(self, exc) -> None:
-            super().connection_lost(exc)
-            connections.closed(self.client)
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.tracked.opened(self.client, transport)
 
-    class GuardedHttp(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            _tune_socket(transport)
-            connections.opened(get_remote_addr(transport), transport)
-            self._deadline: asyncio.TimerHandle | None = None
-            self._arm()
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.tracked.closed(self.client)
 
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-            if not getattr(self, "_upgraded", False):
-                connections.closed(self.client)
 
-        def data_received(self, data: bytes) -> None:
-            if self._deadline is None and self.conn.their_state is h11.IDLE:
-                self._arm()  # the first bytes of the next request on a kept-alive connection
-            super().data_received(data)
-            if self.conn.their_state not in _RECEIVING:
-                self._disarm()  # the whole request is in (or the connection is done)
+class GuardedHttp(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each whole request (``request_timeout`` s), known to
+    ``tracked`` until it closes or becomes a WebSocket (both set per server by ``protocols``)."""
 
-        def handle_websocket_upgrade(self, event) -> None:
-            self._disarm()
-            self._upgraded = True  # the WebSocket protocol owns the connection (and its release) from here
-            super().handle_websocket_upgrade(event)
+    tracked: Connections
+    request_timeout: float
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(request_timeout, self._expired)
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        _tune_socket(transport)
+        self.tracked.opened(get_remote_addr(transport), transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+        if not getattr(self, "_upgraded", False):
+            self.tracked.closed(self.client)
 
-        def _expired(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state not in _RECEIVING:
+            self._disarm()  # the whole request is in (or the connection is done)
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._disarm()
+        self._upgraded = True  # the WebSocket protocol owns the connection (and its release) from here
+        super().handle_websocket_upgrade(event)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
-            if self.transport.is_closing():
-                return
-            if self.cycle is None or not self.cycle.response_started:
-                body = json.dumps({"error": {"message": f"The request was not received within {request_timeout:g} s",
-                                             "type": "invalid_request_error", "param": None,
-                                             "code": "request_timeout"}}).encode()
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-            log.info("Closed a connection from %s: its request took more than %g s to arrive",
-                     (self.client or ("?",))[0], request_timeout)
-            self.transport.close()
 
-    return GuardedHttp, GuardedWebSocket
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            body = json.dumps({"error": {"message": f"The request was not received within {self.request_timeout:g} s",
+                                         "type": "invalid_request_error", "param": None,
+                                         "code": "request_timeout"}}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        log.info("Closed a connection from %s: its request took more than %g s to arrive",
+                 (self.client or ("?",))[0], self.request_timeout)
+        self.transport.close()
+
+
+def protocols(connections: Connections, request_timeout: float) -> tuple[type, type]:
+    """The HTTP and WebSocket protocol classes for ``uvicorn.Config(http=..., ws=...)``: uvicorn makes one
+    instance per connection and passes it no arguments of ours, so each server gets subclasses bound to its own
+    ``connections`` and timeout (``tracked``: uvicorn's protocols already use ``self.connections``)."""
+    http = type("GuardedHttp", (GuardedHttp,), {"tracked": connections, "request_timeout": request_timeout})
+    ws = type("GuardedWebSocket", (GuardedWebSocket,), {"tracked": connections})
+    return http, ws

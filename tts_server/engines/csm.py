@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -237,7 +237,7 @@ class CsmEngine(Engine):
         boundaries have no seams; each frame is decoded exactly once.
         """
         assert self.decoder is not None, "load() first"
-        request, cancel = task.request, task.cancel
+        request = task.request
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k)
         rng = torch.Generator(device=self.device)
         if request.seed is None:
@@ -247,59 +247,75 @@ class CsmEngine(Engine):
         audio = MimiStreamDecoder(self.model.codec_model)
         remaining_ms = request.max_audio_length_ms or float("inf")  # no cap: the whole text is spoken
         spoken: list[ContextTurn] = []
-        emitted = 0
         for sentence in (part for text in task.texts() for part in split_sentences(text)):
-            if cancel.is_set():
+            if task.cancel.is_set():
                 return
             if remaining_ms < FRAME_MS:
                 task.truncated = True
                 return
             budget = frames_for_ms(min(estimate_ms(sentence), remaining_ms))
-            candidates = task.context + spoken + ([task.reference] if task.reference else [])
-            ids, turns = self.fit_context(candidates, sentence, request.speaker, budget)
-            embeds = self.decoder.embed_prompt(ids, [self.codes_for(t) for t in turns])
-            frames: list[torch.Tensor] = []
-            chunks: list[np.ndarray] = []
-            pending = 0
-            if self.batcher is not None:
-                frames_iter = self.batcher.frames(embeds, sampling, budget, rng, cancel)
-            else:
-                frames_iter = self.decoder.frames(embeds, sampling, budget, rng)
-            turn = None
-            try:
-                with contextlib.closing(frames_iter):  # however this ends, the batch row is given back at once
-                    for frame in frames_iter:
-                        if cancel.is_set():
-                            return
-                        frames.append(frame)
-                        pending += 1
-                        if pending >= (self.first_chunk_frames if emitted == 0 else self.chunk_frames):
-                            chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
-                            emitted += pending
-                            pending = 0
-                            yield chunks[-1]
-                if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
-                    return
-                if not frames:
-                    raise EngineError(ErrorCode.GENERATION_FAILED,
-                                              f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
-                last = pending
-                if pending:
-                    chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
-                    emitted += pending
-                    pending = 0
-                turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {TURN_CODES: torch.stack(frames)})
-                task.produced.append(turn)  # before its last chunk goes: a cancel at that chunk keeps it whole
-                if last:
-                    yield chunks[-1]
-            finally:  # stopped inside the sentence (a cancel closes this generator at a yield): what went out of it
-                if turn is None and len(frames) > pending:
-                    task.unfinished = cut_off(request.speaker, sentence, frames[:len(frames) - pending])
-            if len(frames) == budget and remaining_ms < estimate_ms(sentence):
+            frames = self._frames(task, spoken, sentence, sampling, budget, rng)
+            said = yield from self._speak(task, sentence, frames, audio, first=not spoken)
+            if said is None:  # cancelled
+                return
+            turn, made = said
+            if made == budget and remaining_ms < estimate_ms(sentence):
                 task.truncated = True  # the request's cap, not the sentence's end, stopped it
-            remaining_ms -= FRAME_MS * len(frames)
+            remaining_ms -= FRAME_MS * made
             spoken.append(turn)
             yield SentenceMark(sentence, audio=turn.audio)  # its words: the core's aligner, if there is one
+
+    def _frames(self, task: SynthesisTask, spoken: list[ContextTurn], sentence: str, sampling: Sampling,
+                budget: int, rng: torch.Generator) -> Iterator[torch.Tensor]:
+        """One sentence's frames (at most ``budget``), prompted with what fits of the context, the request's
+        earlier sentences and the emotion reference; from the shared batch when there is one."""
+        candidates = task.context + spoken + ([task.reference] if task.reference else [])
+        ids, turns = self.fit_context(candidates, sentence, task.request.speaker, budget)
+        embeds = self.decoder.embed_prompt(ids, [self.codes_for(t) for t in turns])
+        if self.batcher is not None:
+            return self.batcher.frames(embeds, sampling, budget, rng, task.cancel)
+        return self.decoder.frames(embeds, sampling, budget, rng)
+
+    def _speak(self, task: SynthesisTask, sentence: str, frames_iter: Iterator[torch.Tensor],
+               audio: MimiStreamDecoder, first: bool) -> Generator[np.ndarray, None, tuple[ContextTurn, int] | None]:
+        """Decode and yield one sentence's frames in chunks (``first``: the request's first audio, which goes
+        after ``first_chunk_frames``); returns its turn and how many frames it took, or None when cancelled.
+
+        Its turn joins ``task.produced`` before its last chunk goes (a cancel at that chunk keeps it whole); a
+        sentence stopped part way leaves the part that went out in ``task.unfinished``."""
+        request, cancel = task.request, task.cancel
+        frames: list[torch.Tensor] = []
+        chunks: list[np.ndarray] = []
+        pending = 0
+        turn = None
+        try:
+            with contextlib.closing(frames_iter):  # however this ends, the batch row is given back at once
+                for frame in frames_iter:
+                    if cancel.is_set():
+                        return None
+                    frames.append(frame)
+                    pending += 1
+                    if pending >= (self.first_chunk_frames if first else self.chunk_frames):
+                        chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
+                        first, pending = False, 0
+                        yield chunks[-1]
+            if cancel.is_set():  # the batch dropped the row (cancelled during its prefill, or between frames)
+                return None
+            if not frames:
+                raise EngineError(ErrorCode.GENERATION_FAILED,
+                                  f"CSM produced no audio for {sentence[:40]!r} (immediate end of audio)")
+            last = pending
+            if pending:
+                chunks.append(audio.decode(torch.stack(frames[-pending:])).numpy())
+                pending = 0
+            turn = ContextTurn(request.speaker, sentence, np.concatenate(chunks), {TURN_CODES: torch.stack(frames)})
+            task.produced.append(turn)  # before its last chunk goes: a cancel at that chunk keeps it whole
+            if last:
+                yield chunks[-1]
+        finally:  # stopped inside the sentence (a cancel closes this generator at a yield): what went out of it
+            if turn is None and len(frames) > pending:
+                task.unfinished = cut_off(request.speaker, sentence, frames[:len(frames) - pending])
+        return turn, len(frames)
 
     def recover(self, stalled_for: float) -> None:
         """Replace a batch thread stuck in one step for ``stalled_for`` s; its requests end with an error."""
