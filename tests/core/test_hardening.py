@@ -318,12 +318,12 @@ async def test_bfloat16_on_cpu_serves_with_the_codec_loaded_exactly_in_float32(t
     from transformers import CsmForConditionalGeneration
 
     engine = CsmEngine(lambda: tiny_model_dir, device="cpu", dtype="bfloat16", max_batch=4)
-    async with running_server(EngineSlot(engine)) as server:
-        reply, audio = await speak(server, {"text": "Half precision", "max_audio_length_ms": 800})
     reference = dict(CsmForConditionalGeneration.from_pretrained(tiny_model_dir).codec_model.named_parameters())
-    assert engine.model.lm_head.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 and torch.equal(p, reference[n])
-               for n, p in engine.model.codec_model.named_parameters())
+    async with running_server(EngineSlot(engine)) as server:  # (the engine is closed when the server stops)
+        reply, audio = await speak(server, {"text": "Half precision", "max_audio_length_ms": 800})
+        assert engine.model.lm_head.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 and torch.equal(p, reference[n])
+                   for n, p in engine.model.codec_model.named_parameters())
     assert reply["status"] == "success" and reply["engine"] == "csm" and audio
 
 

@@ -18,7 +18,7 @@ from ..engines.errors import ErrorCode, Refusal
 from .cache import AudioCache
 from .events import Failed
 from .fair import discard
-from .generation import Outcome
+from .generation import Ending, Outcome
 from .jobs import EngineSlot, Job
 from .metrics import Metrics
 from .routing import Chain
@@ -54,7 +54,7 @@ class Endings:
             await self._store(job)
 
     def _store_or_conclude(self, job: Job, slot: EngineSlot, outcome: Outcome, started: float) -> None:
-        if outcome.status == "success" and job.persist is not None and not job.abandoned:
+        if outcome.status == Ending.SUCCESS and job.persist is not None and not job.abandoned:
             self._unstored[job] = outcome, started  # stored by ``_store`` on the loop, not on a worker thread
         else:
             self.conclude(job, slot, outcome, started)
@@ -80,7 +80,7 @@ class Endings:
             outcome = await asyncio.to_thread(pending.then)
         except Exception:  # our own bug (placing words, encoding): this request fails, the server lives on
             log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None, (internal(job),))
+            outcome = Outcome(Ending.ERROR, 0.0, None, (internal(job),))
         job.slot = slot
         self._store_or_conclude(job, slot, outcome, started)
 
@@ -100,7 +100,7 @@ class Endings:
             log.exception("request %s: its turns could not be stored", job.request_id)
             code = ErrorCode.INTERNAL_ERROR
         if code is not None:
-            outcome = Outcome("error", outcome.audio_seconds, outcome.ttfa, (Failed(
+            outcome = Outcome(Ending.ERROR, outcome.audio_seconds, outcome.ttfa, (Failed(
                 code, f"The reply was made but could not be stored in its session{why}", job.request_id),))
         self.conclude(job, slot, outcome, started)
 
@@ -110,9 +110,9 @@ class Endings:
         The job is counted (and cached), and its success hook runs, before its final reply goes out: a client
         that has its answer also finds it in /metrics and /v1/info, and in the context of its next request."""
         self.count(job, slot, outcome, started)
-        if outcome.audio is not None and outcome.status == "success" and not job.abandoned:
+        if outcome.audio is not None and outcome.status == Ending.SUCCESS and not job.abandoned:
             self.cache.put(job.cache_key, cache.Entry(outcome.audio, slot.name, outcome.final[0]))
-        if outcome.status == "success" and job.on_success and not job.abandoned:
+        if outcome.status == Ending.SUCCESS and job.on_success and not job.abandoned:
             job.loop.call_soon_threadsafe(_succeeded, job)  # runs before the reply below is queued
         job.finish_threadsafe(*outcome.final)
 

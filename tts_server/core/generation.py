@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -30,17 +31,29 @@ from .timing import Aligner, Timing
 log = logging.getLogger(__name__)
 
 
+class Ending(str, Enum):
+    """How a run ended (the ``status`` label of the request metrics)."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    WORDS = "words"  # not an end yet: the audio is all out and its last word times are still being aligned
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Outcome:
     """How a run ended: status, seconds of audio, time to first audio, the final frames to post, and
     (when asked to ``keep`` it) every audio byte sent, for the response cache."""
 
-    status: str
+    status: Ending
     audio_seconds: float
     ttfa: float | None
     final: tuple[Frame, ...]
     audio: bytes | None = None
-    # "words": the audio is all out and its last alignments still run (``waiting``); ``then()`` finishes the run
+    # WORDS: the audio is all out and its last alignments still run (``waiting``); ``then()`` finishes the run
     # once they have ended, off the engine's worker (the scheduler waits on the loop)
     waiting: list | None = None
     then: Callable[[], "Outcome"] | None = None
@@ -96,7 +109,7 @@ class _Run:
         if self.samples == 0:
             raise EngineError("generation_failed", f"{self.engine.name} produced no audio")
         if timing.unfinished():  # the audio is all out, the words wait for the aligner: the engine's worker need not
-            return Outcome("words", self.duration, self.first_audio, (), waiting=timing.unfinished(),
+            return Outcome(Ending.WORDS, self.duration, self.first_audio, (), waiting=timing.unfinished(),
                            then=self.finish)
         return self.finish()
 
@@ -105,7 +118,7 @@ class _Run:
         return self.samples / self.rate
 
     def _cancelled(self) -> Outcome:
-        return Outcome("cancelled", self.duration, self.first_audio, (Cancelled(self.request.request_id),))
+        return Outcome(Ending.CANCELLED, self.duration, self.first_audio, (Cancelled(self.request.request_id),))
 
     def _take(self, chunk) -> None:
         """One item of the engine's: a sentence's end (progress, its words) or audio."""
@@ -169,14 +182,14 @@ class _Run:
                 turn.words = placed
         if self.request.stream:
             success = self._success(length_bytes=sum(self.pieces), chunks=len(self.pieces))
-            return Outcome("success", duration, self.first_audio, (success,),
+            return Outcome(Ending.SUCCESS, duration, self.first_audio, (success,),
                            b"".join(self.kept) if self.keep else None)
         data = encode_file(np.concatenate(self.pieces), self.rate, self.request.format)
         job.unsent_bytes(len(data))
         job.audio_sent = True
         words = tuple(heard) if self.request.timestamps and not timing.reason else None
         success = self._success(length_bytes=len(data), words=words)
-        return Outcome("success", duration, self.first_audio, (success, Audio(data)), data if self.keep else None)
+        return Outcome(Ending.SUCCESS, duration, self.first_audio, (success, Audio(data)), data if self.keep else None)
 
     def _success(self, **shape) -> Succeeded:
         request = self.request

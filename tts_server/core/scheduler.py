@@ -39,7 +39,7 @@ from ..engines.request import SynthesisRequest
 from .cache import AudioCache
 from .endings import Endings, internal
 from .events import Audio, Cancelled, Failed, Started, failed
-from .generation import Outcome, generate
+from .generation import Ending, Outcome, generate
 from .jobs import EngineSlot, EngineState, Job
 from .metrics import Metrics
 from .timing import Aligner
@@ -130,9 +130,9 @@ class Scheduler:
                 await asyncio.sleep(0)  # let the writer send while the rest waits
         else:
             job.unsent_bytes(len(audio))
-        status = "cancelled" if job.cancel_event.is_set() else "success"
+        status = Ending.CANCELLED if job.cancel_event.is_set() else Ending.SUCCESS
         self.metrics.cache_hit(entry.engine, status, job.interface)
-        if status == "cancelled":
+        if status == Ending.CANCELLED:
             job.finish(Cancelled(request.request_id))
         else:
             job.finish(reply, *(() if request.stream else (Audio(audio),)))
@@ -215,7 +215,7 @@ class Scheduler:
                           f"{slot.name} produced no audio for {self.generation_timeout:g} s; request abandoned",
                           job.request_id))
         job.abandoned = True
-        self.metrics.observe(slot.name, "error", len(job.request.text), self.generation_timeout, interface=job.interface)
+        self.metrics.observe(slot.name, Ending.ERROR, len(job.request.text), self.generation_timeout, interface=job.interface)
         slot.replace_executor()
         slot.engine.recover(self.generation_timeout / 2)  # a thread stuck in one step that long is hung
         return None
@@ -242,13 +242,13 @@ class Scheduler:
         except Refusal as exc:  # the engine failed (``EngineError``), or the client read too slowly
             retry = self._next_engine(job, slot, exc)
             if retry is not None:
-                self.endings.count(job, slot, Outcome("error", 0.0, None, ()), started)
+                self.endings.count(job, slot, Outcome(Ending.ERROR, 0.0, None, ()), started)
                 job.task.produced.clear()
                 return retry
-            outcome = Outcome("error", 0.0, None, (failed(exc.answering(job.request_id)),))
+            outcome = Outcome(Ending.ERROR, 0.0, None, (failed(exc.answering(job.request_id)),))
         except Exception:  # our own bug (resampling, encoding): this request fails, the worker lives on
             log.exception("internal error on request %s", job.request_id)
-            outcome = Outcome("error", 0.0, None, (internal(job),))
+            outcome = Outcome(Ending.ERROR, 0.0, None, (internal(job),))
         self.endings.settle(job, slot, outcome, started)
         return None
 
