@@ -11,8 +11,14 @@ With ``--against REV`` it compares two servers instead: ``run_server.py`` of
 git revision REV (checked out in a temporary worktree) and of this tree, each
 a process of its own with the same engine, measured in turn on every interface
 in the same run; one row per interface: REV's median, this tree's, the ratio.
+A second table gives the WebSocket fuzzer's rate (``_fuzz_rate``): on one
+connection per server, FUZZ_FRAMES bad frames of a fixed seeded mix (each
+answered by one error reply, checked first), sent one at a time, each awaited;
+FUZZ_ROUNDS rounds, the two servers in turn; REV's median of frames answered
+per second, this tree's, the ratio (not lower: 1 or more).
 
-    python bench/interfaces.py [--runs 30] [--engine csm|piper] [--against 4b48925]
+    python bench/interfaces.py [--runs 30] [--engine csm|piper]
+                               [--against b8a3099 [--fuzz-frames 2000] [--fuzz-rounds 9]]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import websockets
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize
 
+import _fuzz_rate
 from _common import machine, median, table
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
@@ -144,7 +151,18 @@ def start_process(root: Path, engine: str, model: Path, work: Path) -> tuple[sub
     raise RuntimeError(f"the server of {root} did not become ready")
 
 
-async def compare(runs: int, engine: str, revision: str) -> None:
+async def fuzz_rates(ports: dict[str, int], frames: int, rounds: int) -> dict[str, list[float]]:
+    """Frames answered per second on each server, ``rounds`` times, the servers' order swapped every round."""
+    for port in ports.values():
+        await asyncio.wait_for(_fuzz_rate.check(port), 120)
+    mix, rates = _fuzz_rate.mix(frames), {who: [] for who in ports}
+    for turn in range(rounds):
+        for who in (list(ports) if turn % 2 == 0 else list(ports)[::-1]):
+            rates[who].append(await asyncio.wait_for(_fuzz_rate.rate(ports[who], mix), 600))
+    return rates
+
+
+async def compare(runs: int, engine: str, revision: str, fuzz_frames: int, fuzz_rounds: int) -> None:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -165,6 +183,7 @@ async def compare(runs: int, engine: str, revision: str) -> None:
                     for who, (_, port, wyoming_port) in servers.items():
                         times[who, name].append(await asyncio.wait_for(
                             measure(wyoming_port if name == "wyoming" else port), 120))
+            rates = await fuzz_rates({who: port for who, (_, port, _) in servers.items()}, fuzz_frames, fuzz_rounds)
         finally:
             for proc, _, _ in servers.values():
                 proc.terminate()
@@ -178,6 +197,11 @@ async def compare(runs: int, engine: str, revision: str) -> None:
         before, after = median(times["baseline", name]), median(times["now", name])
         rows.append([name, before * 1000, after * 1000, after / before, (after - before) * 1000])
     print(table(["interface", f"{revision} (ms)", "this tree (ms)", "ratio", "difference (ms)"], rows))
+    before, after = median(rates["baseline"]), median(rates["now"])
+    print(f"\n{fuzz_rounds} rounds of {fuzz_frames} bad frames each ({len(_fuzz_rate.KINDS)} kinds, seed "
+          f"{_fuzz_rate.SEED}), one connection per server, the servers in turn; median rate")
+    print(table(["measure", revision, "this tree", "ratio", "difference"],
+                [["WebSocket fuzzer, frames answered/s", before, after, after / before, after - before]]))
 
 
 if __name__ == "__main__":
@@ -185,9 +209,11 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--engine", choices=["csm", "piper"], default="csm")
     parser.add_argument("--against", metavar="REV", help="compare with run_server.py of this git revision")
+    parser.add_argument("--fuzz-frames", type=int, default=2000, help="with --against: bad frames per round")
+    parser.add_argument("--fuzz-rounds", type=int, default=9, help="with --against: rounds of the fuzzer's rate")
     args = parser.parse_args()
     socket.setdefaulttimeout(60)
     if args.against:
-        asyncio.run(compare(args.runs, args.engine, args.against))
+        asyncio.run(compare(args.runs, args.engine, args.against, args.fuzz_frames, args.fuzz_rounds))
     else:
         asyncio.run(main(args.runs, args.engine))

@@ -94,8 +94,6 @@ async def speech(request: Request) -> Response:
     spoken = parse_speech(body, limits, Voices(service.library.voice_names()))
     synthesis = spoken.synthesis
     slot = service.scheduler.route(synthesis)
-    if isinstance(slot, r.Refusal):
-        raise slot
     if spoken.response_format in CAPTIONS and slot.engine.words and service.scheduler.aligner is None:
         raise Refusal(ErrorCode.INVALID_REQUEST, f"No captions here: {slot.engine.words}", param="response_format")
     owner = service.admission.owner(request.headers, f"{request.url.path}?{request.url.query}")

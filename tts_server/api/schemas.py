@@ -72,10 +72,10 @@ class SynthesizeMessage(MessageBase, SamplingFields):
         limits = limits_of(info)
         if len(self.text) > limits.max_text_chars:
             raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
-                                                         f"{limits.max_text_chars}")
+                                                   f"{limits.max_text_chars}")
         if self.emotion is not None and self.emotion not in limits.emotions:
             raise Refusal(ErrorCode.UNKNOWN_EMOTION, f"Unknown emotion {self.emotion!r}; available: "
-                                                           f"{', '.join(limits.emotions) or 'none are configured'}")
+                                                     f"{', '.join(limits.emotions) or 'none are configured'}")
         return self
 
     def to_request(self) -> SynthesisRequest:
@@ -134,11 +134,11 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     """Turn one WebSocket frame into a validated message, or raise ``Refusal``."""
     if isinstance(raw, bytes):
         raise Refusal(ErrorCode.INVALID_REQUEST, "Binary frames are only accepted after a voice message; "
-                                                       "send requests as JSON text frames")
+                                                 "send requests as JSON text frames")
     size = len(raw) if len(raw) * 4 <= MAX_TEXT_FRAME else len(raw.encode("utf-8", "surrogatepass"))
     if size > MAX_TEXT_FRAME:
         raise Refusal(ErrorCode.INVALID_REQUEST,
-                            f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {size} bytes")
+                      f"Text frames are limited to {MAX_TEXT_FRAME // 1024} KiB; this one has {size} bytes")
     data = load_json_object(raw)
     request_id = data.get("request_id")
     if not (isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID_CHARS):

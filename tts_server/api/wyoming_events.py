@@ -138,7 +138,7 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
     language = voice.language
     if language is not None and not LANGUAGE_CODE.fullmatch(language):
         raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'language' must be a language code such as 'en' or "
-                                                           f"'de_DE', got {language!r}")
+                                                     f"'de_DE', got {language!r}")
     speaker, engine = 0, None
     if voice.name is not None and voice.name not in ("speaker",):
         if voice.name in named:
@@ -150,14 +150,14 @@ def voice_choice(voice: SynthesizeVoice | None, voices: Voices, named: dict[str,
             except p.Refusal:
                 known = ", ".join([*(v["name"] for v in voices.listing()), *named])
                 raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"Unknown voice {voice.name!r}; available: "
-                                                                   f"{known}") from None
+                                                             f"{known}") from None
     if voice.speaker is not None:
         text = str(voice.speaker)
         digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_SPEAKER))  # int() of 5,000 raises
         if not (digits and int(text) <= MAX_SPEAKER):
             shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
             raise p.Refusal(p.ErrorCode.INVALID_REQUEST,
-                                  f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {shown!r}")
+                            f"'speaker' must be a speaker id from 0 to {MAX_SPEAKER}, got {shown!r}")
         speaker = int(text)
     return speaker, engine, language
 
@@ -169,7 +169,7 @@ def read_voice(data: dict[str, Any]) -> SynthesizeVoice | None:
         return None
     if not isinstance(voice, dict) or any(v is not None and not isinstance(v, (str, int)) for v in voice.values()):
         raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "'voice' must be an object with string fields "
-                                                           "name, language, speaker")
+                                                     "name, language, speaker")
     return SynthesizeVoice(name=_text_or_none(voice.get("name")), language=_text_or_none(voice.get("language")),
                            speaker=_text_or_none(voice.get("speaker")))
 
@@ -206,7 +206,7 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
         raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'text' must be {ENCODABLE_RULE}")
     if len(text) > max_text_chars:
         raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG,
-                              f"The text has {len(text)} characters; the limit is {max_text_chars}")
+                        f"The text has {len(text)} characters; the limit is {max_text_chars}")
     return Synthesize(text, speaker, engine, language).to_request()
 
 

@@ -22,9 +22,9 @@ def shutting_down(request_id: str | None = None) -> Refusal:
 
 def rate_limited(per_minute: int, request_id: str | None = None, who: str = "this connection") -> Refusal:
     return Refusal(ErrorCode.RATE_LIMITED, f"More than {per_minute} requests a minute on {who}; slow down",
-                         request_id)
+                   request_id)
 
 
 def too_many_queued(limit: int, request_id: str | None = None, who: str = "This connection") -> Refusal:
     return Refusal(ErrorCode.TOO_MANY_QUEUED, f"{who} already has {limit} requests waiting or running; "
-                                                    "wait for one to finish", request_id)
+                                              "wait for one to finish", request_id)

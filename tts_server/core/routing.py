@@ -58,27 +58,28 @@ class Chain:
         found = self.candidates(request)
         return found[0] if found else None
 
-    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | r.Refusal:
-        """The slot that should serve ``request`` now (possibly still loading), or the error to answer."""
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot:
+        """The slot that should serve ``request`` now (possibly still loading); the ``Refusal`` to answer when none
+        can."""
         if request.engine is not None and request.engine not in self.by_name:
-            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: "
-                                                                  "not configured on this server", request.request_id)
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Engine {request.engine!r} is unavailable: not "
+                                                           "configured on this server", request.request_id)
         found = self.candidates(request)
         if not found:
-            return self._unsupported(request)
+            raise self._unsupported(request)
         if overflow and self.overflow in found and self.overflow.state != EngineState.FAILED:
             return self.overflow
         for slot in found:
             if slot.state != EngineState.FAILED:
                 return slot
         if request.engine is not None:
-            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE,
-                                   f"Engine {request.engine!r} is unavailable: {found[0].reason}", request.request_id)
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE,
+                            f"Engine {request.engine!r} is unavailable: {found[0].reason}", request.request_id)
         if len(found) == 1:
-            return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
-                                   request.request_id)
+            raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"Model unavailable: {found[0].reason}",
+                            request.request_id)
         reasons = "; ".join(f"{slot.name}: {slot.reason}" for slot in found)
-        return r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
+        raise r.Refusal(r.ErrorCode.MODEL_UNAVAILABLE, f"No engine can serve: {reasons}", request.request_id)
 
     def next_after(self, slot: EngineSlot, request: SynthesisRequest) -> EngineSlot | None:
         """The ready engine after ``slot`` that may take over ``request`` (one that named no engine)."""
@@ -98,8 +99,8 @@ class Chain:
         spoken = sorted({code for slot in self._pool(request) for code in (slot.engine.languages() or ())})
         where = f"engine {request.engine!r}" if request.engine else "this server"
         return r.Refusal(r.ErrorCode.UNSUPPORTED_LANGUAGE,
-                               f"No engine speaks {request.language!r}; {where} speaks: {', '.join(spoken)}",
-                               request.request_id)
+                         f"No engine speaks {request.language!r}; {where} speaks: {', '.join(spoken)}",
+                         request.request_id)
 
 
 def _speaks(slot: EngineSlot, request: SynthesisRequest) -> bool:

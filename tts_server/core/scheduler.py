@@ -92,8 +92,6 @@ class Scheduler:
                 return None
             job.cache_key = key
         slot = self.route(job.request)
-        if isinstance(slot, Refusal):
-            raise slot
         if self.depth >= self.max_queue:
             overflow = self.chain.overflow_slot(job.request)
             if overflow is None or self.overflow_depth >= self.max_queue:
@@ -106,7 +104,7 @@ class Scheduler:
             return f"The {slot.name} model is loading; your request is queued and will be answered when it is ready"
         return None
 
-    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot | Refusal:
+    def route(self, request: SynthesisRequest, overflow: bool = False) -> EngineSlot:
         """The slot that should serve ``request`` now (possibly still loading); see ``routing.Chain``."""
         return self.chain.route(request, overflow)
 
@@ -155,10 +153,11 @@ class Scheduler:
             if job.finished:  # cancelled while queued
                 self._queue.remove(job)
                 continue
-            slot = self.route(job.request, job.overflow)
-            if isinstance(slot, Refusal):
+            try:
+                slot = self.route(job.request, job.overflow)
+            except Refusal as refusal:  # its engine failed while it waited
                 self._queue.remove(job)
-                job.finish(failed(slot))
+                job.finish(failed(refusal))
                 continue
             busy = slot.state == EngineState.LOADING or any(j.owner is job.owner for j in self.running)
             if busy or sum(j.slot is slot for j in self.running) >= slot.engine.concurrency:

@@ -116,7 +116,7 @@ class Sessions:
             log.warning("The session store is unavailable: %s %s", why, detail)
         self._down = why
         return r.Refusal(r.ErrorCode.STORE_UNAVAILABLE, f"The session store is unavailable ({why}); what was "
-                                                              "stored before is kept: retry shortly")
+                                                        "stored before is kept: retry shortly")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -67,8 +67,8 @@ def owner_of(api_key: str | None) -> str:
 
 def too_many(limit: int) -> r.Refusal:
     return r.Refusal(r.ErrorCode.TOO_MANY_SESSIONS, f"You already hold {limit} sessions (the most one API key, "
-                                                          "or one address on a server without keys, may hold): "
-                                                          "delete one, or resume one with its id")
+                                                    "or one address on a server without keys, may hold): "
+                                                    "delete one, or resume one with its id")
 
 
 def server_full(limit: int) -> r.Refusal:
@@ -77,7 +77,7 @@ def server_full(limit: int) -> r.Refusal:
 
 def unknown(session: str) -> r.Refusal:
     return r.Refusal(r.ErrorCode.UNKNOWN_SESSION, f"No session {session[:64]!r}: it never existed, expired, was "
-                                                        "deleted, or belongs to another API key")
+                                                  "deleted, or belongs to another API key")
 
 
 class SessionStore:

@@ -46,7 +46,7 @@ class StreamedTurn:
         self.received += len(data) // 2
         if self.received > MAX_TURN_SECONDS * self.sample_rate:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST, f"A streamed turn may last {MAX_TURN_SECONDS} s; "
-                                                               "this one was dropped")
+                                                         "this one was dropped")
         samples = np.frombuffer(data, "<i2")
         scaled = to_float(samples)
         self._keep(scaled, samples)
