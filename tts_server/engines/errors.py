@@ -63,8 +63,7 @@ class Refusal(Exception):
 
     def answering(self, request_id: str | None) -> "Refusal":
         """The same refusal, answering ``request_id`` (a store's refusal, raised for the request that met it)."""
-        return type(self)(self.code, self.message, request_id, self.param) if type(self) is Refusal else \
-            Refusal(self.code, self.message, request_id, self.param)
+        return Refusal(self.code, self.message, request_id, self.param)
 
     @property
     def engine_fault(self) -> bool:
