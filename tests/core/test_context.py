@@ -12,7 +12,7 @@ import websockets
 
 from audio_fixtures import audio_bytes, speechlike, write_audio
 from conftest import ahttp_get, collect, csm_slot, recv_json, running_server, url
-from tts_server.core.context import Conversation, ReferenceLibrary
+from tts_server.core.context import History, ReferenceLibrary
 from tts_server.engines.base import ContextTurn, EngineError, SynthesisTask
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.request import SynthesisRequest
@@ -67,7 +67,7 @@ def test_reference_codes_are_encoded_once_and_cached(tiny_model_dir, references)
     for seed in (0, 2, 4):  # seeds 0, 2 and 4 all pick clip 0 of "happy"
         task = SynthesisTask(SynthesisRequest(text="Cached", request_id="c", seed=seed, emotion="happy",
                                               max_audio_length_ms=160))
-        Conversation(library).prompt_for(task)
+        History(library).prompt_for(task)
         assert list(engine.synthesize(task))
     assert len(calls) == 1
 
@@ -77,7 +77,7 @@ def test_prompt_layout_voice_history_emotion_then_text(tiny_model_dir, reference
     engine.load()
     library = ReferenceLibrary(references, pin_voices=False)
     library.load()
-    conversation = Conversation(library)
+    conversation = History(library)
     conversation.set_voice(0, "My voice.", speechlike(1.0))
     conversation.history.append(ContextTurn(1, "Earlier.", cache={"csm": torch.zeros(3, 32, dtype=torch.long)}))
     task = SynthesisTask(SynthesisRequest(text="Now this.", request_id="r", seed=1, emotion="sad"))

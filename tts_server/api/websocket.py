@@ -11,12 +11,15 @@ Rejections (validation errors, ``busy``, ``loading`` notices) are sent at once
 rather than queued behind audio; they carry the ``request_id`` they answer.
 Closing a connection cancels all of its queued and running jobs.  The
 handshake is refused with HTTP 401/403 and a body (ASGI's denial response).
+
+Everything conversational (the session, the history, the other side's turns,
+``respond``, barge-in) is the connection's ``core.conversation.Conversation``;
+the connection is its ``Peer``: it sends the events and keeps the jobs in line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 
@@ -24,57 +27,38 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..core import replies as r
-from ..core.context import Conversation, heard
-from ..core.events import Audio, Failed, Frame, Loading, Reset, Truncated, VoiceCleared, VoiceSaved, failed
+from ..core.conversation import Conversation, checked_audio, unknown_request
+from ..core.events import Audio, Failed, Frame, Loading, VoiceCleared, VoiceSaved, failed
 from ..core.fair import Dropped
-from ..core.listening import Listener
 from ..core.jobs import END, Job
 from ..core.security import RateLimiter
 from ..core.service import Service
-from ..core.turns import StreamedTurn
-from ..engines.base import ContextTurn
-from ..references import ReferenceError
-from ..references.quality import check_voice_prompt
+from ..engines.request import SynthesisRequest, new_request_id
 from . import schemas as s
-from .dialogue import Dialogue
-from .dialogue_schemas import AnswerOptions
-from .turn_guard import TurnGuard
 from .ws_replies import encode
 
 log = logging.getLogger(__name__)
 PATHS = ("/", "/ws")
 
 
-class Connection(Dialogue):
-    """State of one WebSocket client: its jobs in arrival order, its conversation, a send lock."""
+class Connection:
+    """One WebSocket client: its frames, its jobs in arrival order and their writer, a send lock; the ``Peer`` of
+    its conversation."""
 
     def __init__(self, service: Service, ws: WebSocket, owner: str = "", counted_as: str = "") -> None:
         self.service = service
         self.ws = ws
-        self.owner = owner  # whose sessions this connection may bind (a hash of its API key)
-        self.counted_as = counted_as or owner  # whose share of the sessions those it creates take
-        self.session: str | None = None
+        self.key = tuple(ws.scope.get("client") or ("?", 0))  # as admitted: its turn on the shared model threads
         self._turn: s.TurnMessage | None = None  # a turn message waiting for its binary frame
-        self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
-        self._listener: Listener | None = None  # hands-free turns (turn_start with vad)
-        self._answering: AnswerOptions | None = None  # answer each saved turn (turn_start's respond)
-        self._answers: set[asyncio.Task] = set()  # LLM streams of respond requests
-        self._guess: asyncio.Future | None = None  # a hands-free utterance's transcript, begun at its pause
-        # barge-in: recent replies' turns (and their places in the session), and replies to cut once they end
-        # (its turns, its speed: the turns hold unstretched audio)
-        self._replies: collections.OrderedDict[str, tuple[list[ContextTurn], float]] = collections.OrderedDict()
-        self._stored: dict[str, list[int]] = {}
-        self._cuts: dict[str, float] = {}
+        self._voice: s.VoiceMessage | None = None  # a voice message waiting for its binary frame
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
-        self.conversation = Conversation(service.library, service.limits.max_context_turns)
-        self._voice: s.VoiceMessage | None = None  # a voice message waiting for its binary frame
         # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
         self._told_loading = False
         self._rate = RateLimiter(service.limits.rate_limit)
-        self._guard = TurnGuard(service.turns.audio_pace(), service.turns.turn_timeout)  # streamed audio's pace, open turns
         self._send_lock = asyncio.Lock()
         self._write_timeout: float = ws.app.state.write_timeout
+        self.conversation = Conversation(service, self, owner, counted_as, self._rate)
 
     def limits(self) -> s.Limits:
         return s.Limits(max_text_chars=self.service.limits.max_text_chars, emotions=self.service.emotions)
@@ -105,7 +89,7 @@ class Connection(Dialogue):
             await self.send(Loading(notice))
         if session is not None:  # ?session=<id> on the URL: resumed right after the handshake
             try:
-                await self._bind(session)
+                await self.conversation.bind(session)
             except r.Refusal as exc:
                 await self.send(failed(exc))
         writer = asyncio.create_task(self._write_replies())
@@ -121,24 +105,21 @@ class Connection(Dialogue):
         finally:
             for job in list(self.live.values()):
                 job.cancel()
-            for task in list(self._answers):
-                task.cancel()
-            self._drop_guess()
-            self._guard.close()
-            self._streaming = self._listener = None  # their buffers go now
+            self.conversation.close()  # its answers stop, an open turn's buffers go now
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
-            streaming = self._streaming is not None or self._listener is not None
-            if isinstance(raw, bytes) and self._voice is None and self._turn is None and streaming:
-                return await self._stream_audio(raw)
+            if isinstance(raw, bytes) and self._voice is None and self._turn is None and \
+                    self.conversation.hearing.open:
+                return await self.conversation.audio(raw)
             pending, self._voice, self._turn = self._voice or self._turn, None, None
             if pending is not None:
                 if isinstance(raw, bytes):
-                    save = self._save_voice if isinstance(pending, s.VoiceMessage) else self._save_turn
-                    return await save(pending, raw)
+                    if isinstance(pending, s.VoiceMessage):
+                        return await self._save_voice(pending, raw)
+                    return await self.conversation.turn(pending.speaker, pending.text, raw)
                 what = "Voice upload" if isinstance(pending, s.VoiceMessage) else "Turn"
                 await self.send(Failed(r.ErrorCode.INVALID_REQUEST,
                                        f"{what} abandoned: its message must be followed by one binary frame "
@@ -148,29 +129,7 @@ class Connection(Dialogue):
             creates = isinstance(message, s.SessionMessage) and message.session is None  # a new session
             if (isinstance(message, counted) or creates) and not self._rate.allow():
                 raise r.rate_limited(self.service.limits.rate_limit, message.request_id)
-            if isinstance(message, s.SynthesizeMessage):
-                await self._synthesize(message.to_request())
-            elif isinstance(message, s.CancelMessage):
-                await self._cancel(message.request_id, message.played_ms)
-            elif isinstance(message, s.VoiceMessage):
-                await self._voice_message(message)
-            elif isinstance(message, s.TurnMessage):
-                if message.text is None:
-                    self.service.speech.refuse_without()  # refused now, before the client sends its audio
-                self._turn = message
-            elif isinstance(message, s.SessionMessage):
-                await self._bind(message.session)
-            elif isinstance(message, s.SessionDeleteMessage):
-                await self._delete_session()
-            elif isinstance(message, s.TurnStartMessage):
-                await self._turn_start(message)
-            elif isinstance(message, s.TurnEndMessage):
-                await self._end_turn(message.text)
-            elif isinstance(message, s.RespondMessage):
-                await self._respond(message, message.request_id)
-            else:
-                self.conversation.reset()
-                await self.send(Reset())
+            await self._dispatch(message)
         except r.Refusal as exc:
             await self.send(failed(exc))
         except (WebSocketDisconnect, OSError, Dropped):
@@ -179,105 +138,95 @@ class Connection(Dialogue):
             log.exception("internal error while handling a message")
             await self.send(Failed(r.ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
-    async def _synthesize(self, request) -> None:
+    async def _dispatch(self, message) -> None:
+        """A parsed message to what handles it: synthesis and voices here, the rest to the conversation."""
+        conversation = self.conversation
+        if isinstance(message, s.SynthesizeMessage):
+            await self._synthesize(message.to_request())
+        elif isinstance(message, s.CancelMessage):
+            await self._cancel(message.request_id, message.played_ms)
+        elif isinstance(message, s.VoiceMessage):
+            await self._voice_message(message)
+        elif isinstance(message, s.TurnMessage):
+            if message.text is None:
+                self.service.speech.refuse_without()  # refused now, before the client sends its audio
+            self._turn = message
+        elif isinstance(message, s.SessionMessage):
+            await conversation.bind(message.session)
+        elif isinstance(message, s.SessionDeleteMessage):
+            await conversation.delete_session()
+        elif isinstance(message, s.TurnStartMessage):
+            answer = message.respond.to_request if message.respond is not None else None
+            await conversation.start_turn(message.speaker, message.sample_rate, message.vad, answer)
+        elif isinstance(message, s.TurnEndMessage):
+            await conversation.end_turn(message.text)
+        elif isinstance(message, s.RespondMessage):
+            await conversation.respond(message.to_request(message.request_id or new_request_id()))
+        else:
+            await conversation.reset()
+
+    async def _synthesize(self, request: SynthesisRequest) -> None:
         if request.context:
-            await self._check_session(request.request_id)
-        job = self._new_job(request)
+            await self.conversation.check_session(request.request_id)
+        job = self.conversation.job(request)
         job.cache_salt = "websocket"  # with context off its prompt is the text (and emotion clip) alone
-        notice = self.service.scheduler.submit(job)
+        self._admit(request.request_id)
+        notice = self.service.scheduler.submit(job)  # refused (busy) before it is in line: told at once
         self.live[request.request_id] = job
         self.jobs.put_nowait(job)
         if notice and not self._told_loading:
             self._told_loading = True
             await self.send(Loading(notice, request.request_id))
 
-    def _new_job(self, request) -> Job:
-        """A job for ``request`` on this connection (prompted with its history, stored in its session), or the
-        reason it cannot be taken."""
+    def _admit(self, request_id: str) -> None:
+        """Refuse a request this connection cannot take now: the server is draining, its id is in use, or too
+        many of its requests are waiting."""
         if self.service.admission.draining:
-            raise r.shutting_down(request.request_id)
-        if request.request_id in self.live:
+            raise r.shutting_down(request_id)
+        if request_id in self.live:
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST,
-                                  f"request_id {request.request_id!r} is already in use on this connection",
-                                  request.request_id)
+                            f"request_id {request_id!r} is already in use on this connection", request_id)
         if sum(not job.finished for job in self.live.values()) >= self.service.limits.max_queued_per_connection:
-            raise r.too_many_queued(self.service.limits.max_queued_per_connection, request.request_id)
-        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
-                  on_success=self._remember)
-        job.owner = self
-        if self.session is not None and request.context:
-            session = self.session
+            raise r.too_many_queued(self.service.limits.max_queued_per_connection, request_id)
 
-            async def persist(j: Job) -> None:  # its places in the session, for a cut after a barge-in
-                self._stored[j.request_id] = await self.service.sessions.extend(session, self.owner, j.task.produced)
-            job.persist = persist
-        return job
+    # -- the conversation's Peer ------------------------------------------------------------------------------
+    def enqueue(self, job: Job) -> None:
+        """A conversation's job (an answer) in line on the writer; it is scheduled once its first sentence is
+        written (``schedule``)."""
+        self._admit(job.request_id)
+        self.live[job.request_id] = job
+        self.jobs.put_nowait(job)
 
-    def _remember(self, job: Job) -> None:
-        """After a success: extend the history, and pin the speaker's voice if it has none yet."""
-        self.conversation.remember(job.task)
-        speaker, produced = job.request.speaker, list(job.task.produced)
-        if job.request.context:
-            self._replies[job.request_id] = produced, job.request.speed
-            while len(self._replies) > 2 * self.service.limits.max_context_turns:
-                self._stored.pop(self._replies.popitem(last=False)[0], None)
-        library = self.service.library
-        if job.request.context and speaker not in self.conversation.voices and library.wants_pin(speaker, produced):
-            self.service.background(asyncio.to_thread(library.pin, speaker, produced))
+    def schedule(self, job: Job) -> None:
+        notice = self.service.scheduler.submit(job)
+        if notice and not self._told_loading:
+            self._told_loading = True
+            job.post(Loading(notice, job.request_id))
 
+    def gone(self) -> bool:
+        return self.ws.app.state.connections.gone(self.key)
+
+    # -- voices and cancels -------------------------------------------------------------------------------------
     async def _voice_message(self, message: s.VoiceMessage) -> None:
         if message.clear:
-            cleared = self.conversation.clear_voice(message.speaker)
+            cleared = self.conversation.memory.clear_voice(message.speaker)
             await self.send(VoiceCleared(message.speaker, cleared))
         else:
             self._voice = message
 
-    async def _checked_audio(self, data: bytes, what: str):
-        """An uploaded file (a voice prompt, a turn) decoded and checked off the loop, or ``invalid_voice``."""
-        try:
-            return await asyncio.to_thread(check_voice_prompt, data, self.service.limits.max_voice_bytes,
-                                           self.service.limits.max_voice_seconds)
-        except ReferenceError as exc:
-            raise r.Refusal(r.ErrorCode.INVALID_VOICE, f"{what} rejected: {exc}") from None
-
     async def _save_voice(self, message: s.VoiceMessage, data: bytes) -> None:
-        audio = await self._checked_audio(data, "Voice prompt")
-        turn = self.conversation.set_voice(message.speaker, (message.text or "").strip(), audio)
+        audio = await checked_audio(data, self.service.limits, "Voice prompt")
+        turn = self.conversation.memory.set_voice(message.speaker, (message.text or "").strip(), audio)
         await self.send(VoiceSaved(message.speaker, round(turn.duration_s, 3)))
 
     async def _cancel(self, request_id: str, played_ms: float | None = None) -> None:
-        """Stop a request; with ``played_ms`` (barge-in) also keep only what was heard of its reply, whether it
-        still runs (cut once it has ended ``cancelled``) or already finished."""
+        """Stop a request; with ``played_ms`` (barge-in) the conversation also keeps only what was heard of its
+        reply, whether it is still in line or already ended."""
         job = self.live.get(request_id)
-        if job is not None and (job.cancel() or played_ms is not None):
-            if played_ms is not None:
-                self._cuts[request_id] = played_ms  # the writer cuts it after the reply's last frame
-            return
-        if played_ms is None or request_id not in self._replies:
-            raise r.Refusal(r.ErrorCode.UNKNOWN_REQUEST,
-                                  f"No queued or running request {request_id!r} on this connection", request_id)
-        await self._cut(request_id, played_ms, None)
-
-    async def _cut(self, request_id: str, played_ms: float, job: Job | None) -> None:
-        """The reply's turns become what was heard of them, in the history and the session; then ``truncated``."""
-        old, speed = self._replies.pop(request_id, (None, 1.0))
-        if old is None:  # cancelled while it ran: never remembered; its finished sentences were heard first, then
-            task = job.task if job is not None and job.request.context else None  # the start of the one cut off
-            old = list(task.produced) + ([task.unfinished] if task.unfinished else []) if task else []
-            speed = job.request.speed if job is not None else 1.0
-        kept = heard(old, played_ms / 1000 * speed)
-        self.conversation.replace(old, kept)
-        seqs = self._stored.pop(request_id, None)
-        if self.session is not None and (seqs or kept):
-            store = self.service.sessions
-            try:
-                if seqs:
-                    await store.replace(self.session, self.owner, seqs, kept)
-                else:
-                    await store.extend(self.session, self.owner, kept)
-            except r.Refusal as exc:  # the store is down: the cut is this connection's alone
-                raise r.Refusal(exc.code, exc.message, request_id) from None
-        await self.send(Truncated(request_id, round(sum(turn.duration_s for turn in kept), 3)))
+        if played_ms is not None:
+            return await self.conversation.barge_in(request_id, played_ms, job)
+        if job is None or not job.cancel():
+            raise unknown_request(request_id)
 
     async def _write_replies(self) -> None:
         while True:
@@ -288,11 +237,7 @@ class Connection(Dialogue):
                     job.unsent_bytes(-sum(len(f.data) for f in item if isinstance(f, Audio)))
             finally:
                 self.live.pop(job.request_id, None)
-            if (played_ms := self._cuts.pop(job.request_id, None)) is not None:
-                try:
-                    await self._cut(job.request_id, played_ms, job)
-                except r.Refusal as exc:  # told, and the writer lives on for the connection's next replies
-                    await self.send(failed(exc))
+            await self.conversation.ended(job)  # a barge-in while it ran cuts it now
 
 
 async def serve(ws: WebSocket) -> None:

@@ -4,7 +4,7 @@
 each client gets a ``WyomingConnection`` (the package's ``AsyncEventHandler``).
 Synthesis becomes the same ``Job`` a WebSocket request becomes (same queue,
 batching, engines, limits, metrics, cancellation), with the connection as its
-owner and its ``Conversation`` as context, so the sentences of one streamed
+owner and its ``History`` as context, so the sentences of one streamed
 reply keep one voice.
 
 As on the WebSocket, the connection reads events in one task and delivers
@@ -32,7 +32,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from ..audio.text import SentenceStream
 from ..core import replies as p
-from ..core.context import Conversation
+from ..core.context import History
 from ..core.events import Audio, Cancelled, Failed, Succeeded
 from ..core.jobs import EngineState, Job
 from ..core.security import RateLimiter, is_loopback
@@ -136,7 +136,7 @@ class WyomingConnection(AsyncEventHandler):
     def __init__(self, api: WyomingApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super().__init__(reader, writer)
         self.api, self.service = api, api.service
-        self.conversation = Conversation(self.service.library, self.service.limits.max_context_turns)
+        self.conversation = History(self.service.library, self.service.limits.max_context_turns)
         self._rate = RateLimiter(self.service.limits.rate_limit)
         # bounded: a client that sends text faster than it is spoken waits (its reading pauses)
         self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue(
@@ -282,13 +282,13 @@ class WyomingConnection(AsyncEventHandler):
         stream = self._stream
         if stream is None:
             raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
-                                                               "synthesize-start first")
+                                                         "synthesize-start first")
         text = w.read_text(data)
         if stream.voice is None:
             return  # its synthesize-start was refused (and answered)
         if len(stream.sentences.pending) + len(text) > self.service.limits.max_text_chars:
             raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.service.limits.max_text_chars} characters "
-                                                             "without a sentence end; this chunk was dropped")
+                                                       "without a sentence end; this chunk was dropped")
         await self._queue_sentences(stream.sentences.add(text), stream.voice)
 
     async def _stop(self) -> None:

@@ -6,10 +6,10 @@ its output follows the audio in its context.  The server steers both:
 - ``ReferenceLibrary`` (one per server): emotion clips from ``emotion_map.json``
   and a default voice per speaker from ``voices.json``; with pinning on, a
   speaker's first long-enough CSM generation becomes its default voice.
-- ``Conversation`` (one per connection): recent turns, bounded, and voice
-  prompts the client uploaded.
+- ``History`` (one per connection, held by its ``core.conversation``): recent
+  turns, bounded, and voice prompts the client uploaded.
 
-``Conversation.prompt_for`` fills a task's context right before it runs:
+``History.prompt_for`` fills a task's context right before it runs:
 voice prompt first (uploaded, else default), then history, oldest first; the
 emotion reference goes right before the text.  ``context: false`` uses the
 emotion reference alone and reads or writes nothing else.
@@ -120,7 +120,7 @@ class ReferenceLibrary:
         }
 
 
-class Conversation:
+class History:
     """One connection's memory: its recent turns and the voices it uploaded."""
 
     def __init__(self, library: ReferenceLibrary, max_turns: int = 8) -> None:

@@ -8,7 +8,7 @@ turn-encoding thread nothing.  The allowance belongs to the connection, not to
 a turn: a new ``turn_start`` does not refill it.
 
 A turn, or a hands-free utterance, that stays open longer than
-``Service.turn_timeout`` seconds of wall-clock time (``MAX_TURN_SECONDS`` and a
+``TurnEncoding.turn_timeout`` seconds of wall-clock time (``MAX_TURN_SECONDS`` and a
 margin: the client stopped sending, or sends far slower than real time) is
 dropped with ``client_too_slow`` and its buffers freed; a listener with no
 utterance open, or a connection with no turn, may idle as long as it likes.
@@ -20,9 +20,9 @@ import asyncio
 import time
 from typing import Callable
 
-from ..core import replies as r
-from ..core.events import Failed
-from ..core.pacing import AudioPace
+from ..engines.errors import ErrorCode, Refusal
+from .events import Failed
+from .pacing import AudioPace
 
 
 class TurnGuard:
@@ -34,9 +34,9 @@ class TurnGuard:
         """A frame of ``size`` bytes of 16-bit PCM at ``rate``: raise ``rate_limited`` (saying ``dropped``: what
         was dropped for it) when it runs past the pace."""
         if not self.pace.take(size / 2 / rate, time.monotonic()):
-            raise r.Refusal(r.ErrorCode.RATE_LIMITED, f"Audio is arriving faster than real time: a connection "
-                                                            f"may send {self.pace.burst:g} s of audio ahead of the "
-                                                            f"clock, then {self.pace.speed:g} s a second; {dropped}")
+            raise Refusal(ErrorCode.RATE_LIMITED, f"Audio is arriving faster than real time: a connection may send "
+                                                  f"{self.pace.burst:g} s of audio ahead of the clock, then "
+                                                  f"{self.pace.speed:g} s a second; {dropped}")
 
     def open(self, overstayed: Callable[[], None]) -> None:
         """A turn or an utterance opened: ``overstayed()`` is called after the timeout unless ``close`` comes
@@ -50,5 +50,5 @@ class TurnGuard:
             self._timer = None
 
     def overstayed_reply(self, what: str, after: str) -> Failed:
-        return Failed(r.ErrorCode.CLIENT_TOO_SLOW, f"{what} stayed open longer than {self.timeout:g} s (its "
+        return Failed(ErrorCode.CLIENT_TOO_SLOW, f"{what} stayed open longer than {self.timeout:g} s (its "
                                                    f"audio stopped, or came far slower than real time); {after}")
