@@ -215,8 +215,9 @@ class Guard:
         request = Request(scope)
         path = scope["path"]
         client = tuple(scope.get("client") or ("?", 0))
-        refusal = service.admission.admit(client, service.admission.proxies.client(client[0], request.headers))
-        if refusal is not None:
+        try:
+            service.admission.admit(client, service.admission.proxies.client(client[0], request.headers))
+        except Refusal as refusal:
             response = error_response(path, 503, refusal.message, refusal.code.value,
                                       {"connection": "close", "retry-after": "1"})
             return await response(scope, receive, send)

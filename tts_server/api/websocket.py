@@ -30,7 +30,7 @@ from ..core import replies as r
 from ..core.conversation import Conversation, checked_audio, unknown_request
 from ..core.events import Audio, Failed, Frame, Loading, VoiceCleared, VoiceSaved, failed
 from ..core.fair import Dropped
-from ..core.jobs import END, Job
+from ..core.jobs import Job
 from ..core.security import RateLimiter
 from ..core.service import Service
 from ..engines.request import SynthesisRequest, new_request_id
@@ -232,9 +232,8 @@ class Connection:
         while True:
             job = await self.jobs.get()
             try:
-                while (item := await job.outbox.get()) is not END:
+                async for item in job.replies():
                     await self.send(*item)
-                    job.unsent_bytes(-sum(len(f.data) for f in item if isinstance(f, Audio)))
             finally:
                 self.live.pop(job.request_id, None)
             await self.conversation.ended(job)  # a barge-in while it ran cuts it now
@@ -250,11 +249,13 @@ async def serve(ws: WebSocket) -> None:
         return await ws.send_denial_response(PlainTextResponse(verdict.reason, verdict.status))
     client = tuple(ws.scope["client"] or ("?", 0))
     address = service.admission.proxies.client(client[0], ws.headers)
-    refusal = service.admission.admit(client, address)
-    await ws.accept()
-    if refusal is not None:
+    try:
+        service.admission.admit(client, address)
+    except r.Refusal as refusal:
+        await ws.accept()
         await ws.send_text(encode(failed(refusal)))
         return await ws.close(1013, "try again later")
+    await ws.accept()
     owner = service.admission.owner(ws.headers, target)
     connection = Connection(service, ws, owner, service.admission.counted_as(owner, address))
     open_connections.add(connection)

@@ -156,8 +156,9 @@ class WyomingConnection(AsyncEventHandler):
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else "local"
-        refusal = self.service.admission.admit(self, address)
-        if refusal is not None:
+        try:
+            self.service.admission.admit(self, address)
+        except p.Refusal as refusal:
             with contextlib.suppress(ConnectionError):
                 await self._error(refusal.code, refusal.message)
             self.writer.close()
@@ -319,8 +320,11 @@ class WyomingConnection(AsyncEventHandler):
             if isinstance(item, _Refused):
                 failure, streamed = item.error, False
             else:
+                failure, streamed = None, item.streamed
                 try:
-                    failure, streamed = await self._speak(item.request), item.streamed
+                    await self._speak(item.request)
+                except p.Refusal as refusal:
+                    failure = refusal
                 except ConnectionError:
                     raise
                 except Exception:  # a bug: this generation fails with an error event, as any failure does
@@ -333,19 +337,16 @@ class WyomingConnection(AsyncEventHandler):
                     self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
                     return
 
-    async def _speak(self, request: SynthesisRequest) -> p.Refusal | None:
-        """Run one generation and send its audio; returns the error that ended it, if one did."""
+    async def _speak(self, request: SynthesisRequest) -> None:
+        """Run one generation and send its audio; raises the ``Refusal`` that ended it, if one did."""
         if self.service.admission.draining:
-            return p.shutting_down()
+            raise p.shutting_down()
         rate = self.service.scheduler.sample_rate
         audio_start = AudioStart(rate=rate, width=2, channels=1).event()
         job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
                   on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
         job.owner = self
-        try:
-            self.service.scheduler.submit(job)
-        except p.Refusal as exc:
-            return exc
+        self.service.scheduler.submit(job)
         self._job, started = job, False
         try:
             async for item in job.replies():
@@ -357,15 +358,14 @@ class WyomingConnection(AsyncEventHandler):
                                 started = True
                             await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
                         case Failed():
-                            return frame.refusal()
+                            raise frame.refusal()
                         case Cancelled():  # only the server cancels a job whose client is still here
-                            return p.Refusal(p.ErrorCode.SHUTTING_DOWN,
-                                             "The request was cancelled: the server is shutting down")
+                            raise p.Refusal(p.ErrorCode.SHUTTING_DOWN,
+                                            "The request was cancelled: the server is shutting down")
                         case Succeeded():
                             if not started:
                                 await self.write_event(audio_start)
                             await self.write_event(AudioStop().event())
-            return None
         finally:
             self._job = None
             job.cancel()  # a no-op once it has finished; else the client left: stop the work

@@ -26,17 +26,17 @@ class Admission:
         self._admitted: dict[Hashable, str] = {}  # connection -> the address it is counted under
         self._on_release: list[Callable[[Hashable], None]] = []
 
-    def admit(self, connection: Hashable, address: str) -> Refusal | None:
-        """Count ``connection`` under ``address``, or say why it is refused; ``release`` it when it closes."""
+    def admit(self, connection: Hashable, address: str) -> None:
+        """Count ``connection`` under ``address`` (``release`` it when it closes), or raise the ``Refusal`` its
+        interface answers before closing it."""
         if connection in self._admitted:
-            return None
+            return
         if self.draining:
-            return Refusal(ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+            raise Refusal(ErrorCode.SHUTTING_DOWN, "The server is shutting down")
         refusal = self.limits.admit(address)
         if refusal is not None:
-            return Refusal(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            raise Refusal(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
         self._admitted[connection] = address
-        return None
 
     def on_release(self, hook: Callable[[Hashable], None]) -> None:
         """Call ``hook(connection)`` whenever a connection closes (to drop the work it left waiting)."""
