@@ -74,6 +74,9 @@ def native_cpu_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+CLOSE_WAIT_S = 10  # how long close waits for the batch thread's current step
+
+
 class CsmEngine(Engine):
     name = "csm"
     seedable = True  # the exactness tests show a seed fixes the tokens (alone or batched)
@@ -329,6 +332,8 @@ class CsmEngine(Engine):
         """Drop the model and stop the batch thread (it holds the batch's KV cache), so their memory goes now."""
         if self.batcher is not None:
             self.batcher.abandon("CSM was closed")
+            if not self.batcher.join(CLOSE_WAIT_S):
+                log.warning("CSM's batch thread is still in a step after %g s; closing without it", CLOSE_WAIT_S)
         self.model = self.decoder = self.batcher = self.processor = None
         if self.device == "cuda":
             torch.cuda.empty_cache()

@@ -126,6 +126,14 @@ class Batcher:
             self._joining.clear()
             self._wake.notify_all()
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the batch thread to return (after ``abandon``); whether it has.  A process
+        must not exit while this daemon thread is inside a torch step: the runtime aborts (SIGABRT)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
     @torch.inference_mode()
     def _run(self) -> None:
         """The batch thread: all of CSM's model steps for batched requests happen here, one op stream."""
