@@ -130,7 +130,7 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     server = ServerProcess(tmp_path, [], env)
     try:
-        server.wait_for_log("serving with piper")
+        server.wait_for_log("serving with Piper")
         reply, audio = await speak(server.port, {"text": "Hello from a fresh machine."})
         info = json.loads((await ahttp_get(server.port, "/v1/info"))[1])
     finally:
@@ -138,7 +138,7 @@ async def test_fresh_machine_defaults_speak_with_piper_and_say_why_csm_is_unavai
     assert reply["status"] == "success" and reply["engine"] == "piper" and len(audio) > 24000
     reason = info["serving"]["reason"]
     assert reason.startswith("CSM-1B unavailable: no network to download sesame/csm-1b")
-    assert reason.endswith("serving with piper en_US-joe-medium")
+    assert reason.endswith("serving with Piper en_US-joe-medium")
     assert "CSM-1B unavailable: no network" in log
 
 

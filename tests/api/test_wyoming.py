@@ -72,6 +72,7 @@ async def test_describe_lists_a_streaming_program_per_engine_with_its_voices(ser
     by_id = next(v for v in csm.voices if v.name == "speaker")
     assert [s.name for s in by_id.speakers][:3] == ["0", "1", "2"]
     assert [(v.name, v.languages) for v in piper.voices] == [("en_US-joe-medium", ["en_US"])]
+    assert (by_id.description, piper.voices[0].description) == ("CSM-1B by speaker id", "Piper en_US-joe-medium")
 
 
 async def test_synthesize_streams_16bit_mono_audio_events_of_plausible_length(server):

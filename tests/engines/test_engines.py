@@ -69,7 +69,7 @@ async def test_auto_falls_back_to_piper_when_csm_cannot_load(broken_model_dir):
     info = json.loads(body)
     assert info["serving"]["engine"] == "piper"
     assert info["serving"]["reason"].startswith("CSM-1B unavailable: cannot load CSM from")
-    assert "serving with piper en_US-joe-medium" in info["serving"]["reason"]
+    assert "serving with Piper en_US-joe-medium" in info["serving"]["reason"]
     assert info["engines"]["csm"]["state"] == "failed" and info["engines"]["piper"]["state"] == "ready"
     assert ready[0] == 200 and json.loads(ready[1])["engine"] == "piper"
 

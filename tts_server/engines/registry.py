@@ -173,7 +173,7 @@ register(EngineSpec(
     attribution=("Sesame", "https://huggingface.co/sesame/csm-1b"),
     capabilities=Capabilities(seedable=True, native_speed=False, voices=VoiceListing.NAMED, encodes_turns=True)))
 register(EngineSpec(
-    "piper", _piper, description="Piper, fast local speech",
+    "piper", _piper, label="Piper", description="Piper, fast local speech",
     attribution=("Piper (Open Home Foundation)", "https://github.com/OHF-Voice/piper1-gpl"),
     capabilities=Capabilities(word_times=True, voices=VoiceListing.OWN)))
 register(EngineSpec(
