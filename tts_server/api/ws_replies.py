@@ -25,7 +25,13 @@ def _fields(kind: type[Event]) -> tuple[tuple[str, bool], ...]:
     return tuple((f.name, f.default is None) for f in dataclasses.fields(kind))
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps with separators builds one per call
+_SCALARS = (str, int, float, bool, type(None))  # as they are (most values: checked first, every bad frame's reply)
+
+
 def _plain(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, (tuple, list)):
@@ -48,4 +54,4 @@ def as_json(event: Event) -> dict[str, Any]:
 
 def encode(event: Event) -> str:
     """``event`` as one text frame."""
-    return json.dumps(as_json(event), separators=(",", ":"))
+    return _COMPACT.encode(as_json(event))
