@@ -169,7 +169,7 @@ async def test_opus_works_at_a_sample_rate_libopus_refuses():
         assert sum(f.samples for f in frames) / frames[0].sample_rate > 0.5
 
 
-async def test_head_answers_every_get_endpoint_and_405_names_the_allowed_methods(caplog):
+async def test_head_answers_every_get_endpoint_and_404_and_405_carry_codes_and_the_allowed_methods(caplog):
     caplog.set_level(logging.INFO)
     async with running_server(piper_slot()) as server:
         for path in ("/health", "/ready", "/v1/models", "/v1/info", "/metrics", "/v1/audio/voices", "/"):
@@ -182,7 +182,11 @@ async def test_head_answers_every_get_endpoint_and_405_names_the_allowed_methods
             raw_exchange, server.port, b"GET /v1/audio/speech HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 405") and b"allow: post" in head.lower()
-        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+        assert json.loads(body)["error"]["code"] == "method_not_allowed"
+        answer = await asyncio.to_thread(
+            raw_exchange, server.port, b"GET /v1/nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404") and json.loads(body)["error"]["code"] == "not_found"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..core.jobs import EngineState
 from ..core.events import PROTOCOL_VERSION
-from ..core.replies import Refusal
+from ..core.replies import ErrorCode, Refusal
 from ..core.service import Service
 from ..engines.request import FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMATS
 from . import openai, schemas, websocket
@@ -179,9 +179,11 @@ def error_response(path: str, status: int, message: str, code: str | None = None
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    message = {404: f"Not found: {request.url.path}", 405: f"{request.url.path} does not take {request.method}"}
-    return error_response(request.url.path, exc.status_code, message.get(exc.status_code, str(exc.detail)),
-                          None, exc.headers)
+    path = request.url.path
+    known = {404: (f"Not found: {path}", ErrorCode.NOT_FOUND),
+             405: (f"{path} does not take {request.method}", ErrorCode.METHOD_NOT_ALLOWED)}
+    message, code = known.get(exc.status_code, (str(exc.detail), None))
+    return error_response(path, exc.status_code, message, code and code.value, exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -49,7 +49,7 @@ STATUS = {ErrorCode.INVALID_JSON: 400, ErrorCode.INVALID_REQUEST: 400, ErrorCode
           ErrorCode.MODEL_UNAVAILABLE: 503, ErrorCode.SHUTTING_DOWN: 503, ErrorCode.CANCELLED: 503,
           ErrorCode.GENERATION_TIMEOUT: 504, ErrorCode.GENERATION_FAILED: 500, ErrorCode.INTERNAL_ERROR: 500,
           ErrorCode.CLIENT_TOO_SLOW: 408, ErrorCode.MODEL_NOT_FOUND: 404, ErrorCode.VOICE_NOT_FOUND: 400,
-          ErrorCode.INVALID_API_KEY: 401}
+          ErrorCode.INVALID_API_KEY: 401, ErrorCode.NOT_FOUND: 404, ErrorCode.METHOD_NOT_ALLOWED: 405}
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 

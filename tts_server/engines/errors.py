@@ -34,7 +34,10 @@ class ErrorCode(str, Enum):
     MODEL_UNAVAILABLE = "model_unavailable"
     GENERATION_FAILED = "generation_failed"
     INTERNAL_ERROR = "internal_error"
-    # HTTP's own (OpenAI's names): an unknown model or voice, a body over the limit, a missing key, a cancel
+    # HTTP's own (OpenAI's names): an unknown model or voice, a body over the limit, a missing key, a cancel;
+    # an unknown path or a method a path does not take
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     MODEL_NOT_FOUND = "model_not_found"
     VOICE_NOT_FOUND = "voice_not_found"
     REQUEST_TOO_LARGE = "request_too_large"
