@@ -52,6 +52,8 @@ def build_server(settings: Settings) -> TTSServer:
                      max_session_bytes=settings.max_session_bytes,
                      stt=Transcriber(settings.stt_model, settings.device, local_only=settings.mode == "reuse")
                      if settings.stt_model else None, vad_silence_ms=settings.vad_silence_ms,
+                     turn_detector=settings.turn_detector, turn_max_silence_ms=settings.turn_max_silence_ms,
+                     stt_language=settings.stt_language,
                      chat=ChatModel(settings.chat_url, settings.chat_model, settings.chat_api_key,
                                     settings.chat_system_prompt) if settings.chat_url else None)
 

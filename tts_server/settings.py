@@ -216,8 +216,18 @@ class Settings(BaseSettings):
     stt_model: str | None = Field(None, description="speech recognition for turns sent without text: a "
         "faster-whisper model (a size such as base or small, or a hub repository, fetched in download mode) or a "
         "folder holding one; off when unset")
-    vad_silence_ms: Positive = Field(600, description="hands-free turns (turn_start with vad): milliseconds of "
-        "silence that end an utterance (Silero VAD)")
+    stt_language: str | None = Field(None, pattern=r"^[a-z]{2,3}$", description="the language every speaker "
+        "speaks (a Whisper language code such as en, de, fr): each turn is then transcribed without detecting it, "
+        "in a window its own length (much faster); unset: learnt from each conversation's first turn (or its "
+        "turn_start's 'language')")
+    turn_detector: Literal["smart-turn", "vad"] = Field("smart-turn", description="what ends a hands-free turn "
+        "(turn_start with vad): smart-turn (a short silence proposes the end and Smart Turn v3.2, from the pipecat-ai "
+        "wheel, hears whether the utterance is complete; an incomplete one waits for more, up to "
+        "--turn-max-silence-ms) or vad (a fixed silence of --vad-silence-ms)")
+    vad_silence_ms: Positive | None = Field(None, description="milliseconds of silence after which the VAD proposes "
+        "the end of an utterance (smart-turn; default 200) or ends it (vad; default 600)")
+    turn_max_silence_ms: Positive = Field(3000, description="smart-turn: milliseconds of silence that end an "
+        "utterance the model heard as incomplete")
     chat_url: str | None = Field(None, description="an OpenAI-compatible chat-completions API that writes the "
         "assistant's answers for 'respond' and the voice chat page, e.g. http://localhost:11434/v1 (Ollama) or "
         "https://api.openai.com/v1 (key: env TTS_CHAT_API_KEY); off when unset")

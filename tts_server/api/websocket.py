@@ -157,7 +157,7 @@ class Connection:
             await conversation.delete_session()
         elif isinstance(message, s.TurnStartMessage):
             answer = message.respond.to_request if message.respond is not None else None
-            await conversation.start_turn(message.speaker, message.sample_rate, message.vad, answer)
+            await conversation.start_turn(message.speaker, message.sample_rate, message.vad, answer, message.language)
         elif isinstance(message, s.TurnEndMessage):
             await conversation.end_turn(message.text)
         elif isinstance(message, s.RespondMessage):

@@ -12,6 +12,8 @@ import re
 from .pcm import FRAME_MS
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…;:])[\"')\]]*\s+|\n+")
+_PHRASE_END = re.compile(r"(?<=[.!?…;:,])[\"')\]]*\s+|\s+[-–—]+\s+|(?<=[–—])\s*|\n+")
+PHRASE_WORDS = 3  # the fewest words a first phrase may have ("Once upon a time," has four; "Well," waits)
 BASE_MS = 1000
 MS_PER_CHAR = 80  # ~12 characters per second of speech, with room to spare
 MAX_SENTENCE_CHARS = 250  # one generation's text: its prompt and frame budget fit CSM-1B's 2048 positions
@@ -49,9 +51,13 @@ class SentenceStream:
     for its end.  ``finish`` returns what is left when the text is complete.
     """
 
-    def __init__(self, min_chars: int = 12, max_chars: int = MAX_SENTENCE_CHARS) -> None:
+    def __init__(self, min_chars: int = 12, max_chars: int = MAX_SENTENCE_CHARS, first_phrase: bool = False) -> None:
+        """``first_phrase``: the first piece may also end at a clause (a comma, dash or colon after at least
+        ``PHRASE_WORDS`` words), whichever comes first, so that speech can start before a whole sentence is
+        written; the pieces after it are sentences."""
         self.min_chars, self.max_chars = min_chars, max_chars
         self._text = ""
+        self._phrase = first_phrase
 
     @property
     def pending(self) -> str:
@@ -61,10 +67,13 @@ class SentenceStream:
         self._text += chunk
         done: list[str] = []
         start = 0
-        for end in (m.end() for m in _SENTENCE_END.finditer(self._text)):
+        if self._phrase and (phrase := _first_phrase(self._text)):
+            done.append(self._text[:phrase].strip())
+            start, self._phrase = phrase, False
+        for end in (m.end() for m in _SENTENCE_END.finditer(self._text, start)):
             if len(self._text[start:end].strip()) >= self.min_chars:
                 done.append(self._text[start:end].strip())
-                start = end
+                start, self._phrase = end, False
         self._text = self._text[start:]
         if len(self._text.strip()) > self.max_chars:
             pieces = _wrap(self._text.strip(), self.max_chars)
@@ -75,6 +84,15 @@ class SentenceStream:
     def finish(self) -> list[str]:
         rest, self._text = self._text.strip(), ""
         return _wrap(rest, self.max_chars) if rest else []
+
+
+def _first_phrase(text: str) -> int | None:
+    """Where the first clause or sentence of ``text`` ends (after its trailing space), if it has at least
+    ``PHRASE_WORDS`` words; else None."""
+    for match in _PHRASE_END.finditer(text):
+        if len(text[:match.start() + 1].split()) >= PHRASE_WORDS:
+            return match.end()
+    return None
 
 
 def _wrap(sentence: str, max_chars: int) -> list[str]:

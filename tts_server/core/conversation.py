@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..audio.pcm import OUTPUT_RATE
 from ..engines.base import TURN_CODES, ContextTurn
+from ..engines.chat import ChatModel
 from ..engines.errors import ErrorCode, Refusal
 from ..engines.request import SynthesisRequest
 from ..references import ReferenceError
@@ -39,6 +41,7 @@ from .fair import Dropped
 from .hearing import Hearing
 from .jobs import Job
 from .peer import Peer
+from .preempt import Preemptive
 from .respond import answer, chat_messages
 from .security import RateLimiter
 from .sessions import StoredTurn
@@ -59,7 +62,7 @@ class Conversation:
         self.session: str | None = None
         self.memory = History(service.library, service.limits.max_context_turns)
         self.hearing = Hearing(service, peer, rate or RateLimiter(service.limits.rate_limit), self._keep,
-                               self.respond)
+                               self.respond, self.prefetch)
         self._answers: set[asyncio.Task] = set()  # the chat model's streams of answers being written
         # barge-in: recent replies' turns and speeds (the turns hold unstretched audio), their places in the session,
         # and the replies to cut once they end (ms heard)
@@ -135,28 +138,54 @@ class Conversation:
         if job.request.context and speaker not in self.memory.voices and library.wants_pin(speaker, produced):
             self.service.background(asyncio.to_thread(library.pin, speaker, produced))
 
-    async def respond(self, request: SynthesisRequest) -> None:
+    async def respond(self, request: SynthesisRequest, begun: Preemptive | None = None) -> None:
         """The chat model writes the answer to the transcript, spoken as it is written (``core.respond``) with
-        ``request``'s speaker and sampling."""
-        chat, request_id = self.service.chat, request.request_id
+        ``request``'s speaker and sampling.  ``begun``: the answer the chat model began before the last turn was
+        confirmed (``core.preempt``), used if it was asked the same, else closed."""
+        try:
+            chat, messages = await self._chat_messages(request.speaker, request.request_id)
+        except BaseException:
+            if begun is not None:
+                begun.cancel()
+            raise
+        if begun is not None and begun.messages != messages:
+            begun.cancel()
+            begun = None
+        job = self.job(request)
+        job.cache_salt = None  # its text is the LLM's: never answered from the cache
+        self.peer.enqueue(job)
+        task = asyncio.create_task(answer(job, chat, messages, self.peer.schedule, self.service.limits.max_text_chars,
+                                          begun.stream() if begun is not None else None),
+                                   name=f"answer-{request.request_id}")
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def prefetch(self, speaker: int, text: str, assistant: int) -> Preemptive | None:
+        """Begin the answer to a turn of ``speaker`` saying ``text`` that is not confirmed yet (``core.preempt``);
+        None where ``respond`` would refuse (it then says why)."""
+        try:
+            chat, messages = await self._chat_messages(assistant, None, ContextTurn(speaker, text))
+        except Refusal:
+            return None
+        return Preemptive(chat, messages)
+
+    async def _chat_messages(self, assistant: int, request_id: str | None,
+                             pending: ContextTurn | None = None) -> tuple[ChatModel, list[dict[str, str]]]:
+        """The chat model and what it reads: the session's stored turns (those of every connection on it), else
+        ours, and ``pending``; refused without a chat model, turns with text, or a store that answers."""
+        chat = self.service.chat
         if chat is None:
             raise no_chat(request_id)
-        try:  # what the chat model reads: the session's stored turns (those of every connection on it), else ours
+        try:
             transcript = list(self.memory.history) if self.session is None else \
                 await self.service.sessions.turns(self.session, self.owner)
         except Refusal as exc:  # the store is down: refused under this answer's id
             raise Refusal(exc.code, exc.message, request_id) from None
-        messages = chat_messages(transcript, request.speaker)
+        messages = chat_messages([*transcript, *([pending] if pending else [])], assistant)
         if not messages:
             raise Refusal(ErrorCode.INVALID_REQUEST, "Nothing to answer yet: this conversation has no turns with "
                                                      "text", request_id)
-        job = self.job(request)
-        job.cache_salt = None  # its text is the LLM's: never answered from the cache
-        self.peer.enqueue(job)
-        task = asyncio.create_task(answer(job, chat, messages, self.peer.schedule, self.service.limits.max_text_chars),
-                                   name=f"answer-{request_id}")
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
+        return chat, messages
 
     # -- the other side's turns ---------------------------------------------------------------------------------
     async def turn(self, speaker: int, text: str | None, data: bytes) -> None:
@@ -165,18 +194,20 @@ class Conversation:
         audio = await checked_audio(data, self.service.limits, "Turn audio")
         if self.peer.gone():
             raise Dropped("its connection closed")
-        text = text or await self.service.speech.transcript(audio, connection=self.peer.key)
+        text = text or await self.hearing.transcript(audio, OUTPUT_RATE)
         codes = await self.service.turns.codes_of(audio, self.peer.key)
         await self._keep(ContextTurn(speaker, text, audio, {TURN_CODES: codes}))
 
     async def start_turn(self, speaker: int, sample_rate: int, vad: bool = False,
-                         answer: Callable[[str], SynthesisRequest] | None = None) -> None:
+                         answer: Callable[[str], SynthesisRequest] | None = None, language: str | None = None) -> None:
         """A turn streamed as it is spoken, or (``vad``) hands-free listening; ``answer`` (the request of an
-        answer, given its id) has the assistant answer every turn kept until the next ``start_turn``."""
+        answer, given its id) has the assistant answer every turn kept until the next ``start_turn``; ``language``:
+        what the speaker speaks, if the client knows."""
         self.hearing.close()  # a turn left open is dropped for the new one, even when this one is refused
         if answer is not None and self.service.chat is None:
             raise no_chat(None)
         await self.hearing.start(speaker, sample_rate, vad, answer)
+        self.hearing.language = language or self.hearing.language
 
     async def audio(self, pcm: bytes) -> None:
         """16-bit PCM of the streamed turn or the listening (``hearing.open``)."""

@@ -24,8 +24,11 @@ from .events import Failed, SpeechEnded, SpeechStarted, failed
 from .fair import Dropped
 from .listening import Heard, Listener
 from .peer import Peer
+from .pieces import Pieces
+from .preempt import Preemptive
 from .replies import rate_limited
 from .security import RateLimiter
+from .speech import no_speech
 from .turn_guard import TurnGuard
 from .turns import TRANSCRIPT_RATE, StreamedTurn
 
@@ -38,12 +41,16 @@ class Hearing:
 
     def __init__(self, service: Service, peer: Peer, rate: RateLimiter,
                  keep: Callable[[ContextTurn], Awaitable[None]],
-                 respond: Callable[[SynthesisRequest], Awaitable[None]]) -> None:
+                 respond: Callable[[SynthesisRequest, Preemptive | None], Awaitable[None]],
+                 prefetch: Callable[[int, str, int], Awaitable[Preemptive | None]]) -> None:
         self.service, self.peer, self.rate = service, peer, rate
-        self._keep, self._respond = keep, respond
+        self._keep, self._respond, self._prefetch = keep, respond, prefetch
         self._streaming: StreamedTurn | None = None  # a turn streamed while its speaker talks
         self._listener: Listener | None = None  # hands-free turns (turn_start with vad)
-        self._guess: asyncio.Future | None = None  # a hands-free utterance's transcript, begun at its pause
+        # a hands-free utterance transcribed as it is spoken: the text of each piece up to a pause, in order
+        self._pieces = Pieces(self._transcribe_quietly)
+        self._preempting: asyncio.Task | None = None  # the answer begun at a proposed end (``core.preempt``)
+        self.language: str | None = service.speech.language  # what the speaker speaks, once known
         self._guard = TurnGuard(service.turns.audio_pace(), service.turns.turn_timeout)
         # turn_start's respond: the request of the answer to each saved turn, given its id; it outlives the turn
         self.answer: Callable[[str], SynthesisRequest] | None = None
@@ -64,7 +71,8 @@ class Hearing:
         self.answer = answer
 
     def close(self) -> None:
-        """Listening ends and an open turn is dropped (their buffers go now), a speculative transcript with them."""
+        """Listening ends and an open turn is dropped (their buffers go now), its transcription and a preemptive
+        answer with them."""
         self._streaming = self._listener = None
         self._drop_guess()
         self._guard.close()
@@ -92,18 +100,19 @@ class Hearing:
                 await self.peer.send(Failed(ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may last "
                                                                        "was dropped; listening goes on"))
             elif event == Heard.SPEECH_START:
+                self._drop_guess()
                 self._guard.open(lambda: self._overstayed(listener))
                 await self.peer.send(SpeechStarted())
-            elif event == Heard.PAUSE:  # it may be over: transcribe what was said so far, while the pause lasts
-                self._drop_guess()  # (one still waiting from an earlier pause is stale)
-                heard = await self._encode(turn.so_far)
-                self._guess = asyncio.ensure_future(self._transcribe_quietly(heard))
+            elif event == Heard.PAUSE:  # it may be over: transcribe the piece said since the last pause, and answer
+                self._pieces.add(await self._encode(turn.so_far))
+                self._preempt()
             elif event == Heard.RESUME:
-                self._drop_guess()  # it was not over
+                self._pieces.resumed()  # the piece stands; what comes next is the next one
+                self._drop_preempt()  # it was not over
             else:  # SPEECH_END
-                guess, self._guess = self._guess, None
+                pieces, self._pieces = self._pieces, Pieces(self._transcribe_quietly)
                 await self.peer.send(SpeechEnded())
-                await self._close_turn(turn, None, guess)
+                await self._close_turn(turn, None, pieces)
 
     async def end(self, text: str | None) -> None:
         """``turn_end``: the streamed turn is kept; hands-free listening ends, an utterance in progress kept."""
@@ -155,30 +164,79 @@ class Hearing:
         except Exception:
             pass
 
-    async def _close_turn(self, turn: StreamedTurn, text: str | None, guess: asyncio.Future | None = None) -> None:
-        """End a streamed turn, transcribe it unless its text was given (or its pause already was: ``guess``), keep
-        it; then answer it if asked to."""
+    async def _close_turn(self, turn: StreamedTurn, text: str | None, pieces: Pieces | None = None) -> None:
+        """End a streamed turn, transcribe it unless its text was given (a hands-free one: the pieces transcribed at
+        its pauses, and the rest), keep it; then answer it if asked to (with the answer begun at its proposed end
+        when that was on the same transcript)."""
         audio = await self._encode(turn.end)
-        text = (text or "").strip() or (await guess if guess is not None else None) or \
-            await self.service.speech.transcript(audio, TRANSCRIPT_RATE, connection=self.peer.key)
+        text = (text or "").strip() or (await pieces.text(audio) if pieces is not None else None) or \
+            await self.transcript(audio)
         await self._keep(await self._encode(turn.finish, text))
+        preempting, self._preempting = self._preempting, None
+        begun = await preempting if preempting is not None else None
         if self.answer is None:
             return
         if not self.rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
+            if begun is not None:
+                begun.cancel()
             return await self.peer.send(failed(rate_limited(self.service.limits.rate_limit)))
-        await self._respond(self.answer(new_request_id()))
+        await self._respond(self.answer(new_request_id()), begun)
+
+    def _preempt(self) -> None:
+        """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to
+        them (``core.preempt``); a resume or another pause drops it."""
+        self._drop_preempt()
+        if self.answer is None or self.service.chat is None:
+            return
+        pieces, speaker = self._pieces, self._listener.turn.speaker if self._listener and self._listener.turn else 0
+
+        async def begin() -> Preemptive | None:
+            text = await pieces.so_far()
+            if not text or pieces is not self._pieces or pieces.speaking:
+                return None
+            return await self._prefetch(speaker, text, self.answer("preempt").speaker)
+        self._preempting = asyncio.ensure_future(begin())
+
+    def _drop_preempt(self) -> None:
+        preempting, self._preempting = self._preempting, None
+        if preempting is None:
+            return
+        if preempting.done() and not preempting.cancelled() and preempting.exception() is None:
+            if preempting.result() is not None:
+                preempting.result().cancel()
+        else:
+            preempting.add_done_callback(_cancel_begun)
+            preempting.cancel()
+
+    async def transcript(self, audio, rate: int = TRANSCRIPT_RATE) -> str:
+        """A whole turn's transcript (refused if nothing was said)."""
+        text = await self._hear(audio, rate)
+        if not text:
+            raise no_speech()
+        return text
+
+    async def _hear(self, audio, rate: int = TRANSCRIPT_RATE) -> str:
+        """What was said in ``audio``, in this speaker's language once known (learnt from the first turn)."""
+        text, self.language = await self.service.speech.hear(audio, rate, self.peer.key, self.language)
+        return text
 
     async def _transcribe_quietly(self, audio) -> str | None:
-        """A transcript, or None where ``transcript`` would refuse (the turn's end asks again, and says why)."""
+        """A piece's transcript ("" if nothing was said in it), or None where ``transcript`` would refuse (the
+        turn's end then transcribes it whole, and says why)."""
         try:
-            return await self.service.speech.transcript(audio, TRANSCRIPT_RATE, connection=self.peer.key)
+            return await self._hear(audio)
         except Exception:
             return None
 
     def _drop_guess(self) -> None:
-        """At most one speculative transcription per listener: a stale one (the speaker went on, a newer pause came,
-        listening ended) is dropped while it waits for the thread; one already running cannot be stopped, and its
-        text is never used."""
-        guess, self._guess = self._guess, None
-        if guess is not None:
-            guess.cancel()
+        """The utterance's transcription so far and the answer begun on it are dropped (the speaker went on past a
+        new start, listening ended): pieces waiting for the thread are cancelled; one already running cannot be
+        stopped, and its text is never used."""
+        self._pieces.drop()
+        self._pieces = Pieces(self._transcribe_quietly)
+        self._drop_preempt()
+
+
+def _cancel_begun(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is None and task.result() is not None:
+        task.result().cancel()

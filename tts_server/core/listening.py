@@ -6,7 +6,11 @@ A ``Listener`` takes 16-bit PCM at the client's rate, scores it with the VAD
 the first syllable is not clipped) and feeds it everything that follows; when
 the speaker has been silent for ``--vad-silence-ms`` it hands the turn back to
 be ended, transcribed and stored (a ``pause`` a third of the way into that
-silence lets the transcription start early).  Silence between utterances is never kept.
+silence lets the transcription start early).  With a turn detector
+(``--turn-detector smart-turn``) that short silence only proposes the end: the
+detector hears whether the utterance is complete, and if not the listener keeps
+listening until the speech resumes or a longer silence (``--turn-max-silence-ms``)
+ends it anyway.  Silence between utterances is never kept.
 Blocking (model compute): run ``feed`` on one thread at a time.
 """
 
@@ -24,6 +28,7 @@ from . import replies as r
 from .turns import StreamedTurn
 
 PREROLL_MS = 300
+HEARD_S = 10  # the turn detector hears the last 8 s of an utterance; a chunk of audio may come on top
 
 
 class Heard(str, Enum):
@@ -37,7 +42,11 @@ class Heard(str, Enum):
 
 
 class Listener:
-    def __init__(self, sample_rate: int, detector: SpeechDetector, open_turn: Callable[[], StreamedTurn]) -> None:
+    """``complete`` (a turn detector: 16 kHz float audio of the utterance -> whether it is over), when given, is
+    asked at each pause the detector proposes as the end (see ``SpeechDetector``'s ``confirm``)."""
+
+    def __init__(self, sample_rate: int, detector: SpeechDetector, open_turn: Callable[[], StreamedTurn],
+                 complete: Callable[[np.ndarray], bool] | None = None) -> None:
         self.sample_rate = sample_rate
         self._detector = detector
         self._open_turn = open_turn
@@ -46,6 +55,17 @@ class Listener:
         self._whole = WholeSamples()
         self._vad_samples = 0  # 16 kHz samples handed to the detector
         self.turn: StreamedTurn | None = None
+        self._complete = complete
+        self._heard = np.zeros(0, np.float32)  # the turn detector's input: the last HEARD_S at 16 kHz
+        if complete is not None:
+            detector.confirm = self._confirm
+
+    def _confirm(self, start: int, end: int) -> bool:
+        """The turn detector's verdict on the utterance from ``start`` (less the pre-roll) to ``end`` (16 kHz
+        sample positions of the detector's stream)."""
+        first = self._vad_samples - len(self._heard)  # the position of self._heard[0]
+        begin = max(start - PREROLL_MS * RATE // 1000, first)
+        return self._complete(self._heard[begin - first:end - first])
 
     def feed(self, pcm: bytes) -> list[tuple[Heard, StreamedTurn | None]]:
         """Events this audio completes, in order: ``(SPEECH_START, None)``, ``(PAUSE, turn)`` and
@@ -56,6 +76,8 @@ class Listener:
         self._recent = np.concatenate([self._recent, samples])[-self.sample_rate:]
         scaled = self._to_vad(to_float(samples))
         self._vad_samples += len(scaled)
+        if self._complete is not None:
+            self._heard = np.concatenate([self._heard, scaled])[-HEARD_S * RATE:]
         events: list[tuple[Heard, StreamedTurn | None]] = []
         fed = False
         for event in self._detector.feed(scaled):

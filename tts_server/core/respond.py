@@ -62,14 +62,16 @@ def chat_messages(transcript: Sequence[ContextTurn | StoredTurn], assistant: int
 
 
 async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], submit: Callable[[Job], None],
-                 max_chars: int = 4000) -> None:
+                 max_chars: int = 4000, begun: AsyncIterator[str] | None = None) -> None:
     """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``Refusal``).  An answer
     longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``.
     A model that writes no complete sentence for ``chat.timeout`` seconds, whatever it sends meanwhile, is stopped
     (``model_unavailable``): a trickle or keep-alives must not hold the engine's worker, which waits for the next
-    sentence."""
+    sentence.  ``begun``: the chat model's stream already begun (``preempt.Preemptive``); else one is opened.
+    Speech starts at the first phrase (a clause of a few words), then goes sentence by sentence."""
     feed = job.task.feed = SentenceFeed()
-    sentences = SentenceStream()
+    sentences = SentenceStream(first_phrase=True)
+    source = chat.stream(messages) if begun is None else begun
     written: list[str] = []
     queued = False
     last_sentence = time.monotonic()
@@ -86,7 +88,7 @@ async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], subm
             submit(job)
 
     try:
-        async with contextlib.aclosing(chat.stream(messages)) as deltas:  # leaving closes the LLM's stream
+        async with contextlib.aclosing(source) as deltas:  # leaving closes the LLM's stream
             while (delta := await _next_delta(deltas, job, last_sentence + chat.timeout, chat)) is not None:
                 room = max_chars - sum(map(len, written))
                 if len(delta) >= room:

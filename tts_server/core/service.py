@@ -37,7 +37,7 @@ from .scheduler import Scheduler
 from .security import Gate
 from .session_calls import Sessions
 from .speech import SpeechRecognition
-from .turn_work import TurnEncoding
+from .turn_work import TurnDetector, TurnEncoding
 from .turns import TURN_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ class Service:
                  trusted_proxies: tuple[str, ...] = (), session_store: str = "memory", session_ttl: float = 86400,
                  max_sessions: int = 10000, max_session_bytes: int = 4 * 2**20, max_sessions_per_owner: int = 1000,
                  session_sweep_seconds: float = 30, stt: Transcriber | None = None,
-                 chat: ChatModel | None = None, vad_silence_ms: float = 600, vad_pause_ms: float = 200,
+                 chat: ChatModel | None = None, vad_silence_ms: float | None = None, vad_pause_ms: float = 200,
                  audio_burst_seconds: float = AUDIO_BURST_SECONDS, audio_speed: float = AUDIO_SPEED,
-                 turn_timeout: float = TURN_TIMEOUT) -> None:
+                 turn_timeout: float = TURN_TIMEOUT, turn_detector: str = "vad",
+                 turn_max_silence_ms: float = 3000, stt_language: str | None = None) -> None:
         self.limits = Limits(max_text_chars, max_context_turns, rate_limit, max_queued_per_connection,
                              max_voice_bytes, max_voice_seconds)
         self.admission = Admission(gate, trusted_proxies, max_connections, max_connections_per_address)
@@ -81,9 +82,10 @@ class Service:
                                    stream_buffer_seconds=stream_buffer_seconds, generation_timeout=generation_timeout,
                                    cache=AudioCache(cache_bytes))
         # the shared model threads: one each for the whole server, each connection taking its turn
-        self.speech = SpeechRecognition(stt, self.admission.admitted, self._dropped_on("stt"))
+        self.speech = SpeechRecognition(stt, self.admission.admitted, self._dropped_on("stt"), stt_language)
         self.turns = TurnEncoding(chain, self.admission.admitted, self._dropped_on("turn_encoding"),
-                                  vad_silence_ms, vad_pause_ms, audio_burst_seconds, audio_speed, turn_timeout)
+                                  vad_silence_ms, vad_pause_ms, audio_burst_seconds, audio_speed, turn_timeout,
+                                  TurnDetector(turn_detector), turn_max_silence_ms)
         for thread in (self.speech.thread, self.turns.thread):  # a closed connection's waiting work is dropped
             self.admission.on_release(thread.cancel)
         if stt is not None:
@@ -104,7 +106,7 @@ class Service:
 
     def conversation_info(self) -> dict[str, Any]:
         """What the voice chat can do here: speech recognition, the end-of-utterance pause, the chat model."""
-        return {"stt": self.speech.state, "vad_silence_ms": self.turns.vad_silence_ms,
+        return {"stt": self.speech.state, **self.turns.describe(),
                 "chat": self.chat.describe() if self.chat is not None else None}
 
     # -- state for replies, /ready and /v1/info --------------------------------------------------------

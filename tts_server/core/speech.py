@@ -29,8 +29,10 @@ ALIGNMENTS_WAITING = 64
 
 class SpeechRecognition:
     def __init__(self, stt: Transcriber | None, admitted: Callable[[Hashable], bool],
-                 on_dropped: Callable[[int], None] = lambda count: None) -> None:
-        self.stt, self.failure = stt, None
+                 on_dropped: Callable[[int], None] = lambda count: None, language: str | None = None) -> None:
+        """``language`` (``--stt-language``): what every speaker speaks; None: learnt from each conversation's
+        first turn."""
+        self.stt, self.failure, self.language = stt, None, language
         self._admitted = admitted
         self.loaded = asyncio.Event()  # set once loading ended, loaded or failed
         self.thread = FairThread("stt", TRANSCRIPTS_WAITING, on_dropped)
@@ -74,6 +76,16 @@ class SpeechRecognition:
                          connection: Hashable | None = None) -> str:
         """What was said in a turn sent without text (float audio at ``rate``), on the transcriber's thread in
         ``connection``'s turn; without speech recognition, the refusal."""
+        text = (await self.hear(audio, rate, connection, self.language))[0]
+        if not text:
+            raise no_speech()
+        return text
+
+    async def hear(self, audio: np.ndarray | None, rate: int = OUTPUT_RATE, connection: Hashable | None = None,
+                   language: str | None = None) -> tuple[str, str | None]:
+        """``transcript``, in ``language`` when it is known, with the language it was heard in (learnt there when
+        it was not): a conversation detects its speaker's language once, and then transcribes faster.  The text
+        is empty if no speech was recognised."""
         self.refuse_without()
         await self.loaded.wait()
         if self.failure is not None:
@@ -81,12 +93,15 @@ class SpeechRecognition:
         if connection is not None and not self._admitted(connection):
             raise Dropped("its connection closed")
         try:
-            text = await self.thread.run(SERVER if connection is None else connection, self.stt.transcribe, audio,
-                                         rate, limit=TRANSCRIPTS_WAITING)
+            text, language = await self.thread.run(SERVER if connection is None else connection,
+                                                   self.stt.recognize, audio, rate, language,
+                                                   limit=TRANSCRIPTS_WAITING)
         except Full:
             raise Refusal(ErrorCode.BUSY, f"{TRANSCRIPTS_WAITING} turns of this connection are already waiting to "
                                           "be transcribed; send the next once one is saved") from None
-        if not text:
-            raise Refusal(ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its 'text'; the "
-                                                     "turn was dropped")
-        return text
+        return text, language
+
+
+def no_speech() -> Refusal:
+    return Refusal(ErrorCode.INVALID_REQUEST, "No speech was recognized in the turn: send its 'text'; the turn was "
+                                              "dropped")

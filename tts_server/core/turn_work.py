@@ -2,7 +2,7 @@
 
 Turns are kept as the codes of the chain's engine that encodes them (CSM's Mimi
 codes), so a server without such an engine cannot take them.  Encoding, voice
-activity detection and Mimi's streaming encoder run on one thread for the whole
+activity detection, the turn detector and Mimi's streaming encoder run on one thread for the whole
 server, shared fairly by the connections (``fair.FairThread``), never on the
 event loop.  Streamed audio is paced per connection (``pacing.AudioPace``) and a
 turn may stay open ``turn_timeout`` seconds.
@@ -11,6 +11,7 @@ turn may stay open ``turn_timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+from enum import Enum
 from typing import Any, Callable, Hashable
 
 import numpy as np
@@ -30,16 +31,32 @@ from .turns import TURN_TIMEOUT, StreamedTurn
 TURN_WORK_WAITING = 8
 
 
+class TurnDetector(str, Enum):
+    """What ends a hands-free turn (``--turn-detector``)."""
+
+    SMART_TURN = "smart-turn"  # a short silence proposes the end, Smart Turn hears whether the utterance is complete
+    VAD = "vad"  # a fixed silence
+
+
+DEFAULT_SILENCE_MS = {TurnDetector.SMART_TURN: 200, TurnDetector.VAD: 600}
+
+
 class TurnEncoding:
     def __init__(self, chain: Chain, admitted: Callable[[Hashable], bool],
-                 on_dropped: Callable[[int], None] = lambda count: None, vad_silence_ms: float = 600,
+                 on_dropped: Callable[[int], None] = lambda count: None, vad_silence_ms: float | None = None,
                  vad_pause_ms: float = 200, audio_burst_seconds: float = AUDIO_BURST_SECONDS,
-                 audio_speed: float = AUDIO_SPEED, turn_timeout: float = TURN_TIMEOUT) -> None:
+                 audio_speed: float = AUDIO_SPEED, turn_timeout: float = TURN_TIMEOUT,
+                 turn_detector: TurnDetector = TurnDetector.VAD, turn_max_silence_ms: float = 3000) -> None:
         self.chain = chain
         self._admitted = admitted
         self.thread = FairThread("turn-encoder", TURN_WORK_WAITING, on_dropped)
-        # hands-free: the silence that ends an utterance, and the pause after which its transcription starts
-        self.vad_silence_ms, self.vad_pause_ms = vad_silence_ms, vad_pause_ms
+        # hands-free: what ends an utterance.  The VAD alone: a silence of vad_silence_ms (its transcription starts
+        # at a pause of vad_pause_ms).  Smart Turn: a silence of vad_silence_ms proposes the end (and starts the
+        # transcription), the model confirms it; turn_max_silence_ms of silence ends it anyway.
+        self.turn_detector = TurnDetector(turn_detector)
+        self.vad_silence_ms = vad_silence_ms if vad_silence_ms is not None else \
+            DEFAULT_SILENCE_MS[self.turn_detector]
+        self.vad_pause_ms, self.turn_max_silence_ms = vad_pause_ms, max(turn_max_silence_ms, self.vad_silence_ms)
         # streamed turns: how far ahead of the clock a connection may send audio, and how long one may stay open
         self.audio_burst_seconds, self.audio_speed = audio_burst_seconds, audio_speed
         self.turn_timeout = turn_timeout
@@ -74,8 +91,24 @@ class TurnEncoding:
 
         slot = await self.encoder()
         await asyncio.to_thread(silero_model)
-        detector = SpeechDetector(self.vad_silence_ms, pause_ms=self.vad_pause_ms)
-        return Listener(sample_rate, detector, lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder()))
+        open_turn = lambda: StreamedTurn(speaker, sample_rate, slot.engine.stream_encoder())  # noqa: E731
+        if self.turn_detector == TurnDetector.VAD:
+            return Listener(sample_rate, SpeechDetector(self.vad_silence_ms, pause_ms=self.vad_pause_ms), open_turn)
+        from ..engines.turn_detector import smart_turn
+
+        try:
+            model = await asyncio.to_thread(smart_turn)
+        except Exception as exc:
+            raise Refusal(ErrorCode.MODEL_UNAVAILABLE, f"The turn detector (Smart Turn) is unavailable: {exc}; start "
+                                                       "the server with --turn-detector vad") from None
+        detector = SpeechDetector(self.turn_max_silence_ms, pause_ms=self.vad_silence_ms)
+        return Listener(sample_rate, detector, open_turn, complete=model.complete)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/v1/info``: what ends a hands-free turn here."""
+        return {"turn_detector": self.turn_detector.value, "vad_silence_ms": self.vad_silence_ms,
+                "turn_max_silence_ms": self.turn_max_silence_ms if self.turn_detector == TurnDetector.SMART_TURN
+                else self.vad_silence_ms}
 
     async def encoder(self) -> EngineSlot:
         """The chain's engine that keeps turns as its codes (the registry's ``encodes_turns``), once it loaded;

@@ -27,6 +27,21 @@ WHISPER_RATE = 16000
 # median of 67 ms on one set of sentences (bench/word_timestamps.py's calibration set) and the correction is then
 # checked on another (its test set); the aligner moves its times this much later.
 ALIGN_LEAD_S = 0.06
+WINDOW_S = 30  # Whisper's window
+# A short clip's own window (see ``_short``): at least MIN_WINDOW_S, and MARGIN_S of silence after the clip.  Measured
+# on Piper speech (bench/turn_taking.py's sentences and phrases): with 1 s of margin Whisper base loops ("Yes Yes
+# Yes ...", the text repeated to its token limit) on most clips; with these, and timestamps decoded (the model
+# places the text's end and stops), its error rate was that of the whole 30 s window, at a third of the cost.
+MIN_WINDOW_S = 10
+MARGIN_S = 5.0
+MAX_TOKENS = 224  # Whisper's limit for one window's text (half its context; the prompt takes the rest)
+
+
+def whisper_language(code: str) -> bool:
+    """Whether Whisper knows the language ``code`` (en, de, ...)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return code in _LANGUAGE_CODES
 
 
 class Transcriber:
@@ -47,12 +62,44 @@ class Transcriber:
         log.info("Speech recognition ready: %s", self.model_name)
 
     def transcribe(self, audio: np.ndarray, rate: int = OUTPUT_RATE) -> str:
-        """The words in ``audio`` (mono float), one line."""
+        """The words in ``audio`` (mono float), one line, its language detected."""
+        return self.recognize(audio, rate)[0]
+
+    def recognize(self, audio: np.ndarray, rate: int = OUTPUT_RATE, language: str | None = None) -> tuple[str, str]:
+        """(the words in ``audio``, their language).  With the language known, a clip shorter than Whisper's 30 s
+        window is heard through a window its own length (``_short``): most of Whisper's cost is its encoder, which
+        otherwise reads 30 s whatever the clip's length.  Otherwise (the language to detect, a longer clip)
+        faster-whisper's own path."""
         if self._model is None:
             raise RuntimeError("the transcriber is not loaded")
-        segments, _ = self._model.transcribe(resample(audio, rate, WHISPER_RATE), beam_size=1,
-                                             condition_on_previous_text=False)
-        return " ".join(segment.text.strip() for segment in segments).strip()
+        samples = resample(audio, rate, WHISPER_RATE)
+        if language and len(samples) < (WINDOW_S - MARGIN_S) * WHISPER_RATE:
+            return self._short(samples, language), language
+        segments, info = self._model.transcribe(samples, beam_size=1, condition_on_previous_text=False,
+                                                language=language or None, without_timestamps=True)
+        text = " ".join(segment.text.strip() for segment in segments).strip()
+        return text, language or info.language
+
+    def _short(self, samples: np.ndarray, language: str) -> str:
+        """Greedy decoding of one window as long as the clip plus ``MARGIN_S`` (at least ``MIN_WINDOW_S``), where
+        faster-whisper pads every clip to 30 s; with timestamps, which end the text where the speech ends (their
+        tokens are dropped).  ``tests/engines/test_stt.py`` holds its error rate to that of the whole window."""
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_tokens
+
+        model = self._model
+        features = model.feature_extractor(samples)
+        frames = features.shape[-1]
+        per_second = WHISPER_RATE / model.feature_extractor.hop_length
+        size = max(frames + int(MARGIN_S * per_second), int(MIN_WINDOW_S * per_second))
+        size += size % 2  # the encoder halves it
+        window = np.ascontiguousarray(np.pad(features, ((0, 0), (0, size - frames)))[None], np.float32)
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
+        prompt = list(tokenizer.sot_sequence)
+        result = model.model.generate(get_ctranslate2_storage(window), [prompt], beam_size=1, max_length=MAX_TOKENS,
+                                      suppress_blank=True, suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])))
+        tokens = [token for token in result[0].sequences_ids[0] if token < tokenizer.eot]
+        return tokenizer.decode(tokens).strip()
 
     def align(self, audio: np.ndarray, rate: int, text: str) -> list[Word]:
         """When each word of ``text`` (split on whitespace) is said in ``audio``: forced alignment, Whisper's

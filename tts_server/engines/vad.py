@@ -24,12 +24,16 @@ import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 RATE = 16000
 WINDOW = 512  # samples the model scores at once at 16 kHz
 CONTEXT = 64  # samples of the previous window the model sees before each one (as silero-vad's wrapper feeds it)
+# Speech shorter than this is not an utterance: a cough, a click, a false start, the tail of the assistant's echo
+# does not begin a turn (nor, on the page, barge in on the answer)
+MIN_SPEECH_MS = 250
 
 
 class Voice(str, Enum):
@@ -94,9 +98,15 @@ def silero_model() -> SileroModel:
 
 
 class SpeechDetector:
-    def __init__(self, silence_ms: float = 600, threshold: float = 0.5, min_speech_ms: float = 160,
-                 pause_ms: float = 200) -> None:
+    """Silero's scores as events (see the module docstring).  ``confirm(start, end)``, when given, is asked at each
+    pause (sample positions of the utterance's start and of now): True ends the utterance there (``speech_end``
+    instead of ``pause``), False lets the silence go on to ``silence_ms`` (a turn detector's ceiling)."""
+
+    def __init__(self, silence_ms: float = 600, threshold: float = 0.5, min_speech_ms: float = MIN_SPEECH_MS,
+                 pause_ms: float = 200, confirm: Callable[[int, int], bool] | None = None) -> None:
         self.model = silero_model()
+        self.confirm = confirm
+        self._started_at = 0  # where the utterance in progress began
         self._state = SileroState()
         self.threshold = threshold
         self.silence = int(silence_ms * RATE / 1000)
@@ -130,7 +140,7 @@ class SpeechDetector:
                 if self._voiced_since is None:
                     self._voiced_since = end_of_window - WINDOW
                 if end_of_window - self._voiced_since >= self.min_speech:
-                    self.speaking, self._quiet_since = True, None
+                    self.speaking, self._quiet_since, self._started_at = True, None, self._voiced_since
                     return Event(Voice.SPEECH_START, self._voiced_since)
             elif probability < self.threshold - 0.15:
                 self._voiced_since = None
@@ -143,10 +153,13 @@ class SpeechDetector:
         elif probability < self.threshold - 0.15:
             if self._quiet_since is None:
                 self._quiet_since = end_of_window - WINDOW
-            if end_of_window - self._quiet_since >= self.silence:
+            long_enough = end_of_window - self._quiet_since >= self.silence
+            if not long_enough and end_of_window - self._quiet_since >= self.pause and not self._paused:
+                self._paused = True
+                if self.confirm is None or not self.confirm(self._started_at, end_of_window):
+                    return Event(Voice.PAUSE, self._quiet_since)
+                long_enough = True  # the turn detector heard a complete utterance: it ends now
+            if long_enough:
                 self.speaking, self._voiced_since, self._paused = False, None, False
                 return Event(Voice.SPEECH_END, self._quiet_since)
-            if end_of_window - self._quiet_since >= self.pause and not self._paused:
-                self._paused = True
-                return Event(Voice.PAUSE, self._quiet_since)
         return None
