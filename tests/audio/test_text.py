@@ -12,11 +12,12 @@ WORDS = st.lists(st.sampled_from(["Hello", "there,", "friend.", "How", "are", "y
 
 
 @settings(max_examples=200, deadline=None)
-@given(words=WORDS, cuts=st.lists(st.integers(0, 2000), max_size=30), max_chars=st.sampled_from([40, 250]))
-def test_any_chunking_speaks_every_word_once_in_pieces_that_fit(words, cuts, max_chars):
+@given(words=WORDS, cuts=st.lists(st.integers(0, 2000), max_size=30), max_chars=st.sampled_from([40, 250]),
+       first_phrase=st.booleans())
+def test_any_chunking_speaks_every_word_once_in_pieces_that_fit(words, cuts, max_chars, first_phrase):
     text = " ".join(words)
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    stream = SentenceStream(max_chars=max_chars)
+    stream = SentenceStream(max_chars=max_chars, first_phrase=first_phrase)
     pieces = [s for a, b in zip(bounds, bounds[1:]) for s in stream.add(text[a:b])] + stream.finish()
     assert "".join("".join(pieces).split()) == "".join(text.split())  # every character, in order (a hard cut
     # may split a word longer than a piece)
@@ -78,3 +79,13 @@ def test_captions_group_words_into_timed_cues():
     assert [c.split("\n")[2] for c in cues] == ["One two three.", "Four five six seven eight nine ten eleven",
                                                 "twelve."]
     assert cues[1].split("\n")[1] == "00:00:00,900 --> 00:00:03,250"
+
+
+def test_an_answer_starts_at_its_first_phrase_then_goes_sentence_by_sentence():
+    stream = SentenceStream(first_phrase=True)
+    pieces = [p for word in "Once upon a time, a small boat sailed far away. It found an island, full of birds. "
+              .split(" ") for p in stream.add(word + " ")]
+    assert pieces == ["Once upon a time,", "a small boat sailed far away.", "It found an island, full of birds."]
+    assert SentenceStream(first_phrase=True).add("Well, I think so. ") == ["Well, I think so."]  # one word waits
+    assert SentenceStream(first_phrase=True).add("Let me see - the answer is ") == ["Let me see -"]
+    assert SentenceStream().add("Once upon a time, a small boat ") == []  # sentences only, without it

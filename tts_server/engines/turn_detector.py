@@ -11,8 +11,8 @@ The model is the ONNX file in the ``pipecat-ai`` wheel
 installed package, never downloaded, and never imported through ``pipecat``
 (whose import sets up its own logging).  Its input is Whisper's log-mel
 features of 8 s at 16 kHz, the audio zero-padded at the front when shorter
-(transformers' ``WhisperFeatureExtractor`` with an 8 s chunk, as Pipecat's
-analyzer computes them; a test compares the two).  One session serves the
+(transformers' Whisper feature extraction in float64, as Pipecat's analyzer
+computes them; a test compares the two).  One session serves the
 whole process on one CPU thread; a call takes ~10-65 ms, on the turn-encoding
 thread (blocking: never on the event loop).
 """
@@ -24,11 +24,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from transformers.audio_utils import spectrogram, window_function
 
 RATE = 16000
 WINDOW_S = 8  # the model hears the last 8 s
 MODEL_FILE = "smart-turn-v3.2-cpu.onnx"
 COMPLETE = 0.5  # a probability above this: the speaker has finished
+N_FFT, HOP = 400, 160  # Whisper's features: 25 ms windows every 10 ms
 
 
 def model_path() -> Path:
@@ -54,17 +56,25 @@ class SmartTurn:
         options.inter_op_num_threads = options.intra_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path or model_path()), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
-        self._features = WhisperFeatureExtractor(chunk_length=WINDOW_S)
+        self._mel = WhisperFeatureExtractor(chunk_length=WINDOW_S).mel_filters
+        self._window = window_function(N_FFT, "hann")
 
     def probability(self, audio: np.ndarray) -> float:
         """How likely the speaker of ``audio`` (mono float at 16 kHz, the utterance so far) has finished."""
         size = WINDOW_S * RATE
         audio = np.asarray(audio, np.float32)[-size:]
         audio = np.pad(audio, (size - len(audio), 0))  # shorter: silence before it, as the model was trained
-        features = self._features(audio, sampling_rate=RATE, padding="max_length", max_length=size,
-                                  truncation=True, do_normalize=True, return_tensors="np").input_features
-        out = self.session.run(None, {"input_features": features.astype(np.float32)})[0]
+        out = self.session.run(None, {"input_features": self.features(audio)[None].astype(np.float32)})[0]
         return float(np.asarray(out).reshape(-1)[0])
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """Whisper's log-mel features of 8 s, computed in float64 as transformers' numpy path does (its torch path,
+        in float32, differs by ~1e-5, which moves the model's probability by up to a few thousandths)."""
+        audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+        log_mel = spectrogram(audio, self._window, frame_length=N_FFT, hop_length=HOP, power=2.0,
+                              mel_filters=self._mel, log_mel="log10")[:, :-1]
+        log_mel = np.maximum(log_mel, log_mel.max() - 8.0)
+        return (log_mel + 4.0) / 4.0
 
     def complete(self, audio: np.ndarray) -> bool:
         return self.probability(audio) > COMPLETE

@@ -1,0 +1,37 @@
+"""Smart Turn v3.2 as the server runs it: the model file from the pipecat-ai wheel, our features and session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from audio_fixtures import spoken
+
+RATE = 16000
+
+
+def clip(text: str, after: float = 0.2) -> np.ndarray:
+    return np.concatenate([np.zeros(int(0.3 * RATE), np.float32), spoken(text, RATE),
+                           np.zeros(int(after * RATE), np.float32)])
+
+
+def test_the_probability_is_pipecats_own_analyzers_on_the_same_audio():
+    """Our feature extraction (transformers' Whisper features) and session give what Pipecat's
+    LocalSmartTurnAnalyzerV3 gives, short clips (zero-padded to 8 s) and long ones (their last 8 s) alike."""
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+
+    from tts_server.engines.turn_detector import SmartTurn
+
+    ours, theirs = SmartTurn(), LocalSmartTurnAnalyzerV3(sample_rate=RATE)
+    long = np.concatenate([clip("Could you tell me a short story about the sea?")] * 4)
+    for audio in (clip("My favourite colour is green, but"), clip("What time is it?"), long):
+        expected = theirs._predict_endpoint(audio)["probability"]
+        assert ours.probability(audio) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_sentence_that_goes_on_is_heard_as_incomplete_and_a_finished_one_as_complete():
+    from tts_server.engines.turn_detector import smart_turn
+
+    model = smart_turn()
+    assert not model.complete(clip("My favourite colour is green, but"))
+    assert model.complete(clip("Please remind me to call my mother."))
