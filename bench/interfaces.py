@@ -28,10 +28,8 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import websockets
@@ -40,6 +38,7 @@ from wyoming.tts import Synthesize
 
 import _fuzz_rate
 from _common import machine, median, table
+from _servers import ROOT, checkout, free_port, start_server, stop
 from tts_server.engines.csm import CsmEngine
 from tts_server.engines.piper import PiperEngine
 from tts_server.core.jobs import EngineSlot
@@ -121,34 +120,13 @@ async def main(runs: int, engine: str) -> None:
                  for label, name in rows]))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_process(root: Path, engine: str, model: Path, work: Path) -> tuple[subprocess.Popen, int, int]:
-    """``run_server.py`` of the tree at ``root``; returns once it serves."""
-    port, wyoming_port = free_port(), free_port()
+    """``run_server.py`` of the tree at ``root``, with Wyoming on a second port; returns once it serves."""
+    wyoming_port = free_port()
     args = ["--engine", "piper"] if engine == "piper" else ["--engine", "csm", "--mode", "reuse", "--model-path",
                                                              str(model)]
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "references").mkdir(exist_ok=True)
-    (work / "references" / "emotion_map.json").write_text("{}")
-    proc = subprocess.Popen([sys.executable, str(root / "run_server.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--wyoming-uri", f"tcp://127.0.0.1:{wyoming_port}", "--references",
-                             str(work / "references"), *args], cwd=work, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as answer:
-                if answer.status == 200:
-                    return proc, port, wyoming_port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the server of {root} did not become ready")
+    proc, port = start_server(root, ["--wyoming-uri", f"tcp://127.0.0.1:{wyoming_port}", *args], work)
+    return proc, port, wyoming_port
 
 
 async def fuzz_rates(ports: dict[str, int], frames: int, rounds: int) -> dict[str, list[float]]:
@@ -163,33 +141,29 @@ async def fuzz_rates(ports: dict[str, int], frames: int, rounds: int) -> dict[st
 
 
 async def compare(runs: int, engine: str, revision: str, fuzz_frames: int, fuzz_rounds: int) -> None:
-    root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "baseline"), revision],
-                       check=True, capture_output=True)
-        model = build_checkpoint(tmp / "model") if engine == "csm" else tmp
-        servers = {}
-        try:
-            servers = {"baseline": start_process(tmp / "baseline", engine, model, tmp / "b"),
-                       "now": start_process(root, engine, model, tmp / "n")}
-            measures = {"websocket": over_websocket, "http": over_http, "wyoming": over_wyoming}
-            times = {(who, name): [] for who in servers for name in measures}
-            for who, (_, port, wyoming_port) in servers.items():
-                for name, measure in measures.items():
-                    await asyncio.wait_for(measure(wyoming_port if name == "wyoming" else port), 120)  # warm-up
-            for _ in range(runs):
-                for name, measure in measures.items():
-                    for who, (_, port, wyoming_port) in servers.items():
-                        times[who, name].append(await asyncio.wait_for(
-                            measure(wyoming_port if name == "wyoming" else port), 120))
-            rates = await fuzz_rates({who: port for who, (_, port, _) in servers.items()}, fuzz_frames, fuzz_rounds)
-        finally:
-            for proc, _, _ in servers.values():
-                proc.terminate()
-                proc.wait(30)
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "baseline")],
-                           capture_output=True)
+        with checkout(revision, tmp / "baseline") as baseline:
+            model = build_checkpoint(tmp / "model") if engine == "csm" else tmp
+            servers = {}
+            try:
+                servers = {"baseline": start_process(baseline, engine, model, tmp / "b"),
+                           "now": start_process(ROOT, engine, model, tmp / "n")}
+                measures = {"websocket": over_websocket, "http": over_http, "wyoming": over_wyoming}
+                times = {(who, name): [] for who in servers for name in measures}
+                for who, (_, port, wyoming_port) in servers.items():
+                    for name, measure in measures.items():
+                        await asyncio.wait_for(measure(wyoming_port if name == "wyoming" else port), 120)  # warm-up
+                for _ in range(runs):
+                    for name, measure in measures.items():
+                        for who, (_, port, wyoming_port) in servers.items():
+                            times[who, name].append(await asyncio.wait_for(
+                                measure(wyoming_port if name == "wyoming" else port), 120))
+                rates = await fuzz_rates({who: port for who, (_, port, _) in servers.items()}, fuzz_frames,
+                                         fuzz_rounds)
+            finally:
+                for proc, _, _ in servers.values():
+                    stop(proc)
     print(f"{machine()}; engine {engine}; {runs} runs each, in turn; median time to first audio byte; "
           f"baseline = {revision}")
     rows = []

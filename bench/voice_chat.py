@@ -12,6 +12,11 @@ top of them is its own overhead (goal: under 50 ms).  The transcription starts a
 decision (pause = the whole window) is the baseline in the same process.
 
     python bench/voice_chat.py --stt-model DIR [--runs 5] [--silence-ms 600]
+    python bench/voice_chat.py --stt-model DIR --against REV [--runs 5]
+
+With ``--against REV`` it compares two servers instead, ``run_server.py`` of git revision REV (in a temporary
+worktree) and of this tree, each with its own defaults (turn detector, silence window), the same models and chat
+server, turns taken in turn: each stage's time from the end of speech, and the ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import websockets
 
 from _common import machine, median, table
+from _servers import ROOT, checkout, start_server, stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fake_chat import FakeChat  # noqa: E402
@@ -59,8 +65,9 @@ def piper_speech() -> np.ndarray:
     return resample(audio, voice.sample_rate, RATE)
 
 
-async def one_turn(port: int, speech: np.ndarray) -> dict[str, float]:
-    """Stream the speech in real time; the wall-clock time of each stage's end, relative to the end of speech."""
+async def one_turn(port: int, speech: np.ndarray, language: str | None = None) -> dict[str, float]:
+    """Stream the speech in real time; the wall-clock time of each stage's end, relative to the end of speech.
+    ``language``: sent in ``turn_start`` as the voice chat page does (a server before #29 knows no such field)."""
     pad = np.zeros(RATE // 2, np.float32)
     pcm = (np.clip(np.concatenate([pad, speech, np.zeros(RATE * 2, np.float32)]), -1, 1) * 32767).astype("<i2")
     speech_end_sample = len(pad) + len(speech)
@@ -68,7 +75,7 @@ async def one_turn(port: int, speech: np.ndarray) -> dict[str, float]:
     sentences = SentenceStream()
     async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
         await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": RATE, "vad": True,
-                                  "respond": {"speaker": 0, "seed": 1}}))
+                                  "respond": {"speaker": 0, "seed": 1}, **({"language": language} if language else {})}))
 
         async def send() -> None:
             started = time.perf_counter()
@@ -90,8 +97,10 @@ async def one_turn(port: int, speech: np.ndarray) -> dict[str, float]:
                 marks["vad"] = now
             elif reply["status"] == "turn_saved":
                 marks["transcript"] = now
-            elif reply["status"] == "reply_text" and "sentence" not in marks and sentences.add(reply["delta"]):
-                marks["sentence"] = now
+            elif reply["status"] == "reply_text":
+                marks.setdefault("reply", now)
+                if "sentence" not in marks and sentences.add(reply["delta"]):
+                    marks["sentence"] = now
         await sender
     return {k: v - marks["speech_end"] for k, v in marks.items()}
 
@@ -152,6 +161,41 @@ async def run(stt_model: str, runs: int, silence_ms: int, first_token: float, pe
         [f"transcription started at the pause ({PAUSE_MS} ms into the silence)", total * 1000, total / waited]]))
 
 
+async def compare(stt_model: str, runs: int, revision: str, first_token: float, per_word: float) -> None:
+    """``run_server.py`` of ``revision`` and of this tree with their defaults, the same models and chat server;
+    turns in turn; each stage's median time from the end of speech."""
+    speech = piper_speech()
+    with FakeChat(ANSWER, delay=per_word, first=first_token) as chat, tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_checkpoint(tmp / "model")
+        args = ["--engine", "csm", "--mode", "reuse", "--model-path", str(model), "--stt-model", stt_model,
+                "--chat-url", chat.url, "--chat-model", "bench", "--session-store", "memory", "--rate-limit", "1000000"]
+        languages = {"baseline": None, "now": "en"}
+        with checkout(revision, tmp / "baseline") as baseline:
+            servers: dict = {}
+            try:
+                servers = {"baseline": start_server(baseline, args, tmp / "b"), "now": start_server(ROOT, args, tmp / "n")}
+                for who, (_, port) in servers.items():
+                    await one_turn(port, speech, languages[who])  # warm-up (and the recogniser loaded)
+                marks: dict[str, list] = {who: [] for who in servers}
+                for _ in range(runs):
+                    for who, (_, port) in servers.items():
+                        marks[who].append(await one_turn(port, speech, languages[who]))
+            finally:
+                for proc, _ in servers.values():
+                    stop(proc)
+    names = {"vad": "end of speech -> speech_end", "transcript": "-> turn_saved", "reply": "-> first reply_text",
+             "audio": "-> first reply audio (end of speech -> first audio)"}
+    print(f"{machine()}; tiny random CSM, Whisper base int8, each server's defaults; chat: first token "
+          f"{first_token * 1000:.0f} ms, {per_word * 1000:.0f} ms per word; {runs} turns each, in turn; medians of "
+          f"the time from the end of speech; baseline = {revision}; this tree's client sends turn_start's language")
+    rows = []
+    for key, name in names.items():
+        before, after = (median([m[key] for m in marks[who]]) for who in ("baseline", "now"))
+        rows.append([name, before * 1000, after * 1000, after / before])
+    print(table(["stage (time since the end of speech)", f"{revision} (ms)", "this tree (ms)", "ratio"], rows))
+
+
 def _timed(work) -> float:
     started = time.perf_counter()
     work()
@@ -175,5 +219,12 @@ if __name__ == "__main__":
     parser.add_argument("--silence-ms", type=int, default=600)
     parser.add_argument("--first-token-ms", type=float, default=200)
     parser.add_argument("--ms-per-word", type=float, default=30)
+    parser.add_argument("--against", metavar="REV", help="compare run_server.py of this git revision with this "
+                                                           "tree's, each with its defaults")
     args = parser.parse_args()
-    asyncio.run(run(args.stt_model, args.runs, args.silence_ms, args.first_token_ms / 1000, args.ms_per_word / 1000))
+    if args.against:
+        asyncio.run(compare(args.stt_model, args.runs, args.against, args.first_token_ms / 1000,
+                            args.ms_per_word / 1000))
+    else:
+        asyncio.run(run(args.stt_model, args.runs, args.silence_ms, args.first_token_ms / 1000,
+                        args.ms_per_word / 1000))
