@@ -201,3 +201,36 @@ async def test_a_closed_connections_buffered_audio_frames_are_dropped_not_encode
     assert gone
     assert encoded <= 2  # the held item, and at most the frame its reader was waiting on: not 50 frames
     assert saved["status"] == "turn_saved"
+
+
+async def test_two_users_transcribing_at_once_take_turns_not_one_after_the_others_whole_utterance(tiny_model_dir,
+                                                                                                 whisper_dir):
+    """A speaks hands-free with six pauses (six pieces to transcribe); while A's first piece holds the recogniser,
+    B sends a whole turn. B's is transcribed next, not after the rest of A's utterance: A's pieces wait for one
+    another, so A has one of them in line at a time."""
+    stt = recording_transcriber(whisper_dir)
+    rate, phrase = 16000, spoken("Yes, and then", 16000)
+    gap = np.zeros(int(0.35 * rate), np.float32)
+    said = np.concatenate([np.zeros(int(0.3 * rate), np.float32), *[part for _ in range(6) for part in (phrase, gap)],
+                           np.zeros(int(1.0 * rate), np.float32)])
+    async with running_server(csm_slot(tiny_model_dir), stt=stt, vad_silence_ms=600) as server:
+        await server.service.speech.loaded.wait()
+        stt.gate.clear()
+        async with websockets.connect(url(server), ping_interval=None) as a, \
+                websockets.connect(url(server), ping_interval=None) as b:
+            await a.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": rate, "vad": True}))
+            data = pcm16(said)
+            for offset in range(0, len(data), 1280):
+                await a.send(data[offset:offset + 1280])
+            await read_until(a, lambda r: r.get("status") in ("speech_end", "error"))
+            await b.send(json.dumps({"type": "turn", "speaker": 1}))
+            await b.send(audio_bytes(spoken(SAID, 24000)))
+            await queued_becomes(server.port, 2)  # A's next piece and B's turn wait behind A's first piece
+            stt.gate.set()
+            saved_b = await recv_json(b)
+            saved_a, _, _ = await read_until(a, lambda r: r.get("status") in ("turn_saved", "error"))
+    whole = len(spoken(SAID, 24000)) / 24000
+    durations = [seconds for kind, seconds in stt.calls if kind == "transcribe"]
+    b_at = next(i for i, seconds in enumerate(durations) if abs(seconds - whole) < 0.01)
+    assert b_at <= 2, durations  # after A's running piece (and at most the one A had in line), not after six
+    assert len(durations) == 7 and saved_a["status"] == saved_b["status"] == "turn_saved"
