@@ -172,15 +172,23 @@ class Hearing:
         text = (text or "").strip() or (await pieces.text(audio) if pieces is not None else None) or \
             await self.transcript(audio)
         await self._keep(await self._encode(turn.finish, text))
-        preempting, self._preempting = self._preempting, None
-        begun = await preempting if preempting is not None else None
-        if self.answer is None:
-            return
-        if not self.rate.allow():  # an answer costs what a 'respond' does; the turn is kept all the same
+        begun = await self._begun()
+        if self.answer is None or not self.rate.allow():  # an answer costs what a 'respond' does
             if begun is not None:
                 begun.cancel()
-            return await self.peer.send(failed(rate_limited(self.service.limits.rate_limit)))
+            if self.answer is not None:  # the turn is kept all the same
+                await self.peer.send(failed(rate_limited(self.service.limits.rate_limit)))
+            return
         await self._respond(self.answer(new_request_id()), begun)
+
+    async def _begun(self) -> Preemptive | None:
+        """The answer begun at the utterance's last proposed end, once its beginning is settled (None if there was
+        none, or it could not begin)."""
+        preempting, self._preempting = self._preempting, None
+        if preempting is None:
+            return None
+        await asyncio.wait({preempting})
+        return None if preempting.cancelled() or preempting.exception() is not None else preempting.result()
 
     def _preempt(self) -> None:
         """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to
@@ -192,7 +200,7 @@ class Hearing:
 
         async def begin() -> Preemptive | None:
             text = await pieces.so_far()
-            if not text or pieces is not self._pieces or pieces.speaking:
+            if not text or pieces.speaking:  # (the speaker went on meanwhile: this is dropped anyway)
                 return None
             return await self._prefetch(speaker, text, self.answer("preempt").speaker)
         self._preempting = asyncio.ensure_future(begin())
