@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -59,14 +60,17 @@ async def test_a_mid_sentence_pause_ends_the_turn_under_a_fixed_silence_but_not_
         assert described["turn_max_silence_ms"] == 3000
 
 
-def started_chats(chat: FakeChat, count: int, timeout: float = 60) -> bool:
-    """Wait (in a thread) until the chat server has begun ``count`` streams."""
-    import time
-
+def waited_for(condition, timeout: float = 60) -> bool:
+    """Wait (in a thread) until ``condition()`` holds; whether it did."""
     deadline = time.monotonic() + timeout
-    while len(chat.started) < count and time.monotonic() < deadline:
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
-    return len(chat.started) >= count
+    return bool(condition())
+
+
+def started_chats(chat: FakeChat, count: int) -> bool:
+    """Wait (in a thread) until the chat server has begun ``count`` streams."""
+    return waited_for(lambda: len(chat.started) >= count)
 
 
 async def test_an_answer_begun_at_a_pause_is_dropped_when_the_speaker_goes_on_and_nothing_of_it_is_kept(
@@ -150,3 +154,28 @@ async def test_a_cough_during_the_answer_does_not_interrupt_it_while_speech_does
 async def _bind(ws) -> dict:
     await ws.send(json.dumps({"type": "session"}))
     return await recv_json(ws)
+
+
+async def test_a_resume_while_the_pause_is_still_being_transcribed_keeps_the_piece_and_the_connection(
+        tiny_model_dir, whisper_dir):
+    """The speaker goes on while the piece before the pause is still waiting for the recogniser (the answer begun
+    on it is waiting too): dropping that answer must not drop the piece; the turn is saved whole, and answered."""
+    from test_fair_sharing import recording_transcriber
+
+    stt = recording_transcriber(whisper_dir)
+    with FakeChat(ANSWER, delay=0.02) as chat:
+        async with running_server(csm_slot(tiny_model_dir), turn_detector="vad", vad_silence_ms=600, stt=stt,
+                                  stt_language="en", chat=server_options(whisper_dir, chat)["chat"]) as server:
+            await server.service.speech.loaded.wait()
+            async with websockets.connect(url(server), ping_interval=None) as ws:
+                await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": RATE, "vad": True,
+                                          "respond": {"speaker": 0, "seed": 1, "max_audio_length_ms": 240}}))
+                stt.gate.clear()  # the piece at the pause waits
+                await send(ws, silence(0.5), spoken("My favourite colour is green.", RATE), silence(0.4))
+                assert await asyncio.to_thread(waited_for, lambda: stt.calls)  # the piece holds the recogniser
+                await send(ws, spoken("What is yours?", RATE), silence(1.0))  # resumed: the begun answer goes
+                stt.gate.set()
+                saved, _, _ = await until(ws, "turn_saved")
+                done, _, _ = await until(ws, "success")
+    assert "green" in saved["text"].lower() and "yours" in saved["text"].lower()
+    assert done["status"] == "success" and chat.requests[-1]["messages"][-1]["content"] == saved["text"]

@@ -44,8 +44,12 @@ class Pieces:
         self.speaking = True
 
     async def so_far(self) -> str | None:
-        """The pieces' text so far (None if one failed)."""
-        texts = await asyncio.gather(*self._texts)
+        """The pieces' text so far (None if one failed or was dropped).  Waiting is not owning: a waiter that is
+        cancelled (an answer begun on them, dropped at a resume) leaves the pieces running for the others."""
+        pieces = list(self._texts)
+        if pieces:
+            await asyncio.wait(pieces)
+        texts = [None if piece.cancelled() or piece.exception() is not None else piece.result() for piece in pieces]
         if any(text is None for text in texts):
             return None
         return " ".join(text for text in texts if text)
