@@ -179,3 +179,20 @@ async def test_a_resume_while_the_pause_is_still_being_transcribed_keeps_the_pie
                 done, _, _ = await until(ws, "success")
     assert "green" in saved["text"].lower() and "yours" in saved["text"].lower()
     assert done["status"] == "success" and chat.requests[-1]["messages"][-1]["content"] == saved["text"]
+
+
+async def test_turn_start_takes_a_language_whisper_knows_and_refuses_others_clearly(tiny_model_dir, whisper_dir):
+    async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, None)) as server:
+        _, info = await ahttp_get(server.port, "/v1/info")
+        async with websockets.connect(url(server)) as ws:
+            refusals = []
+            for language in ("xx", 5, "", "e" * 1000):
+                await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "vad": True, "language": language}))
+                refusals.append(await recv_json(ws))
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "vad": True, "language": "de"}))
+            await ws.send(json.dumps({"type": "cancel", "request_id": "marker"}))
+            accepted = await recv_json(ws)
+    assert {"en", "de", "fr"} <= set(json.loads(info)["conversation"]["languages"])
+    assert all(r["status"] == "error" and r["code"] == "invalid_request" and "language" in r["message"]
+               for r in refusals), refusals
+    assert accepted["request_id"] == "marker"  # the turn_start with a known language was taken without a reply

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from audio_fixtures import spoken, write_audio
 from conftest import ahttp_get, csm_slot, running_server
@@ -18,6 +19,9 @@ from test_sessions import word_error_rate
 from test_voice_chat import ANSWER, SAID, server_options
 
 LATER = "Wait, I have another question."
+# the page's conversation state, as it goes: the user's turn is heard, answered (written, then spoken), heard again
+BACK_TO_LISTENING = ("(s => s.length >= 4 && s.includes('speaking') && s.at(-1) === 'listening')"
+                     "(window.__tts.stats.talk.states)")
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +61,7 @@ async def ready(page, port: int) -> None:
 
 
 @pytest.mark.timeout(300)
-async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload_resumes(
+async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload_resumes_showing_its_state(
         tiny_model_dir, whisper_dir, tmp_path):
     wav = microphone(tmp_path, (SAID, 2.5))
     with FakeChat(ANSWER, delay=0.3) as chat:
@@ -67,6 +71,10 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
             await page.click("#talk")
             await page.wait_for_function("window.__tts.stats.talk.saved.length === 1", timeout=60_000)
             await page.wait_for_function("window.__tts.stats.completed.length === 1", timeout=60_000)
+            await page.wait_for_function(BACK_TO_LISTENING, timeout=60_000)  # once the answer has been heard
+            shown_state = await page.inner_text("#talk-state")
+            detector = await page.inner_text("#detector")
+            _, info = await ahttp_get(server.port, "/v1/info")
             await page.click("#talk")  # stop listening
             await page.wait_for_function("window.__tts.stats.highlighted >= 3", timeout=30_000)  # words light up
             spans = await page.eval_on_selector_all(".turn.assistant .word", "s => s.map(x => x.textContent)")
@@ -74,6 +82,7 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
             session = await page.evaluate("localStorage.getItem('tts.session')")
             _, listed = await ahttp_get(server.port, f"/v1/sessions/{session}")
             shown = await page.inner_text("#chat")
+            stopped_state = await page.inner_text("#talk-state")
 
             await page.reload()  # the same conversation comes back, transcript shown
             await page.wait_for_function("window.__tts.stats.talk.restored > 0", timeout=30_000)
@@ -81,6 +90,9 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
             assert await page.evaluate("localStorage.getItem('tts.session')") == session
     saved = stats["talk"]["saved"][0]
     assert word_error_rate(SAID, saved["text"]) <= 0.2
+    assert stats["talk"]["states"] == ["listening", "thinking", "speaking", "listening", "idle"]
+    assert (shown_state, stopped_state) == ("listening", "idle")
+    assert detector == f"turn detector: {json.loads(info)['conversation']['turn_detector']}"
     done = stats["completed"][0]
     chunks = [s for s in stats["scheduled"] if s["request_id"] == done["request_id"]]
     assert len(chunks) == done["chunks"] >= 2 and stats["underruns"] == 0
@@ -124,7 +136,8 @@ async def test_speaking_over_the_answer_cuts_it_to_what_was_heard(tiny_model_dir
     assert errors == []
 
 
-async def test_the_page_says_why_it_cannot_listen(tiny_model_dir, whisper_dir, tmp_path):
+async def test_the_page_says_why_it_cannot_listen_or_answer_a_turn_held_down_by_touch(tiny_model_dir, whisper_dir,
+                                                                                       tmp_path):
     wav = microphone(tmp_path, (None, 1.0))
     async with running_server(csm_slot(tiny_model_dir)) as server, browser_hearing(wav) as (page, _):
         await ready(page, server.port)  # no --stt-model here
@@ -140,12 +153,22 @@ async def test_the_page_says_why_it_cannot_listen(tiny_model_dir, whisper_dir, t
 
     dead = type("Dead", (), {"url": f"http://127.0.0.1:{free_port()}/v1", "key": None})()
     wav = microphone(tmp_path, (SAID, 2.0))
+    heard = int(sf.info(str(wav)).duration - 1.0)  # seconds of microphone audio that hold the whole sentence
     async with running_server(csm_slot(tiny_model_dir), **server_options(whisper_dir, dead)) as server, \
             browser_hearing(wav) as (page, _):
         await ready(page, server.port)
-        await page.click("#talk")
+        viewport = await page.get_attribute("meta[name=viewport]", "content")
+        await page.dispatch_event("#talk", "pointerdown")  # held down (a finger): press to talk, no space bar
+        await page.wait_for_function("window.__tts.talk.mode === 'push' && window.__tts.talk.open")
+        held = await page.get_attribute("#talk", "aria-pressed")
+        await page.wait_for_function(
+            f"window.__tts.stats.talk.sentSamples >= {heard} * window.__tts.talk.mic.ctx.sampleRate", timeout=30_000)
+        await page.dispatch_event("#talk", "pointerup")  # let go: the turn ends, the server answers it
         await page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
         unreachable = await page.inner_text("#error")
+        pushed = await page.evaluate("[window.__tts.talk.mode, window.__tts.stats.talk.states]")
+    assert "width=device-width" in viewport
+    assert held == "true" and pushed == [None, ["listening", "thinking", "idle"]]
     assert "--stt-model" in no_stt
     assert "Microphone permission was denied" in denied
     assert "The assistant cannot answer" in unreachable and dead.url in unreachable

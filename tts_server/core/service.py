@@ -25,7 +25,7 @@ from typing import Any
 from ..audio.pcm import OUTPUT_RATE
 from ..engines import registry
 from ..engines.chat import ChatModel
-from ..engines.stt import Transcriber
+from ..engines.stt import Transcriber, whisper_languages
 from .admission import Admission
 from .cache import AudioCache
 from .context import ReferenceLibrary
@@ -106,8 +106,8 @@ class Service:
 
     def conversation_info(self) -> dict[str, Any]:
         """What the voice chat can do here: speech recognition, the end-of-utterance pause, the chat model."""
-        return {"stt": self.speech.state, **self.turns.describe(),
-                "chat": self.chat.describe() if self.chat is not None else None}
+        return {"stt": self.speech.state, "languages": whisper_languages() if self.speech.stt is not None else [],
+                **self.turns.describe(), "chat": self.chat.describe() if self.chat is not None else None}
 
     # -- state for replies, /ready and /v1/info --------------------------------------------------------
     def background(self, work) -> None:

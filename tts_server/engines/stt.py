@@ -37,11 +37,16 @@ MARGIN_S = 5.0
 MAX_TOKENS = 224  # Whisper's limit for one window's text (half its context; the prompt takes the rest)
 
 
-def whisper_language(code: str) -> bool:
-    """Whether Whisper knows the language ``code`` (en, de, ...)."""
+def whisper_languages() -> list[str]:
+    """The language codes Whisper knows (en, de, ...), sorted."""
     from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-    return code in _LANGUAGE_CODES
+    return sorted(_LANGUAGE_CODES)
+
+
+def whisper_language(code: str) -> bool:
+    """Whether Whisper knows the language ``code``."""
+    return code in whisper_languages()
 
 
 class Transcriber:

@@ -40,6 +40,7 @@ async function loadInfo() {
     setPill($("engine"), serving ? `engine: ${serving}` : "model loading…", serving ? "on" : "wait");
     $("engine").title = info.serving.reason;
     if (first) fillPickers(info);
+    showDetector(info);  // talk.js
     if (!serving) state.infoTimer = setTimeout(loadInfo, 2000);  // follow loading progress
   } catch (err) {
     showError(`Cannot read server info: ${err.message}`);

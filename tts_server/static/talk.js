@@ -1,10 +1,13 @@
-// Voice chat: the microphone streams the user's turns (hands-free, ended by the server's VAD, or press-to-talk
-// with the space bar), the chat model's answer is shown as it is written and spoken as it comes, the user's voice
-// cuts the answer off (barge-in), and the conversation (a server session) survives a reload.
+// Voice chat: the microphone streams the user's turns (hands-free, ended by the server's turn detector, or
+// press-to-talk: hold the space bar or the Talk button), the chat model's answer is shown as it is written and
+// spoken as it comes, the user's voice cuts the answer off (barge-in), the page shows what the conversation is
+// doing (idle, listening, thinking, speaking), and the conversation (a server session) survives a reload.
 "use strict";
 
-const talk = { mic: null, mode: null, restored: false, listening: null, answerSpeaker: 0 };
-stats.talk = { saved: [], replyText: 0, speechStarts: 0, bargeIns: [], firstAudioAt: {}, restored: 0 };
+const talk = { mic: null, mode: null, restored: false, listening: null, answerSpeaker: 0, respond: false, open: false,
+               thinking: false, state: "idle", recheck: null, hold: null, swallowClick: false };
+stats.talk = { saved: [], replyText: 0, speechStarts: 0, bargeIns: [], firstAudioAt: {}, restored: 0, states: [],
+               sentSamples: 0 };
 window.__tts.talk = talk;
 
 function canChat() { return !!(state.info && state.info.conversation && state.info.conversation.chat); }
@@ -12,6 +15,7 @@ function userSpeaker() { return Number($("speaker").value || 0) === 0 ? 1 : 0; }
 
 // ---- the server's voice-chat messages ------------------------------------------------------------------------
 function talkReply(msg) {
+  followTalk(msg);
   switch (msg.status) {
     case "session":
       localStorage.setItem("tts.session", msg.session);
@@ -20,16 +24,13 @@ function talkReply(msg) {
       return true;
     case "speech_start":
       stats.talk.speechStarts++;
-      setTalkNote("listening…");
       bargeIn();
       return true;
     case "speech_end":
-      setTalkNote("transcribing…");
       return true;
     case "turn_saved":  // its id is the page's own: msg.turns stops growing once the history is full
       stats.talk.saved.push(msg);
       addTurn({ id: `said-${state.seq++}`, text: msg.text, speaker: msg.speaker, role: "user" }).status = "said";
-      setTalkNote(talk.mode ? "listening…" : "");
       return true;
     case "reply_text": {
       const turn = answerTurn(msg.request_id);
@@ -87,6 +88,55 @@ async function showTranscript(session) {
   }
 }
 
+// ---- what the conversation is doing: idle, listening, thinking (transcribing, writing the answer), speaking ----
+// Each server message can change it; it is worked out once app.js has handled the message too.
+const THINKING_AFTER = { speech_start: false, speech_end: true, reply_text: true, start: false, success: false,
+                         cancelled: false, error: false };
+
+function followTalk(msg) {
+  const turn = msg.request_id ? state.turns.get(msg.request_id) : null;
+  const stale = msg.status === "cancelled" && turn && turn.status === "stopping";  // an answer cut off earlier
+  if (msg.status in THINKING_AFTER && !stale) talk.thinking = THINKING_AFTER[msg.status];
+  if (msg.status === "turn_saved" && !talk.respond) talk.thinking = false;  // heard; no answer comes
+  queueMicrotask(showTalkState);
+}
+
+function playbackEnd() {  // when the answers' audio already scheduled stops playing (AudioContext clock)
+  let end = 0;
+  for (const turn of state.turns.values()) if (turn.status === "done") end = Math.max(end, turn.nextTime);
+  return end;
+}
+
+function talkState() {
+  const now = state.ctx ? state.ctx.currentTime : 0;
+  const streaming = state.current && state.current.status === "pending";
+  if (streaming || playbackEnd() > now) return "speaking";
+  if (talk.thinking) return "thinking";
+  return talk.mode ? "listening" : "idle";
+}
+
+function showTalkState() {
+  const now = talkState();
+  clearTimeout(talk.recheck);
+  if (now === "speaking" && state.ctx) {  // look again once the audio played so far has been heard
+    talk.recheck = setTimeout(showTalkState, 1000 * Math.max(0, playbackEnd() - state.ctx.currentTime) + 50);
+  }
+  if (now === talk.state) return;
+  talk.state = now;
+  $("talk-state").textContent = now;
+  $("talk-state").className = `pill ${now}`;
+  stats.talk.states.push(now);
+}
+
+function showDetector(info) {  // from app.js, whenever the server's info is read
+  const c = info.conversation || {};
+  $("detector").textContent = c.turn_detector ? `turn detector: ${c.turn_detector}` : "";
+  $("detector").title = c.turn_detector === "smart-turn"
+    ? `A ${c.vad_silence_ms} ms pause proposes the end of your turn and Smart Turn confirms it; ` +
+      `${c.turn_max_silence_ms} ms of silence ends it anyway`
+    : `A ${c.vad_silence_ms} ms pause ends your turn`;
+}
+
 // ---- barge-in: the user speaks over the answer -------------------------------------------------------------
 function bargeIn() {
   const now = state.ctx ? state.ctx.currentTime : 0;
@@ -117,7 +167,9 @@ async function openMic() {
   mute.gain.value = 0;  // pulled by the graph, never heard
   source.connect(sender).connect(mute).connect(ctx.destination);
   sender.port.onmessage = (event) => {
-    if (talk.mode && state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(event.data);
+    if (!talk.mode || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+    state.ws.send(event.data);
+    stats.talk.sentSamples += event.data.byteLength / 2;
   };
   return { stream, ctx };
 }
@@ -141,35 +193,75 @@ async function startTalking(mode) {
       : `The microphone is unavailable: ${err.message}`);
     return;
   }
+  if (talk.mode !== mode) { closeMic(); return; }  // let go before the microphone opened
   showError("");
   talk.answerSpeaker = Number($("speaker").value || 0);
+  talk.respond = canChat();
   const request = { type: "turn_start", speaker: userSpeaker(), sample_rate: talk.mic.ctx.sampleRate,
                     vad: mode === "hands-free" };
-  if (canChat()) request.respond = { speaker: talk.answerSpeaker, timestamps: $("highlight").checked };
+  if (talk.respond) request.respond = { speaker: talk.answerSpeaker, timestamps: $("highlight").checked };
+  const language = browserLanguage();
+  if (language) request.language = language;  // transcribed without detecting it: faster
   state.ws.send(JSON.stringify(request));
+  talk.open = true;
   $("talk").textContent = mode === "hands-free" ? "Stop talking" : "Talking…";
   $("talk").setAttribute("aria-pressed", "true");
-  setTalkNote(mode === "hands-free" ? "listening…" : "speak, then let go of the space bar");
+  setTalkNote(mode === "hands-free" ? "a pause ends your turn" : "speak, then let go");
   if (mode === "push") bargeIn();  // pressing to talk interrupts the answer at once
+  showTalkState();
 }
 
 function stopTalking() {
   if (!talk.mode) return;
+  const open = talk.open && state.ws && state.ws.readyState === WebSocket.OPEN;
+  if (open && talk.mode === "push") talk.thinking = true;  // the turn is transcribed now: turn_saved or an error
   talk.mode = null;
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "turn_end" }));
-  if (talk.mic) {
-    talk.mic.stream.getTracks().forEach((track) => track.stop());
-    talk.mic.ctx.close();
-    talk.mic = null;
-  }
+  talk.open = false;
+  if (open) state.ws.send(JSON.stringify({ type: "turn_end" }));
+  closeMic();
   $("talk").textContent = "Talk";
   $("talk").setAttribute("aria-pressed", "false");
   setTalkNote("");
+  showTalkState();
+}
+
+function closeMic() {
+  if (!talk.mic) return;
+  talk.mic.stream.getTracks().forEach((track) => track.stop());
+  talk.mic.ctx.close();
+  talk.mic = null;
 }
 
 function setTalkNote(text) { $("talk-note").textContent = text; }
 
-$("talk").onclick = () => (talk.mode ? stopTalking() : startTalking("hands-free"));
+// ---- the Talk button: a tap or click toggles hands-free listening; holding it (finger or mouse) talks while held
+const HOLD_MS = 350;
+
+function pressTalk(event) {
+  talk.swallowClick = false;
+  if (talk.mode || event.button > 0) return;
+  talk.hold = setTimeout(() => { talk.hold = "held"; startTalking("push"); }, HOLD_MS);
+}
+
+function releaseTalk() {
+  if (talk.hold === "held") {
+    audioContext();  // a touch's pointerup is a user gesture (its pointerdown is not): playback unlocks here
+    stopTalking();
+    talk.swallowClick = true;  // the click that follows this release is not a tap
+  } else {
+    clearTimeout(talk.hold);
+  }
+  talk.hold = null;
+}
+
+$("talk").addEventListener("pointerdown", pressTalk);
+document.addEventListener("pointerup", releaseTalk);  // wherever the finger or the mouse lets go
+document.addEventListener("pointercancel", releaseTalk);
+$("talk").addEventListener("contextmenu", (event) => event.preventDefault());  // a long press is no menu
+$("talk").onclick = () => {
+  if (talk.swallowClick) { talk.swallowClick = false; return; }
+  if (talk.mode) stopTalking(); else startTalking("hands-free");
+};
 const typing = (event) => ["TEXTAREA", "INPUT", "SELECT"].includes(event.target.tagName);
 document.addEventListener("keydown", (event) => {
   if (event.code !== "Space" || event.repeat || typing(event)) return;
@@ -189,3 +281,10 @@ $("new-chat").onclick = () => {
   state.ws.send(JSON.stringify({ type: "session" }));
   addNote("A new conversation.");
 };
+
+// The browser's language, when the server's speech recognition knows it (else the server detects it).
+function browserLanguage() {
+  const known = (state.info && state.info.conversation && state.info.conversation.languages) || [];
+  const code = (navigator.language || "").split("-")[0].toLowerCase();
+  return known.includes(code) ? code : null;
+}
