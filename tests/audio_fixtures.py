@@ -52,3 +52,24 @@ def spoken(text: str, rate: int = 16000) -> np.ndarray:
 
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
+
+
+_STEADY: dict[tuple[str, int], np.ndarray] = {}
+
+
+def steady(text: str, rate: int = 16000) -> np.ndarray:
+    """``text`` said by the packaged Piper voice without its random noise (the same audio on every call): for
+    tests whose verdict depends on how it sounds (a turn detector)."""
+    if (text, rate) not in _STEADY:
+        from piper import SynthesisConfig
+
+        from tts_server.audio.codec import resample
+        from tts_server.engines.piper import PiperEngine
+
+        engine = PiperEngine()
+        engine.load()
+        voice = engine.voices[0]
+        config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+        speech = np.concatenate([chunk.audio_float_array for chunk in voice.model.synthesize(text, config)])
+        _STEADY[(text, rate)] = resample(speech.astype(np.float32), voice.sample_rate, rate)
+    return _STEADY[(text, rate)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from audio_fixtures import spoken
+from audio_fixtures import spoken, steady
 
 RATE = 16000
 
@@ -33,5 +33,7 @@ def test_a_sentence_that_goes_on_is_heard_as_incomplete_and_a_finished_one_as_co
     from tts_server.engines.turn_detector import smart_turn
 
     model = smart_turn()
-    assert not model.complete(clip("My favourite colour is green, but"))
-    assert model.complete(clip("Please remind me to call my mother."))
+    quiet, after = np.zeros(int(0.3 * RATE), np.float32), np.zeros(int(0.2 * RATE), np.float32)
+    assert not model.complete(np.concatenate([quiet, steady("My favourite colour is green, but"), after]))
+    assert not model.complete(np.concatenate([quiet, steady("I went to the shop and"), after]))
+    assert model.complete(np.concatenate([quiet, steady("Please remind me to call my mother."), after]))

@@ -142,21 +142,24 @@ class Conversation:
         """The chat model writes the answer to the transcript, spoken as it is written (``core.respond``) with
         ``request``'s speaker and sampling.  ``begun``: the answer the chat model began before the last turn was
         confirmed (``core.preempt``), used if it was asked the same, else closed."""
-        try:
+        try:  # whatever happens, the begun answer's stream is closed unless this answer takes it, and then with it
             chat, messages = await self._chat_messages(request.speaker, request.request_id)
+            if begun is not None and begun.messages != messages:
+                begun.cancel()
+                begun = None
+            job = self.job(request)
+            job.cache_salt = None  # its text is the LLM's: never answered from the cache
+            self.peer.enqueue(job)
+            task = asyncio.create_task(answer(job, chat, messages, self.peer.schedule,
+                                              self.service.limits.max_text_chars,
+                                              begun.stream() if begun is not None else None),
+                                       name=f"answer-{request.request_id}")
         except BaseException:
             if begun is not None:
                 begun.cancel()
             raise
-        if begun is not None and begun.messages != messages:
-            begun.cancel()
-            begun = None
-        job = self.job(request)
-        job.cache_salt = None  # its text is the LLM's: never answered from the cache
-        self.peer.enqueue(job)
-        task = asyncio.create_task(answer(job, chat, messages, self.peer.schedule, self.service.limits.max_text_chars,
-                                          begun.stream() if begun is not None else None),
-                                   name=f"answer-{request.request_id}")
+        if begun is not None:  # (an answer cancelled before its first step never opens the stream it was given)
+            task.add_done_callback(lambda _: begun.cancel())
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 

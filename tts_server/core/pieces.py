@@ -31,6 +31,8 @@ class Pieces:
         the pieces before it (in order: the language learnt from the first serves the rest)."""
         piece = heard[self._cut:]
         self._cut, self.speaking = len(heard), False
+        if len(piece) == 0:  # a second pause in the same frame of audio: that frame went to the piece before
+            return
         previous = self._texts[-1] if self._texts else None
         self._texts.append(asyncio.ensure_future(self._after(previous, piece)))
 

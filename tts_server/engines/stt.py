@@ -34,6 +34,10 @@ WINDOW_S = 30  # Whisper's window
 # places the text's end and stops), its error rate was that of the whole 30 s window, at a third of the cost.
 MIN_WINDOW_S = 10
 MARGIN_S = 5.0
+# No speech, as faster-whisper's own path decides it: the model's no-speech probability above 0.6 and its text's
+# mean log-probability below -1 (measured here: silence, hiss and clicks 0.69-0.80 and below -1.7; Piper's
+# "Yes." 0.03 and -0.77, a whisper-quiet sentence 0.06 and -0.96)
+NO_SPEECH, LOW_CONFIDENCE = 0.6, -1.0
 MAX_TOKENS = 224  # Whisper's limit for one window's text (half its context; the prompt takes the rest)
 
 
@@ -70,7 +74,8 @@ class Transcriber:
         """The words in ``audio`` (mono float), one line, its language detected."""
         return self.recognize(audio, rate)[0]
 
-    def recognize(self, audio: np.ndarray, rate: int = OUTPUT_RATE, language: str | None = None) -> tuple[str, str]:
+    def recognize(self, audio: np.ndarray, rate: int = OUTPUT_RATE,
+                  language: str | None = None) -> tuple[str, str | None]:
         """(the words in ``audio``, their language).  With the language known, a clip shorter than Whisper's 30 s
         window is heard through a window its own length (``_short``): most of Whisper's cost is its encoder, which
         otherwise reads 30 s whatever the clip's length.  Otherwise (the language to detect, a longer clip)
@@ -78,6 +83,8 @@ class Transcriber:
         if self._model is None:
             raise RuntimeError("the transcriber is not loaded")
         samples = resample(audio, rate, WHISPER_RATE)
+        if len(samples) < WHISPER_RATE // 10:
+            return "", language  # under 0.1 s: no word fits (Whisper would make one up)
         if language and len(samples) < (WINDOW_S - MARGIN_S) * WHISPER_RATE:
             return self._short(samples, language), language
         segments, info = self._model.transcribe(samples, beam_size=1, condition_on_previous_text=False,
@@ -102,8 +109,11 @@ class Transcriber:
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
         prompt = list(tokenizer.sot_sequence)
         result = model.model.generate(get_ctranslate2_storage(window), [prompt], beam_size=1, max_length=MAX_TOKENS,
-                                      suppress_blank=True, suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])))
-        tokens = [token for token in result[0].sequences_ids[0] if token < tokenizer.eot]
+                                      suppress_blank=True, suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
+                                      return_no_speech_prob=True, return_scores=True)[0]
+        if result.no_speech_prob > NO_SPEECH and result.scores[0] < LOW_CONFIDENCE:
+            return ""  # silence, hiss, a click: Whisper would make up a sentence ("I'm sorry.")
+        tokens = [token for token in result.sequences_ids[0] if token < tokenizer.eot]
         return tokenizer.decode(tokens).strip()
 
     def align(self, audio: np.ndarray, rate: int, text: str) -> list[Word]:
