@@ -159,3 +159,12 @@ def test_wyoming_options_are_checked_at_startup():
     settings = load_settings(["--wyoming-uri", "tcp://0.0.0.0:10200", "--wyoming-zeroconf"], environ={},
                              dotenv_path=None)
     assert (settings.wyoming_uri, settings.wyoming_zeroconf) == ("tcp://0.0.0.0:10200", "csm-tts")
+
+
+def test_turn_taking_options_are_checked_at_startup():
+    for argv in (["--stt-language", "zz"], ["--stt-language", "EN"], ["--turn-detector", "silence"],
+                 ["--turn-max-silence-ms", "0"]):
+        with pytest.raises(SystemExit):
+            load_settings(argv, environ={}, dotenv_path=None)
+    settings = load_settings(["--stt-language", "de", "--turn-detector", "vad"], environ={}, dotenv_path=None)
+    assert (settings.stt_language, settings.turn_detector, settings.vad_silence_ms) == ("de", "vad", None)

@@ -95,6 +95,14 @@ def _session_store(text: str) -> str:
     return text
 
 
+def _whisper_language(text: str) -> str:
+    from .engines.stt import whisper_language
+
+    if not whisper_language(text):
+        raise ValueError(f"{text!r} is not a language Whisper knows (en, de, fr, ...)")
+    return text
+
+
 def _non_negative(value: float) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"must be a number, 0 or more, got {value}")
@@ -112,6 +120,7 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 NonNegativeFloat = Annotated[float, AfterValidator(_non_negative)]
 EngineList = Annotated[str, AfterValidator(_engines)]  # names checked against the registry when validated
 EngineName = Annotated[str, AfterValidator(_engine_name)]
+WhisperLanguage = Annotated[str, AfterValidator(_whisper_language)]
 RemoteVoices = Annotated[str, AfterValidator(_remote_voices)]
 Languages = Annotated[str, AfterValidator(_languages)]
 Networks = Annotated[str, AfterValidator(_networks)]
@@ -216,7 +225,7 @@ class Settings(BaseSettings):
     stt_model: str | None = Field(None, description="speech recognition for turns sent without text: a "
         "faster-whisper model (a size such as base or small, or a hub repository, fetched in download mode) or a "
         "folder holding one; off when unset")
-    stt_language: str | None = Field(None, pattern=r"^[a-z]{2,3}$", description="the language every speaker "
+    stt_language: WhisperLanguage | None = Field(None, description="the language every speaker "
         "speaks (a Whisper language code such as en, de, fr): each turn is then transcribed without detecting it, "
         "in a window its own length (much faster); unset: learnt from each conversation's first turn (or its "
         "turn_start's 'language')")
