@@ -170,7 +170,7 @@ class Conversation:
             chat, messages = await self._chat_messages(assistant, None, ContextTurn(speaker, text))
         except Refusal:
             return None
-        return Preemptive(chat, messages)
+        return Preemptive(chat, messages, self.service.limits.max_text_chars)
 
     async def _chat_messages(self, assistant: int, request_id: str | None,
                              pending: ContextTurn | None = None) -> tuple[ChatModel, list[dict[str, str]]]:

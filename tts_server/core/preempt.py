@@ -19,9 +19,12 @@ from ..engines.chat import ChatModel
 
 
 class Preemptive:
-    def __init__(self, chat: ChatModel, messages: list[dict[str, str]]) -> None:
-        self.messages = messages
+    def __init__(self, chat: ChatModel, messages: list[dict[str, str]], max_chars: int = 4000) -> None:
+        """``max_chars``: the most an answer may say (a request's text limit); past it nothing more is read or
+        kept (the answer that adopts it is cut there, ``truncated``)."""
+        self.messages, self.max_chars = messages, max_chars
         self._deltas: list[str] = []
+        self._chars = 0
         self._more = asyncio.Event()
         self._done = False
         self._error: BaseException | None = None
@@ -32,7 +35,10 @@ class Preemptive:
             async with contextlib.aclosing(chat.stream(self.messages)) as deltas:  # leaving closes the stream
                 async for delta in deltas:
                     self._deltas.append(delta)
+                    self._chars += len(delta)
                     self._more.set()
+                    if self._chars > self.max_chars:
+                        break
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # told to the answer that adopts it, as its own stream would have
