@@ -13,13 +13,15 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
 from ..audio.pcm import OUTPUT_RATE
 from .errors import EngineError
 from .request import SynthesisRequest
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,20 @@ class SentenceMark:
     text: str
     words: list[Word] | None = None
     audio: np.ndarray | None = None
+
+
+def one_per_process(load: Callable[[], T]) -> Callable[[], T]:
+    """``load`` run once, on first use, from whichever thread asks first: the process's one copy of a model that
+    every connection shares (an ONNX session; each caller keeps its own state)."""
+    lock, made = threading.Lock(), []
+
+    def shared() -> T:
+        with lock:
+            if not made:
+                made.append(load())
+            return made[0]
+    shared.__doc__ = f"The process's one {getattr(load, '__name__', 'model')}, loaded on first use."
+    return shared
 
 
 def audio_only(items) -> Iterator[np.ndarray]:

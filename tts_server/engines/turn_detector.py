@@ -20,11 +20,12 @@ thread (blocking: never on the event loop).
 from __future__ import annotations
 
 import importlib.util
-import threading
 from pathlib import Path
 
 import numpy as np
 from transformers.audio_utils import spectrogram, window_function
+
+from .base import one_per_process
 
 RATE = 16000
 WINDOW_S = 8  # the model hears the last 8 s
@@ -80,14 +81,4 @@ class SmartTurn:
         return self.probability(audio) > COMPLETE
 
 
-_shared: SmartTurn | None = None
-_loading = threading.Lock()
-
-
-def smart_turn() -> SmartTurn:
-    """The process's one Smart Turn model, loaded on first use."""
-    global _shared
-    with _loading:
-        if _shared is None:
-            _shared = SmartTurn()
-        return _shared
+smart_turn = one_per_process(SmartTurn)  # the process's one copy, loaded on first use

@@ -20,11 +20,12 @@ thread at a time (onnxruntime's ``run`` itself may be called from any thread).
 from __future__ import annotations
 
 import importlib.util
-import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Callable
+
+from .base import one_per_process
 
 import numpy as np
 
@@ -84,17 +85,7 @@ class SileroModel:
         return float(out[0, 0])
 
 
-_shared: SileroModel | None = None
-_loading = threading.Lock()
-
-
-def silero_model() -> SileroModel:
-    """The process's one Silero model, loaded on first use."""
-    global _shared
-    with _loading:
-        if _shared is None:
-            _shared = SileroModel()
-        return _shared
+silero_model = one_per_process(SileroModel)  # the process's one copy, loaded on first use
 
 
 class SpeechDetector:
