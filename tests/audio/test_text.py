@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_server.audio.text import SentenceStream, split_sentences
+from tts_server.audio.text import SentenceStream, reads_unfinished, split_sentences
 
 WORDS = st.lists(st.sampled_from(["Hello", "there,", "friend.", "How", "are", "you?", "I'm", "fine!", "3.5", "ok;",
                                   "averyveryverylongwordwithoutanyend", "\n", "well", "…", "yes."]), max_size=120)
@@ -89,3 +89,12 @@ def test_an_answer_starts_at_its_first_phrase_then_goes_sentence_by_sentence():
     assert SentenceStream(first_phrase=True).add("Well, I think so. ") == ["Well, I think so."]  # one word waits
     assert SentenceStream(first_phrase=True).add("Let me see - the answer is ") == ["Let me see -"]
     assert SentenceStream().add("Once upon a time, a small boat ") == []  # sentences only, without it
+
+
+def test_a_transcript_that_trails_off_or_ends_on_a_word_that_goes_on_reads_unfinished():
+    unfinished = ["I went to the shop and", "I would like to", "A table for", "My favorite color is green,",
+                  "Let me think...", "Tell me about the."]
+    finished = ["Book a table for two.", "Where are you going to?", "Yes.", "What time is it?", "Stop!", ""]
+    assert all(reads_unfinished(text) for text in unfinished)
+    assert not any(reads_unfinished(text) for text in finished)
+    assert reads_unfinished("Ich gehe zum Laden,", "de") and not reads_unfinished("Ich gehe und", "de")

@@ -153,3 +153,25 @@ def place_words(words: list[str], pieces: list[tuple[str, float, float]]) -> lis
         times.append((start, end))
         last = start if not span else end
     return times
+
+
+# Words an English sentence does not end on: "I'd like to...", "a table for...", "bread and..."
+_GOES_ON = frozenset("""a an the and or but so because if when while than then that which who whose to of for from
+with without in on at by into onto about as like my your his her its our their this these those some any every
+no not i we you he she they it's i'm is are was were be been am will would could should can may might must do does
+did have has had just very really more most um uh er""".split())
+
+
+def reads_unfinished(text: str, language: str | None = "en") -> bool:
+    """Whether a transcript reads as a sentence cut off: it trails off (a comma, dash or ellipsis), or (English)
+    it ends on a word no sentence ends on unless it asks ("to", "and", "the", ...).  The transcriber writes the
+    punctuation it hears, so a finished sentence ends in '.', '?' or '!'."""
+    text = text.strip()
+    if not text:
+        return False
+    if text.endswith((",", "...", "…", "-", "–", "—", ";", ":")):
+        return True
+    if text.endswith(("?", "!")) or (language or "en") != "en":
+        return False
+    last = text.rstrip(".").split()[-1].lower().strip("\"'()[]") if text.rstrip(".").split() else ""
+    return last in _GOES_ON

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from ..audio.text import reads_unfinished
 from ..engines.base import ContextTurn
 from ..engines.errors import ErrorCode, Refusal
 from ..engines.request import SynthesisRequest, new_request_id
@@ -109,7 +110,10 @@ class Hearing:
             elif event == Heard.RESUME:
                 self._pieces.resumed()  # the piece stands; what comes next is the next one
                 self._drop_preempt()  # it was not over
-            else:  # SPEECH_END
+            elif event == Heard.PROPOSED_END and await self._goes_on(listener, turn):
+                continue  # its words read unfinished: listening to the same utterance again, at its pause
+            else:  # SPEECH_END, or a PROPOSED_END that stands
+                self._guard.close()
                 pieces, self._pieces = self._pieces, Pieces(self._transcribe_quietly)
                 await self.peer.send(SpeechEnded())
                 await self._close_turn(turn, None, pieces)
@@ -189,6 +193,14 @@ class Hearing:
             return None
         await asyncio.wait({preempting})
         return None if preempting.cancelled() or preempting.exception() is not None else preempting.result()
+
+    async def _goes_on(self, listener: Listener, turn: StreamedTurn) -> bool:
+        """The turn detector heard the utterance end at this pause; its transcript so far has the last word: if it
+        reads cut off ("...to the shop and"), the utterance is reopened (the full silence still ends it)."""
+        text = await self._pieces.so_far()
+        if text is None or not reads_unfinished(text, self.language) or self._listener is not listener:
+            return False
+        return await self._encode(listener.reopen, turn)
 
     def _preempt(self) -> None:
         """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to

@@ -38,6 +38,8 @@ class Heard(str, Enum):
     PAUSE = Voice.PAUSE.value
     RESUME = Voice.RESUME.value
     SPEECH_END = Voice.SPEECH_END.value
+    # the turn detector ended it at a pause: over, unless its words read unfinished (then ``reopen``)
+    PROPOSED_END = "proposed_end"
     DROPPED = "dropped"  # an utterance over the length limit; listening goes on
 
 
@@ -55,6 +57,7 @@ class Listener:
         self._whole = WholeSamples()
         self._vad_samples = 0  # 16 kHz samples handed to the detector
         self.turn: StreamedTurn | None = None
+        self._ended_at = 0  # where the silence of the last PROPOSED_END began (detector samples)
         self._complete = complete
         self._heard = np.zeros(0, np.float32)  # the turn detector's input: the last HEARD_S at 16 kHz
         if complete is not None:
@@ -92,12 +95,25 @@ class Listener:
                 continue
             elif event.kind == Voice.SPEECH_END:
                 turn, self.turn = self.turn, None
-                events.append((Heard.SPEECH_END, turn))
+                if event.confirmed:  # its transcript starts at this pause too, as at any pause
+                    self._ended_at = event.sample
+                    events += [(Heard.PAUSE, turn), (Heard.PROPOSED_END, turn)]
+                else:
+                    events.append((Heard.SPEECH_END, turn))
             else:  # a pause (the utterance may be over: its audio so far can be transcribed) or a resume
                 events.append((Heard(event.kind.value), self.turn))
         if self.turn is not None and not fed:
             self._feed_turn(data, events)
         return events
+
+    def reopen(self, turn: StreamedTurn) -> bool:
+        """``PROPOSED_END``'s utterance goes on after all: it is open again, at its pause (blocking: call it on the
+        feeding thread, before any later audio is fed).  False if a new utterance began meanwhile."""
+        if self.turn is not None:
+            return False
+        self.turn = turn
+        self._detector.reopen(self._ended_at)
+        return True
 
     def _feed_turn(self, data: bytes, events: list) -> None:
         try:

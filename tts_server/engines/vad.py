@@ -50,6 +50,7 @@ class Voice(str, Enum):
 class Event:
     kind: Voice
     sample: int  # where it happened, in samples at 16 kHz since the detector began
+    confirmed: bool = False  # a speech_end the turn detector decided at a pause (not the full silence)
 
 
 @dataclass
@@ -149,8 +150,14 @@ class SpeechDetector:
                 self._paused = True
                 if self.confirm is None or not self.confirm(self._started_at, end_of_window):
                     return Event(Voice.PAUSE, self._quiet_since)
-                long_enough = True  # the turn detector heard a complete utterance: it ends now
+                self.speaking, self._voiced_since, self._paused = False, None, False
+                return Event(Voice.SPEECH_END, self._quiet_since, confirmed=True)  # complete: it ends now
             if long_enough:
                 self.speaking, self._voiced_since, self._paused = False, None, False
                 return Event(Voice.SPEECH_END, self._quiet_since)
         return None
+
+    def reopen(self, quiet_since: int) -> None:
+        """The utterance ended at a pause goes on after all (its words read unfinished): back to the pause, the
+        silence counted from where it began, so that speech resumes it and the full silence still ends it."""
+        self.speaking, self._paused, self._quiet_since, self._voiced_since = True, True, quiet_since, None
