@@ -287,12 +287,14 @@ def report(results: dict[str, dict], clips: list[Clip], seed: int, concurrency: 
             print(f"  {name}: ended at \"{clip.before} ...\" ({(clip.resume_s - clip.pause_s) * 1000:.0f} ms)")
 
 
-async def run(stt_model: str | None, seed: int, concurrency: int) -> None:
+async def run(stt_model: str | None, seed: int, concurrency: int, only: str = "") -> None:
     clips = build_set(seed)
     folder = build_checkpoint(Path(tempfile.mkdtemp()))
     stt = Transcriber(stt_model or str(whisper_base()), "cpu", local_only=True)
     results = {}
     for name, options in CONFIGS.items():
+        if not name.startswith(only):
+            continue
         started = time.perf_counter()
         results[name] = summary(clips, await measure(options, clips, folder, stt, concurrency))
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -304,5 +306,6 @@ if __name__ == "__main__":
     parser.add_argument("--stt-model", help="a faster-whisper model folder (default: the packaged Whisper base)")
     parser.add_argument("--seed", type=int, default=29)
     parser.add_argument("--concurrency", type=int, default=1, help="clips streamed at once")
+    parser.add_argument("--only", default="", help="the configurations whose name starts so (e.g. smart-turn)")
     args = parser.parse_args()
-    asyncio.run(run(args.stt_model, args.seed, args.concurrency))
+    asyncio.run(run(args.stt_model, args.seed, args.concurrency, args.only))
