@@ -206,8 +206,8 @@ class Hearing:
         """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to
         them (``core.preempt``); a resume or another pause drops it."""
         self._drop_preempt()
-        if self.answer is None or self.service.chat is None:
-            return
+        if self.answer is None or self.service.chat is None or not self.rate.available():
+            return  # (an answer the rate limit would refuse is not begun: the chat model is not asked for nothing)
         pieces, speaker = self._pieces, self._listener.turn.speaker if self._listener and self._listener.turn else 0
 
         async def begin() -> Preemptive | None:

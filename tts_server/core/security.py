@@ -150,13 +150,17 @@ class RateLimiter:
         self._last = clock()
 
     def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1.0:
+        if self.available():
             self._tokens -= 1.0
             return True
         return False
+
+    def available(self) -> bool:
+        """Whether a request would be allowed now (nothing is taken)."""
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        return self._tokens >= 1.0
 
 
 _CREDENTIALS = re.compile(r"(?i)(authorization[\"']?[:,]\s*[\"']?(?:\w+\s+)?|api_key=|[?&]session=|x-api-key[\"']?[:,]\s*[\"']?)"
