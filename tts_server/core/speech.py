@@ -72,20 +72,12 @@ class SpeechRecognition:
             raise Refusal(ErrorCode.INVALID_REQUEST, "'text' is required: this server has no speech recognition "
                                                      "(start it with --stt-model)")
 
-    async def transcript(self, audio: np.ndarray | None, rate: int = OUTPUT_RATE,
-                         connection: Hashable | None = None) -> str:
-        """What was said in a turn sent without text (float audio at ``rate``), on the transcriber's thread in
-        ``connection``'s turn; without speech recognition, the refusal."""
-        text = (await self.hear(audio, rate, connection, self.language))[0]
-        if not text:
-            raise no_speech()
-        return text
-
     async def hear(self, audio: np.ndarray | None, rate: int = OUTPUT_RATE, connection: Hashable | None = None,
                    language: str | None = None) -> tuple[str, str | None]:
-        """``transcript``, in ``language`` when it is known, with the language it was heard in (learnt there when
-        it was not): a conversation detects its speaker's language once, and then transcribes faster.  The text
-        is empty if no speech was recognised."""
+        """What was said in a turn sent without text (float audio at ``rate``), on the transcriber's thread in
+        ``connection``'s turn (without speech recognition, the refusal): in ``language`` when it is known, with the
+        language it was heard in (learnt there when it was not: a conversation detects its speaker's language once,
+        then transcribes faster).  The text is empty if no speech was recognised (``no_speech`` is the refusal)."""
         self.refuse_without()
         await self.loaded.wait()
         if self.failure is not None:
