@@ -24,12 +24,31 @@ def test_any_chunking_speaks_every_word_once_in_pieces_that_fit(words, cuts, max
     assert all(0 < len(piece) <= max_chars for piece in pieces)
 
 
-def test_a_sentence_is_released_as_soon_as_the_next_one_begins():
+def test_a_sentence_is_released_once_the_next_is_long_enough_not_to_join_it():
     stream = SentenceStream()
     assert stream.add("The weather to") == []
     assert stream.add("day is sunny and warm.") == []  # the period may still be a decimal point or an abbreviation
-    assert stream.add(" Tomorrow") == ["The weather today is sunny and warm."]
-    assert stream.finish() == ["Tomorrow"]
+    assert stream.add(" Tomorrow") == []  # "Tomorrow." alone would join it, as in whole text
+    assert stream.add(" it rains") == ["The weather today is sunny and warm."]
+    assert stream.finish() == ["Tomorrow it rains"]
+
+
+STREAMED = st.lists(st.sampled_from(["Hello", "there,", "friend.", "you?", "fine!", "3.5", "ok;", '"quoted."', "(yes.)",
+                                     "end.)", 'so."', "x]", "Dr.", "e.g.", "$12.50", "…", "—", "\n", "  ", "a",
+                                     "averyveryverylongwordwithoutanyend"]), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=STREAMED, glue=st.sampled_from([" ", "", "\n", "  "]), cuts=st.lists(st.integers(0, 4000), max_size=40),
+       max_chars=st.sampled_from([30, 40, 250]))
+def test_streamed_text_is_cut_into_exactly_the_sentences_of_the_whole_text(words, glue, cuts, max_chars):
+    """The same generations as the text sent whole, however it is cut (mid-word, mid-number, between a period and
+    its closing quote), so a text stream's seeded audio is the whole text's."""
+    text = glue.join(words)
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    stream = SentenceStream(max_chars=max_chars)
+    pieces = [s for a, b in zip(bounds, bounds[1:]) for s in stream.add(text[a:b])] + stream.finish()
+    assert pieces == split_sentences(text, max_chars=max_chars)
 
 
 def test_short_fragments_wait_for_the_next_sentence_as_in_whole_text():
@@ -85,7 +104,8 @@ def test_an_answer_starts_at_its_first_phrase_then_goes_sentence_by_sentence():
     stream = SentenceStream(first_phrase=True)
     pieces = [p for word in "Once upon a time, a small boat sailed far away. It found an island, full of birds. "
               .split(" ") for p in stream.add(word + " ")]
-    assert pieces == ["Once upon a time,", "a small boat sailed far away.", "It found an island, full of birds."]
+    assert pieces + stream.finish() == ["Once upon a time,", "a small boat sailed far away.",
+                                        "It found an island, full of birds."]
     assert SentenceStream(first_phrase=True).add("Well, I think so. ") == ["Well, I think so."]  # one word waits
     assert SentenceStream(first_phrase=True).add("Let me see - the answer is ") == ["Let me see -"]
     assert SentenceStream().add("Once upon a time, a small boat ") == []  # sentences only, without it

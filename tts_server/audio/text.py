@@ -13,6 +13,7 @@ from .pcm import FRAME_MS
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…;:])[\"')\]]*\s+|\n+")
 _PHRASE_END = re.compile(r"(?<=[.!?…;:,])[\"')\]]*\s+|\s+[-–—]+\s+|(?<=[–—])\s*|\n+")
+_CLOSERS = "\"')]"  # what a sentence separator takes with it after the punctuation
 PHRASE_WORDS = 3  # the fewest words a first phrase may have ("Once upon a time," has four; "Well," waits)
 BASE_MS = 1000
 MS_PER_CHAR = 80  # ~12 characters per second of speech, with room to spare
@@ -26,64 +27,84 @@ def split_sentences(text: str, min_chars: int = 12, max_chars: int = MAX_SENTENC
     is cut at the last comma or space before the limit, so every piece fits
     CSM's positions and nothing of the text is left unspoken.
     """
-    parts = [p.strip() for p in _SENTENCE_END.split(text) if p and p.strip()]
-    sentences: list[str] = []
-    carry = ""
-    for part in parts:
-        carry = f"{carry} {part}".strip()
-        if len(carry) >= min_chars:
-            sentences.append(carry)
-            carry = ""
-    if carry:
-        if sentences:
-            sentences[-1] = f"{sentences[-1]} {carry}"
-        else:
-            sentences.append(carry)
+    found, carry = _sentences(text, min_chars)
+    sentences = [sentence for sentence, _ in found]
+    if carry and sentences:
+        sentences[-1] = f"{sentences[-1]} {carry}"
+    elif carry:
+        sentences.append(carry)
     return [piece for sentence in sentences for piece in _wrap(sentence, max_chars)]
 
 
-class SentenceStream:
-    """Complete sentences out of text that arrives in pieces (an LLM's reply), each as soon as it is complete.
+def _sentences(text: str, min_chars: int) -> tuple[list[tuple[str, int]], str]:
+    """``split_sentences`` before the cut to ``max_chars`` and before a short trailing fragment joins the last
+    sentence: the sentences, each with where the text after it starts (past its separator), and that fragment."""
+    sentences: list[tuple[str, int]] = []
+    carry, start = "", 0
+    for match in [*_SENTENCE_END.finditer(text), None]:
+        part = text[start:match.start() if match else len(text)].strip()
+        start = match.end() if match else len(text)
+        if not part:
+            continue
+        carry = f"{carry} {part}".strip()
+        if len(carry) >= min_chars:
+            sentences.append((carry, start))
+            carry = ""
+    return sentences, carry
 
-    The same rules as ``split_sentences``: a sentence ends at ``.!?…;:`` plus
-    whitespace, or a newline; fragments shorter than ``min_chars`` wait to join
-    the next sentence; a run-on longer than ``max_chars`` is cut without waiting
-    for its end.  ``finish`` returns what is left when the text is complete.
+
+class SentenceStream:
+    """Complete sentences out of text that arrives in pieces (an LLM's reply, a client's text stream), each as soon
+    as it can no longer change.
+
+    Exactly ``split_sentences`` of the whole text, however it is cut into
+    pieces (mid-word, mid-sentence, mid-number): so a text streamed in is spoken
+    as the same generations, with the same seeded audio, as the text sent whole.
+    A sentence is released once the text after it holds ``min_chars``
+    characters of the next one (a shorter end would join it, as in whole text);
+    a run-on is cut at ``max_chars`` without waiting for its end.  ``finish``
+    returns what is left when the text is complete.
     """
 
     def __init__(self, min_chars: int = 12, max_chars: int = MAX_SENTENCE_CHARS, first_phrase: bool = False) -> None:
-        """``first_phrase``: the first piece may also end at a clause (a comma, dash or colon after at least
-        ``PHRASE_WORDS`` words), whichever comes first, so that speech can start before a whole sentence is
-        written; the pieces after it are sentences."""
+        """``first_phrase``: the first piece may instead end at a clause (a comma, dash or colon after at least
+        ``PHRASE_WORDS`` words) or a sentence, whichever comes first, so that speech can start before a whole
+        sentence is written (an LLM's answer: not the same pieces as the whole text); the rest as above."""
         self.min_chars, self.max_chars = min_chars, max_chars
-        self._text = ""
+        self._text = ""  # the text not yet released, from the start of a sentence
+        self._cut = 0  # pieces of its first sentence already released (a run-on cut at max_chars)
         self._phrase = first_phrase
 
     @property
     def pending(self) -> str:
-        return self._text.strip()
+        """The text not yet released."""
+        return " ".join(split_sentences(self._text, self.min_chars, self.max_chars)[self._cut:])
 
     def add(self, chunk: str) -> list[str]:
         self._text += chunk
         done: list[str] = []
-        start = 0
         if self._phrase and (phrase := _first_phrase(self._text)):
-            done.append(self._text[:phrase].strip())
-            start, self._phrase = phrase, False
-        for end in (m.end() for m in _SENTENCE_END.finditer(self._text, start)):
-            if len(self._text[start:end].strip()) >= self.min_chars:
-                done.append(self._text[start:end].strip())
-                start, self._phrase = end, False
-        self._text = self._text[start:]
-        if len(self._text.strip()) > self.max_chars:
-            pieces = _wrap(self._text.strip(), self.max_chars)
-            done.extend(pieces[:-1])
-            self._text = pieces[-1] + (" " if self._text[-1].isspace() else "")
-        return [piece for sentence in done for piece in _wrap(sentence, self.max_chars)]
+            done.extend(_wrap(self._text[:phrase].strip(), self.max_chars))
+            self._text, self._phrase = self._text[phrase:], False
+        # closing quotes at the end may yet go to a separator (a sentence then shorter): decided without them
+        sentences, _ = _sentences(self._text.rstrip(_CLOSERS), self.min_chars)
+        for sentence, _ in sentences[:-1]:  # each followed by a whole sentence: final
+            done.extend(_wrap(sentence, self.max_chars)[self._cut:])
+            self._cut = 0
+        if len(sentences) > 1:
+            self._text = self._text[sentences[-2][1]:]
+        if sentences:  # the last may still grow or take a short end, but its cuts before its last piece are final
+            pieces = _wrap(sentences[-1][0], self.max_chars)[:-1]
+            done.extend(pieces[self._cut:])
+            self._cut = max(self._cut, len(pieces))
+        if done:
+            self._phrase = False
+        return done
 
     def finish(self) -> list[str]:
-        rest, self._text = self._text.strip(), ""
-        return _wrap(rest, self.max_chars) if rest else []
+        rest = split_sentences(self._text, self.min_chars, self.max_chars)[self._cut:]
+        self._text, self._cut = "", 0
+        return rest
 
 
 def _first_phrase(text: str) -> int | None:
