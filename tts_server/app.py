@@ -44,6 +44,7 @@ def build_server(settings: Settings) -> TTSServer:
                      rate_limit=settings.rate_limit, max_queued_per_connection=settings.max_queued_per_connection,
                      max_frame_bytes=settings.max_frame_bytes, max_voice_bytes=settings.max_voice_bytes,
                      max_voice_seconds=settings.max_voice_seconds, generation_timeout=settings.generation_timeout,
+                     text_timeout=settings.text_timeout,
                      trusted_proxies=_split(settings.trusted_proxies), wyoming_uri=settings.wyoming_uri,
                      wyoming_zeroconf=settings.wyoming_zeroconf, request_timeout=settings.request_timeout,
                      write_timeout=settings.write_timeout, session_store=settings.session_store,

@@ -28,7 +28,7 @@ json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dicti
                                                                                           max_size=4), max_leaves=12)
 fields = {
     "type": st.sampled_from(["synthesize", "cancel", "reset", "voice", "dance", "session", "session_delete", "turn",
-                             "turn_end"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it);
+                             "turn_end", "text", "text_end"])  # turn_start: its audio frames get no reply (test_sessions fuzzes it);
     # respond: test_voice_chat fuzzes it against a chat server
     | json_values, "session": st.sampled_from(["", "x" * 70, "no-such-id"]) | json_values,
     "text": st.text(max_size=5) | st.sampled_from(["<|AUDIO|>", "<|audio_eos|>", "<|begin_of_text|>[7]"])
@@ -43,7 +43,8 @@ fields = {
     "engine": st.sampled_from(["csm", "piper", "x"]) | json_values, "clear": json_values,
     "played_ms": st.floats(-1, 10**6) | json_values, "sample_rate": st.integers(0, 10**5) | json_values,
     "speed": st.floats(0, 5) | json_values, "timestamps": st.booleans() | json_values,
-    "progress": st.booleans() | json_values,
+    "progress": st.booleans() | json_values, "text_stream": st.booleans() | json_values,
+    "delta": st.text(max_size=30) | json_values, "flush": st.booleans() | json_values,
 }
 messages = st.fixed_dictionaries({}, optional=fields)
 frames = st.one_of(
@@ -106,7 +107,7 @@ class Fuzzer:
 @pytest.fixture(scope="module")
 def threaded_server(tiny_model_dir):
     with server_in_thread(csm_slot(tiny_model_dir, max_batch=4), max_text_chars=24, rate_limit=10**6,
-                          max_queued_per_connection=4) as server:
+                          max_queued_per_connection=4, text_timeout=0.3) as server:  # open text streams end soon
         yield server
 
 

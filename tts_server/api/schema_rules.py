@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from ..audio.text import speakable  # the rule every interface applies (re-exported)
 from ..core.replies import ErrorCode, Refusal
 from ..engines import registry
 from ..engines.request import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, LANGUAGE_CODE, MAX_AUDIO_MS, MAX_SEED,
@@ -47,12 +47,6 @@ def null_is_unset(data: Any) -> Any:
 
 
 SPEAKABLE_RULE = "a string with something to speak: at least one letter or digit (it is required)"
-
-
-def speakable(text: str) -> bool:
-    """Whether ``text`` has anything to say: a letter or a digit.  Punctuation, symbols and spaces alone ("—",
-    "?!") are not spoken (Piper makes no audio of them), so such a text is refused, on every interface alike."""
-    return any(unicodedata.category(char)[0] in "LN" for char in text)
 
 
 def non_empty(text: str) -> str:

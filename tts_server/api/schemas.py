@@ -26,10 +26,10 @@ from ..engines.request import (FORMATS, MAX_AUDIO_MS, MAX_SPEAKER, STREAM_FORMAT
 from .dialogue_schemas import (RespondMessage, SessionDeleteMessage, SessionMessage, TurnEndMessage, TurnMessage,
                                TurnStartMessage)
 from .reply_schema import Reply
-from .schema_rules import (LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
+from .schema_rules import (ENCODABLE_RULE, LANGUAGE_PATTERN, LANGUAGE_RULE, MAX_REQUEST_ID_CHARS, MAX_TEXT_FRAME,
                            MAX_TRANSCRIPT_CHARS, SPEAKABLE_RULE, Limits, MessageBase, RequestId,
-                           SamplingFields, Speaker, field_message, limits_of, load_json_object, non_empty,
-                           null_is_unset, speaker_digits, validate)
+                           SamplingFields, Speaker, encodable, field_message, limits_of, load_json_object, non_empty,
+                           null_is_unset, speakable, speaker_digits, validate)
 
 __all__ = ["LANGUAGE_PATTERN", "Limits", "field_message", "json_schema", "non_empty", "null_is_unset",
            "parse_message", "validate"]
@@ -39,7 +39,7 @@ class SynthesizeMessage(MessageBase, SamplingFields):
     """Speak ``text``; the reply is ``success`` + one binary frame, or ``start``, binary chunks and ``success``."""
 
     type: Literal["synthesize"] = "synthesize"
-    text: str = Field(description=SPEAKABLE_RULE)
+    text: str = Field("", description=f"{SPEAKABLE_RULE}; with 'text_stream', the text's beginning (may be empty)")
     speaker: Speaker = 0
     format: Literal[FORMATS] | None = Field(None, description=f"one of: {', '.join(FORMATS)} (streams: "
                                                               f"{', '.join(STREAM_FORMATS)}; default wav, or pcm "
@@ -52,10 +52,17 @@ class SynthesizeMessage(MessageBase, SamplingFields):
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False, description="a number from 0.25 to 4.0")
     timestamps: bool = Field(False, description="true or false (word times: 'words' replies, or in 'success')")
     progress: bool = Field(False, description="true or false (a 'progress' reply after each sentence)")
+    text_stream: bool = Field(False, description="true or false (the text follows in 'text' messages, ended by "
+                                                 "'text_end'; spoken sentence by sentence as they complete)")
 
     _speaker = field_validator("speaker", mode="before")(speaker_digits)
 
-    _text = field_validator("text")(non_empty)
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        if not encodable(text):
+            raise ValueError(ENCODABLE_RULE)
+        return text.strip()
 
     @field_validator("engine")
     @classmethod
@@ -69,6 +76,8 @@ class SynthesizeMessage(MessageBase, SamplingFields):
         """Rules across fields and against this server's limits, once every field has its type."""
         if self.stream and self.format is not None and self.format not in STREAM_FORMATS:
             raise ValueError(f"'format' {self.format!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
+        if not self.text_stream and not speakable(self.text):
+            raise ValueError(f"'text' must be {SPEAKABLE_RULE}")
         limits = limits_of(info)
         if len(self.text) > limits.max_text_chars:
             raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
@@ -93,6 +102,30 @@ class CancelMessage(MessageBase):
                                     description=f"how much of the reply the listener heard, a number from 0 to "
                                                 f"{MAX_AUDIO_MS} (barge-in): only that stays in the history; also "
                                                 "for a reply that already finished")
+
+
+class TextMessage(MessageBase):
+    """The next piece of a streamed text (a ``synthesize`` with ``text_stream``), as an LLM writes it."""
+
+    type: Literal["text"]
+    request_id: RequestId = Field(description="the id of the streamed request (1 to 128 characters)")
+    delta: str = Field(description="a string: the next piece of the text, cut anywhere (the whole text is at most "
+                                   "the server's text limit)")
+    flush: bool = Field(False, description="true or false (speak what is pending now, as if the text ended here)")
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, delta: str) -> str:
+        if not encodable(delta):
+            raise ValueError(ENCODABLE_RULE)
+        return delta
+
+
+class TextEndMessage(MessageBase):
+    """A streamed text is complete: the rest is spoken, then the reply ends as any other."""
+
+    type: Literal["text_end"]
+    request_id: RequestId = Field(description="the id of the streamed request (1 to 128 characters)")
 
 
 class ResetMessage(MessageBase):
@@ -125,9 +158,9 @@ MESSAGES: dict[str, type[MessageBase]] = {"synthesize": SynthesizeMessage, "canc
                                        "reset": ResetMessage, "voice": VoiceMessage, "session": SessionMessage,
                                        "session_delete": SessionDeleteMessage, "turn": TurnMessage,
                                        "turn_start": TurnStartMessage, "turn_end": TurnEndMessage,
-                                       "respond": RespondMessage}
+                                       "respond": RespondMessage, "text": TextMessage, "text_end": TextEndMessage}
 Message = Union[SynthesizeMessage, CancelMessage, ResetMessage, VoiceMessage, SessionMessage, SessionDeleteMessage,
-                TurnMessage, TurnStartMessage, TurnEndMessage, RespondMessage]
+                TurnMessage, TurnStartMessage, TurnEndMessage, RespondMessage, TextMessage, TextEndMessage]
 
 
 def parse_message(raw: str | bytes, limits: Limits) -> Message:

@@ -20,6 +20,7 @@ the connection is its ``Peer``: it sends the events and keeps the jobs in line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 
@@ -33,6 +34,7 @@ from ..core.fair import Dropped
 from ..core.jobs import Job
 from ..core.security import RateLimiter
 from ..core.service import Service
+from ..core.streamed_text import StreamedText
 from ..engines.request import SynthesisRequest, new_request_id
 from . import schemas as s
 from .ws_replies import encode
@@ -53,6 +55,8 @@ class Connection:
         self._voice: s.VoiceMessage | None = None  # a voice message waiting for its binary frame
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.live: dict[str, Job] = {}
+        self.streams: dict[str, StreamedText] = {}  # replies whose text is still arriving (``text_stream``)
+        self._ended_streams: collections.deque[str] = collections.deque(maxlen=64)  # for a clear late-piece error
         # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
         self._told_loading = False
         self._rate = RateLimiter(service.limits.rate_limit)
@@ -141,8 +145,13 @@ class Connection:
     async def _dispatch(self, message) -> None:
         """A parsed message to what handles it: synthesis and voices here, the rest to the conversation."""
         conversation = self.conversation
-        if isinstance(message, s.SynthesizeMessage):
+        if isinstance(message, s.SynthesizeMessage) and message.text_stream:
+            request = message.to_request()
+            self.streams[request.request_id] = await conversation.stream_text(request)
+        elif isinstance(message, s.SynthesizeMessage):
             await self._synthesize(message.to_request())
+        elif isinstance(message, (s.TextMessage, s.TextEndMessage)):
+            self._stream_text(message)
         elif isinstance(message, s.CancelMessage):
             await self._cancel(message.request_id, message.played_ms)
         elif isinstance(message, s.VoiceMessage):
@@ -206,6 +215,24 @@ class Connection:
     def gone(self) -> bool:
         return self.ws.app.state.connections.gone(self.key)
 
+    # -- text streams ---------------------------------------------------------------------------------------------
+    def _stream_text(self, message: s.TextMessage | s.TextEndMessage) -> None:
+        """A piece or the end of a streamed text; for one that has ended (``text_end``, a cancel, its error) or
+        that this connection never opened, an error."""
+        stream = self.streams.get(message.request_id)
+        if stream is None or not stream.open:
+            ended = stream is not None or message.request_id in self._ended_streams
+            raise r.Refusal(r.ErrorCode.INVALID_REQUEST if ended else r.ErrorCode.UNKNOWN_REQUEST,
+                            f"The text stream {message.request_id!r} has ended (text_end, a cancel, or its error)"
+                            if ended else f"No text stream {message.request_id!r} on this connection: send a "
+                                          "'synthesize' with 'text_stream' first", message.request_id)
+        if isinstance(message, s.TextEndMessage):
+            return stream.end()
+        if len(message.delta) > stream.room:
+            return stream.fail(r.Refusal(r.ErrorCode.TEXT_TOO_LONG, f"The streamed text is over "
+                                                                    f"{stream.max_chars} characters"))
+        stream.add(message.delta, message.flush)
+
     # -- voices and cancels -------------------------------------------------------------------------------------
     async def _voice_message(self, message: s.VoiceMessage) -> None:
         if message.clear:
@@ -236,6 +263,8 @@ class Connection:
                     await self.send(*item)
             finally:
                 self.live.pop(job.request_id, None)
+                if self.streams.pop(job.request_id, None) is not None:
+                    self._ended_streams.append(job.request_id)
             await self.conversation.ended(job)  # a barge-in while it ran cuts it now
 
 

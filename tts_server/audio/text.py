@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 from .pcm import FRAME_MS
 
@@ -127,6 +128,12 @@ def _wrap(sentence: str, max_chars: int) -> list[str]:
         pieces.append(sentence[:cut].strip())
         sentence = sentence[cut:].strip()
     return pieces + ([sentence] if sentence else [])
+
+
+def speakable(text: str) -> bool:
+    """Whether ``text`` has anything to say: a letter or a digit.  Punctuation, symbols and spaces alone ("—",
+    "?!") are not spoken (Piper makes no audio of them), so such a text is refused, on every interface alike."""
+    return any(unicodedata.category(char)[0] in "LN" for char in text)
 
 
 def estimate_ms(text: str) -> int:

@@ -45,6 +45,7 @@ from .preempt import Preemptive
 from .respond import answer, chat_messages
 from .security import RateLimiter
 from .sessions import StoredTurn
+from .streamed_text import StreamedText
 
 if TYPE_CHECKING:
     from .service import Limits, Service
@@ -63,7 +64,7 @@ class Conversation:
         self.memory = History(service.library, service.limits.max_context_turns)
         self.hearing = Hearing(service, peer, rate or RateLimiter(service.limits.rate_limit), self._keep,
                                self.respond, self.prefetch)
-        self._answers: set[asyncio.Task] = set()  # the chat model's streams of answers being written
+        self._answers: set[asyncio.Task] = set()  # answers being written (the chat model's, a client's text streams)
         # barge-in: recent replies' turns and speeds (the turns hold unstretched audio), their places in the session,
         # and the replies to cut once they end (ms heard)
         self._replies: collections.OrderedDict[str, tuple[list[ContextTurn], float]] = collections.OrderedDict()
@@ -162,6 +163,24 @@ class Conversation:
             task.add_done_callback(lambda _: begun.cancel())
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
+
+    async def stream_text(self, request: SynthesisRequest) -> StreamedText:
+        """A reply whose text the client sends in pieces (``core.streamed_text``), in line with its other replies;
+        ``request.text`` is its beginning.  Never answered from the cache; failed once it completes no sentence
+        for ``--text-timeout`` seconds."""
+        if request.context:
+            await self.check_session(request.request_id)
+        job = self.job(request)
+        job.cache_salt = None
+        self.peer.enqueue(job)
+        text = StreamedText(job, self.peer.schedule, self.service.limits.max_text_chars,
+                            self.service.limits.text_timeout)
+        watch = asyncio.create_task(text.watch(), name=f"text-{request.request_id}")
+        self._answers.add(watch)
+        watch.add_done_callback(self._answers.discard)
+        if request.text:
+            text.add(request.text)
+        return text
 
     async def prefetch(self, speaker: int, text: str, assistant: int) -> Preemptive | None:
         """Begin the answer to a turn of ``speaker`` saying ``text`` that is not confirmed yet (``core.preempt``);

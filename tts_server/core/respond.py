@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import AsyncIterator, Callable, Sequence
 
-from ..audio.text import SentenceStream
-from ..engines.base import ContextTurn, EngineError, SentenceFeed
+from ..engines.base import ContextTurn, EngineError
 from ..engines.chat import ChatModel
 from ..engines.errors import ErrorCode, Refusal
-from .events import Cancelled, Failed, ReplyText, failed
+from .events import ReplyText
 from .jobs import Job
 from .sessions import StoredTurn
+from .streamed_text import StreamedText
 
 log = logging.getLogger(__name__)
 PROMPT_CHARS = 12_000  # the most transcript the chat model is sent (the system prompt apart): ~3,000 tokens
@@ -63,62 +62,31 @@ def chat_messages(transcript: Sequence[ContextTurn | StoredTurn], assistant: int
 
 async def answer(job: Job, chat: ChatModel, messages: list[dict[str, str]], submit: Callable[[Job], None],
                  max_chars: int = 4000, begun: AsyncIterator[str] | None = None) -> None:
-    """Stream the LLM's answer into ``job``; ``submit`` queues the job (it may raise ``Refusal``).  An answer
-    longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply ``truncated``.
-    A model that writes no complete sentence for ``chat.timeout`` seconds, whatever it sends meanwhile, is stopped
-    (``model_unavailable``): a trickle or keep-alives must not hold the engine's worker, which waits for the next
-    sentence.  ``begun``: the chat model's stream already begun (``preempt.Preemptive``); else one is opened.
-    Speech starts at the first phrase (a clause of a few words), then goes sentence by sentence."""
-    feed = job.task.feed = SentenceFeed()
-    sentences = SentenceStream(first_phrase=True)
+    """Stream the LLM's answer into ``job`` (a ``StreamedText``, as a client's text stream); ``submit`` queues the
+    job.  An answer longer than ``max_chars`` (a request's text limit) is cut there: the stream is closed, the reply
+    ``truncated``.  A model that writes no complete sentence for ``chat.timeout`` seconds, whatever it sends
+    meanwhile, is stopped (``model_unavailable``): a trickle or keep-alives must not hold the engine's worker, which
+    waits for the next sentence.  ``begun``: the chat model's stream already begun (``preempt.Preemptive``); else
+    one is opened.  Speech starts at the first phrase (a clause of a few words), then goes sentence by sentence."""
+    text = StreamedText(job, submit, max_chars, chat.timeout, first_phrase=True)
     source = chat.stream(messages) if begun is None else begun
-    written: list[str] = []
-    queued = False
-    last_sentence = time.monotonic()
-
-    def speak(parts: list[str]) -> None:
-        nonlocal queued, last_sentence
-        if parts:
-            last_sentence = time.monotonic()
-        for sentence in parts:
-            feed.put(sentence)
-        if parts and not queued:
-            queued = True
-            job.request = job.task.request = dataclasses.replace(job.request, text=parts[0])
-            submit(job)
-
     try:
         async with contextlib.aclosing(source) as deltas:  # leaving closes the LLM's stream
-            while (delta := await _next_delta(deltas, job, last_sentence + chat.timeout, chat)) is not None:
-                room = max_chars - sum(map(len, written))
-                if len(delta) >= room:
-                    delta, job.task.truncated = delta[:room], True
-                written.append(delta)
-                job.progress_at = time.monotonic()  # the LLM writing is progress: the watchdog waits for it
+            while (delta := await _next_delta(deltas, job, text.deadline, chat)) is not None:
+                if len(delta) >= text.room:
+                    delta, job.task.truncated = delta[:text.room], True
                 job.post(ReplyText(job.request_id, delta))
-                speak(sentences.add(delta))
+                text.add(delta)
                 if job.task.truncated:
                     break
-        if job.cancel_event.is_set() or job.finished:
-            return
-        speak(sentences.finish())
-        job.request = dataclasses.replace(job.request, text="".join(written).strip() or job.request.text)
+        text.end(Refusal(ErrorCode.MODEL_UNAVAILABLE, f"The chat model at {chat.url} wrote nothing to speak"))
     except EngineError as exc:
-        feed.close(exc)
-        if not queued:
-            job.finish(Failed(exc.code, exc.message, job.request_id))
-    except Refusal as exc:  # the queue refused it
-        feed.close(EngineError(exc.code, exc.message))
-        job.finish(failed(exc))
+        text.fail(Refusal(exc.code, exc.message))
     except Exception:  # a bug costs this answer, never its terminal reply (the connection's writer waits for it)
         log.exception("The answer %s failed", job.request_id)
-        feed.close(EngineError("internal_error", "Internal server error"))
-        if not queued:
-            job.finish(Failed(ErrorCode.INTERNAL_ERROR, "Internal server error", job.request_id))
+        text.fail(Refusal(ErrorCode.INTERNAL_ERROR, "Internal server error"))
     finally:
-        feed.close()  # however it ended, the engine is not left waiting (after an error, it reads that first)
-        if job.cancel_event.is_set() and not job.started:
-            job.finish(Cancelled(job.request_id))
+        text.close()  # however it ended, the engine is not left waiting
 
 
 async def _next_delta(deltas: AsyncIterator[str], job: Job, deadline: float, chat: ChatModel) -> str | None:

@@ -53,6 +53,7 @@ class Limits:
     max_queued_per_connection: int = 8
     max_voice_bytes: int = 10 * 1024 * 1024
     max_voice_seconds: float = 30
+    text_timeout: float = 10  # seconds a streamed text may go without completing a sentence or ending
 
 
 class Service:
@@ -71,9 +72,10 @@ class Service:
                  chat: ChatModel | None = None, vad_silence_ms: float | None = None, vad_pause_ms: float = 200,
                  audio_burst_seconds: float = AUDIO_BURST_SECONDS, audio_speed: float = AUDIO_SPEED,
                  turn_timeout: float = TURN_TIMEOUT, turn_detector: str = "vad",
-                 turn_max_silence_ms: float = 3000, stt_language: str | None = None) -> None:
+                 turn_max_silence_ms: float = 3000, stt_language: str | None = None,
+                 text_timeout: float = 10) -> None:
         self.limits = Limits(max_text_chars, max_context_turns, rate_limit, max_queued_per_connection,
-                             max_voice_bytes, max_voice_seconds)
+                             max_voice_bytes, max_voice_seconds, text_timeout)
         self.admission = Admission(gate, trusted_proxies, max_connections, max_connections_per_address)
         self.library = library or ReferenceLibrary(None)
         self.metrics = Metrics(engine_costs)

@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
     GENERATION_TIMEOUT = "generation_timeout"
+    TEXT_TIMEOUT = "text_timeout"  # a streamed text that completed no sentence and did not end in time
     UNSUPPORTED_LANGUAGE = "unsupported_language"
     UNKNOWN_SESSION = "unknown_session"
     TOO_MANY_SESSIONS = "too_many_sessions"
