@@ -46,7 +46,7 @@ async def test_synthesize_and_a_stream_of_tokens_give_the_same_seeded_audio_with
         stream.end_input()
         streamed, streamed_words = await audio_and_words(stream)
         await voice.aclose()
-    assert whole and streamed == whole
+    assert whole and streamed.rstrip(b"\0") == whole.rstrip(b"\0")  # LiveKit pads a last frame with silence
     assert whole_words == streamed_words == TEXT.split()
 
 

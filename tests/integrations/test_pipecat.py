@@ -45,7 +45,7 @@ async def test_a_pipecat_pipeline_gets_csm_audio_at_its_rate_and_word_timestamps
     assert [f.text for f in down if isinstance(f, TTSTextFrame)] == "".join(ANSWER).split()
     assert any(isinstance(f, TTSStoppedFrame) for f in down)
     assert [t["text"] for t in turns] == [text.strip() for text in ANSWER]  # one reply, both sentences, stored
-    seconds = sum(len(f.audio) for f in audio) / 2 / 16000  # all of it, less the resampler's tail (~45 ms)
+    seconds = sum(len(f.audio) for f in audio) / 2 / 16000  # all of it
     assert abs(seconds - sum(t["duration_s"] for t in turns)) < 0.1
 
 

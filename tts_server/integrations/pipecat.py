@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+
+import numpy as np
+import soxr
 from typing import Any, AsyncGenerator
 
-from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (ErrorFrame, Frame, InputAudioRawFrame, StartFrame, TranscriptionFrame,
                                    TTSAudioRawFrame, TTSStoppedFrame, UserStartedSpeakingFrame,
                                    UserStoppedSpeakingFrame)
@@ -46,7 +48,6 @@ class CSMTTSService(WebsocketTTSService):
         self._open: set[str] = set()  # contexts whose streamed text is open on the server
         self._pumps: dict[str, asyncio.Task] = {}
         self._played: dict[str, tuple[float, int]] = {}  # context -> (when its first audio left, bytes pushed)
-        self._resampler = create_stream_resampler()
         self.cuts: list[dict] = []  # each interruption: its context, what was played, what the session kept
 
     @property
@@ -118,17 +119,22 @@ class CSMTTSService(WebsocketTTSService):
             await self.client.end(context_id)
 
     async def _pump(self, context_id: str, reply: Reply) -> None:
-        """The reply's audio and words into the context's queue, in order, then its end."""
+        """The reply's audio (resampled to the pipeline's rate, one stream per reply: nothing of its tail is lost)
+        and words into the context's queue, in order, then its end."""
+        resampler: soxr.ResampleStream | None = None
         try:
             async for item in reply:
                 if isinstance(item, bytes):
-                    audio = await self._resampler.resample(item, reply.sample_rate, self.sample_rate)
-                    await self.append_to_audio_context(context_id, TTSAudioRawFrame(
-                        audio=audio, sample_rate=self.sample_rate, num_channels=1, context_id=context_id))
+                    if reply.sample_rate != self.sample_rate:
+                        resampler = resampler or soxr.ResampleStream(reply.sample_rate, self.sample_rate, 1, "int16")
+                        item = resampler.resample_chunk(np.frombuffer(item, np.int16)).tobytes()
+                    await self._audio(context_id, item)
                 elif item["status"] == "words":
                     await self.add_word_timestamps([(w["word"], w["start_s"]) for w in item["words"]], context_id)
                 elif item["status"] == "error":
                     await self.push_error(error_msg=f"CSM server: {item.get('message')} ({item.get('code')})")
+            if resampler is not None:
+                await self._audio(context_id, resampler.resample_chunk(np.zeros(0, np.int16), last=True).tobytes())
         except ServerError as exc:
             await self.push_error(error_msg=f"CSM server: {exc}")
         finally:
@@ -137,6 +143,11 @@ class CSMTTSService(WebsocketTTSService):
             if self.audio_context_available(context_id):
                 await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
                 await self.remove_audio_context(context_id)
+
+    async def _audio(self, context_id: str, audio: bytes) -> None:
+        if audio:
+            await self.append_to_audio_context(context_id, TTSAudioRawFrame(
+                audio=audio, sample_rate=self.sample_rate, num_channels=1, context_id=context_id))
 
     # -- interruptions: the session keeps what was played -------------------------------------------------------
     async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM) -> None:
