@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 from urllib.parse import urlparse
@@ -342,7 +343,8 @@ OPTIONS = [Option(name, field) for name, field in Settings.model_fields.items() 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_server.py", description="WebSocket text-to-speech server for Sesame CSM-1B.",
+        prog=Path(sys.argv[0]).name if Path(sys.argv[0]).name == "csm-tts-server" else "run_server.py",
+        description="WebSocket text-to-speech server for Sesame CSM-1B.",
         epilog="Every option can also be set as TTS_<OPTION> in the environment or .env "
                "(e.g. TTS_PORT=9000); flags win over the environment.")
     for opt in OPTIONS:
