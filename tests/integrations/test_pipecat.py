@@ -67,8 +67,9 @@ async def test_an_interruption_mid_answer_leaves_only_what_was_played_in_the_ses
 
 
 async def test_csm_user_turns_stream_the_users_voice_into_the_session_and_the_next_reply_hears_it(tiny_model_dir):
-    """A user's turn (audio frames between user-started and user-stopped speaking, with the STT's transcript) is
-    saved in the TTS service's session; the next seeded reply differs from the same reply without that turn."""
+    """A user's turn (audio frames between user-started and user-stopped speaking, and the 0.3 s just before it:
+    a VAD says "started" late, with the STT's transcript) is saved in the TTS service's session; the next seeded
+    reply differs from the same reply without that turn."""
     voice = (np.clip(speechlike(1.2, rate=16000), -1, 1) * 32767).astype(np.int16).tobytes()
     frames = [InputAudioRawFrame(audio=voice[i:i + 640], sample_rate=16000, num_channels=1)
               for i in range(0, len(voice), 640)]
@@ -77,14 +78,14 @@ async def test_csm_user_turns_stream_the_users_voice_into_the_session_and_the_ne
         tts = CSMTTSService(url=url(server), sample_rate=24000, options=options)
         turns = CSMUserTurns(tts, speaker=1)
         heard, _ = await run_test(Pipeline([turns, tts]), frames_to_send=[
-            UserStartedSpeakingFrame(), *frames, UserStoppedSpeakingFrame(),
+            *frames[:15], UserStartedSpeakingFrame(), *frames[15:], UserStoppedSpeakingFrame(),
             TranscriptionFrame("What time is it?", "user", "now"), SleepFrame(sleep=1.0),
             *response("It is noon."), SleepFrame(sleep=2)])
         plain = CSMTTSService(url=url(server), sample_rate=24000, options=options)
         unheard, _ = await run_test(plain, frames_to_send=[*response("It is noon."), SleepFrame(sleep=2)])
         stored = await session_turns(server, tts.session_id)
     assert turns.saved and turns.saved[0]["text"] == "What time is it?" and turns.saved[0]["speaker"] == 1
-    assert abs(turns.saved[0]["duration_s"] - 1.2) < 0.1
+    assert abs(turns.saved[0]["duration_s"] - 1.2) < 0.1  # all of it: 0.9 s after "started" and 0.3 s before
     assert [(t["speaker"], t["text"]) for t in stored] == [(1, "What time is it?"), (0, "It is noon.")]
     with_turn = b"".join(f.audio for f in heard if isinstance(f, TTSAudioRawFrame))
     without = b"".join(f.audio for f in unheard if isinstance(f, TTSAudioRawFrame))

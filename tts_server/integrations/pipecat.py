@@ -15,6 +15,7 @@ imports this module.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ from pipecat.services.tts_service import WebsocketTTSService
 from .wire import CSMClient, Reply, ServerError
 
 TRANSCRIPT_WAIT_S = 2.0  # how long a user turn waits after the user stopped for the STT's transcript
+PRE_ROLL_S = 0.5  # audio kept from before "user started speaking" (a VAD says so ~0.2 s into the speech)
 
 
 class CSMTTSService(WebsocketTTSService):
@@ -186,9 +188,11 @@ class CSMTTSService(WebsocketTTSService):
 
 
 class CSMUserTurns(FrameProcessor):
-    """Streams the user's audio of each turn (user started .. stopped speaking) into the conversation of ``tts``
-    (its connection and session) as a turn of ``speaker``, with the transcript Pipecat's STT wrote.  Place it after
-    the STT service (which passes the audio on) so it sees the audio and the transcript; frames pass unchanged."""
+    """Streams the user's audio of each turn (user started .. stopped speaking, with ``PRE_ROLL_S`` before) into
+    the conversation of ``tts`` (its connection and session) as a turn of ``speaker``, with the transcript Pipecat's
+    STT wrote.  Place it after the STT service (which passes the audio on; the transcript only flows downstream
+    from it) and before the user aggregator (which broadcasts user started/stopped speaking both ways); frames pass
+    unchanged."""
 
     def __init__(self, tts: CSMTTSService, speaker: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -199,6 +203,7 @@ class CSMUserTurns(FrameProcessor):
         self._transcript: list[str] = []
         self._ending: asyncio.Task | None = None
         self._heard = asyncio.Event()
+        self._recent: collections.deque[InputAudioRawFrame] = collections.deque()  # the pre-roll
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -206,6 +211,8 @@ class CSMUserTurns(FrameProcessor):
             await self._start()
         elif isinstance(frame, InputAudioRawFrame) and self._speaking:
             await self._audio(frame)
+        elif isinstance(frame, InputAudioRawFrame):
+            self._keep_recent(frame)
         elif isinstance(frame, UserStoppedSpeakingFrame) and self._speaking:
             self._speaking = False
             self._ending = self.create_task(self._end(), "csm-user-turn-end")
@@ -214,11 +221,19 @@ class CSMUserTurns(FrameProcessor):
             self._heard.set()
         await self.push_frame(frame, direction)
 
+    def _keep_recent(self, frame: InputAudioRawFrame) -> None:
+        self._recent.append(frame)
+        while sum(len(f.audio) for f in self._recent) / 2 / frame.sample_rate > PRE_ROLL_S:
+            self._recent.popleft()
+
     async def _start(self) -> None:
         if self._ending is not None:
             await self._ending  # the previous turn is saved first: turns stay in order
         self._speaking, self._rate, self._transcript = True, None, []
         self._heard.clear()
+        recent, self._recent = list(self._recent), collections.deque()
+        for frame in recent:
+            await self._audio(frame)
 
     async def _audio(self, frame: InputAudioRawFrame) -> None:
         try:
