@@ -214,8 +214,8 @@ class Settings(BaseSettings):
     max_voice_seconds: Positive = Field(30, description="longest voice-prompt upload in seconds")
     generation_timeout: Positive = Field(120, description="seconds an engine may go without producing audio before the "
         "request is abandoned ('generation_timeout') and a fresh worker takes over")
-    text_timeout: Positive = Field(10, description="seconds a streamed text (the WebSocket's 'text_stream') may go "
-        "without completing a sentence or ending before it fails ('text_timeout')")
+    text_timeout: Positive = Field(10, description="seconds a streamed text (the WebSocket's 'text_stream', a "
+        "Wyoming stream) may go without completing a sentence or ending before it fails ('text_timeout')")
     shutdown_grace: Positive = Field(30, description="on SIGTERM/Ctrl-C, seconds running requests may take to finish")
     wyoming_uri: WyomingUri | None = Field(None, description="also serve the Wyoming protocol (Home Assistant, "
         "Rhasspy) here, e.g. tcp://0.0.0.0:10200; off when unset")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from urllib.parse import urlparse
 
@@ -102,8 +103,9 @@ async def test_piper_voice_name_asks_for_piper(server):
     assert 0.5 < seconds < 4 and server.service.metrics.stats["piper"].requests == before + 1
 
 
-async def test_streamed_text_is_spoken_sentence_by_sentence_before_the_reply_is_complete(server):
-    """Text chunks split mid-word: the first sentence is heard before synthesize-stop is even sent."""
+async def test_a_streamed_reply_is_spoken_as_its_sentences_complete_in_one_audio_stream(server):
+    """Text chunks split mid-word: the first sentence is heard before synthesize-stop is even sent, and the reply
+    is one generation: one audio-start, one audio-stop, then synthesize-stopped."""
     async with client(server) as c:
         await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="nova")).event())
         for piece in ("The weather to", "day is sunny and", " warm. Tomorrow it will"):
@@ -119,10 +121,88 @@ async def test_streamed_text_is_spoken_sentence_by_sentence_before_the_reply_is_
         connection = next(iter(server.wyoming.connections))
         spoken = [turn.text for turn in connection.conversation.history]
     types = [e.type for e in events]
-    assert types.count("audio-start") == types.count("audio-stop") == 2  # two sentences, once each
-    assert types[-2:] == ["audio-stop", "synthesize-stopped"]
+    assert types == ["audio-start", *["audio-chunk"] * (len(types) - 3), "audio-stop", "synthesize-stopped"]
     # both sentences were spoken with this connection's context (the first is in the second's prompt): one voice
     assert spoken == ["The weather today is sunny and warm.", "Tomorrow it will rain in the evening."]
+
+
+def seeded(monkeypatch, seed: int) -> None:
+    """Wyoming carries no seed: give every request this server builds one (a whole synthesize's and a stream's
+    alike go through ``Synthesize.to_request``), so that two generations can be compared sample for sample."""
+    from tts_server.api import wyoming_events
+
+    to_request = wyoming_events.Synthesize.to_request
+    monkeypatch.setattr(wyoming_events.Synthesize, "to_request",
+                        lambda self: dataclasses.replace(to_request(self), seed=seed))
+
+
+SPOKEN = "The lights in the kitchen are off.\nThe front door is locked, and the alarm is set.  All is well."
+
+
+async def spoken_whole(server, text: str) -> tuple[list[Event], list[str]]:
+    async with client(server) as c:
+        await c.write_event(Synthesize(text=text).event())
+        events = await read_until(c, "audio-stop")
+        history = [turn.text for turn in next(iter(server.wyoming.connections)).conversation.history]
+    return events, history
+
+
+async def test_a_streamed_reply_is_one_generation_with_the_whole_texts_seeded_audio(server, monkeypatch):
+    """The same text cut anywhere (mid-word, at its newline, between a period and the next word) and streamed is
+    the same sentences and the same seeded audio as sent whole: one decoder across its sentences, no seam.  A
+    different seed gives other audio (the comparison can fail)."""
+    seeded(monkeypatch, 5)
+    whole, whole_history = await spoken_whole(server, SPOKEN)
+    async with client(server) as c:
+        await c.write_event(SynthesizeStart().event())
+        for piece in ("The li", "ghts in the kitchen are off.", "\nThe front", " door is locked, and the a",
+                      "larm is set. ", " All is well", "."):
+            await c.write_event(SynthesizeChunk(text=piece).event())
+        await c.write_event(SynthesizeStop().event())
+        streamed = await read_until(c, "synthesize-stopped")
+        history = [turn.text for turn in next(iter(server.wyoming.connections)).conversation.history]
+    seeded(monkeypatch, 6)
+    other, _ = await spoken_whole(server, SPOKEN)
+    types = [e.type for e in streamed]
+    assert types.count("audio-start") == types.count("audio-stop") == 1 and types[-1] == "synthesize-stopped"
+    assert history == whole_history == ["The lights in the kitchen are off.",
+                                        "The front door is locked, and the alarm is set.", "All is well."]
+    assert len(pcm_of(whole)) > 0 and np.array_equal(pcm_of(streamed), pcm_of(whole))
+    assert not np.array_equal(pcm_of(other), pcm_of(whole))
+
+
+async def test_requests_around_a_stream_are_answered_in_the_order_they_were_sent(server):
+    """A synthesize, a stream, a synthesize, sent at once: answered in that order, each generation with the ones
+    before it as context (the stream's job waits for its turn even though its first sentence is complete)."""
+    async with client(server) as c:
+        await c.write_event(Synthesize(text="The first reply is here.").event())
+        await c.write_event(SynthesizeStart().event())
+        await c.write_event(SynthesizeChunk(text="The second reply is streamed. It has two sentences.").event())
+        await c.write_event(SynthesizeStop().event())
+        await c.write_event(Synthesize(text="The third reply comes last.").event())
+        first = [e.type for e in await read_until(c, "audio-stop")]
+        second = [e.type for e in await read_until(c, "synthesize-stopped")]
+        third = [e.type for e in await read_until(c, "audio-stop")]
+        history = [turn.text for turn in next(iter(server.wyoming.connections)).conversation.history]
+    for types in (first, second[:-1], third):
+        assert types[0] == "audio-start" and types[-1] == "audio-stop" and set(types[1:-1]) == {"audio-chunk"}
+    assert history == ["The first reply is here.", "The second reply is streamed.", "It has two sentences.",
+                       "The third reply comes last."]
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
+    before = server.service.metrics.interfaces.get("wyoming", {}).get("cancelled", 0)
+    async with client(server) as c:
+        await c.write_event(SynthesizeStart().event())
+        await c.write_event(SynthesizeChunk(text="A long story that nobody will hear the end of. " * 20).event())
+        await read_until(c, "audio-chunk")
+    for _ in range(400):
+        if not server.service.scheduler.running and not server.wyoming.live():
+            break
+        await asyncio.sleep(0.05)
+    batcher = server.service.scheduler.primary.engine.batcher
+    assert not server.service.scheduler.running and batcher.active == {} and sorted(batcher._free) == [0, 1, 2, 3]
+    assert server.service.metrics.interfaces["wyoming"]["cancelled"] == before + 1
 
 
 async def test_a_client_that_disconnects_mid_reply_cancels_its_generation(server):
@@ -295,35 +375,94 @@ async def test_deeply_nested_json_is_an_error_event_and_the_connection_lives_on(
     assert Error.from_event(events[0]).code == "invalid_json"
 
 
-async def test_every_streamed_sentence_counts_against_the_rate_limit_and_the_queue_is_bounded():
-    """400 sentences on one stream at --rate-limit 12: about 11 are spoken, each refused one gets an error event,
-    and the connection never holds more than --max-queued-per-connection sentences.  (At the default 120 a
-    minute, the bucket's refill while a loaded machine spoke them let all 400 through: a race with the clock.)"""
-    queued = []
-    async with running_server(piper_slot(), wyoming_uri=f"tcp://127.0.0.1:{free_port()}", rate_limit=12) as server:
-        async def watch() -> None:
-            while True:
-                queued.extend(c._work.qsize() for c in server.wyoming.connections)
-                await asyncio.sleep(0.01)
+async def test_a_stream_counts_once_against_the_rate_limit_however_many_sentences_it_has():
+    """At --rate-limit 1: a stream of 40 sentences is spoken whole, as one job (one token, one engine request);
+    the next synthesize-start, at once, is rate_limited (a token comes back after 60 s)."""
+    async with running_server(piper_slot(), wyoming_uri=f"tcp://127.0.0.1:{free_port()}", rate_limit=1) as server:
+        async with client(server) as c:
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            for i in range(40):
+                await c.write_event(SynthesizeChunk(text=f"Sentence number {i}. ").event())
+            await c.write_event(SynthesizeStop().event())
+            events = await read_until(c, "synthesize-stopped")
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            refused = Error.from_event(await read(c))
+        requests = server.service.metrics.stats["piper"].requests
+    types = [e.type for e in events]
+    assert "error" not in types and types.count("audio-start") == types.count("audio-stop") == 1
+    assert len(pcm_of(events)) / RATE > 40 * 0.5 and requests == 1  # every sentence, in one generation
+    assert refused.code == "rate_limited"
 
-        watcher = asyncio.create_task(watch())
-        began = asyncio.get_running_loop().time()
-        try:
-            async with client(server) as c:
-                await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
-                for i in range(400):
-                    await c.write_event(SynthesizeChunk(text=f"Sentence number {i}. ").event())
-                await c.write_event(SynthesizeStop().event())
-                events = await read_until(c, "synthesize-stopped")
-        finally:
-            watcher.cancel()
-        took = asyncio.get_running_loop().time() - began
-    spoken = sum(e.type == "audio-stop" for e in events)
-    refused = [Error.from_event(e) for e in events if Error.is_type(e.type)]
-    # the bucket's 12 less the one synthesize-start took, plus its refill (one per 5 s) while they ran
-    assert 11 <= spoken <= 11 + took / 5 + 1
-    assert spoken + len(refused) == 400 and {e.code for e in refused} == {"rate_limited"}
-    assert queued and max(queued) <= server.service.limits.max_queued_per_connection
+
+async def test_a_stream_over_the_text_limit_ends_with_text_too_long_and_the_connection_lives_on():
+    """--max-text-chars 100 bounds a stream's whole text: the chunk that crosses it ends the stream (its sentences
+    before it were spoken), an error says why before its audio-stop, synthesize-stop is still answered, and the
+    connection serves on."""
+    async with running_server(piper_slot(), wyoming_uri=f"tcp://127.0.0.1:{free_port()}",
+                              max_text_chars=100) as server:
+        async with client(server) as c:
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            for _ in range(5):  # 22 characters each: the fifth crosses 100
+                await c.write_event(SynthesizeChunk(text="This is one sentence. ").event())
+            await c.write_event(SynthesizeChunk(text="Dropped: the stream has ended.").event())
+            await c.write_event(SynthesizeStop().event())
+            events = await read_until(c, "synthesize-stopped")
+            await c.write_event(Ping(text="still here").event())
+            pong = await read(c)
+    types = [e.type for e in events]
+    assert types[0] == "audio-start" and types[-3:] == ["error", "audio-stop", "synthesize-stopped"]
+    assert Error.from_event(events[-3]).code == "text_too_long" and types.count("error") == 1
+    assert pong.type == "pong"
+
+
+async def test_a_stalled_stream_ends_with_text_timeout_and_the_connection_lives_on():
+    """--text-timeout 1: a stream that completes no sentence ends text_timeout (no audio); one whose first sentence
+    was spoken and then stalls ends so after its audio.  Each synthesize-stop is still answered."""
+    async with running_server(piper_slot(), wyoming_uri=f"tcp://127.0.0.1:{free_port()}",
+                              text_timeout=1.0) as server:
+        async with client(server) as c:
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            await c.write_event(SynthesizeChunk(text="Half a sent").event())
+            silent = [await read(c)]
+            await c.write_event(SynthesizeStop().event())
+            silent.append(await read(c))
+            await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="piper")).event())
+            await c.write_event(SynthesizeChunk(text="One sentence is here. And then nothing more").event())
+            spoken = await read_until(c, "error")
+            spoken.append(await read(c))
+            await c.write_event(SynthesizeStop().event())
+            spoken.append(await read(c))
+    assert [e.type for e in silent] == ["error", "synthesize-stopped"]
+    assert Error.from_event(silent[0]).code == Error.from_event(spoken[-3]).code == "text_timeout"
+    assert spoken[0].type == "audio-start" and [e.type for e in spoken[-2:]] == ["audio-stop", "synthesize-stopped"]
+    assert len(pcm_of(spoken)) / RATE > 0.5
+
+
+async def test_a_stream_with_nothing_to_speak_gets_synthesize_stopped_alone(server):
+    """No chunk, or chunks with no letter or digit: no audio and no error, as wyoming-piper answers."""
+    async with client(server) as c:
+        for chunks in ([], [" ", "\u2014 ", "\n"]):
+            await c.write_event(SynthesizeStart().event())
+            for chunk in chunks:
+                await c.write_event(SynthesizeChunk(text=chunk).event())
+            await c.write_event(SynthesizeStop().event())
+            assert (await read(c)).type == "synthesize-stopped"
+        await c.write_event(Ping().event())
+        assert (await read(c)).type == "pong"
+
+
+async def test_a_client_that_half_closes_inside_a_stream_still_gets_its_audio(server):
+    """No synthesize-stop will come: the text so far is the whole reply, spoken, and the connection then ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlparse(server.wyoming.uri).port)
+    for event in (SynthesizeStart(voice=SynthesizeVoice(name="en_US-joe-medium")).event(),
+                  SynthesizeChunk(text="Short and sweet, and never").event(), SynthesizeChunk(text=" stopped").event()):
+        writer.write(json.dumps(event.to_dict()).encode() + b"\n")
+    writer.write_eof()
+    events = []
+    while (event := await asyncio.wait_for(async_read_event(reader), 30)) is not None:
+        events.append(event.type)
+    writer.close()
+    assert events[0] == "audio-start" and events[-1] == "audio-stop" and "audio-chunk" in events
 
 
 HUGE_SPEAKER = "7" * 5000  # more digits than Python's int() reads (4,300)

@@ -2,15 +2,18 @@
 
 ``--wyoming-uri`` starts the ``wyoming`` package's own server in the process;
 each client gets a ``WyomingConnection`` (the package's ``AsyncEventHandler``).
-Synthesis becomes the same ``Job`` a WebSocket request becomes (same queue,
-batching, engines, limits, metrics, cancellation), with the connection as its
-owner and its ``History`` as context, so the sentences of one streamed
-reply keep one voice.
+A ``synthesize`` becomes the same ``Job`` a WebSocket request becomes (same
+queue, batching, engines, limits, metrics, cancellation), with the connection
+as its owner and its ``History`` as context.  A stream (``synthesize-start`` ..
+``synthesize-stop``) is one such job whose text arrives in chunks
+(``core.streamed_text``, as the WebSocket's ``text_stream`` and the chat
+model's answer): its sentences are spoken as they complete, by one decoder, as
+one audio stream with no seams.
 
 As on the WebSocket, the connection reads events in one task and delivers
-audio in another (``_deliver``), so reading never waits for generation: text
-chunks keep arriving while earlier sentences are spoken, and a client that
-goes away is noticed.  ``docs/wyoming.md`` describes the events.
+audio in another (``_deliver``), in the order they were asked for, so reading
+never waits for generation and a client that goes away is noticed.
+``docs/wyoming.md`` describes the events.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -30,7 +32,6 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from ..audio.text import SentenceStream
 from ..core import replies as p
 from ..core.context import History
 from ..core.events import Audio, Cancelled, Failed, Succeeded
@@ -41,7 +42,6 @@ from ..engines import registry
 from ..engines.request import SynthesisRequest
 from . import wyoming_events as w
 from .openai_schemas import Voices
-from .schema_rules import speakable
 
 log = logging.getLogger(__name__)
 MAX_MALFORMED = 16  # malformed events in a row before the connection is closed
@@ -103,33 +103,6 @@ class WyomingApi:
         return w.describe(engines, self.voices()).event()
 
 
-@dataclass
-class _Speak:
-    """One generation for the delivery task: a whole ``synthesize``, or one sentence of a stream."""
-
-    request: SynthesisRequest
-    streamed: bool
-
-
-class _Stopped:
-    """A stream's end: ``synthesize-stopped`` once its sentences are delivered."""
-
-
-@dataclass
-class _Refused:
-    """A ``synthesize`` that cannot run: its error, in its turn."""
-
-    error: p.Refusal
-
-
-class _Stream:
-    """An open ``synthesize-start`` .. ``synthesize-stop``: its voice, its unspoken text."""
-
-    def __init__(self) -> None:
-        self.voice: w.Choice | None = None  # (speaker, engine, language); None: start refused, chunks dropped
-        self.sentences = SentenceStream()
-
-
 class WyomingConnection(AsyncEventHandler):
     """One Wyoming client: events in, audio out, in order; closing it cancels its generation."""
 
@@ -138,12 +111,13 @@ class WyomingConnection(AsyncEventHandler):
         self.api, self.service = api, api.service
         self.conversation = History(self.service.library, self.service.limits.max_context_turns)
         self._rate = RateLimiter(self.service.limits.rate_limit)
-        # bounded: a client that sends text faster than it is spoken waits (its reading pauses)
-        self._work: asyncio.Queue[_Speak | _Stopped | _Refused | None] = asyncio.Queue(
+        # bounded: a client that asks for more than is spoken waits (its reading pauses)
+        self._work: asyncio.Queue[w.Speak | w.Stream | w.Stopped | w.Refused | None] = asyncio.Queue(
             self.service.limits.max_queued_per_connection)
         self._waiting = 0  # whole synthesize requests queued on this connection, not yet finished
-        self._stream: _Stream | None = None
+        self._stream: w.Stream | None = None
         self._job: Job | None = None
+        self._watches: set[asyncio.Task] = set()  # each stream's text_timeout
 
     @property
     def busy(self) -> bool:
@@ -152,6 +126,9 @@ class WyomingConnection(AsyncEventHandler):
     def cancel(self) -> None:
         if self._job is not None:
             self._job.cancel()
+        if self._stream is not None and self._stream.text is not None:  # still being written: nobody will hear it
+            self._stream.text.job.cancel()
+            self._stream.text.close()
 
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername")
@@ -167,6 +144,9 @@ class WyomingConnection(AsyncEventHandler):
         deliver = asyncio.create_task(self._deliver())
         try:
             if await self._read_events():  # the client half-closed: it still gets what it asked for
+                if self._stream is not None:  # no more text can come: the stream's rest is spoken
+                    self._stream.end()
+                    self._stream = None
                 await self._work.put(None)
                 await deliver
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -178,6 +158,8 @@ class WyomingConnection(AsyncEventHandler):
             deliver.cancel()
             await asyncio.gather(deliver, return_exceptions=True)
             self.cancel()
+            for watch in list(self._watches):
+                watch.cancel()
             self.api.connections.discard(self)
             self.service.admission.release(self)
             self.writer.close()
@@ -230,9 +212,9 @@ class WyomingConnection(AsyncEventHandler):
                 if self._stream is None:  # inside a stream it is the reply's full text, sent for old servers
                     await self._synthesize(event.data)
             elif SynthesizeStart.is_type(event.type):
-                self._start(event.data)
+                await self._start(event.data)
             elif SynthesizeChunk.is_type(event.type):
-                await self._chunk(event.data)
+                self._chunk(event.data)
             elif SynthesizeStop.is_type(event.type):
                 await self._stop()
             else:
@@ -256,6 +238,18 @@ class WyomingConnection(AsyncEventHandler):
     def _voice(self, data: dict) -> w.Choice:
         return w.voice_choice(w.read_voice(data), self.api.voices(), self.api.named_voices())
 
+    def _job_for(self, request: SynthesisRequest) -> Job:
+        """A generation with this connection's conversation as its context (the sentences before it)."""
+        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
+                  on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
+        job.owner = self
+        return job
+
+    def _submit(self, job: Job) -> None:
+        if self.service.admission.draining:
+            raise p.shutting_down()
+        self.service.scheduler.submit(job)
+
     async def _synthesize(self, data: dict) -> None:
         """A whole text; its refusal, like its failure, is answered in order and ends the connection."""
         if self._waiting >= self.service.limits.max_queued_per_connection:
@@ -263,91 +257,85 @@ class WyomingConnection(AsyncEventHandler):
         self._waiting += 1
         try:
             self._admit()
-            work: _Speak | _Refused = _Speak(w.request(w.read_text(data), *self._voice(data),
-                                                       self.service.limits.max_text_chars), streamed=False)
+            work: w.Speak | w.Refused = w.Speak(w.request(w.read_text(data), *self._voice(data),
+                                                          self.service.limits.max_text_chars))
         except p.Refusal as exc:
-            work = _Refused(exc)
+            work = w.Refused(exc)
         except Exception:  # a bug: refused in its turn like any other synthesize (its count is given back)
             log.exception("Wyoming: internal error while taking a synthesize event")
-            work = _Refused(INTERNAL)
+            work = w.Refused(INTERNAL)
         await self._work.put(work)
 
-    def _start(self, data: dict) -> None:
+    async def _start(self, data: dict) -> None:
+        """A stream: one request (one rate-limit token), one job for all its sentences, in line from now."""
         if self._stream is not None:
             raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "A stream is already open: send synthesize-stop first")
-        self._stream = _Stream()
+        self._stream = stream = w.Stream(self._submit)
         self._admit()
-        self._stream.voice = self._voice(data)
+        job = self._job_for(w.Synthesize("", *self._voice(data)).to_request())  # the text comes in chunks
+        await self._work.put(stream)  # (a full queue pauses reading: its text_timeout runs from here, not before)
+        watch = asyncio.create_task(stream.begin(job, self.service.limits).watch(), name=f"wyoming-{job.request_id}")
+        self._watches.add(watch)
+        watch.add_done_callback(self._watches.discard)
 
-    async def _chunk(self, data: dict) -> None:
-        stream = self._stream
-        if stream is None:
+    def _chunk(self, data: dict) -> None:
+        if self._stream is None:
             raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "synthesize-chunk outside a stream: send "
                                                          "synthesize-start first")
-        text = w.read_text(data)
-        if stream.voice is None:
-            return  # its synthesize-start was refused (and answered)
-        if len(stream.sentences.pending) + len(text) > self.service.limits.max_text_chars:
-            raise p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"More than {self.service.limits.max_text_chars} characters "
-                                                       "without a sentence end; this chunk was dropped")
-        await self._queue_sentences(stream.sentences.add(text), stream.voice)
+        self._stream.add(w.read_text(data))
 
     async def _stop(self) -> None:
         stream, self._stream = self._stream, None
         if stream is None:
             raise p.Refusal(p.ErrorCode.INVALID_REQUEST, "synthesize-stop outside a stream")
-        if stream.voice is not None:
-            await self._queue_sentences(stream.sentences.finish(), stream.voice)
-        await self._work.put(_Stopped())
-
-    async def _queue_sentences(self, sentences: list[str], voice: w.Choice) -> None:
-        """Each sentence is one request: it counts against the rate limit (a refused one is answered with an
-        ``error`` event and left out), and waits for room in the connection's bounded queue (reading pauses).
-        A sentence with nothing to speak (a lone "—") is left out: the reply's other sentences are its audio."""
-        for sentence in filter(speakable, sentences):
-            if not self._rate.allow():
-                await self._error(p.ErrorCode.RATE_LIMITED, f"More than {self.service.limits.rate_limit} sentences a "
-                                                            f"minute on this connection; this one was dropped")
-                continue
-            await self._work.put(_Speak(w.request(sentence, *voice, self.service.limits.max_text_chars), True))
+        stream.end()
+        await self._work.put(w.Stopped())
 
     # -- delivering: one generation at a time, as audio events -----------------------------
     async def _deliver(self) -> None:
         while (item := await self._work.get()) is not None:
-            if isinstance(item, _Stopped):
-                await self.write_event(SynthesizeStopped().event())
-                continue
-            if isinstance(item, _Refused):
-                failure, streamed = item.error, False
-            else:
-                failure, streamed = None, item.streamed
-                try:
-                    await self._speak(item.request)
-                except p.Refusal as refusal:
-                    failure = refusal
-                except ConnectionError:
-                    raise
-                except Exception:  # a bug: this generation fails with an error event, as any failure does
-                    log.exception("Wyoming: internal error while delivering a generation")
-                    failure, streamed = INTERNAL, item.streamed
-            self._waiting -= not streamed
-            if failure is not None:
-                await self._error(failure.code, failure.message)
-                if not streamed:  # a client waiting for audio-stop learns of the failure at once
+            failure: p.Refusal | None = None
+            try:
+                if isinstance(item, w.Stopped):
+                    await self.write_event(SynthesizeStopped().event())
+                elif isinstance(item, w.Stream):  # its turn: queued now or at its first sentence; one generation
+                    item.take_turn()
+                    await self._play(item.text.job, item)
+                elif isinstance(item, w.Refused):
+                    failure = item.error
+                    await self._error(failure.code, failure.message)
+                else:
+                    failure = await self._speak(item.request)
+            except ConnectionError:
+                raise
+            except Exception:  # a bug: this generation fails with an error event, as any failure does
+                log.exception("Wyoming: internal error while delivering a generation")
+                await self._error(INTERNAL.code, INTERNAL.message)
+                failure = INTERNAL
+            if isinstance(item, (w.Speak, w.Refused)):
+                self._waiting -= 1
+                if failure is not None:  # a client waiting for audio-stop learns of the failure at once
                     self.writer.close()  # (Home Assistant reads until audio-stop or the connection's end)
                     return
 
-    async def _speak(self, request: SynthesisRequest) -> None:
-        """Run one generation and send its audio; raises the ``Refusal`` that ended it, if one did."""
-        if self.service.admission.draining:
-            raise p.shutting_down()
+    async def _speak(self, request: SynthesisRequest) -> p.Refusal | None:
+        """A whole synthesize: its audio, or the refusal that ended it (already told)."""
+        job = self._job_for(request)
+        try:
+            self._submit(job)
+        except p.Refusal as refusal:
+            await self._error(refusal.code, refusal.message)
+            return refusal
+        return await self._play(job)
+
+    async def _play(self, job: Job, stream: w.Stream | None = None) -> p.Refusal | None:
+        """Send ``job``'s audio as it is made: ``audio-start`` at its first audio, ``audio-chunk``s, ``audio-stop``
+        at its end.  Returns the refusal that ended it (None: it succeeded), already told with an ``error`` event;
+        a stream's audio that had begun is then still closed with ``audio-stop`` (a whole synthesize's connection
+        is closed instead)."""
         rate = self.service.scheduler.sample_rate
         audio_start = AudioStart(rate=rate, width=2, channels=1).event()
-        job = Job(request, asyncio.get_running_loop(), prepare=lambda j: self.conversation.prompt_for(j.task),
-                  on_success=lambda j: self.conversation.remember(j.task), interface="wyoming")
-        job.owner = self
-        self.service.scheduler.submit(job)
-        self._job, started = job, False
+        self._job, started, failure = job, False, None
         try:
             async for item in job.replies():
                 for frame in item:
@@ -358,17 +346,21 @@ class WyomingConnection(AsyncEventHandler):
                                 started = True
                             await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
                         case Failed():
-                            raise frame.refusal()
-                        case Cancelled():  # only the server cancels a job whose client is still here
-                            raise p.Refusal(p.ErrorCode.SHUTTING_DOWN,
-                                            "The request was cancelled: the server is shutting down")
-                        case Succeeded():
-                            if not started:
-                                await self.write_event(audio_start)
-                            await self.write_event(AudioStop().event())
+                            failure = frame.refusal()
+                        case Cancelled() if not (stream and stream.silent):  # only the server cancels a job
+                            failure = p.Refusal(p.ErrorCode.SHUTTING_DOWN,  # whose client is still here
+                                                "The request was cancelled: the server is shutting down")
+                        case Succeeded() if not started:
+                            await self.write_event(audio_start)
+                            started = True
         finally:
             self._job = None
             job.cancel()  # a no-op once it has finished; else the client left: stop the work
+        if failure is not None:
+            await self._error(failure.code, failure.message)
+        if started and (failure is None or stream is not None):
+            await self.write_event(AudioStop().event())
+        return failure
 
     async def _error(self, code: p.ErrorCode, message: str) -> None:
         await self.write_event(Error(text=message, code=p.ErrorCode(code).value).event())

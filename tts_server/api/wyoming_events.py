@@ -1,7 +1,8 @@
-"""Wyoming's text-to-speech events, as rules: what the server describes, and a synthesize event as our request.
+"""Wyoming's text-to-speech events, as rules: what the server describes, a synthesize event as our request, and
+the bookkeeping of a stream (``synthesize-start`` .. ``synthesize-stop``).
 
-Pure functions only (no sockets, no model), like ``schemas`` for the WebSocket
-and ``openai_schemas`` for HTTP; ``wyoming`` does the I/O and
+No sockets and no model, like ``schemas`` for the WebSocket and
+``openai_schemas`` for HTTP; ``wyoming`` does the I/O and
 ``docs/wyoming.md`` is the prose version.  Events are the ``wyoming`` package's
 own classes; a bad field becomes a ``Refusal`` with one of the
 WebSocket's stable codes, sent back as Wyoming's ``error`` event.
@@ -9,13 +10,18 @@ WebSocket's stable codes, sent back as Wyoming's ``error`` event.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeaker
 from wyoming.tts import SynthesizeVoice
 
 from ..core import replies as p
+from ..core.events import Failed
+from ..core.jobs import Job
+from ..core.service import Limits
+from ..core.streamed_text import StreamedText
 from ..engines import registry
 from ..engines.request import LANGUAGE_CODE, MAX_SPEAKER, SynthesisRequest, new_request_id
 from .openai_schemas import Voices
@@ -183,7 +189,8 @@ def read_text(data: dict[str, Any], field: str = "text") -> str:
 
 @dataclass(frozen=True)
 class Synthesize:
-    """A Wyoming synthesize (a whole text, or one sentence of a stream) with its voice choice resolved."""
+    """A Wyoming synthesize (a whole text, or a stream's: empty, its text comes in chunks) with its voice choice
+    resolved."""
 
     text: str
     speaker: int = 0
@@ -212,3 +219,112 @@ def request(text: str, speaker: int, engine: str | None, language: str | None,
 
 def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+# -- the connection's work, in order: what its delivery task answers -------------------------------------------------
+@dataclass
+class Speak:
+    """A whole ``synthesize``: one generation, answered in its turn."""
+
+    request: SynthesisRequest
+
+
+@dataclass
+class Refused:
+    """A ``synthesize`` that cannot run: its error, in its turn."""
+
+    error: p.Refusal
+
+
+class Stopped:
+    """A stream's end: ``synthesize-stopped`` once its audio is delivered."""
+
+
+class Stream:
+    """An open ``synthesize-start`` .. ``synthesize-stop``: one job whose text arrives in chunks (``StreamedText``).
+
+    Its job is queued once its first sentence is complete and the delivery has
+    reached it (``turn``), not before: a connection's generations run in the
+    order they were asked for, each with the ones before it as its context.
+    """
+
+    def __init__(self, submit: Callable[[Job], None]) -> None:
+        self.submit = submit  # queues a job (may raise ``Refusal``: busy, shutting down)
+        self.text: StreamedText | None = None  # None: its start was refused, its chunks are dropped
+        self.line = OneLine()
+        self.turn = False  # the delivery has reached it: its job is queued as soon as its first sentence is complete
+        self.ready = False  # its first sentence is complete: its job waits for its turn
+        self.silent = False  # it ended with nothing to speak: no audio and no error, as wyoming-piper answers
+
+    def begin(self, job: Job, limits: Limits) -> StreamedText:
+        """Its text, for ``job``: at most ``--max-text-chars`` in all, failed ``text_timeout`` when it completes no
+        sentence for ``--text-timeout`` seconds (``watch``)."""
+        self.text = StreamedText(job, self._queue, limits.max_text_chars, limits.text_timeout)
+        return self.text
+
+    def take_turn(self) -> None:
+        """The delivery has reached it: its job is queued now if its first sentence is complete (else at once when
+        it is); a refusal ends it with that error, told as its reply."""
+        self.turn = True
+        if self.ready:
+            try:
+                self.submit(self.text.job)
+            except p.Refusal as refusal:
+                self.text.close()
+                self.text.job.finish(Failed(refusal.code, refusal.message, self.text.job.request_id))
+
+    def _queue(self, job: Job) -> None:
+        """``StreamedText``'s submit, at its first complete sentence: the job is queued in its turn."""
+        if self.turn:
+            self.submit(job)
+        else:
+            self.ready = True
+
+    def add(self, chunk: str) -> None:
+        """A ``synthesize-chunk``'s text.  One that is not valid Unicode is refused (the stream goes on); one that
+        takes the whole text over the limit ends the stream with ``text_too_long``, told in its turn."""
+        if not encodable(chunk):
+            raise p.Refusal(p.ErrorCode.INVALID_REQUEST, f"'text' must be {ENCODABLE_RULE}; this chunk was dropped")
+        text = self.text
+        if text is None or not text.open:
+            return  # its start was refused, or it has ended (text_too_long, text_timeout): told in its turn
+        piece = self.line(chunk)
+        if len(piece) > text.room:
+            return text.fail(p.Refusal(p.ErrorCode.TEXT_TOO_LONG, f"The streamed text is over {text.max_chars} "
+                                                                  "characters; the stream ends here"))
+        text.add(piece)
+
+    def end(self) -> None:
+        """The text is complete (``synthesize-stop``, or the client half-closed): its rest is spoken.  A stream
+        with nothing to speak (no chunk, or no letter or digit) gives no audio and no error, as wyoming-piper
+        answers an empty stream."""
+        text = self.text
+        if text is None:
+            return
+        if text.open and not text.queued and not speakable("".join(text.written)):
+            self.silent = True
+            text.job.cancel()  # never queued: it ends ``cancelled`` at once, which the delivery does not report
+        text.end()
+
+
+_SPACE = re.compile(r"\s+")  # str.split()'s whitespace
+
+
+class OneLine:
+    """A stream's chunks as ``request`` reads a whole text: each run of whitespace (newlines too) one space, none
+    at either end, however the chunks cut it.  So a streamed reply's text, and its sentences, are those of the same
+    text sent whole (a newline would otherwise end a sentence; wyoming-piper also joins lines)."""
+
+    def __init__(self) -> None:
+        self._begun = False  # some text has been passed on
+        self._space = False  # a space is owed before the next text (held back: it may be the last)
+
+    def __call__(self, chunk: str) -> str:
+        line = _SPACE.sub(" ", chunk)
+        if line.startswith(" "):
+            self._space, line = self._begun, line[1:]
+        if not line:
+            return ""
+        passed = (" " if self._space else "") + line.removesuffix(" ")
+        self._begun, self._space = True, line.endswith(" ")
+        return passed
