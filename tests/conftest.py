@@ -255,6 +255,13 @@ async def collect(ws, request_id: str | None = None, timeout: float = 120) -> tu
     return reply, audio, [other for other, _ in others]
 
 
+async def session_turns(server, session: str) -> list[dict]:
+    """A session's stored turns, read over HTTP (``GET /v1/sessions/{id}``)."""
+    status, body = await ahttp_get(server.port, f"/v1/sessions/{session}")
+    assert status == 200, body
+    return json.loads(body)["turns"]
+
+
 def http_get(port: int, path: str, headers: dict | None = None) -> tuple[int, str]:
     """A plain HTTP GET to the server on loopback: (status, body), errors included."""
     import urllib.error

@@ -4,14 +4,13 @@ CSM, no network: ``synthesize()``, ``stream()``, interruptions and the user's tu
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 from livekit import rtc
 from livekit.agents.tts.tts import USERDATA_TIMED_TRANSCRIPT
 
 from audio_fixtures import speechlike
-from conftest import ahttp_get, csm_slot, running_server, url
+from conftest import csm_slot, running_server, session_turns, url
 from tts_server.engines.stt import Transcriber
 from tts_server.integrations.livekit import TTS
 
@@ -24,12 +23,6 @@ async def audio_and_words(events) -> tuple[bytes, list[str]]:
         audio += bytes(event.frame.data)
         words += [str(w).strip() for w in event.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT) or []]
     return bytes(audio), words
-
-
-async def session_turns(server, session: str) -> list[dict]:
-    status, body = await ahttp_get(server.port, f"/v1/sessions/{session}")
-    assert status == 200, body
-    return json.loads(body)["turns"]
 
 
 async def test_synthesize_and_a_stream_of_tokens_give_the_same_seeded_audio_with_aligned_words(

@@ -4,7 +4,6 @@ with Pipecat's own test helpers (``pipecat.tests.utils.run_test``)."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 from pipecat.frames.frames import (InputAudioRawFrame, InterruptionFrame, LLMFullResponseEndFrame,
@@ -15,7 +14,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.tests.utils import SleepFrame, run_test
 
 from audio_fixtures import speechlike
-from conftest import ahttp_get, csm_slot, running_server, url
+from conftest import csm_slot, running_server, session_turns, url
 from tts_server.engines.stt import Transcriber
 from tts_server.integrations.pipecat import CSMTTSService, CSMUserTurns
 
@@ -26,27 +25,36 @@ def response(*texts: str) -> list:
     return [LLMFullResponseStartFrame(), *(LLMTextFrame(text) for text in texts), LLMFullResponseEndFrame()]
 
 
-async def session_turns(server, session: str) -> list[dict]:
-    status, body = await ahttp_get(server.port, f"/v1/sessions/{session}")
-    assert status == 200, body
-    return json.loads(body)["turns"]
+def then_until(frames: list, done, then_s: float = 0.3, limit_s: float = 60):
+    """``frames``, then pauses until ``done()`` (a reply received to its end), then ``then_s`` more: for
+    ``run_test``, which sends its frames lazily and ends the pipeline after the last."""
+    yield from frames
+    for _ in range(int(limit_s / 0.1)):
+        if done():
+            break
+        yield SleepFrame(sleep=0.1)
+    yield SleepFrame(sleep=then_s)
 
 
 async def test_a_pipecat_pipeline_gets_csm_audio_at_its_rate_and_word_timestamps_for_its_context(
         tiny_model_dir, whisper_dir):
+    """The server's word times reach Pipecat, which sends each word's text when its time comes; words still unsent
+    when the audio ends (here the last sentence's: no output transport plays the audio in real time) go together."""
     async with running_server(csm_slot(tiny_model_dir), stt=Transcriber(str(whisper_dir), "cpu", local_only=True)) \
             as server:
         await server.service.speech.loaded.wait()
         tts = CSMTTSService(url=url(server), sample_rate=16000, options={"seed": 3, "max_audio_length_ms": 4000})
-        down, _ = await run_test(tts, frames_to_send=[*response(*ANSWER), SleepFrame(sleep=6)])
+        down, _ = await run_test(tts, frames_to_send=then_until(response(*ANSWER), lambda: tts.finished))
         turns = await session_turns(server, tts.session_id)
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert audio and {f.sample_rate for f in audio} == {16000}
-    assert [f.text for f in down if isinstance(f, TTSTextFrame)] == "".join(ANSWER).split()
-    assert any(isinstance(f, TTSStoppedFrame) for f in down)
+    spoken = [f.text for f in down if isinstance(f, TTSTextFrame)]
+    assert " ".join(spoken).split() == "".join(ANSWER).split(), spoken  # all of it, in order, in the context
+    assert spoken[:4] == ANSWER[0].split(), spoken  # the first sentence word by word, at its times
+    assert any(isinstance(f, TTSStoppedFrame) for f in down), [type(f).__name__ for f in down][-8:]
     assert [t["text"] for t in turns] == [text.strip() for text in ANSWER]  # one reply, both sentences, stored
     seconds = sum(len(f.audio) for f in audio) / 2 / 16000  # all of it
-    assert abs(seconds - sum(t["duration_s"] for t in turns)) < 0.1
+    assert abs(seconds - sum(t["duration_s"] for t in turns)) < 0.1, (seconds, turns)
 
 
 async def test_an_interruption_mid_answer_leaves_only_what_was_played_in_the_session(tiny_model_dir):
@@ -77,12 +85,12 @@ async def test_csm_user_turns_stream_the_users_voice_into_the_session_and_the_ne
     async with running_server(csm_slot(tiny_model_dir)) as server:
         tts = CSMTTSService(url=url(server), sample_rate=24000, options=options)
         turns = CSMUserTurns(tts, speaker=1)
-        heard, _ = await run_test(Pipeline([turns, tts]), frames_to_send=[
+        heard, _ = await run_test(Pipeline([turns, tts]), frames_to_send=then_until([
             *frames[:15], UserStartedSpeakingFrame(), *frames[15:], UserStoppedSpeakingFrame(),
             TranscriptionFrame("What time is it?", "user", "now"), SleepFrame(sleep=1.0),
-            *response("It is noon."), SleepFrame(sleep=2)])
+            *response("It is noon.")], lambda: tts.finished))
         plain = CSMTTSService(url=url(server), sample_rate=24000, options=options)
-        unheard, _ = await run_test(plain, frames_to_send=[*response("It is noon."), SleepFrame(sleep=2)])
+        unheard, _ = await run_test(plain, frames_to_send=then_until(response("It is noon."), lambda: plain.finished))
         stored = await session_turns(server, tts.session_id)
     assert turns.saved and turns.saved[0]["text"] == "What time is it?" and turns.saved[0]["speaker"] == 1
     assert abs(turns.saved[0]["duration_s"] - 1.2) < 0.1  # all of it: 0.9 s after "started" and 0.3 s before
@@ -111,7 +119,7 @@ async def test_a_dropped_connection_is_resumed_on_the_same_session(tiny_model_di
         await client.close()
         again = CSMTTSService(url=url(server), session=session, sample_rate=24000,
                               options={"max_audio_length_ms": 400})
-        await run_test(again, frames_to_send=[*response("Second reply here."), SleepFrame(sleep=1.5)])
+        await run_test(again, frames_to_send=then_until(response("Second reply here."), lambda: again.finished))
         stored = await session_turns(server, session)
     assert client.session == again.session_id == session and ends[-1] == "success"
     assert [t["text"] for t in stored] == ["Back again.", "Second reply here."]

@@ -51,6 +51,7 @@ class CSMTTSService(WebsocketTTSService):
         self._pumps: dict[str, asyncio.Task] = {}
         self._played: dict[str, tuple[float, int]] = {}  # context -> (when its first audio left, bytes pushed)
         self.cuts: list[dict] = []  # each interruption: its context, what was played, what the session kept
+        self.finished = 0  # replies received to their end (audio, words and terminal reply)
 
     @property
     def session_id(self) -> str | None:
@@ -140,6 +141,7 @@ class CSMTTSService(WebsocketTTSService):
         except ServerError as exc:
             await self.push_error(error_msg=f"CSM server: {exc}")
         finally:
+            self.finished += 1
             self._pumps.pop(context_id, None)
             self._open.discard(context_id)
             if self.audio_context_available(context_id):
