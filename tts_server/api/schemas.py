@@ -62,7 +62,7 @@ class SynthesizeMessage(MessageBase, SamplingFields):
     def _text(cls, text: str) -> str:
         if not encodable(text):
             raise ValueError(ENCODABLE_RULE)
-        return text.strip()
+        return text  # trimmed below, unless it is a stream's beginning ("Good morning to " + "you")
 
     @field_validator("engine")
     @classmethod
@@ -78,6 +78,8 @@ class SynthesizeMessage(MessageBase, SamplingFields):
             raise ValueError(f"'format' {self.format!r} cannot be streamed; use one of: {', '.join(STREAM_FORMATS)}")
         if not self.text_stream and not speakable(self.text):
             raise ValueError(f"'text' must be {SPEAKABLE_RULE}")
+        if not self.text_stream:
+            self.text = self.text.strip()
         limits = limits_of(info)
         if len(self.text) > limits.max_text_chars:
             raise Refusal(ErrorCode.TEXT_TOO_LONG, f"'text' has {len(self.text)} characters; the limit is "
@@ -109,8 +111,8 @@ class TextMessage(MessageBase):
 
     type: Literal["text"]
     request_id: RequestId = Field(description="the id of the streamed request (1 to 128 characters)")
-    delta: str = Field(description="a string: the next piece of the text, cut anywhere (the whole text is at most "
-                                   "the server's text limit)")
+    delta: str = Field(description="a string of valid Unicode (no lone surrogates): the next piece of the text, cut "
+                                   "anywhere (the whole text is at most the server's text limit)")
     flush: bool = Field(False, description="true or false (speak what is pending now, as if the text ended here)")
 
     @field_validator("delta")
@@ -179,7 +181,16 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     model = MESSAGES.get(data.get("type", "synthesize")) if isinstance(data.get("type", ""), str) else None
     if model is None:
         raise Refusal(ErrorCode.INVALID_REQUEST, f"'type' must be one of: {', '.join(MESSAGES)}", request_id)
-    return validate(model, data, request_id, context={"limits": limits})
+    try:
+        return validate(model, data, request_id, context={"limits": limits})
+    except Refusal as exc:
+        if model in (TextMessage, TextEndMessage):  # a bad piece: it ends its stream (the WebSocket decides)
+            raise PieceRefusal(exc.code, exc.message, exc.request_id) from None
+        raise
+
+
+class PieceRefusal(Refusal):
+    """A ``text`` or ``text_end`` message that breaks a rule: the end of its stream, if that is open."""
 
 
 # -- the published schema: the server's replies are generated from the core's events (api/reply_schema.py) ----

@@ -94,6 +94,10 @@ class TTSServer:
             for server in self._uvicorn.servers:
                 server.close()  # no new connections; open ones carry on
         refused = scheduler.refuse_queued(r.ErrorCode.SHUTTING_DOWN, "The server is shutting down")
+        for connection in self.connections:  # and what waits for its text, in no queue yet
+            connection.refuse_unqueued(r.shutting_down())
+        if self.wyoming is not None:
+            self.wyoming.refuse_unqueued(r.shutting_down())
         log.info("Shutting down: %d queued requests refused, waiting up to %g s for %d running", refused, grace,
                  len(scheduler.running))
         loop = asyncio.get_running_loop()

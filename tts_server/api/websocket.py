@@ -134,7 +134,14 @@ class Connection:
             if (isinstance(message, counted) or creates) and not self._rate.allow():
                 raise r.rate_limited(self.service.limits.rate_limit, message.request_id)
             await self._dispatch(message)
+        except s.PieceRefusal as exc:  # a bad piece ends its open stream (its terminal error); else told alone
+            stream = self.streams.get(exc.request_id or "")
+            if stream is not None and stream.open:
+                return stream.fail(exc)
+            await self.send(failed(r.Refusal(exc.code, f"{exc.message} (text stream {exc.request_id!r})")))
         except r.Refusal as exc:
+            if exc.request_id in self.live:  # a message naming a live request (its id reused, a bad piece): not the
+                exc = r.Refusal(exc.code, f"{exc.message} (request {exc.request_id!r})")  # end of that one's reply
             await self.send(failed(exc))
         except (WebSocketDisconnect, OSError, Dropped):
             raise
@@ -215,17 +222,29 @@ class Connection:
     def gone(self) -> bool:
         return self.ws.app.state.connections.gone(self.key)
 
+    def refuse_unqueued(self, refusal: r.Refusal) -> None:
+        """At shutdown: replies in no queue yet (a text stream or a chat answer before its first sentence) end with
+        ``refusal`` now; the scheduler refused those it held."""
+        for request_id, job in list(self.live.items()):
+            if job.started or job.finished:
+                continue
+            if (stream := self.streams.get(request_id)) is not None:
+                stream.fail(refusal)
+            else:
+                job.cancel_event.set()  # the chat model's stream is closed
+                job.finish(failed(r.Refusal(refusal.code, refusal.message, request_id)))
+
     # -- text streams ---------------------------------------------------------------------------------------------
     def _stream_text(self, message: s.TextMessage | s.TextEndMessage) -> None:
         """A piece or the end of a streamed text; for one that has ended (``text_end``, a cancel, its error) or
         that this connection never opened, an error."""
         stream = self.streams.get(message.request_id)
-        if stream is None or not stream.open:
+        if stream is None or not stream.open:  # told without the id: this is not the end of that request's reply
             ended = stream is not None or message.request_id in self._ended_streams
             raise r.Refusal(r.ErrorCode.INVALID_REQUEST if ended else r.ErrorCode.UNKNOWN_REQUEST,
                             f"The text stream {message.request_id!r} has ended (text_end, a cancel, or its error)"
                             if ended else f"No text stream {message.request_id!r} on this connection: send a "
-                                          "'synthesize' with 'text_stream' first", message.request_id)
+                                          "'synthesize' with 'text_stream' first")
         if isinstance(message, s.TextEndMessage):
             return stream.end()
         if len(message.delta) > stream.room:
@@ -260,12 +279,20 @@ class Connection:
             job = await self.jobs.get()
             try:
                 async for item in job.replies():
+                    if job.finished and job.outbox.qsize() <= 1:  # its terminal reply: the id is free once read
+                        self._forget(job)
                     await self.send(*item)
             finally:
-                self.live.pop(job.request_id, None)
-                if self.streams.pop(job.request_id, None) is not None:
-                    self._ended_streams.append(job.request_id)
+                self._forget(job)
             await self.conversation.ended(job)  # a barge-in while it ran cuts it now
+
+
+    def _forget(self, job: Job) -> None:
+        if self.live.get(job.request_id) is job:
+            del self.live[job.request_id]
+        if self.streams.get(job.request_id) is not None and self.streams[job.request_id].job is job:
+            del self.streams[job.request_id]
+            self._ended_streams.append(job.request_id)
 
 
 async def serve(ws: WebSocket) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import weakref
 from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -38,6 +39,7 @@ from ..core.events import Audio, Cancelled, Failed, Succeeded
 from ..core.jobs import EngineState, Job
 from ..core.security import RateLimiter, is_loopback
 from ..core.service import Service
+from ..core.streamed_text import StreamedText
 from ..engines import registry
 from ..engines.request import SynthesisRequest
 from . import wyoming_events as w
@@ -80,6 +82,14 @@ class WyomingApi:
         """Whether some connection still has a generation to deliver."""
         return any(c.busy for c in self.connections)
 
+    def refuse_unqueued(self, refusal: p.Refusal) -> None:
+        """At shutdown: streams whose job is in no queue yet (their first sentence, or their turn, is still to
+        come) end with ``refusal``, delivered in their turn like any other reply."""
+        for connection in self.connections:
+            for text in list(connection.texts):
+                if not text.job.started and not text.job.finished:
+                    text.fail(refusal)
+
     def voices(self) -> Voices:
         return Voices(self.service.library.voice_names())
 
@@ -118,6 +128,7 @@ class WyomingConnection(AsyncEventHandler):
         self._stream: w.Stream | None = None
         self._job: Job | None = None
         self._watches: set[asyncio.Task] = set()  # each stream's text_timeout
+        self.texts: weakref.WeakSet[StreamedText] = weakref.WeakSet()  # its streams' texts (refused at shutdown)
 
     @property
     def busy(self) -> bool:
@@ -273,8 +284,10 @@ class WyomingConnection(AsyncEventHandler):
         self._stream = stream = w.Stream(self._submit)
         self._admit()
         job = self._job_for(w.Synthesize("", *self._voice(data)).to_request())  # the text comes in chunks
+        self.service.scheduler.route(job.request)  # a language no engine speaks is refused now, not later
         await self._work.put(stream)  # (a full queue pauses reading: its text_timeout runs from here, not before)
-        watch = asyncio.create_task(stream.begin(job, self.service.limits).watch(), name=f"wyoming-{job.request_id}")
+        self.texts.add(text := stream.begin(job, self.service.limits))
+        watch = asyncio.create_task(text.watch(), name=f"wyoming-{job.request_id}")
         self._watches.add(watch)
         watch.add_done_callback(self._watches.discard)
 

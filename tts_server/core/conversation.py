@@ -168,6 +168,7 @@ class Conversation:
         """A reply whose text the client sends in pieces (``core.streamed_text``), in line with its other replies;
         ``request.text`` is its beginning.  Never answered from the cache; failed once it completes no sentence
         for ``--text-timeout`` seconds."""
+        self.service.scheduler.route(request)  # a language or engine no one serves is refused now, not later
         if request.context:
             await self.check_session(request.request_id)
         job = self.job(request)

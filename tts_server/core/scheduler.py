@@ -205,6 +205,8 @@ class Scheduler:
             done, _ = await asyncio.wait({future}, timeout=min(1.0, self.generation_timeout))
             if done:
                 return future.result()
+            if job.task.feed is not None and job.task.feed.waiting:  # the text is late, not the engine: the text's
+                job.progress_at = time.monotonic()  # own deadline (--text-timeout, the chat timeout) bounds that
             if time.monotonic() - job.progress_at > self.generation_timeout:
                 break
         log.error("%s made no progress on %s for %g s; abandoning its worker thread", slot.name,

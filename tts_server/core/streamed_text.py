@@ -59,7 +59,6 @@ class StreamedText:
             return
         self.written.append(delta)
         self.chars += len(delta)
-        self.job.progress_at = time.monotonic()  # text arriving is progress: the scheduler's watchdog waits for it
         self._speak(self.sentences.add(delta) + (self.sentences.finish() if flush else []))
 
     def end(self, empty: Refusal | None = None) -> None:
@@ -102,6 +101,8 @@ class StreamedText:
             await asyncio.sleep(min(left, 1.0))
 
     def _speak(self, sentences: list[str]) -> None:
+        """Complete sentences to the engine; one with no letter or digit (a flushed "?!") has nothing to say."""
+        sentences = [sentence for sentence in sentences if speakable(sentence)]
         if not sentences:
             return
         self.deadline = time.monotonic() + self.timeout

@@ -111,6 +111,7 @@ class SentenceFeed:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting = False  # the engine waits for the next sentence (not stuck: the writer's deadline bounds it)
 
     def put(self, sentence: str) -> None:
         self._queue.put(sentence)
@@ -121,9 +122,11 @@ class SentenceFeed:
     def take(self, cancel: threading.Event) -> Iterator[str]:
         while not cancel.is_set():
             try:
+                self.waiting = True
                 item = self._queue.get(timeout=0.05)
             except queue.Empty:
                 continue
+            self.waiting = False
             if item is self._END:
                 return
             if isinstance(item, EngineError):
