@@ -18,6 +18,9 @@ a microphone would deliver its 40 ms piece.  ``--concurrency K`` streams K clips
 (staggered) to save time; they share the server's turn-encoding and transcription threads and the CPU, so the
 latencies grow (on 2 cores, K=4 took the 600 ms VAD's median to ``speech_end`` from 675 to 1024 ms), while the
 counts of hesitations that ended the turn stay about the same.  The default is 1: about 5 minutes a detector.
+Each detector's row is followed by the same figures for each half of the sentences (even-numbered: calibration,
+odd: evaluation, so that a threshold chosen on one half is judged on the other); "at the ceiling" counts complete
+utterances whose ``speech_end`` came from the full silence rather than the turn detector.
 
     python bench/turn_taking.py [--stt-model DIR] [--seed N] [--concurrency K]
 
@@ -52,6 +55,7 @@ PIECE = 640  # 40 ms
 LEAD_S, TAIL_S = 0.5, 3.5
 PAUSE_MS = (400, 900)
 MAX_SILENCE_MS = 3000
+CEILING_MS = MAX_SILENCE_MS - 200  # a speech_end this late after the last word: the ceiling of silence (or as bad)
 STAGGER_S = 0.9  # concurrent clients start this far apart, so their utterances do not all end at once
 SETTLE_S = 30  # after the last piece: how long to wait for the server's last replies
 # A hesitation goes right after one of these words, never among the first two words or the last two
@@ -239,8 +243,19 @@ def summary(clips: list[Clip], heard: list[Heard]) -> dict:
     once = [(c, h) for c, h in whole if len(h.ends) == len(h.saved) == 1]
     to_end = [(h.ends[0] - c.end_s) * 1000 for c, h in once]
     to_saved = [(h.saved[0] - c.end_s) * 1000 for c, h in once]
-    return {"wrong": [c for c, h in pauses if wrongly_ended(c, h)], "pauses": len(pauses),
-            "split": len(whole) - len(once), "whole": len(whole), "to_end": to_end, "to_saved": to_saved}
+    return {"wrong": [(c, h) for c, h in pauses if wrongly_ended(c, h)], "pauses": len(pauses),
+            "split": len(whole) - len(once), "whole": len(whole), "to_end": to_end, "to_saved": to_saved,
+            "ceiling": [(c, h) for c, h in once if (h.ends[0] - c.end_s) * 1000 >= CEILING_MS]}
+
+
+def halves(clips: list[Clip], heard: list[Heard]) -> dict[str, dict]:
+    """The summary of the whole set and of its two halves by sentence (even: calibration, odd: evaluation), so
+    that a threshold chosen on one half is judged on the other."""
+    out = {"all": summary(clips, heard)}
+    for name, parity in (("calibration", 0), ("evaluation", 1)):
+        kept = [(c, h) for c, h in zip(clips, heard) if SENTENCES.index(c.text) % 2 == parity]
+        out[name] = summary([c for c, _ in kept], [h for _, h in kept])
+    return out
 
 
 def judged_alone(clips: list[Clip]) -> dict[str, int]:
@@ -263,20 +278,26 @@ def report(results: dict[str, dict], clips: list[Clip], seed: int, concurrency: 
           f"(median {median(pauses):.0f}); seed {seed}; {concurrency} clip(s) streamed at once; load average "
           f"{os.getloadavg()[0]:.1f} at the end")
     rows = []
-    for name, s in results.items():
-        rows.append([name, f"{len(s['wrong'])} of {s['pauses']}", f"{s['split']} of {s['whole']}",
-                     f"{median(s['to_end']):.0f}", f"{median(s['to_saved']):.0f}", f"{max(s['to_end']):.0f}",
-                     sum(t > 1000 for t in s["to_end"])])
+    for name, parts in results.items():
+        for part, s in parts.items():
+            rows.append([name if part == "all" else f"  {part} half", f"{len(s['wrong'])} of {s['pauses']}",
+                         f"{s['split']} of {s['whole']}", f"{median(s['to_end']):.0f}", f"{median(s['to_saved']):.0f}",
+                         f"{max(s['to_end']):.0f}", sum(t > 1000 for t in s["to_end"]), len(s["ceiling"])])
     print(table(["detector", "hesitations that ended the turn", "complete utterances not one turn",
                  "end of speech -> speech_end, median ms", "-> turn_saved, median ms", "slowest speech_end ms",
-                 "speech_end > 1 s"], rows))
+                 "speech_end > 1 s", "speech_end at the ceiling"], rows))
     alone = judged_alone(clips)
     print(f"Smart Turn v3.2 alone on the same audio (to 200 ms into the silence): judged complete "
           f"{alone['hesitations']} of {len(pauses)} hesitations and {alone['complete utterances']} of "
           f"{len(clips) - len(pauses)} complete utterances")
-    for name, s in results.items():  # where Smart Turn heard an end (a fixed silence ends every long pause)
-        for clip in s["wrong"] if CONFIGS[name]["turn_detector"] == "smart-turn" else ():
-            print(f"  {name}: ended at \"{clip.before} ...\" ({(clip.resume_s - clip.pause_s) * 1000:.0f} ms)")
+    for name, parts in results.items():  # where Smart Turn heard an end (a fixed silence ends every long pause)
+        if CONFIGS[name]["turn_detector"] != "smart-turn":
+            continue
+        for clip, heard in parts["all"]["wrong"]:
+            print(f"  {name}: ended at \"{clip.before} ...\" ({(clip.resume_s - clip.pause_s) * 1000:.0f} ms), "
+                  f"heard {heard.texts}")
+        for clip, heard in parts["all"]["ceiling"]:
+            print(f"  {name}: waited for the ceiling after \"{clip.text}\", heard {heard.texts}")
 
 
 async def run(stt_model: str | None, seed: int, concurrency: int, only: str = "") -> None:
@@ -288,7 +309,7 @@ async def run(stt_model: str | None, seed: int, concurrency: int, only: str = ""
         if not name.startswith(only):
             continue
         started = time.perf_counter()
-        results[name] = summary(clips, await measure(options, clips, folder, stt, concurrency))
+        results[name] = halves(clips, await measure(options, clips, folder, stt, concurrency))
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     report(results, clips, seed, concurrency)
 

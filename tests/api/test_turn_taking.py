@@ -64,6 +64,34 @@ async def test_a_mid_sentence_pause_ends_the_turn_under_a_fixed_silence_but_not_
         assert described["turn_max_silence_ms"] == 3000
 
 
+
+async def test_speech_that_resumes_while_a_proposed_end_is_being_transcribed_goes_on_in_the_same_turn(
+        tiny_model_dir, whisper_dir, monkeypatch):
+    """Smart Turn hears an end after "What time is it?" and those words read finished, but the speaker went on
+    while they were being transcribed (the recogniser is held meanwhile): the audio that came in the meantime is
+    heard, the speech resumed, and the utterance is one turn, not two."""
+    from test_fair_sharing import recording_transcriber
+    from tts_server.engines.turn_detector import SmartTurn
+
+    verdicts, complete = [], SmartTurn.complete
+    monkeypatch.setattr(SmartTurn, "complete", lambda self, *args: verdicts.append(complete(self, *args)) or
+                        verdicts[-1])
+    stt = recording_transcriber(whisper_dir)
+    async with running_server(csm_slot(tiny_model_dir), turn_detector="smart-turn", vad_silence_ms=200, stt=stt,
+                              stt_language="en") as server:
+        await server.service.speech.loaded.wait()
+        async with websockets.connect(url(server), ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "turn_start", "speaker": 1, "sample_rate": RATE, "vad": True}))
+            stt.gate.clear()  # the piece before the pause waits for the recogniser
+            await send(ws, silence(0.5), spoken("What time is it?", RATE), silence(0.8))
+            assert await asyncio.to_thread(waited_for, lambda: stt.calls and True in verdicts)
+            await send(ws, spoken("In London, I mean.", RATE), silence(3.5))
+            stt.gate.set()
+            saved = await saved_turns(ws)
+    assert len(saved) == 1, saved
+    assert "time" in saved[0]["text"].lower() and "london" in saved[0]["text"].lower()
+
+
 def waited_for(condition, timeout: float = 60) -> bool:
     """Wait (in a thread) until ``condition()`` holds; whether it did."""
     deadline = time.monotonic() + timeout

@@ -37,3 +37,17 @@ def test_a_sentence_that_goes_on_is_heard_as_incomplete_and_a_finished_one_as_co
     assert not model.complete(np.concatenate([quiet, steady("My favourite colour is green, but"), after]))
     assert not model.complete(np.concatenate([quiet, steady("I went to the shop and"), after]))
     assert model.complete(np.concatenate([quiet, steady("Please remind me to call my mother."), after]))
+
+
+
+@pytest.mark.parametrize("verdict, early, late", [("weak", False, True), ("sure", True, True), ("no", False, False)])
+def test_a_weak_yes_does_not_end_a_short_silence_but_does_a_longer_one(monkeypatch, verdict, early, late):
+    """Within SURE_UNTIL_MS of silence "complete" must be SURE; from then on (and without a silence given) the
+    plain threshold holds."""
+    from tts_server.engines.turn_detector import COMPLETE, SURE, SURE_UNTIL_MS, smart_turn
+
+    probability = {"weak": (COMPLETE + SURE) / 2, "sure": (SURE + 1) / 2, "no": COMPLETE / 2}[verdict]
+    model, audio = smart_turn(), np.zeros(RATE, np.float32)
+    monkeypatch.setattr(model, "probability", lambda heard: probability)
+    assert model.complete(audio, 200) is early
+    assert model.complete(audio, SURE_UNTIL_MS) is late and model.complete(audio) is late

@@ -7,14 +7,19 @@ it, so a flood costs the shared turn-encoding thread nothing; the work itself
 (resampling, the VAD, Mimi's streaming encoder) runs on that thread in the
 client's turn.  At a pause in a hands-free utterance its transcript is begun at
 once, so that ``turn_saved`` follows the end of speech by the codec's last frame
-rather than by a whole transcription.  A turn that ends is handed to ``keep``
-(the conversation's history and session); when ``turn_start`` asked for answers
-the assistant then answers it, which costs a request of the client's rate.
+rather than by a whole transcription.  Where a turn detector proposes the end,
+the transcript so far has the last word: the utterance ends once it reads
+finished, unless the speaker went on meanwhile (the audio keeps being heard while
+it is made; a frame's work and a turn's ending never interleave).  A turn that
+ends is handed to ``keep`` (the conversation's history and session); when
+``turn_start`` asked for answers the assistant then answers it, which costs a
+request of the client's rate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..audio.text import reads_unfinished
@@ -36,6 +41,8 @@ from .turns import TRANSCRIPT_RATE, StreamedTurn
 if TYPE_CHECKING:
     from .service import Service
 
+log = logging.getLogger(__name__)
+
 
 class Hearing:
     """One client's open turn or listening, its pace, its speculative transcript, and whether to answer."""
@@ -51,6 +58,9 @@ class Hearing:
         # a hands-free utterance transcribed as it is spoken: the text of each piece up to a pause, in order
         self._pieces = Pieces(self._transcribe_quietly)
         self._preempting: asyncio.Task | None = None  # the answer begun at a proposed end (``core.preempt``)
+        self._deciding: asyncio.Task | None = None  # a proposed end, waiting for its transcript's verdict
+        self._ending: asyncio.Task | None = None  # one that stood: ending its turn (held here, never dropped)
+        self._one_at_a_time = asyncio.Lock()  # a frame's events, or the ending of a proposed end's utterance
         self.language: str | None = service.speech.language  # what the speaker speaks, once known
         self._guard = TurnGuard(service.turns.audio_pace(), service.turns.turn_timeout)
         # turn_start's respond: the request of the answer to each saved turn, given its id; it outlives the turn
@@ -82,7 +92,11 @@ class Hearing:
         """A frame of 16-bit PCM for the open turn or the listening."""
         self._paced(pcm)
         if self._listener is not None:
-            return await self._listen(self._listener, pcm)
+            listener = self._listener
+            async with self._one_at_a_time:  # (an utterance being ended at its proposed end is ended first)
+                if self._listener is listener:
+                    await self._listen(listener, pcm)
+            return
         try:
             await self._encode(self._streaming.feed, pcm)
         except Refusal:
@@ -97,6 +111,7 @@ class Hearing:
                 return
             if event in (Heard.DROPPED, Heard.SPEECH_END):
                 self._guard.close()
+                self._drop_decision()
             if event == Heard.DROPPED:
                 await self.peer.send(Failed(ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may last "
                                                                        "was dropped; listening goes on"))
@@ -110,21 +125,28 @@ class Hearing:
             elif event == Heard.RESUME:
                 self._pieces.resumed()  # the piece stands; what comes next is the next one
                 self._drop_preempt()  # it was not over
-            elif event == Heard.PROPOSED_END and await self._goes_on(listener, turn):
-                continue  # its words read unfinished: listening to the same utterance again, at its pause
-            else:  # SPEECH_END, or a PROPOSED_END that stands
-                self._guard.close()
-                pieces, self._pieces = self._pieces, Pieces(self._transcribe_quietly)
-                await self.peer.send(SpeechEnded())
-                await self._close_turn(turn, None, pieces)
+                self._drop_decision()
+            elif event == Heard.PROPOSED_END:  # decided once its words are read; the audio is heard meanwhile
+                self._drop_decision()
+                self._deciding = asyncio.ensure_future(self._decide(listener, turn))
+            else:  # SPEECH_END
+                await self._ended(turn)
+
+    async def _ended(self, turn: StreamedTurn) -> None:
+        """The utterance in progress has ended: ``speech_end``, and the turn kept (and answered)."""
+        self._guard.close()
+        pieces, self._pieces = self._pieces, Pieces(self._transcribe_quietly)
+        await self.peer.send(SpeechEnded())
+        await self._close_turn(turn, None, pieces)
 
     async def end(self, text: str | None) -> None:
         """``turn_end``: the streamed turn is kept; hands-free listening ends, an utterance in progress kept."""
         listener, turn = self._listener, self._streaming
         self.close()
         if listener is not None:
-            if listener.turn is not None:
-                await self._close_turn(listener.turn, text)
+            async with self._one_at_a_time:  # (after an utterance already being ended at its proposed end)
+                if listener.turn is not None:
+                    await self._close_turn(listener.turn, text)
             return
         if turn is None:
             raise Refusal(ErrorCode.INVALID_REQUEST, "'turn_end' without an open turn: send 'turn_start' and the "
@@ -194,13 +216,32 @@ class Hearing:
         await asyncio.wait({preempting})
         return None if preempting.cancelled() or preempting.exception() is not None else preempting.result()
 
-    async def _goes_on(self, listener: Listener, turn: StreamedTurn) -> bool:
+    async def _decide(self, listener: Listener, turn: StreamedTurn) -> None:
         """The turn detector heard the utterance end at this pause; its transcript so far has the last word: if it
-        reads cut off ("...to the shop and"), the utterance is reopened (the full silence still ends it)."""
+        reads cut off ("...to the shop and"), the silence goes on (speech resumes it, the full silence ends it).
+        Otherwise it ends, unless the speaker went on while the transcript was made (a resume drops this)."""
         text = await self._pieces.so_far()
-        if text is None or not reads_unfinished(text, self.language) or self._listener is not listener:
-            return False
-        return await self._encode(listener.reopen, turn)
+        if text is not None and reads_unfinished(text, self.language):
+            return
+        async with self._one_at_a_time:
+            if self._deciding is not asyncio.current_task():
+                return  # dropped while it waited (a resume, the full silence, listening ended)
+            self._deciding, self._ending = None, asyncio.current_task()  # the turn's end now, as a SPEECH_END's
+            try:
+                if self._listener is listener and await self._encode(listener.finish, turn):
+                    await self._ended(turn)
+            except Refusal as exc:  # (what a frame's handling would have been told)
+                await self._tell(failed(exc))
+            except Dropped:
+                pass
+            except Exception:
+                log.exception("internal error while ending a turn at its proposed end")
+                await self._tell(Failed(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    def _drop_decision(self) -> None:
+        deciding, self._deciding = self._deciding, None
+        if deciding is not None:
+            deciding.cancel()
 
     def _preempt(self) -> None:
         """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to
@@ -255,6 +296,7 @@ class Hearing:
         self._pieces.drop()
         self._pieces = Pieces(self._transcribe_quietly)
         self._drop_preempt()
+        self._drop_decision()
 
 
 def _cancel_begun(task: asyncio.Future) -> None:

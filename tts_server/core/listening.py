@@ -10,7 +10,17 @@ silence lets the transcription start early).  With a turn detector
 (``--turn-detector smart-turn``) that short silence only proposes the end: the
 detector hears whether the utterance is complete, and if not the listener keeps
 listening until the speech resumes or a longer silence (``--turn-max-silence-ms``)
-ends it anyway.  Silence between utterances is never kept.
+ends it anyway.  While the silence lasts the detector is asked again
+(``ASK_AGAIN_MS``): its verdict on the same words moves with the silence heard
+after them, and an early "complete" must be surer than a late one (the bar is the
+detector's, ``engines.turn_detector``).  An end it hears is a ``PROPOSED_END``:
+the utterance stays open until its caller has read the words too and ends it
+(``finish``), so that speech resuming meanwhile (in audio that came while the
+transcript was being made) is a resume, not another turn.  The audio after a
+proposed end is held back from the turn's encoder meanwhile: the turn gets it if
+the speech resumes, and ends without it otherwise (as the end it was proposed to
+be, and without encoding silence while the transcript is being made).  Silence
+between utterances is never kept.
 Blocking (model compute): run ``feed`` on one thread at a time.
 """
 
@@ -29,6 +39,11 @@ from .turns import StreamedTurn
 
 PREROLL_MS = 300
 HEARD_S = 10  # the turn detector hears the last 8 s of an utterance; a chunk of audio may come on top
+# The silences (after the proposed end's) at which the turn detector is asked again while the speaker stays
+# silent.  600 ms is the fixed silence that ends a turn under the VAD alone (its default): a verdict too weak to end
+# the turn at 200 ms is asked again there, before any turn would have ended without a turn detector.  1.5 s, half
+# the default ceiling: one more ask before it, for an utterance the model heard as unfinished at first.
+ASK_AGAIN_MS = (600, 1500)
 
 
 class Heard(str, Enum):
@@ -38,8 +53,8 @@ class Heard(str, Enum):
     PAUSE = Voice.PAUSE.value
     RESUME = Voice.RESUME.value
     SPEECH_END = Voice.SPEECH_END.value
-    # the turn detector ended it at a pause: over, unless its words read unfinished (then ``reopen``)
-    PROPOSED_END = "proposed_end"
+    # the turn detector heard the end at a pause: it stays open until ``finish`` ends it (or the speech resumes)
+    PROPOSED_END = Voice.PROPOSED_END.value
     DROPPED = "dropped"  # an utterance over the length limit; listening goes on
 
 
@@ -57,23 +72,26 @@ class Listener:
         self._whole = WholeSamples()
         self._vad_samples = 0  # 16 kHz samples handed to the detector
         self.turn: StreamedTurn | None = None
-        self._ended_at = 0  # where the silence of the last PROPOSED_END began (detector samples)
         self._complete = complete
         self._heard = np.zeros(0, np.float32)  # the turn detector's input: the last HEARD_S at 16 kHz
+        self._paused = False  # a PAUSE was told for the silence in progress
+        self._held: list[bytes] | None = None  # the audio since a proposed end that stands (not fed to the turn)
         if complete is not None:
             detector.confirm = self._confirm
+            detector.asks = tuple(ms * RATE // 1000 for ms in ASK_AGAIN_MS)
 
-    def _confirm(self, start: int, end: int) -> bool:
+    def _confirm(self, start: int, end: int, silent: int) -> bool:
         """The turn detector's verdict on the utterance from ``start`` (less the pre-roll) to ``end`` (16 kHz
-        sample positions of the detector's stream)."""
+        sample positions of the detector's stream), the last ``silent`` samples of it silence."""
         first = self._vad_samples - len(self._heard)  # the position of self._heard[0]
         begin = max(start - PREROLL_MS * RATE // 1000, first)
-        return self._complete(self._heard[begin - first:end - first])
+        return self._complete(self._heard[begin - first:end - first], silent * 1000 / RATE)
 
     def feed(self, pcm: bytes) -> list[tuple[Heard, StreamedTurn | None]]:
         """Events this audio completes, in order: ``(SPEECH_START, None)``, ``(PAUSE, turn)`` and
-        ``(RESUME, turn)`` (a silence that may end it, or not), ``(SPEECH_END, turn)`` (a turn to end and
-        keep), ``(DROPPED, None)`` (an utterance over the length limit)."""
+        ``(RESUME, turn)`` (a silence that may end it, or not), ``(PROPOSED_END, turn)`` (the turn detector heard
+        its end: ``finish`` ends it), ``(SPEECH_END, turn)`` (a turn to end and keep), ``(DROPPED, None)`` (an
+        utterance over the length limit)."""
         data = self._whole(pcm)
         samples = np.frombuffer(data, "<i2")
         self._recent = np.concatenate([self._recent, samples])[-self.sample_rate:]
@@ -82,37 +100,43 @@ class Listener:
         if self._complete is not None:
             self._heard = np.concatenate([self._heard, scaled])[-HEARD_S * RATE:]
         events: list[tuple[Heard, StreamedTurn | None]] = []
-        fed = False
+        fed, resumed, held = False, False, self._held
         for event in self._detector.feed(scaled):
             if event.kind == Voice.SPEECH_START:
                 # from PREROLL_MS before the start to now: it holds this piece, so it is not fed again
                 back = (self._vad_samples - event.sample) / RATE + PREROLL_MS / 1000
-                self.turn = self._open_turn()
+                self.turn, self._paused, self._held = self._open_turn(), False, None
                 self._feed_turn(self._recent[-int(back * self.sample_rate):].tobytes(), events)
                 fed = True
                 events.append((Heard.SPEECH_START, None))
             elif self.turn is None:
                 continue
             elif event.kind == Voice.SPEECH_END:
-                turn, self.turn = self.turn, None
-                if event.confirmed:  # its transcript starts at this pause too, as at any pause
-                    self._ended_at = event.sample
-                    events += [(Heard.PAUSE, turn), (Heard.PROPOSED_END, turn)]
-                else:
-                    events.append((Heard.SPEECH_END, turn))
+                turn, self.turn, self._paused, self._held = self.turn, None, False, None  # (silence: not kept)
+                events.append((Heard.SPEECH_END, turn))
+            elif event.kind == Voice.PROPOSED_END:  # its transcript starts at this pause, as at any (if not begun)
+                events += [(Heard.PAUSE, self.turn)] * (not self._paused) + [(Heard.PROPOSED_END, self.turn)]
+                self._paused, self._held = True, []
             else:  # a pause (the utterance may be over: its audio so far can be transcribed) or a resume
+                self._paused = event.kind == Voice.PAUSE
+                if event.kind == Voice.RESUME:
+                    resumed, self._held = True, None
                 events.append((Heard(event.kind.value), self.turn))
         if self.turn is not None and not fed:
-            self._feed_turn(data, events)
+            if resumed:  # speech in this piece: the turn gets it, after the audio held back before it
+                self._feed_turn(b"".join(held or ()) + data, events)
+            elif self._held is not None:
+                self._held.append(data)
+            else:
+                self._feed_turn(data, events)
         return events
 
-    def reopen(self, turn: StreamedTurn) -> bool:
-        """``PROPOSED_END``'s utterance goes on after all: it is open again, at its pause (blocking: call it on the
-        feeding thread, before any later audio is fed).  False if a new utterance began meanwhile."""
-        if self.turn is not None:
+    def finish(self, turn: StreamedTurn) -> bool:
+        """``PROPOSED_END``'s utterance ends there (blocking: call it on the feeding thread): the turn is the
+        caller's to end and keep.  False if the speech resumed since, or the utterance ended otherwise."""
+        if self.turn is not turn or not self._detector.finish():
             return False
-        self.turn = turn
-        self._detector.reopen(self._ended_at)
+        self.turn, self._paused, self._held = None, False, None
         return True
 
     def _feed_turn(self, data: bytes, events: list) -> None:

@@ -6,6 +6,14 @@ the words' rhythm) and says whether the speaker has finished: the listener asks
 it when the VAD proposes an end after a short silence, and keeps listening when
 it says no (up to a longer ceiling of silence, which ends the turn anyway).
 
+Its verdict on the same words moves with the silence after them (100-200 ms
+more can move it from 0.7 to 0.3, or 0.2 to 0.8), so a yes near the threshold
+early in a silence is weak evidence: within ``SURE_UNTIL_MS`` of silence the
+probability must reach ``SURE``; the listener asks again later in the silence
+(``core.listening.ASK_AGAIN_MS``), where the plain threshold holds.  A
+mid-sentence hesitation is often over by then, and a finished utterance the
+model was unsure of waits that much longer instead of the whole ceiling.
+
 The model is the ONNX file in the ``pipecat-ai`` wheel
 (``pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx``): found in the
 installed package, never downloaded, and never imported through ``pipecat``
@@ -31,6 +39,10 @@ RATE = 16000
 WINDOW_S = 8  # the model hears the last 8 s
 MODEL_FILE = "smart-turn-v3.2-cpu.onnx"
 COMPLETE = 0.5  # a probability above this: the speaker has finished
+# Within SURE_UNTIL_MS of silence (600 ms: the fixed silence that ends a turn without a turn detector), a "finished"
+# must be this sure.  Chosen on the calibration half of bench/turn_taking.py's sentences (the lowest of 0.5-0.9 in
+# steps of 0.1 with the fewest hesitations ended there); judged on the other half (docs/benchmarks.md).
+SURE, SURE_UNTIL_MS = 0.8, 600
 N_FFT, HOP = 400, 160  # Whisper's features: 25 ms windows every 10 ms
 
 
@@ -77,8 +89,11 @@ class SmartTurn:
         log_mel = np.maximum(log_mel, log_mel.max() - 8.0)
         return (log_mel + 4.0) / 4.0
 
-    def complete(self, audio: np.ndarray) -> bool:
-        return self.probability(audio) > COMPLETE
+    def complete(self, audio: np.ndarray, silence_ms: float | None = None) -> bool:
+        """Whether the speaker of ``audio`` has finished, ``silence_ms`` into the silence that ends it (None: the
+        plain threshold; see the module docstring)."""
+        early = silence_ms is not None and silence_ms < SURE_UNTIL_MS
+        return self.probability(audio) > (SURE if early else COMPLETE)
 
 
 smart_turn = one_per_process(SmartTurn)  # the process's one copy, loaded on first use

@@ -6,7 +6,10 @@ hysteresis as Silero's own ``VADIterator`` does: ``speech_start`` once speech ha
 lasted ``min_speech_ms`` (a cough or a click is not a turn), ``speech_end`` once it has
 been followed by ``silence_ms`` of silence.  In between, ``pause`` after
 ``pause_ms`` of silence (the utterance may be over: a transcription can start
-before ``end`` is certain) and ``resume`` if speech comes back first.
+before ``end`` is certain) and ``resume`` if speech comes back first.  With a
+turn detector to ask (``confirm``), a pause it hears as the end is a
+``proposed_end``: the utterance ends there once its caller says so (``finish``),
+unless the speech resumes first.
 
 One ONNX session serves every detector of the process (``silero_model``: a
 session is ~9 MiB, a stream's state 1 KiB); each detector keeps its own
@@ -44,13 +47,13 @@ class Voice(str, Enum):
     PAUSE = "pause"  # silence that may end the utterance: its transcription can start
     RESUME = "resume"  # speech came back before the silence ended it
     SPEECH_END = "speech_end"
+    PROPOSED_END = "proposed_end"  # the turn detector heard the end at this pause: it ends at ``finish``
 
 
 @dataclass(frozen=True)
 class Event:
     kind: Voice
     sample: int  # where it happened, in samples at 16 kHz since the detector began
-    confirmed: bool = False  # a speech_end the turn detector decided at a pause (not the full silence)
 
 
 @dataclass
@@ -90,14 +93,19 @@ silero_model = one_per_process(SileroModel)  # the process's one copy, loaded on
 
 
 class SpeechDetector:
-    """Silero's scores as events (see the module docstring).  ``confirm(start, end)``, when given, is asked at each
-    pause (sample positions of the utterance's start and of now): True ends the utterance there (``speech_end``
-    instead of ``pause``), False lets the silence go on to ``silence_ms`` (a turn detector's ceiling)."""
+    """Silero's scores as events (see the module docstring).  ``confirm(start, end, silent)``, when given, is asked
+    at each pause (sample positions of the utterance's start and of now, and how long the silence has lasted) and
+    again once the silence reaches each of ``asks`` (samples) while it lasts: True proposes the end there
+    (``proposed_end`` instead of ``pause``, or of nothing at a later ask; the utterance ends at ``finish`` unless
+    the speech resumes first, and the silence is not asked about again), False lets the silence go on, to the next
+    ask or to ``silence_ms`` (a turn detector's ceiling, which ends the utterance in any case)."""
 
     def __init__(self, silence_ms: float = 600, threshold: float = 0.5, min_speech_ms: float = MIN_SPEECH_MS,
-                 pause_ms: float = 200, confirm: Callable[[int, int], bool] | None = None) -> None:
+                 pause_ms: float = 200, confirm: Callable[[int, int, int], bool] | None = None) -> None:
         self.model = silero_model()
         self.confirm = confirm
+        self.asks: tuple[int, ...] = ()  # later silences (samples) at which ``confirm`` is asked again
+        self._asked = 0  # of this silence's asks (the pause's, then ``asks``), how many were made
         self._started_at = 0  # where the utterance in progress began
         self._state = SileroState()
         self.threshold = threshold
@@ -105,6 +113,7 @@ class SpeechDetector:
         self.min_speech = int(min_speech_ms * RATE / 1000)
         self.pause = min(int(pause_ms * RATE / 1000), self.silence)
         self._paused = False
+        self._proposed = False  # a proposed_end stands (no speech since)
         self._pending = np.zeros(0, np.float32)
         self.position = 0  # samples scored so far
         self.speaking = False
@@ -140,24 +149,39 @@ class SpeechDetector:
         if probability >= self.threshold:
             self._quiet_since = None
             if self._paused:
-                self._paused = False
+                self._paused, self._proposed, self._asked = False, False, 0
                 return Event(Voice.RESUME, end_of_window - WINDOW)
         elif probability < self.threshold - 0.15:
             if self._quiet_since is None:
                 self._quiet_since = end_of_window - WINDOW
-            long_enough = end_of_window - self._quiet_since >= self.silence
-            if not long_enough and end_of_window - self._quiet_since >= self.pause and not self._paused:
-                self._paused = True
-                if self.confirm is None or not self.confirm(self._started_at, end_of_window):
-                    return Event(Voice.PAUSE, self._quiet_since)
-                self.speaking, self._voiced_since, self._paused = False, None, False
-                return Event(Voice.SPEECH_END, self._quiet_since, confirmed=True)  # complete: it ends now
-            if long_enough:
-                self.speaking, self._voiced_since, self._paused = False, None, False
+            silent = end_of_window - self._quiet_since
+            if silent >= self.silence:
+                self._ended()
                 return Event(Voice.SPEECH_END, self._quiet_since)
+            if self._due(silent):
+                first, self._paused = not self._paused, True
+                self._asked += 1
+                if self.confirm is None or not self.confirm(self._started_at, end_of_window, silent):
+                    return Event(Voice.PAUSE, self._quiet_since) if first else None
+                self._proposed, self._asked = True, 1 + len(self.asks)  # asked no more in this silence
+                return Event(Voice.PROPOSED_END, self._quiet_since)
         return None
 
-    def reopen(self, quiet_since: int) -> None:
-        """The utterance ended at a pause goes on after all (its words read unfinished): back to the pause, the
-        silence counted from where it began, so that speech resumes it and the full silence still ends it."""
-        self.speaking, self._paused, self._quiet_since, self._voiced_since = True, True, quiet_since, None
+    def _ended(self) -> None:
+        self.speaking, self._voiced_since, self._paused, self._proposed, self._asked = False, None, False, False, 0
+
+    def _due(self, silent: int) -> bool:
+        """Whether this silence has reached its next ask: the pause (every silence has it, with or without
+        ``confirm``), then each of ``asks`` beyond it (only with ``confirm``)."""
+        if self._asked == 0:
+            return silent >= self.pause
+        later = [ask for ask in sorted(self.asks) if ask > self.pause] if self.confirm is not None else []
+        return self._asked <= len(later) and silent >= later[self._asked - 1]
+
+    def finish(self) -> bool:
+        """The proposed end stands (its caller has read the words too): the utterance ends at it, and what follows
+        is silence before the next one.  False if there is none to end (the speech resumed since)."""
+        if not self._proposed:
+            return False
+        self._ended()
+        return True
