@@ -23,19 +23,19 @@ from livekit import rtc
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, tts
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, TimedString
 
-from .wire import CSMClient, Reply, ServerError
+from .wire import CSMClient, Reply, ServerError, speaker_of
 
 
 class TTS(tts.TTS):
     """LiveKit TTS on this server (see the module docstring); ``options``: any field of a ``synthesize``
     (``emotion``, ``temperature``, ``seed``, ``speed``, ...; docs/protocol.md)."""
 
-    def __init__(self, *, url: str, api_key: str | None = None, session: str | None = None, speaker: int = 0,
+    def __init__(self, *, url: str, api_key: str | None = None, session: str | None = None, speaker: int | str = 0,
                  sample_rate: int = 24000, options: dict[str, Any] | None = None) -> None:
         super().__init__(capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
                          sample_rate=sample_rate, num_channels=1)
         self.client = CSMClient(url, api_key, session)
-        self.speaker = speaker
+        self.speaker = speaker_of(speaker)  # an id, or an OpenAI voice name ("alloy" is 0)
         self.options = {"timestamps": True, **(options or {})}
         self.cuts: list[dict] = []  # each stream closed before its end: what was played, what the session kept
 

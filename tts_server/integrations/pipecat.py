@@ -29,7 +29,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import WebsocketTTSService
 
-from .wire import CSMClient, Reply, ServerError
+from .wire import CSMClient, Reply, ServerError, speaker_of
 
 TRANSCRIPT_WAIT_S = 2.0  # how long a user turn waits after the user stopped for the STT's transcript
 PRE_ROLL_S = 0.5  # audio kept from before "user started speaking" (a VAD says so ~0.2 s into the speech)
@@ -37,14 +37,16 @@ PRE_ROLL_S = 0.5  # audio kept from before "user started speaking" (a VAD says s
 
 class CSMTTSService(WebsocketTTSService):
     """Pipecat TTS on this server.  ``session``: resume that session (else a new one, ``session_id`` once
-    connected); ``speaker``: CSM's speaker id for the assistant; ``options``: any field of a ``synthesize``
+    connected); ``speaker``: CSM's speaker id for the assistant, or an OpenAI voice name (``"alloy"`` is 0, as the
+    server's OpenAI API numbers them); ``options``: any field of a ``synthesize``
     (``emotion``, ``temperature``, ``top_k``, ``seed``, ``speed``, ``language``, ...; docs/protocol.md)."""
 
-    def __init__(self, *, url: str, api_key: str | None = None, session: str | None = None, speaker: int = 0,
+    def __init__(self, *, url: str, api_key: str | None = None, session: str | None = None, speaker: int | str = 0,
                  sample_rate: int | None = None, options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(push_text_frames=False, push_start_frame=True, pause_frame_processing=False,
                          sample_rate=sample_rate, reuse_context_id_within_turn=True,
-                         settings=TTSSettings(model="csm-1b", voice=str(speaker), language=None), **kwargs)
+                         settings=TTSSettings(model="csm-1b", voice=str(speaker_of(speaker)), language=None),
+                         **kwargs)
         self.client = CSMClient(url, api_key, session)
         self.options = {"timestamps": True, "progress": True, **(options or {})}
         self._open: set[str] = set()  # contexts whose streamed text is open on the server
@@ -59,8 +61,9 @@ class CSMTTSService(WebsocketTTSService):
 
     @property
     def speaker(self) -> int:
-        voice = self._settings.voice
-        return int(voice) if isinstance(voice, str) and voice.isdigit() else 0
+        """The voice setting as CSM's speaker id (a ``TTSUpdateSettingsFrame`` may change it: an id or an OpenAI
+        voice name; ``ValueError`` for another)."""
+        return speaker_of(self._settings.voice)
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -108,7 +111,7 @@ class CSMTTSService(WebsocketTTSService):
                 self._pumps[context_id] = asyncio.create_task(self._pump(context_id, reply))
             await self.client.text(context_id, text, flush=not self._is_streaming_tokens)
             await self.start_tts_usage_metrics(text)
-        except (OSError, ServerError) as exc:
+        except (OSError, ServerError, ValueError) as exc:
             self._open.discard(context_id)
             yield ErrorFrame(error=f"CSM server: {exc}")
             return

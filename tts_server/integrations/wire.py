@@ -23,8 +23,22 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 
+from ..engines.request import MAX_SPEAKER, OPENAI_VOICES
+
 log = logging.getLogger(__name__)
 TERMINAL = ("success", "error", "cancelled")
+
+
+def speaker_of(voice: int | str) -> int:
+    """A speaker id from a framework's voice setting: an id (``3``, ``"3"``) or an OpenAI voice name (``"alloy"``
+    is 0, ``"ash"`` 1, ... as the server's own OpenAI API numbers them); ``ValueError`` for anything else."""
+    if isinstance(voice, int) or (isinstance(voice, str) and voice.isascii() and voice.isdigit()):
+        if 0 <= int(voice) <= MAX_SPEAKER:
+            return int(voice)
+    elif isinstance(voice, str) and voice.lower() in OPENAI_VOICES:
+        return OPENAI_VOICES.index(voice.lower())
+    raise ValueError(f"voice {voice!r} is neither a speaker id (0 to {MAX_SPEAKER}) nor one of "
+                     f"{', '.join(OPENAI_VOICES)}")
 
 
 class ServerError(Exception):
