@@ -25,7 +25,7 @@ def test_the_pipecat_bot_builds_its_pipeline_with_csm_hearing_the_user(whisper_d
     assert next(p for p in pipeline.processors if isinstance(p, CSMUserTurns)).tts is tts
 
 
-def test_the_livekit_agent_builds_a_session_that_speaks_through_csm():
+async def test_the_livekit_agent_builds_a_session_that_speaks_through_csm():  # (LiveKit wants a running loop)
     config = {**livekit_agent.settings(), "llm_url": "http://127.0.0.1:9/v1", "stt_url": "http://127.0.0.1:9/v1",
               "session": "s-2"}
     session, agent = livekit_agent.build(config)

@@ -117,7 +117,7 @@ class Connection:
         try:
             if isinstance(raw, bytes) and self._voice is None and self._turn is None and \
                     self.conversation.hearing.open:
-                return await self.conversation.audio(raw)
+                return await self.conversation.hearing.audio(raw)  # the streamed turn's or the listening's PCM
             pending, self._voice, self._turn = self._voice or self._turn, None, None
             if pending is not None:
                 if isinstance(raw, bytes):
@@ -175,7 +175,7 @@ class Connection:
             answer = message.respond.to_request if message.respond is not None else None
             await conversation.start_turn(message.speaker, message.sample_rate, message.vad, answer, message.language)
         elif isinstance(message, s.TurnEndMessage):
-            await conversation.end_turn(message.text)
+            await conversation.hearing.end(message.text)
         elif isinstance(message, s.RespondMessage):
             await conversation.respond(message.to_request(message.request_id or new_request_id()))
         else:

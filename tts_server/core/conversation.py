@@ -232,13 +232,6 @@ class Conversation:
         await self.hearing.start(speaker, sample_rate, vad, answer)
         self.hearing.language = language or self.hearing.language
 
-    async def audio(self, pcm: bytes) -> None:
-        """16-bit PCM of the streamed turn or the listening (``hearing.open``)."""
-        await self.hearing.audio(pcm)
-
-    async def end_turn(self, text: str | None = None) -> None:
-        await self.hearing.end(text)
-
     async def _keep(self, turn: ContextTurn) -> None:
         """Into the history, and the session's store when one is bound; then ``turn_saved``."""
         turns = None

@@ -111,7 +111,7 @@ class Hearing:
                 return
             if event in (Heard.DROPPED, Heard.SPEECH_END):
                 self._guard.close()
-                self._drop_decision()
+                self._deciding = _cancelled(self._deciding)
             if event == Heard.DROPPED:
                 await self.peer.send(Failed(ErrorCode.INVALID_REQUEST, "An utterance longer than a turn may last "
                                                                        "was dropped; listening goes on"))
@@ -124,10 +124,10 @@ class Hearing:
                 self._preempt()
             elif event == Heard.RESUME:
                 self._pieces.resumed()  # the piece stands; what comes next is the next one
-                self._drop_preempt()  # it was not over
-                self._drop_decision()
+                self._preempting = _dropped(self._preempting)  # it was not over
+                self._deciding = _cancelled(self._deciding)
             elif event == Heard.PROPOSED_END:  # decided once its words are read; the audio is heard meanwhile
-                self._drop_decision()
+                self._deciding = _cancelled(self._deciding)
                 self._deciding = asyncio.ensure_future(self._decide(listener, turn))
             else:  # SPEECH_END
                 await self._ended(turn)
@@ -238,15 +238,10 @@ class Hearing:
                 log.exception("internal error while ending a turn at its proposed end")
                 await self._tell(Failed(ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
-    def _drop_decision(self) -> None:
-        deciding, self._deciding = self._deciding, None
-        if deciding is not None:
-            deciding.cancel()
-
     def _preempt(self) -> None:
         """At a proposed end, with answers asked for: once the pieces so far are transcribed, begin the answer to
         them (``core.preempt``); a resume or another pause drops it."""
-        self._drop_preempt()
+        self._preempting = _dropped(self._preempting)
         if self.answer is None or self.service.chat is None or not self.rate.available():
             return  # (an answer the rate limit would refuse is not begun: the chat model is not asked for nothing)
         pieces, speaker = self._pieces, self._listener.turn.speaker if self._listener and self._listener.turn else 0
@@ -257,17 +252,6 @@ class Hearing:
                 return None
             return await self._prefetch(speaker, text, self.answer("preempt").speaker)
         self._preempting = asyncio.ensure_future(begin())
-
-    def _drop_preempt(self) -> None:
-        preempting, self._preempting = self._preempting, None
-        if preempting is None:
-            return
-        if preempting.done() and not preempting.cancelled() and preempting.exception() is None:
-            if preempting.result() is not None:
-                preempting.result().cancel()
-        else:
-            preempting.add_done_callback(_cancel_begun)
-            preempting.cancel()
 
     async def transcript(self, audio, rate: int = TRANSCRIPT_RATE) -> str:
         """A whole turn's transcript (refused if nothing was said)."""
@@ -295,8 +279,27 @@ class Hearing:
         stopped, and its text is never used."""
         self._pieces.drop()
         self._pieces = Pieces(self._transcribe_quietly)
-        self._drop_preempt()
-        self._drop_decision()
+        self._preempting = _dropped(self._preempting)
+        self._deciding = _cancelled(self._deciding)
+
+
+def _cancelled(task: asyncio.Task | None) -> None:
+    """A decision dropped (the speech resumed, the full silence, listening ended): None in its place."""
+    if task is not None:
+        task.cancel()
+
+
+def _dropped(preempting: asyncio.Future | None) -> None:
+    """An answer begun at a proposed end, dropped (its chat stream closed, now or once it has begun): None in its
+    place."""
+    if preempting is None:
+        return
+    if preempting.done() and not preempting.cancelled() and preempting.exception() is None:
+        if preempting.result() is not None:
+            preempting.result().cancel()
+    else:
+        preempting.add_done_callback(_cancel_begun)
+        preempting.cancel()
 
 
 def _cancel_begun(task: asyncio.Future) -> None:
