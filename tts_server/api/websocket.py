@@ -57,6 +57,7 @@ class Connection:
         self.live: dict[str, Job] = {}
         self.streams: dict[str, StreamedText] = {}  # replies whose text is still arriving (``text_stream``)
         self._ended_streams: collections.deque[str] = collections.deque(maxlen=64)  # for a clear late-piece error
+        self.closed = False  # its reader has ended: the client is gone
         # One loading notice per connection: a client of the original protocol reads one notice, then the reply.
         self._told_loading = False
         self._rate = RateLimiter(service.limits.rate_limit)
@@ -107,6 +108,7 @@ class Connection:
         except (WebSocketDisconnect, Dropped):  # it closed (its work on the shared threads was dropped)
             pass
         finally:
+            self.closed = True
             for job in list(self.live.values()):
                 job.cancel()
             self.conversation.close()  # its answers stop, an open turn's buffers go now
@@ -220,7 +222,7 @@ class Connection:
             job.post(Loading(notice, job.request_id))
 
     def gone(self) -> bool:
-        return self.ws.app.state.connections.gone(self.key)
+        return self.closed or self.ws.app.state.connections.gone(self.key)
 
     def refuse_unqueued(self, refusal: r.Refusal) -> None:
         """At shutdown: replies in no queue yet (a text stream or a chat answer before its first sentence) end with

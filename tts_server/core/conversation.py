@@ -79,6 +79,7 @@ class Conversation:
     # -- the session ----------------------------------------------------------------------------------------
     async def bind(self, session: str | None) -> None:
         """A new session (``None``) or a stored one: its turns become the history."""
+        await self.hearing.settle()  # an utterance heard before this message goes to the session it was heard in
         store = self.service.sessions
         if session is None:
             session, turns = await store.create(self.owner, self.counted_as), []
@@ -103,12 +104,14 @@ class Conversation:
         """The bound session and its turns are deleted; the history stays until the conversation ends."""
         if self.session is None:
             raise Refusal(ErrorCode.INVALID_REQUEST, "No session is bound to this connection")
+        await self.hearing.settle()
         session, self.session = self.session, None
         await self.service.sessions.delete(session, self.owner)
         await self.peer.send(SessionDeleted(session))
 
     async def reset(self) -> None:
         """The history is forgotten (the session keeps its turns)."""
+        await self.hearing.settle()
         self.memory.reset()
         await self.peer.send(Reset())
 
@@ -226,6 +229,7 @@ class Conversation:
         """A turn streamed as it is spoken, or (``vad``) hands-free listening; ``answer`` (the request of an
         answer, given its id) has the assistant answer every turn kept until the next ``start_turn``; ``language``:
         what the speaker speaks, if the client knows."""
+        await self.hearing.settle()  # an utterance already heard to its end is kept first
         self.hearing.close()  # a turn left open is dropped for the new one, even when this one is refused
         if answer is not None and self.service.chat is None:
             raise no_chat(None)

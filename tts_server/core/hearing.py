@@ -81,6 +81,13 @@ class Hearing:
             self._guard.open(lambda turn=self._streaming: self._overstayed(turn))
         self.answer = answer
 
+    async def settle(self) -> None:
+        """Before a message that changes the conversation (``turn_start``, ``reset``, ``session``): an utterance
+        whose end is being decided, whose audio came first, is kept (or goes on) first."""
+        for task in (self._deciding, self._ending):
+            if task is not None and not task.done():
+                await asyncio.wait({task})
+
     def close(self) -> None:
         """Listening ends and an open turn is dropped (their buffers go now), its transcription and a preemptive
         answer with them."""
@@ -235,6 +242,8 @@ class Hearing:
             except Dropped:
                 pass
             except Exception:
+                if self.peer.gone():  # it left while its turn was kept: nothing to tell
+                    return
                 log.exception("internal error while ending a turn at its proposed end")
                 await self._tell(Failed(ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
@@ -253,25 +262,22 @@ class Hearing:
             return await self._prefetch(speaker, text, self.answer("preempt").speaker)
         self._preempting = asyncio.ensure_future(begin())
 
-    async def transcript(self, audio, rate: int = TRANSCRIPT_RATE) -> str:
-        """A whole turn's transcript (refused if nothing was said)."""
-        text = await self._hear(audio, rate)
-        if not text:
+    async def transcript(self, audio, rate: int = TRANSCRIPT_RATE, quietly: bool = False) -> str | None:
+        """What was said in ``audio``, in this speaker's language once known (learnt from the first turn): a whole
+        turn's transcript, refused if nothing was said; ``quietly`` (a piece of an utterance): "" if nothing was
+        said in it, None where it would be refused (the turn's end then transcribes it whole, and says why)."""
+        try:
+            text, self.language = await self.service.speech.hear(audio, rate, self.peer.key, self.language)
+        except Exception:
+            if quietly:
+                return None
+            raise
+        if not text and not quietly:
             raise no_speech()
         return text
 
-    async def _hear(self, audio, rate: int = TRANSCRIPT_RATE) -> str:
-        """What was said in ``audio``, in this speaker's language once known (learnt from the first turn)."""
-        text, self.language = await self.service.speech.hear(audio, rate, self.peer.key, self.language)
-        return text
-
     async def _transcribe_quietly(self, audio) -> str | None:
-        """A piece's transcript ("" if nothing was said in it), or None where ``transcript`` would refuse (the
-        turn's end then transcribes it whole, and says why)."""
-        try:
-            return await self._hear(audio)
-        except Exception:
-            return None
+        return await self.transcript(audio, quietly=True)
 
     def _drop_guess(self) -> None:
         """The utterance's transcription so far and the answer begun on it are dropped (the speaker went on past a
