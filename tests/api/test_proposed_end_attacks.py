@@ -1,8 +1,8 @@
 """Hostile sequences against a proposed end (``--turn-detector smart-turn``): the utterance stays open while its
 transcript is read (``Hearing._decide``), the audio after it held back.  Each test but the no-speech one (which
-guards the decision's refusal path) is a defect a hostile review reproduced over the real WebSocket: Smart Turn is
-made to say "complete" at every ask, and the recogniser is held (its gate) so that the decision waits while the
-client does something else."""
+guards the decision's refusal path) is a defect a hostile review reproduced over the real WebSocket, now fixed:
+Smart Turn is made to say "complete" at every ask, and the recogniser is held (its gate) so that the decision waits
+while the client does something else."""
 
 from __future__ import annotations
 
@@ -56,34 +56,14 @@ async def saved_or_none(ws, timeout: float = 10) -> tuple[dict | None, list[str]
     return reply, statuses[:-1]
 
 
-async def test_a_turn_start_while_a_finished_utterance_is_being_read_does_not_drop_it(tiny_model_dir, whisper_dir,
-                                                                                      monkeypatch):
-    """Smart Turn heard "What time is it?" end, and its words read finished; the client then sends ``turn_start``
-    (to change the answer's voice, say) while the transcript is still being made.  Before the
-    change the end was decided before the next message was read, and the turn saved; now the pending decision is
-    cancelled with the listening, and the utterance vanishes: no speech_end, no turn_saved, no error."""
-    from test_fair_sharing import recording_transcriber
-
-    asked, stt = always_complete(monkeypatch), recording_transcriber(whisper_dir)
-    async with server(tiny_model_dir, stt) as running:
-        await running.service.speech.loaded.wait()
-        async with websockets.connect(url(running), ping_interval=None) as ws:
-            await ws.send(json.dumps(START))
-            await proposed(ws, stt, asked)
-            await ws.send(json.dumps(START))
-            stt.gate.set()
-            await send(ws, silence(0.5))
-            saved, statuses = await saved_or_none(ws)
-    assert saved is not None and "time" in saved["text"].lower(), statuses
-
-
-@pytest.mark.parametrize("message", [{"type": "reset"}, {"type": "session"}])
-async def test_a_message_after_a_finished_utterance_is_answered_after_its_turn_is_saved(tiny_model_dir, whisper_dir,
-                                                                                       monkeypatch, message):
-    """The audio of a finished utterance (Smart Turn: complete) came before ``reset`` (or ``session``, a new one):
-    replies follow the order of the client's messages, so the turn is saved into the history the reset then clears
-    (the session the client leaves), as before the change.  Now that message is answered first and the turn lands
-    in the fresh history (in the new session: ``turns`` 1 there)."""
+@pytest.mark.parametrize("message", [START, {"type": "reset"}, {"type": "session"}],
+                         ids=["turn_start", "reset", "session"])
+async def test_a_message_after_a_finished_utterance_waits_for_its_turn_to_be_saved(tiny_model_dir, whisper_dir,
+                                                                                  monkeypatch, message):
+    """Smart Turn heard "What time is it?" end; while its transcript is still being made (its end not yet
+    decided) the client sends ``turn_start`` (a new answer voice, say), ``reset`` or ``session`` (a new one).  The
+    utterance came first: its turn is saved first (not dropped with the old listening, not put into the fresh
+    history or the new session), and only then is the message answered."""
     from test_fair_sharing import recording_transcriber
 
     asked, stt = always_complete(monkeypatch), recording_transcriber(whisper_dir)
@@ -94,15 +74,16 @@ async def test_a_message_after_a_finished_utterance_is_answered_after_its_turn_i
             await proposed(ws, stt, asked)
             await ws.send(json.dumps(message))
             stt.gate.set()
+            await send(ws, silence(0.5))
             saved, statuses = await saved_or_none(ws)
-    assert saved is not None and message["type"] not in statuses, statuses  # (answered after the turn before it)
+    assert saved is not None and "time" in saved["text"].lower(), statuses
+    assert message["type"] not in statuses, statuses  # (its reply, if any, comes after the turn before it)
 
 
 async def test_a_client_that_leaves_while_its_proposed_end_is_kept_is_no_internal_error(tiny_model_dir, whisper_dir,
                                                                                        monkeypatch, caplog):
     """The client disconnects while the turn ended at its proposed end is being kept (its ``turn_saved`` cannot be
-    sent).  On a frame's path that is a closed connection (``WebSocketDisconnect`` / ``OSError`` end it quietly);
-    the decision task logs it as an internal error instead."""
+    sent): a closed connection, ended quietly as on a frame's path, never logged as an internal error."""
     from test_fair_sharing import recording_transcriber
     from tts_server.core.conversation import Conversation
 
@@ -160,9 +141,8 @@ async def test_an_utterance_without_words_at_its_proposed_end_is_refused_and_lis
 async def test_a_streamed_turn_opened_while_a_proposed_end_is_being_ended_still_times_out(tiny_model_dir,
                                                                                           whisper_dir, monkeypatch):
     """``turn_start`` (a streamed turn) reaches the server while the decision ends the utterance (its ``finish``
-    waits its turn on the busy turn-encoding thread; ``turn_start`` takes no lock): the decision then closes the
-    turn guard, which is the new streamed turn's by now, so that turn is never timed out (its buffers held until
-    the client leaves).  A frame's path could not interleave so."""
+    waits its turn on the busy turn-encoding thread): the utterance is kept first, and the new streamed turn, left
+    open and silent, is still timed out (the decision must not close the new turn's guard)."""
     import threading
     import time
 
