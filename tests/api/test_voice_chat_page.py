@@ -95,9 +95,11 @@ async def test_talking_to_the_page_gets_a_spoken_answer_in_context_that_a_reload
     assert detector == f"turn detector: {json.loads(info)['conversation']['turn_detector']}"
     done = stats["completed"][0]
     chunks = [s for s in stats["scheduled"] if s["request_id"] == done["request_id"]]
-    assert len(chunks) == done["chunks"] >= 2  # (underruns depend on the machine's load: test_browser's gapless test)
-    for before, after in zip(chunks, chunks[1:]):  # gapless: each chunk starts where the previous one ends
-        assert after["start"] == pytest.approx(before["end"], abs=1e-9)
+    assert len(chunks) == done["chunks"] >= 2
+    # gapless: each chunk starts where the previous one ends, but for a chunk that came late (a loaded machine),
+    # which the page reports as an underrun and starts just ahead of its clock
+    late = sum(after["start"] != pytest.approx(before["end"], abs=1e-9) for before, after in zip(chunks, chunks[1:]))
+    assert late <= stats["underruns"] and late < len(chunks) - 1, (late, stats["underruns"], chunks)
     # the answer's first audio was scheduled before the chat model had finished writing it
     assert stats["talk"]["firstAudioAt"][done["request_id"]] < 1000 * chat.finished[0]
     turns = json.loads(listed)["turns"]
