@@ -7,6 +7,7 @@ while the client does something else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -41,6 +42,17 @@ async def proposed(ws, stt, asked, words: str = "What time is it?") -> None:
     assert await asyncio.to_thread(waited_for, lambda: stt.calls and asked)
 
 
+@contextlib.asynccontextmanager
+async def deciding(tiny_model_dir, stt, asked):
+    """A server and a client listening hands-free, whose utterance's end is being decided: (server, client)."""
+    async with server(tiny_model_dir, stt) as running:
+        await running.service.speech.loaded.wait()
+        async with websockets.connect(url(running), ping_interval=None) as ws:
+            await ws.send(json.dumps(START))
+            await proposed(ws, stt, asked)
+            yield running, ws
+
+
 async def saved_or_none(ws, timeout: float = 10) -> tuple[dict | None, list[str]]:
     """The next ``turn_saved`` (None if none comes in ``timeout`` s: the transcript takes well under one), and the
     statuses before it."""
@@ -67,15 +79,11 @@ async def test_a_message_after_a_finished_utterance_waits_for_its_turn_to_be_sav
     from test_fair_sharing import recording_transcriber
 
     asked, stt = always_complete(monkeypatch), recording_transcriber(whisper_dir)
-    async with server(tiny_model_dir, stt) as running:
-        await running.service.speech.loaded.wait()
-        async with websockets.connect(url(running), ping_interval=None) as ws:
-            await ws.send(json.dumps(START))
-            await proposed(ws, stt, asked)
-            await ws.send(json.dumps(message))
-            stt.gate.set()
-            await send(ws, silence(0.5))
-            saved, statuses = await saved_or_none(ws)
+    async with deciding(tiny_model_dir, stt, asked) as (running, ws):
+        await ws.send(json.dumps(message))
+        stt.gate.set()
+        await send(ws, silence(0.5))
+        saved, statuses = await saved_or_none(ws)
     assert saved is not None and "time" in saved["text"].lower(), statuses
     assert message["type"] not in statuses, statuses  # (its reply, if any, comes after the turn before it)
 
@@ -101,7 +109,7 @@ async def test_a_client_that_leaves_while_its_proposed_end_is_kept_is_no_interna
     caplog.set_level(logging.ERROR)
     async with server(tiny_model_dir, stt) as running:
         await running.service.speech.loaded.wait()
-        async with websockets.connect(url(running), ping_interval=None) as ws:
+        async with websockets.connect(url(running), ping_interval=None) as ws:  # left before the turn is kept
             await ws.send(json.dumps(START))
             await proposed(ws, stt, asked)
             stt.gate.set()
@@ -123,16 +131,12 @@ async def test_an_utterance_without_words_at_its_proposed_end_is_refused_and_lis
     recognize, silent = stt.recognize, [True]
     stt.recognize = lambda audio, rate=24000, language=None: (lambda heard: ("", language) if silent[0] else heard)(
         recognize(audio, rate, language))  # (recorded and held at the gate as any call)
-    async with server(tiny_model_dir, stt) as running:
-        await running.service.speech.loaded.wait()
-        async with websockets.connect(url(running), ping_interval=None) as ws:
-            await ws.send(json.dumps(START))
-            await proposed(ws, stt, asked)
-            stt.gate.set()
-            refused, _, before = await read_until(ws, lambda r: r.get("status") in ("error", "turn_saved"), 60)
-            silent[0] = False
-            await send(ws, spoken("What time is it?", RATE), silence(0.6))
-            saved, _, _ = await read_until(ws, lambda r: r.get("status") in ("error", "turn_saved"), 60)
+    async with deciding(tiny_model_dir, stt, asked) as (running, ws):
+        stt.gate.set()
+        refused, _, before = await read_until(ws, lambda r: r.get("status") in ("error", "turn_saved"), 60)
+        silent[0] = False
+        await send(ws, spoken("What time is it?", RATE), silence(0.6))
+        saved, _, _ = await read_until(ws, lambda r: r.get("status") in ("error", "turn_saved"), 60)
     assert [reply.get("status") for reply, _ in before] == ["speech_start", "speech_end"]
     assert refused["code"] == "invalid_request" and "No speech" in refused["message"], refused
     assert saved["status"] == "turn_saved" and "time" in saved["text"].lower(), saved

@@ -198,11 +198,11 @@ class CSMClient:
             target.sample_rate = int(reply.get("sample_rate", target.sample_rate))
             self._current = target
         if status == "truncated" and request_id in self.truncated:
-            self.truncated[request_id].done() or self.truncated[request_id].set_result(float(reply["kept_s"]))
+            _settle(self.truncated[request_id], float(reply["kept_s"]))
         elif status == "turn_saved" or (status == "error" and target is None and self._turn is not None):
-            if self._turn is not None and not self._turn.done():
-                self._turn.set_result(reply) if status == "turn_saved" else \
-                    self._turn.set_exception(ServerError(reply.get("code", "error"), reply.get("message", "")))
+            if self._turn is not None:  # a streamed turn's end waits for its answer (an error without an id)
+                _settle(self._turn, reply if status == "turn_saved" else ServerError(reply.get("code", "error"),
+                                                                                     reply.get("message", "")))
         elif target is not None:
             target.events.put_nowait(reply)
             if status in TERMINAL:
@@ -220,5 +220,10 @@ class CSMClient:
         self.replies.clear()
         self._current = None
         for waiter in [*self.truncated.values(), *([self._turn] if self._turn else [])]:
-            if not waiter.done():
-                waiter.set_exception(ServerError("connection_closed", why))
+            _settle(waiter, ServerError("connection_closed", why))
+
+
+def _settle(waiter: asyncio.Future, outcome: Any) -> None:
+    """A waiter's result (or exception), once: a second answer for it is ignored."""
+    if not waiter.done():
+        waiter.set_exception(outcome) if isinstance(outcome, BaseException) else waiter.set_result(outcome)
